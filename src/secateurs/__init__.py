@@ -1,0 +1,37 @@
+"""secateurs: prune PyTorch models for real.
+
+Importing this package pulls in only torch, safetensors and the standard
+library; optional integrations (torchvision, timm, transformers, matplotlib,
+onnx) are imported inside the functions that need them.
+"""
+
+from .analysis import LayerStats, ModelStats, analyze
+from .errors import SecateursError
+from .io.checkpoint import load, read_manifest, save
+from .io.inputs import example_inputs
+from .io.specs import load_model
+from .masks import finalize_, get_mask
+from .methods import NM, LayerReport, PruneReport, Unstructured, prune_, register_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NM",
+    "LayerReport",
+    "LayerStats",
+    "ModelStats",
+    "PruneReport",
+    "SecateursError",
+    "Unstructured",
+    "__version__",
+    "analyze",
+    "example_inputs",
+    "finalize_",
+    "get_mask",
+    "load",
+    "load_model",
+    "prune_",
+    "read_manifest",
+    "register_method",
+    "save",
+]

@@ -1,0 +1,203 @@
+"""How big and how fast a model is: parameters, nonzeros, MACs, latency, saved size.
+
+MACs come from ``torch.utils.flop_counter.FlopCounterMode``, which counts at the
+ATen level, so matmuls inside attention and functional calls count, not just
+Conv/Linear modules. MACs = FLOPs / 2 for the forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import SecateursError
+from .masks import effective_parameters, finalize_, masked_tensors
+from .selection import call_model
+from .utils import eval_mode, first_line
+
+__all__ = ["LayerStats", "ModelStats", "analyze", "measure_latency"]
+
+
+@dataclass
+class LayerStats:
+    name: str
+    type: str
+    shape: list[int]
+    params: int
+    nonzero: int
+    macs: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzero / self.params if self.params else 0.0
+
+
+@dataclass
+class ModelStats:
+    """The numbers ``secateurs analyze`` prints; ``to_dict()`` is its ``--json`` object."""
+
+    params: int
+    nonzero_params: int
+    macs: int
+    nonzero_macs: int
+    latency_ms: float | None
+    size_bytes: int | None
+    input_shape: list[int]
+    layers: list[LayerStats] = field(default_factory=list)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzero_params / self.params if self.params else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sparsity"] = self.sparsity
+        return d
+
+
+def _leaf_param_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that own parameters directly (a parametrized weight counts as owned)."""
+    out = []
+    for name, module in model.named_modules():
+        if "parametrizations" in name.split("."):
+            continue
+        if parametrize.is_parametrized(module) or any(True for _ in module.parameters(recurse=False)):
+            out.append((name, module))
+    return out
+
+
+def _type_name(module: nn.Module) -> str:
+    cls = type(module)
+    # A masked layer's class is torch's generated ParametrizedX(X): report X.
+    return cls.__bases__[0].__name__ if parametrize.is_parametrized(module) else cls.__name__
+
+
+def _count_macs(model: nn.Module, inputs: Any) -> tuple[int, dict[str, int]]:
+    counter = FlopCounterMode(display=False, depth=None)
+    try:
+        with torch.no_grad(), eval_mode(model), counter:
+            call_model(model, inputs)
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        shape = list(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        raise SecateursError(
+            f"the model rejected an input of shape {shape} ({first_line(exc)}): "
+            "pass --input-shape with the shape it expects"
+        ) from None
+    per_module: dict[str, int] = {}
+    root = type(model).__name__
+    for key, counts in counter.get_flop_counts().items():
+        if key == "Global":
+            continue
+        name = key[len(root) + 1 :] if key.startswith(root + ".") else ("" if key == root else key)
+        per_module[name] = sum(counts.values()) // 2
+    return counter.get_total_flops() // 2, per_module
+
+
+def _self_macs(module: nn.Module, name: str, per_module: dict[str, int]) -> int:
+    """MACs of ``module`` itself: FlopCounterMode's count includes its children's."""
+    prefix = f"{name}." if name else ""
+    children = sum(per_module.get(prefix + child, 0) for child, _ in module.named_children())
+    return max(per_module.get(name, 0) - children, 0)
+
+
+def measure_latency(
+    model: nn.Module, inputs: Any, *, warmup: int = 3, repeats: int = 20, max_seconds: float = 5.0
+) -> float:
+    """Median wall-clock milliseconds of one forward pass, after warm-up.
+
+    Stops early (after at least 3 timed runs) once ``max_seconds`` are spent so
+    large models stay quick to analyze.
+    """
+    times: list[float] = []
+    sync = torch.cuda.synchronize if any(p.is_cuda for p in model.parameters()) else (lambda: None)
+    with torch.inference_mode(), eval_mode(model):
+        for _ in range(warmup):
+            call_model(model, inputs)
+        sync()
+        budget_end = time.perf_counter() + max_seconds
+        while len(times) < repeats:
+            start = time.perf_counter()
+            call_model(model, inputs)
+            sync()
+            times.append((time.perf_counter() - start) * 1000)
+            if len(times) >= 3 and time.perf_counter() > budget_end:
+                break
+    return statistics.median(times)
+
+
+def analyze(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    latency: bool = True,
+    size: bool = True,
+    warmup: int = 3,
+    repeats: int = 20,
+) -> ModelStats:
+    """Measure ``model`` on ``example_inputs`` (the batch size is the inputs').
+
+    Latency is measured on the deployable model: masks are baked into a copy
+    first, so the parametrization bookkeeping is not timed.
+
+    Example:
+        >>> import torch, secateurs
+        >>> stats = secateurs.analyze(torch.nn.Linear(10, 20), torch.randn(1, 10), latency=False)
+        >>> stats.params, stats.macs
+        (220, 200)
+    """
+    from .io.checkpoint import serialized_size  # io builds on analysis, not the reverse
+
+    total_macs, per_module = _count_macs(model, example_inputs)
+    effective = dict(effective_parameters(model))
+    layers: list[LayerStats] = []
+    nonzero_macs = 0
+    for name, module in _leaf_param_modules(model):
+        prefix = f"{name}." if name else ""
+        own = {k: v for k, v in effective.items() if k.startswith(prefix) and "." not in k[len(prefix) :]}
+        if not own:
+            continue  # its parameters are shared with (and counted under) another module
+        params = sum(v.numel() for v in own.values())
+        nonzero = sum(int(v.count_nonzero()) for v in own.values())
+        weight = own.get(prefix + "weight")
+        macs = _self_macs(module, name, per_module)
+        if weight is not None and weight.numel():
+            nonzero_macs += round(macs * int(weight.count_nonzero()) / weight.numel())
+        else:
+            nonzero_macs += macs
+        layers.append(
+            LayerStats(
+                name=name,
+                type=_type_name(module),
+                shape=list(weight.shape) if weight is not None else [],
+                params=params,
+                nonzero=nonzero,
+                macs=macs,
+            )
+        )
+    # MACs outside parameterised leaves (attention matmuls, functional ops) are dense.
+    nonzero_macs += total_macs - sum(layer.macs for layer in layers)
+    latency_ms = None
+    if latency:
+        timed = model
+        if any(True for _ in masked_tensors(model)):
+            timed = finalize_(copy.deepcopy(model))
+        latency_ms = measure_latency(timed, example_inputs, warmup=warmup, repeats=repeats)
+    shape = list(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else []
+    return ModelStats(
+        params=sum(v.numel() for v in effective.values()),
+        nonzero_params=sum(int(v.count_nonzero()) for v in effective.values()),
+        macs=int(total_macs),
+        nonzero_macs=int(nonzero_macs),
+        latency_ms=latency_ms,
+        size_bytes=serialized_size(model) if size else None,
+        input_shape=shape,
+        layers=layers,
+    )

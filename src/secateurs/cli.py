@@ -1,0 +1,236 @@
+"""The ``secateurs`` command: a thin layer over the library.
+
+Bad input ends with one ``secateurs: error: ...`` line on stderr and exit
+status 2; nothing is written in that case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import SecateursError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) that still exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME, hf:PATH, a secateurs "
+                   "directory, a .pt/.pth/.safetensors file with --arch, or package.module:factory")
+    p.add_argument("--weights", metavar="FILE", help="state dict (.pt/.pth/.safetensors) to load into MODEL")
+    p.add_argument("--arch", metavar="SPEC", help="architecture for a bare state-dict MODEL file")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling a whole model from a torch file (runs code: trusted files only)")
+    p.add_argument("--input-shape", metavar="SHAPE", help="example input shape, e.g. 1,3,224,224 "
+                   "(images default to 224x224, language models get token ids)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--seed", type=int, default=0, help="seed for example inputs and random choices")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import method_names
+
+    parser = _Parser(prog="secateurs", description="Prune PyTorch models for real.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    a = sub.add_parser("analyze", help="params, nonzeros, MACs, latency, saved size, per-layer table")
+    _add_model_args(a)
+    a.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+
+    p = sub.add_parser("prune", help="prune a model and save it with a before/after report")
+    _add_model_args(p)
+    p.add_argument("--method", required=True, choices=method_names())
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the pruned model")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in [0, 1)")
+    p.add_argument("--threshold", type=float, help="zero weights with |w| <= T (unstructured)")
+    p.add_argument("--scope", choices=["layer", "global"], help="rank per layer or globally")
+    p.add_argument("--importance", help="importance criterion, e.g. magnitude or random")
+    p.add_argument("--nm", metavar="N:M", help="N:M pattern, e.g. 2:4 (method nm)")
+    p.add_argument("--ignore", metavar="NAME[,NAME]", help="modules to leave alone (names, prefixes, globs)")
+    p.add_argument("--include", metavar="NAME[,NAME]", help="prune only these modules")
+    p.add_argument("--prune-output-layer", action="store_true", help="also prune the final layer")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
+
+    d = sub.add_parser("demo", help="train a small CNN on bundled digits, prune it, compare")
+    d.add_argument("--out", metavar="DIR", help="keep the pruned models in DIR")
+    d.add_argument("--overwrite", action="store_true", help="replace non-empty model folders in --out")
+    d.add_argument("--epochs", type=int, default=30, help="training epochs of the dense model")
+    d.add_argument("--recover-epochs", type=int, default=5, help="fine-tuning epochs after pruning")
+    d.add_argument("--no-cache", action="store_true", help="retrain instead of using the cached model")
+    d.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    d.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from .io.inputs import example_inputs
+    from .io.specs import load_model
+
+    model = load_model(args.model, weights=args.weights, arch=args.arch, trust_pickle=args.trust_pickle)
+    return model, example_inputs(model, args.input_shape, seed=args.seed)
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze
+    from .report import before_after_table, layer_table
+
+    model, x = _load(args)
+    stats = analyze(model, x, latency=not args.no_latency).to_dict()
+    if args.json:
+        _emit_json(stats)
+        return 0
+    print(f"{args.model}  input {list(x.shape)}")
+    print(layer_table(stats["layers"]))
+    print()
+    print(before_after_table({"model": stats}))
+    return 0
+
+
+# Flags that map to config fields of the same name; --nm maps to (n, m).
+_CONFIG_FLAGS = ("sparsity", "threshold", "scope", "importance", "ignore", "include")
+
+
+def _method_config(args: argparse.Namespace) -> Any:
+    from .methods import config_class
+    from .methods.nm import parse_nm
+
+    cls = config_class(args.method)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given: dict[str, Any] = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None}
+    if args.nm is not None:
+        given["n"], given["m"] = parse_nm(args.nm)
+    if args.prune_output_layer:
+        given["prune_output_layer"] = True
+    if "seed" in fields:
+        given["seed"] = args.seed
+    for key in given:
+        if key not in fields:
+            flag = "--nm" if key in ("n", "m") else "--" + key.replace("_", "-")
+            raise SecateursError(f"{flag} does not apply to --method {args.method}")
+    return cls(**given)
+
+
+def _check_out_not_input(model_spec: str, out: str) -> None:
+    src = Path(model_spec).resolve()
+    dst = Path(out).resolve()
+    if Path(model_spec).exists() and (dst == src or src in dst.parents or dst in src.parents):
+        raise SecateursError(
+            f"--out '{out}' would overwrite the input model '{model_spec}': choose another directory"
+        )
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .analysis import analyze
+    from .io.atomic import check_output_dir
+    from .io.checkpoint import save
+    from .methods import prune_
+    from .report import before_after_table
+
+    config = _method_config(args)
+    _check_out_not_input(args.model, args.out)
+    check_output_dir(Path(args.out), args.overwrite)  # fail before the slow part
+    start = time.perf_counter()
+    model, x = _load(args)
+    before = analyze(model, x, latency=not args.no_latency).to_dict()
+    report = prune_(model, config, example_inputs=x)
+    after = analyze(model, x, latency=not args.no_latency, size=False).to_dict()
+    result = {
+        "method": config.method,
+        "config": report.config,
+        "model": args.model,
+        "input_shape": list(x.shape),
+        "before": before,
+        "after": after,
+        "pruning": report.to_dict(),
+        "seconds": time.perf_counter() - start,
+        "out": str(Path(args.out)),
+    }
+
+    def report_json(size: int) -> bytes:
+        # Written in the same atomic step as the weights, once their size is known.
+        result["after"]["size_bytes"] = size
+        return json.dumps(result, indent=2, default=str).encode()
+
+    save(
+        model,
+        args.out,
+        report=report.to_dict(),
+        input_shape=list(x.shape),
+        overwrite=args.overwrite,
+        extra_files={"report.json": report_json},
+    )
+    if args.json:
+        _emit_json(result)
+        return 0
+    print(f"{args.model} -> {args.out}  ({config.method}, {result['seconds']:.1f} s)")
+    if report.skipped:
+        print("left dense: " + ", ".join(f"{k} ({v})" for k, v in report.skipped.items()))
+    print(before_after_table({"before": before, "after": after}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+    from .report import before_after_table
+
+    results = run_demo(
+        DemoConfig(
+            epochs=args.epochs,
+            recover_epochs=args.recover_epochs,
+            seed=args.seed,
+            use_cache=not args.no_cache,
+            out=args.out,
+            overwrite=args.overwrite,
+        )
+    )
+    if args.json:
+        _emit_json(results)
+        return 0
+    print("secateurs demo: a small CNN on scikit-learn's 8x8 digits (360 held-out images)")
+    print(before_after_table(results))
+    if args.out:
+        print(f"pruned models saved under {args.out}; try: secateurs analyze {args.out}/unstructured80-ft")
+    return 0
+
+
+COMMANDS = {"analyze": cmd_analyze, "prune": cmd_prune, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except SecateursError as exc:
+        print(f"secateurs: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("secateurs: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

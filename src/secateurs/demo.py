@@ -1,0 +1,120 @@
+"""``secateurs demo``: train a small CNN on bundled digits, prune it several ways, compare.
+
+Needs no arguments and no download (scikit-learn ships the digits). The dense
+model is cached under ``$XDG_CACHE_HOME/secateurs`` so reruns skip training.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .analysis import analyze
+from .data import load_dataset
+from .errors import SecateursError
+from .io.checkpoint import is_saved_model, load, save
+from .methods import NM, Unstructured, prune_
+from .train import evaluate, fit
+from .zoo import DigitsCNN
+
+__all__ = ["DemoConfig", "run_demo", "cache_dir"]
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = "digits-cnn-v1"
+
+
+@dataclass
+class DemoConfig:
+    """Settings of the demo (the CLI's flags map onto these fields)."""
+
+    epochs: int = 30
+    recover_epochs: int = 5
+    seed: int = 0
+    use_cache: bool = True
+    out: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.recover_epochs < 0:
+            raise SecateursError("demo needs epochs >= 1 and recover_epochs >= 0")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "secateurs"
+
+
+def _dense_model(config: DemoConfig, split: Any) -> nn.Module:
+    path = cache_dir() / f"{CACHE_VERSION}-e{config.epochs}-s{config.seed}"
+    if config.use_cache and is_saved_model(path):
+        try:
+            log.info("loading the trained demo model from %s", path)
+            return load(path)
+        except SecateursError as exc:
+            log.warning("ignoring a broken cache at %s: %s", path, exc)
+    torch.manual_seed(config.seed)
+    model = DigitsCNN()
+    log.info("training the demo CNN on digits for %d epochs", config.epochs)
+    fit(model, split.x_train, split.y_train, epochs=config.epochs, seed=config.seed)
+    if config.use_cache:
+        try:
+            save(model, path, overwrite=True, input_shape=split.input_shape)
+        except OSError as exc:  # a read-only home must not stop the demo
+            log.warning("could not cache the demo model at %s: %s", path, exc)
+    return model
+
+
+@dataclass
+class Variant:
+    name: str
+    slug: str
+    prune: Any | None  # a method config for prune_, or None for the dense model
+    recover: bool
+
+
+VARIANTS = [
+    Variant("dense", "dense", None, False),
+    Variant("unstructured 80%", "unstructured80", Unstructured(sparsity=0.8, scope="global"), False),
+    Variant("unstructured 80% + recovery", "unstructured80-ft", Unstructured(sparsity=0.8, scope="global"), True),
+    Variant("2:4 + recovery", "nm24-ft", NM(n=2, m=4), True),
+]
+
+
+def run_demo(config: DemoConfig | None = None) -> dict[str, dict[str, Any]]:
+    """Run the demo and return ``{variant: metrics}`` (accuracy, params, MACs, ...).
+
+    Every variant is saved (to ``config.out`` or a temporary folder) and
+    reloaded from disk before it is measured, so the numbers are those of the
+    model a user would ship.
+    """
+    config = config or DemoConfig()
+    split = load_dataset("digits", seed=config.seed)
+    dense = _dense_model(config, split)
+    x = torch.zeros(split.input_shape)
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(config.out) if config.out else Path(scratch)
+        for variant in VARIANTS:
+            model = copy.deepcopy(dense)
+            if variant.prune is not None:
+                prune_(model, variant.prune, example_inputs=x)
+            if variant.recover and config.recover_epochs:
+                fit(model, split.x_train, split.y_train, epochs=config.recover_epochs, lr=1e-3, seed=config.seed)
+            target = root / variant.slug
+            size = save(model, target, input_shape=split.input_shape, overwrite=config.overwrite)
+            reloaded = load(target)
+            stats = analyze(reloaded, x, size=False).to_dict()
+            stats.pop("layers")
+            stats["size_bytes"] = size
+            stats.update(evaluate(reloaded, split.x_test, split.y_test))
+            stats["path"] = str(target) if config.out else None
+            results[variant.name] = stats
+    return results

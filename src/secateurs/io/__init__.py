@@ -1,0 +1,1 @@
+"""Model specs, example inputs, and pickle-free save/load."""

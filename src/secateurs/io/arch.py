@@ -1,0 +1,152 @@
+"""How to rebuild a model's architecture without pickle.
+
+A *source* is a small JSON-able dict recorded on a model when we load it and
+written into a saved model's manifest:
+
+- ``{"kind": "torchvision", "name": "resnet18"}``
+- ``{"kind": "timm", "name": "resnet18"}``
+- ``{"kind": "factory", "target": "package.module:callable"}``
+- ``{"kind": "hf", "class": "LlamaForCausalLM", "config": {...}}``
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from torch import nn
+
+from ..errors import SecateursError
+from ..utils import first_line
+
+__all__ = ["SOURCE_ATTR", "build", "parse_arch", "source_of", "attach_source", "require"]
+
+SOURCE_ATTR = "_secateurs_source"
+
+
+def require(module: str, extra: str) -> Any:
+    """Import an optional dependency or fail with the install command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise SecateursError(
+            f"this needs the optional package '{module.split('.')[0]}' ({first_line(exc)}): "
+            f"pip install 'secateurs[{extra}]'"
+        ) from None
+
+
+def attach_source(model: nn.Module, source: dict[str, Any]) -> nn.Module:
+    setattr(model, SOURCE_ATTR, source)
+    return model
+
+
+def parse_arch(spec: str) -> dict[str, Any]:
+    """Turn an architecture spec string into a source dict (nothing is built)."""
+    if spec.startswith("torchvision:"):
+        return {"kind": "torchvision", "name": spec.split(":", 1)[1]}
+    if spec.startswith("timm:"):
+        return {"kind": "timm", "name": spec.split(":", 1)[1]}
+    if ":" in spec:
+        mod, _, attr = spec.partition(":")
+        if mod and attr and all(part.isidentifier() for part in mod.split(".")):
+            return {"kind": "factory", "target": spec}
+    raise SecateursError(
+        f"unknown architecture spec '{spec}': use torchvision:NAME, timm:NAME or package.module:factory"
+    )
+
+
+def _hf_source(model: nn.Module) -> dict[str, Any]:
+    return {"kind": "hf", "class": type(model).__name__, "config": model.config.to_dict()}
+
+
+def source_of(model: nn.Module, arch: str | dict[str, Any] | None = None) -> dict[str, Any]:
+    """The recipe to rebuild ``model``'s architecture.
+
+    Order: an explicit ``arch``; the source recorded when secateurs loaded the
+    model; a transformers model's config; an importable class whose constructor
+    needs no arguments. Anything else is an error asking for ``arch``.
+    """
+    if isinstance(arch, dict):
+        return arch
+    if isinstance(arch, str):
+        return parse_arch(arch)
+    recorded = getattr(model, SOURCE_ATTR, None)
+    if recorded is not None:
+        return recorded
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict") and hasattr(config, "model_type"):
+        return _hf_source(model)
+    cls = type(model)
+    if cls.__module__ != "__main__" and "<locals>" not in cls.__qualname__:
+        params = inspect.signature(cls.__init__).parameters.values()
+        required = [
+            p
+            for p in list(params)[1:]
+            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        if not required:
+            return {"kind": "factory", "target": f"{cls.__module__}:{cls.__qualname__}"}
+    raise SecateursError(
+        f"cannot tell how to rebuild {cls.__name__} without pickle: pass arch='package.module:factory' "
+        "(a callable that returns the unpruned architecture)"
+    )
+
+
+def _resolve(target: str) -> Any:
+    mod_name, _, attr = target.partition(":")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise SecateursError(
+            f"cannot import '{mod_name}' for '{target}' ({first_line(exc)}): check PYTHONPATH"
+        ) from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise SecateursError(f"'{mod_name}' has no attribute '{attr}' (from '{target}')") from None
+    return obj
+
+
+def build(source: dict[str, Any]) -> nn.Module:
+    """Build a freshly initialised model from a source dict."""
+    kind = source.get("kind")
+    kwargs = source.get("kwargs", {})
+    if kind == "torchvision":
+        tv = require("torchvision.models", "vision")
+        name = source["name"]
+        try:
+            model = tv.get_model(name, weights=None, **kwargs)
+        except ValueError:
+            raise SecateursError(
+                f"torchvision has no model '{name}': see torchvision.models.list_models()"
+            ) from None
+    elif kind == "timm":
+        timm = require("timm", "vision")
+        name = source["name"]
+        if not timm.is_model(name):
+            raise SecateursError(f"timm has no model '{name}': see timm.list_models()")
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    elif kind == "factory":
+        fn = _resolve(source["target"])
+        if not callable(fn):
+            raise SecateursError(f"'{source['target']}' is not callable: point at a factory function or class")
+        model = fn(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise SecateursError(
+                f"'{source['target']}' returned {type(model).__name__}, not a torch.nn.Module"
+            )
+    elif kind == "hf":
+        transformers = require("transformers", "hf")
+        cfg = dict(source["config"])
+        config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        cls = getattr(transformers, source["class"], None)
+        if cls is None:
+            raise SecateursError(
+                f"transformers has no class {source['class']}: install the version the model was saved with"
+            )
+        model = cls(config)
+    else:
+        raise SecateursError(f"unknown architecture kind '{kind}' in manifest: re-save the model")
+    return attach_source(model, source)

@@ -1,0 +1,180 @@
+"""One loader for every ``MODEL`` argument, shared by the CLI and the Python API."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SecateursError
+from ..utils import first_line
+from .arch import attach_source, build, parse_arch, require
+from .checkpoint import is_saved_model, load
+
+__all__ = ["load_model", "load_state_dict_file", "SPEC_HELP"]
+
+SPEC_HELP = (
+    "use torchvision:NAME, timm:NAME, hf:PATH (folder or .gguf), a secateurs model directory, "
+    "a .pt/.pth/.safetensors state dict with --arch SPEC, or package.module:factory"
+)
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file, never unpickling objects.
+
+    Checkpoints that nest the weights under ``state_dict``/``model`` and keys
+    prefixed with ``module.`` (DistributedDataParallel) are unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SecateursError(f"weights file '{path}' does not exist: check the path")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors' own error types for corrupt files
+            raise SecateursError(f"'{path}' is not a readable safetensors file ({first_line(exc)})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise SecateursError(
+            f"'{path}' holds pickled Python objects, not just tensors: load it as MODEL with "
+            "--trust-pickle if you trust its author"
+        ) from None
+    except Exception as exc:
+        raise SecateursError(f"cannot read '{path}' as a torch file ({first_line(exc)})") from None
+    for key in _NESTED_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SecateursError(f"'{path}' does not hold a state dict of tensors")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    return obj
+
+
+def _load_weights_into(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    state = load_state_dict_file(path)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise SecateursError(
+            f"weights in '{path}' do not match the architecture: {len(result.missing_keys)} missing "
+            f"(e.g. {result.missing_keys[:2]}), {len(result.unexpected_keys)} unexpected "
+            f"(e.g. {result.unexpected_keys[:2]}); check --arch"
+        )
+
+
+def _load_hf(target: str) -> nn.Module:
+    transformers = require("transformers", "hf")
+    path = Path(target)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SecateursError(f"GGUF file '{path}' does not exist: check the path")
+        require("gguf", "hf")
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, local_files_only=True
+            )
+        except (OSError, ValueError) as exc:
+            raise SecateursError(f"cannot load GGUF '{path}' ({first_line(exc)})") from None
+    else:
+        if not (path / "config.json").is_file():
+            raise SecateursError(
+                f"'{path}' is not a transformers model folder (no config.json): check the path"
+            )
+        try:
+            config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+            archs = getattr(config, "architectures", None) or []
+            cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
+            cls = cls or transformers.AutoModel
+            model = cls.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise SecateursError(f"cannot load transformers model '{path}' ({first_line(exc)})") from None
+    source = {"kind": "hf", "class": type(model).__name__, "config": model.config.to_dict()}
+    return attach_source(model.eval(), source)
+
+
+def _load_pickled(path: Path) -> nn.Module:
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise SecateursError(f"cannot unpickle '{path}' ({first_line(exc)})") from None
+    if not isinstance(obj, nn.Module):
+        raise SecateursError(
+            f"'{path}' holds a {type(obj).__name__}, not a whole model: pass --arch SPEC to load it as weights"
+        )
+    return obj
+
+
+def load_model(
+    spec: str,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+) -> nn.Module:
+    """Load a model from a spec string.
+
+    Args:
+        spec: ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH`` (a transformers
+            folder or ``.gguf`` file), a directory saved by secateurs, a
+            ``.pt``/``.pth``/``.safetensors`` state dict (with ``arch``), or
+            ``package.module:factory``.
+        weights: a state-dict file to load into an architecture spec.
+        arch: the architecture for a bare state-dict file.
+        trust_pickle: allow unpickling a whole model from a torch file. Only for
+            files you trust: unpickling runs arbitrary code.
+
+    Returns:
+        The model (torchvision/timm/factory models in their constructed mode,
+        secateurs and transformers models in eval mode), with its source recorded
+        so :func:`secateurs.save` can rebuild it.
+
+    Example:
+        >>> import secateurs
+        >>> model = secateurs.load_model("secateurs.zoo:DigitsCNN")
+        >>> type(model).__name__
+        'DigitsCNN'
+    """
+    if not spec:
+        raise SecateursError(f"empty model spec: {SPEC_HELP}")
+    path = Path(spec)
+    if spec.startswith("hf:"):
+        model = _load_hf(spec[3:])
+    elif path.is_dir():
+        if is_saved_model(path):
+            model = load(path)
+        elif (path / "config.json").is_file():
+            model = _load_hf(spec)
+        else:
+            raise SecateursError(f"directory '{spec}' is neither a secateurs model nor a transformers folder")
+    elif path.suffix in STATE_DICT_SUFFIXES or path.suffix == ".gguf":
+        if not path.is_file():
+            raise SecateursError(f"model file '{spec}' does not exist: check the path")
+        if path.suffix == ".gguf":
+            model = _load_hf(spec)
+        elif arch is not None:
+            model = build(parse_arch(arch))
+            _load_weights_into(model, path)
+        elif trust_pickle and path.suffix != ".safetensors":
+            model = _load_pickled(path)
+        else:
+            load_state_dict_file(path)  # raises a precise error for pickled models
+            raise SecateursError(f"'{spec}' holds only weights: pass --arch SPEC (e.g. torchvision:resnet18)")
+    else:
+        try:
+            source = parse_arch(spec)
+        except SecateursError:
+            raise SecateursError(f"unknown model spec '{spec}': {SPEC_HELP}") from None
+        model = build(source)
+    if weights is not None:
+        _load_weights_into(model, weights)
+    return model

@@ -1,0 +1,174 @@
+"""Persistent masks for unstructured and N:M sparsity.
+
+A mask is a ``torch.nn.utils.parametrize`` parametrization: the module's
+``weight`` becomes ``original * mask``. The original ``Parameter`` object is
+kept, so optimizers built before pruning keep working, and because the mask
+multiplies the *output* of the parametrization, a pruned entry is zero after
+any number of optimizer steps (its gradient is zero too). ``finalize_`` bakes
+the masks in and removes every trace of the bookkeeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .errors import SecateursError
+
+__all__ = [
+    "Mask",
+    "get_mask",
+    "set_mask_",
+    "masked_tensors",
+    "finalize_",
+    "effective_state_dict",
+    "effective_parameters",
+]
+
+
+class Mask(nn.Module):
+    """Parametrization that zeroes the entries where ``mask`` is False."""
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # masked_fill rather than a multiply: inf/nan in a pruned slot stays out.
+        return x.masked_fill(~self.mask, 0)
+
+
+def _mask_module(module: nn.Module, name: str) -> Mask | None:
+    if not parametrize.is_parametrized(module, name):
+        return None
+    for p in module.parametrizations[name]:
+        if isinstance(p, Mask):
+            return p
+    return None
+
+
+def get_mask(module: nn.Module, name: str = "weight") -> Tensor | None:
+    """Return the boolean keep-mask of ``module.<name>``, or None if unmasked."""
+    m = _mask_module(module, name)
+    return None if m is None else m.mask
+
+
+def set_mask_(module: nn.Module, mask: Tensor, name: str = "weight") -> Tensor:
+    """Mask ``module.<name>`` in place; an existing mask is intersected (zeros stay zero).
+
+    Returns the mask now in force.
+    """
+    current = getattr(module, name)
+    if mask.shape != current.shape:
+        raise SecateursError(
+            f"mask of shape {tuple(mask.shape)} does not fit {name} of shape {tuple(current.shape)}"
+        )
+    mask = mask.to(device=current.device, dtype=torch.bool)
+    existing = _mask_module(module, name)
+    if existing is not None:
+        existing.mask.logical_and_(mask)
+        mask = existing.mask
+    else:
+        parametrize.register_parametrization(module, name, Mask(mask))
+    # Keep the stored original consistent with what the model computes.
+    with torch.no_grad():
+        original = module.parametrizations[name].original
+        original.masked_fill_(~mask, 0)
+    return mask
+
+
+def masked_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor]]:
+    """Yield ``(qualified_name, module, tensor_name, mask)`` for every masked tensor."""
+    for mod_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tname in module.parametrizations:
+            m = _mask_module(module, tname)
+            if m is not None:
+                full = f"{mod_name}.{tname}" if mod_name else tname
+                yield full, module, tname, m.mask
+
+
+def finalize_(model: nn.Module) -> nn.Module:
+    """Bake every mask into its weight and remove the parametrizations, in place.
+
+    Returns the model. Afterwards the state dict has its plain keys again, the
+    layers are of their original classes, and no pruning bookkeeping remains.
+    The weight stays the same ``Parameter`` object, so optimizers keep working.
+    """
+    for full, module, tname, mask in list(masked_tensors(model)):
+        plist = module.parametrizations[tname]
+        if len(plist) != 1 or len(module.parametrizations) != 1:
+            raise SecateursError(
+                f"{full} has other parametrizations besides a pruning mask; "
+                "remove those first (torch.nn.utils.parametrize.remove_parametrizations)"
+            )
+        _unparametrize(module, tname, mask)
+    return model
+
+
+def _unparametrize(module: nn.Module, tname: str, mask: Tensor) -> None:
+    # Not torch's remove_parametrizations: it deletes the property from the
+    # module's generated class, and deepcopy shares that class between copies,
+    # so finalizing a copy would break the original. Swapping the instance back
+    # to its base class touches only this instance.
+    original = module.parametrizations[tname].original
+    with torch.no_grad():
+        original.masked_fill_(~mask, 0)
+    del module._modules["parametrizations"]
+    module.__class__ = module.__class__.__bases__[0]
+    module.register_parameter(tname, original)
+
+
+def _is_bookkeeping(key: str) -> bool:
+    """True for state-dict keys and module names that belong to parametrizations."""
+    return "parametrizations" in key.split(".")
+
+
+def effective_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Return ``(state, masks)``: the state dict with plain keys and masks applied.
+
+    ``state`` is what ``model.state_dict()`` would be after ``finalize_``;
+    ``masks`` maps the masked tensors' plain names to their boolean masks.
+    """
+    state: dict[str, Tensor] = {}
+    masks: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        if not _is_bookkeeping(key):
+            state[key] = value
+    for mod_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tname in module.parametrizations:
+            full = f"{mod_name}.{tname}" if mod_name else tname
+            with torch.no_grad():
+                state[full] = getattr(module, tname).detach()
+            m = _mask_module(module, tname)
+            if m is not None:
+                masks[full] = m.mask
+    return state, masks
+
+
+def effective_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """Yield ``(plain_name, tensor)`` for each distinct parameter, with masks applied."""
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        if _is_bookkeeping(mod_name):
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        if parametrize.is_parametrized(module):
+            for tname, plist in module.parametrizations.items():
+                originals = [p for n, p in plist.named_parameters(recurse=False)]
+                if not originals or id(originals[0]) in seen:
+                    continue
+                seen.update(id(p) for p in originals)
+                with torch.no_grad():
+                    yield prefix + tname, getattr(module, tname).detach()
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            yield prefix + pname, p.detach()

@@ -1,0 +1,18 @@
+"""Pruning methods: one module per method, each registering its config with ``prune_``."""
+
+from . import nm, unstructured  # noqa: F401  (import registers the methods)
+from .nm import NM
+from .registry import config_class, method_names, prune_, register_method
+from .report import LayerReport, PruneReport
+from .unstructured import Unstructured
+
+__all__ = [
+    "NM",
+    "Unstructured",
+    "LayerReport",
+    "PruneReport",
+    "config_class",
+    "method_names",
+    "prune_",
+    "register_method",
+]

@@ -1,0 +1,60 @@
+"""Helpers shared by the mask-based methods."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .report import LayerReport
+
+__all__ = ["config_to_dict", "lowest_k", "layer_report", "make_generator"]
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """JSON-friendly dict of a config dataclass (callables are recorded by name)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, Callable):  # type: ignore[arg-type]
+            value = getattr(value, "__qualname__", repr(value))
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def lowest_k(scores: Tensor, k: int) -> Tensor:
+    """Boolean tensor, True at exactly ``k`` entries of lowest score (ties by position).
+
+    Runs in linear time (``kthvalue``), which matters for global ranking over
+    hundreds of millions of weights.
+    """
+    flat = scores.reshape(-1)
+    out = torch.zeros_like(flat, dtype=torch.bool)
+    if k <= 0:
+        return out.view(scores.shape)
+    if k >= flat.numel():
+        return torch.ones_like(out).view(scores.shape)
+    threshold = torch.kthvalue(flat, k).values
+    below = flat < threshold
+    out |= below
+    need = k - int(below.sum())
+    ties = (flat == threshold).nonzero().flatten()[:need]
+    out[ties] = True
+    return out.view(scores.shape)
+
+
+def layer_report(name: str, mask: Tensor) -> LayerReport:
+    return LayerReport(
+        name=name, shape=list(mask.shape), numel=mask.numel(), zeros=int((~mask).sum())
+    )
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(0 if seed is None else seed)
+    return g

@@ -1,0 +1,99 @@
+"""N:M semi-structured sparsity: in every run of M consecutive input weights keep N."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import SecateursError
+from ..importance import ELEMENT_IMPORTANCE, element_scores
+from ..masks import get_mask, set_mask_
+from ..selection import Selection, input_dim, select_modules
+from .common import config_to_dict, layer_report, make_generator
+from .registry import register_method
+from .report import PruneReport
+
+__all__ = ["NM", "nm_mask", "parse_nm"]
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    """Parse ``"2:4"`` into ``(2, 4)``."""
+    try:
+        n_str, m_str = text.split(":")
+        return int(n_str), int(m_str)
+    except ValueError:
+        raise SecateursError(f"N:M pattern must look like 2:4, got '{text}'") from None
+
+
+@dataclass(kw_only=True)
+class NM(Selection):
+    """Keep ``n`` of every ``m`` consecutive weights along the input dimension.
+
+    For Linear the groups run along ``in_features``; for convolutions along the
+    input channels at each kernel position (the layout sparse tensor cores use).
+    Layers whose input size is not a multiple of ``m`` are skipped and reported.
+
+    Example:
+        >>> import torch, secateurs
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        >>> report = secateurs.prune_(model, secateurs.NM(n=2, m=4))
+        >>> report.layers[0].sparsity
+        0.5
+    """
+
+    method: ClassVar[str] = "nm"
+
+    n: int = 2
+    m: int = 4
+    importance: str = "magnitude"
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.n, int) and isinstance(self.m, int)) or self.n < 1 or self.n >= self.m:
+            raise SecateursError(
+                f"N:M needs 1 <= N < M, got {self.n}:{self.m}: e.g. 2:4 keeps 2 of every 4 weights"
+            )
+        if self.importance not in ELEMENT_IMPORTANCE:
+            raise SecateursError(
+                f"unknown importance '{self.importance}': choose one of {', '.join(ELEMENT_IMPORTANCE)}"
+            )
+
+
+def _to_groups_layout(t: Tensor, dim: int) -> Tensor:
+    """Move ``dim`` last so consecutive input weights are contiguous."""
+    return t.movedim(dim, -1)
+
+
+def nm_mask(scores: Tensor, n: int, m: int, dim: int = 1) -> Tensor:
+    """Boolean keep-mask with the ``n`` highest scores in every ``m`` along ``dim``."""
+    moved = _to_groups_layout(scores, dim).contiguous()
+    groups = moved.reshape(-1, m)
+    keep_idx = groups.topk(n, dim=1).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep_idx, True)
+    return keep.reshape(moved.shape).movedim(-1, dim)
+
+
+@register_method(NM)
+def apply_nm(model: nn.Module, config: NM, *, example_inputs: Any = None) -> PruneReport:
+    selected, skipped = select_modules(model, config, example_inputs=example_inputs)
+    report = PruneReport(method=config.method, config=config_to_dict(config), skipped=skipped)
+    gen = make_generator(config.seed)
+    for name, module in selected:
+        dim = input_dim(module)
+        size = module.weight.shape[dim]
+        if size % config.m:
+            report.skipped[name] = f"input size {size} is not a multiple of {config.m}"
+            continue
+        scores = element_scores(config.importance, module.weight, get_mask(module), gen)
+        mask = set_mask_(module, nm_mask(scores, config.n, config.m, dim))
+        report.layers.append(layer_report(name, mask))
+    if not report.layers:
+        raise SecateursError(
+            f"no selected layer has an input size divisible by {config.m}; "
+            f"choose a smaller M or other layers ({len(skipped) + len(selected)} candidates)"
+        )
+    return report

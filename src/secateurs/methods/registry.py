@@ -1,0 +1,93 @@
+"""The ``prune_`` verb and the registry of pruning methods keyed by config type."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from torch import nn
+
+from ..errors import SecateursError
+from .report import PruneReport
+
+__all__ = ["register_method", "prune_", "method_names", "config_class"]
+
+
+class Method(Protocol):
+    def __call__(
+        self, model: nn.Module, config: Any, *, example_inputs: Any = None
+    ) -> PruneReport: ...
+
+
+_BY_TYPE: dict[type, Method] = {}
+_BY_NAME: dict[str, type] = {}
+
+C = TypeVar("C")
+
+
+def register_method(config_cls: type[C]) -> Callable[[Method], Method]:
+    """Register the function that applies ``config_cls`` to a model.
+
+    The config must be a dataclass with a class attribute ``method`` naming it
+    (the CLI's ``--method`` value). Registering a type or a name twice is an error.
+    """
+    if not dataclasses.is_dataclass(config_cls):
+        raise TypeError(f"{config_cls.__name__} must be a dataclass to be a pruning config")
+    name = getattr(config_cls, "method", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{config_cls.__name__} needs a class attribute `method: ClassVar[str]`")
+
+    def decorator(fn: Method) -> Method:
+        if config_cls in _BY_TYPE or name in _BY_NAME:
+            raise ValueError(f"pruning method '{name}' is registered twice")
+        _BY_TYPE[config_cls] = fn
+        _BY_NAME[name] = config_cls
+        return fn
+
+    return decorator
+
+
+def method_names() -> list[str]:
+    return sorted(_BY_NAME)
+
+
+def config_class(name: str) -> type:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise SecateursError(
+            f"unknown method '{name}': choose one of {', '.join(method_names())}"
+        ) from None
+
+
+def prune_(model: nn.Module, config: Any, *, example_inputs: Any = None) -> PruneReport:
+    """Prune ``model`` in place as ``config`` says and return a report.
+
+    Args:
+        model: the model to prune; changed in place.
+        config: a method config such as ``Unstructured(sparsity=0.8)`` or ``NM(2, 4)``.
+        example_inputs: a tensor, tuple or kwargs dict the model accepts; used to
+            find the output layer (and, for data-driven methods, to trace).
+
+    Returns:
+        A :class:`PruneReport` with one entry per layer.
+
+    Example:
+        >>> import torch, secateurs
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        >>> report = secateurs.prune_(model, secateurs.Unstructured(sparsity=0.5))
+        >>> round(report.sparsity, 2)
+        0.5
+    """
+    fn = _BY_TYPE.get(type(config))
+    if fn is None:
+        raise SecateursError(
+            f"{type(config).__name__} is not a pruning config: use one of "
+            f"{', '.join(c.__name__ for c in _BY_TYPE)}"
+        )
+    start = time.perf_counter()
+    report = fn(model, config, example_inputs=example_inputs)
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,54 @@
+"""What a pruning run did, layer by layer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["LayerReport", "PruneReport"]
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: list[int]
+    numel: int
+    zeros: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+@dataclass
+class PruneReport:
+    """Returned by ``prune_``: one entry per pruned tensor plus the layers left out."""
+
+    method: str
+    config: dict[str, Any]
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def numel(self) -> int:
+        return sum(layer.numel for layer in self.layers)
+
+    @property
+    def zeros(self) -> int:
+        return sum(layer.zeros for layer in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over the pruned layers' weights."""
+        return self.zeros / self.numel if self.numel else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "config": self.config,
+            "sparsity": self.sparsity,
+            "seconds": self.seconds,
+            "layers": [{**asdict(layer), "sparsity": layer.sparsity} for layer in self.layers],
+            "skipped": self.skipped,
+        }

@@ -1,0 +1,181 @@
+"""Which modules a pruning method touches.
+
+Selection is by module type, by qualified name (exact, prefix or glob), or by a
+predicate ``filter_fn(module, name) -> bool``; never by sniffing class names
+of whole models. The model's output layer is found from the model itself
+(``get_output_embeddings`` for transformers, otherwise the last prunable layer
+that runs in the forward pass) and is left alone unless asked.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import SecateursError
+from .utils import eval_mode
+
+__all__ = ["Selection", "prunable_types", "input_dim", "select_modules", "find_output_layer"]
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def prunable_types() -> tuple[type[nn.Module], ...]:
+    """Weight-bearing layer types pruned by default: Linear and convolutions.
+
+    transformers' GPT-2-style ``Conv1D`` (a Linear with a transposed weight) is
+    included when transformers is already imported; we never import it here.
+    """
+    types: list[type[nn.Module]] = [
+        nn.Linear,
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+    ]
+    hf = sys.modules.get("transformers.pytorch_utils")
+    if hf is not None and hasattr(hf, "Conv1D"):
+        types.append(hf.Conv1D)
+    return tuple(types)
+
+
+def input_dim(module: nn.Module) -> int:
+    """The dimension of ``module.weight`` that runs over input features/channels."""
+    hf = sys.modules.get("transformers.pytorch_utils")
+    if hf is not None and isinstance(module, getattr(hf, "Conv1D", ())):
+        return 0  # Conv1D stores weight as (in_features, out_features)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return 0  # (in_channels, out_channels / groups, *kernel)
+    return 1
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass(kw_only=True)
+class Selection:
+    """Which layers a method prunes; shared by every method's config.
+
+    Attributes:
+        ignore: names (exact, a parent prefix, or a glob like ``"*.downsample.*"``)
+            of modules to leave alone.
+        include: if given, only modules matching one of these names are pruned.
+        filter_fn: optional predicate ``(module, name) -> bool``; False skips it.
+        prune_output_layer: also prune the model's final (output) layer.
+    """
+
+    ignore: Sequence[str] = ()
+    include: Sequence[str] | None = None
+    filter_fn: FilterFn | None = field(default=None, repr=False, compare=False)
+    prune_output_layer: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ignore, str):
+            self.ignore = tuple(s for s in self.ignore.split(",") if s)
+        if isinstance(self.include, str):
+            self.include = tuple(s for s in self.include.split(",") if s)
+        self.ignore = tuple(self.ignore)
+        if self.include is not None:
+            self.include = tuple(self.include)
+
+
+def find_output_layer(model: nn.Module, example_inputs: Any = None) -> str | None:
+    """Qualified name of the layer that produces the model's output, if one can be found."""
+    names = {id(m): n for n, m in model.named_modules()}
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            out = get_out()
+        except (NotImplementedError, AttributeError):
+            out = None
+        if isinstance(out, nn.Module) and id(out) in names:
+            return names[id(out)]
+    types = prunable_types()
+    if example_inputs is not None:
+        order: list[str] = []
+        hooks = [
+            m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
+            for n, m in model.named_modules()
+            if isinstance(m, types)
+        ]
+        try:
+            with torch.no_grad(), eval_mode(model):
+                call_model(model, example_inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        if order:
+            return order[-1]
+    last = None
+    for n, m in model.named_modules():
+        if isinstance(m, types):
+            last = n
+    return last
+
+
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """Run ``model`` on example inputs given as a tensor, a tuple, or a dict of kwargs."""
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def select_modules(
+    model: nn.Module,
+    selection: Selection,
+    *,
+    example_inputs: Any = None,
+    types: tuple[type[nn.Module], ...] | None = None,
+) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+    """Return ``(selected, skipped)``.
+
+    ``selected`` lists ``(name, module)`` pairs to prune in model order;
+    ``skipped`` maps names of candidate modules left out to the reason.
+    """
+    types = types or prunable_types()
+    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
+    all_names = [n for n, _ in model.named_modules()]
+    for pattern in selection.ignore:
+        if not any(_matches(n, pattern) for n in all_names):
+            raise SecateursError(
+                f"ignore name '{pattern}' matches no module of the model; "
+                "check the spelling against `secateurs analyze` output"
+            )
+    if selection.include is not None:
+        for pattern in selection.include:
+            if not any(_matches(n, pattern) for n, _ in candidates):
+                raise SecateursError(
+                    f"include name '{pattern}' matches no prunable layer; "
+                    "check the spelling against `secateurs analyze` output"
+                )
+    output = None if selection.prune_output_layer else find_output_layer(model, example_inputs)
+    selected: list[tuple[str, nn.Module]] = []
+    skipped: dict[str, str] = {}
+    for name, module in candidates:
+        if selection.include is not None and not any(_matches(name, p) for p in selection.include):
+            continue
+        if any(_matches(name, p) for p in selection.ignore):
+            skipped[name] = "ignored"
+        elif selection.filter_fn is not None and not selection.filter_fn(module, name):
+            skipped[name] = "filter_fn returned False"
+        elif name == output:
+            skipped[name] = "output layer (set prune_output_layer=True to prune it)"
+        else:
+            selected.append((name, module))
+    if not selected:
+        raise SecateursError(
+            "no layer left to prune after include/ignore/filter; "
+            f"{len(candidates)} candidate layers exist: loosen the selection"
+        )
+    return selected, skipped

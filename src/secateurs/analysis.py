@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import SecateursError
@@ -80,8 +81,22 @@ def _type_name(module: nn.Module) -> str:
     return cls.__bases__[0].__name__ if parametrize.is_parametrized(module) else cls.__name__
 
 
+def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _extra_formulas() -> dict[Any, Any]:
+    # PyTorch's registry covers the CUDA attention kernels but not the fused
+    # CPU one that scaled_dot_product_attention dispatches to here.
+    aten = torch.ops.aten
+    extra = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        extra[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
+    return extra
+
+
 def _count_macs(model: nn.Module, inputs: Any) -> tuple[int, dict[str, int]]:
-    counter = FlopCounterMode(display=False, depth=None)
+    counter = FlopCounterMode(display=False, depth=None, custom_mapping=_extra_formulas())
     try:
         with torch.no_grad(), eval_mode(model), counter:
             call_model(model, inputs)

@@ -1,0 +1,67 @@
+"""Shared fixtures: small models and helpers."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+
+def has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def needs(module: str):
+    """Skip a test cleanly (with the reason) when an optional package is absent."""
+    return pytest.mark.skipif(not has(module), reason=f"optional package '{module}' is not installed")
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 32, hidden: int = 64, d_out: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@pytest.fixture
+def mlp() -> MLP:
+    torch.manual_seed(0)
+    return MLP()
+
+
+@pytest.fixture
+def cnn() -> nn.Module:
+    from secateurs.zoo import DigitsCNN
+
+    torch.manual_seed(0)
+    return DigitsCNN().eval()
+
+
+@pytest.fixture
+def digits_input() -> torch.Tensor:
+    return torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def assert_same_model(a: nn.Module, b: nn.Module, *inputs: torch.Tensor) -> None:
+    """Bit-identical weights and outputs equal to float tolerance.
+
+    Outputs are not compared bit for bit: oneDNN may pick a different kernel
+    for tensors at different memory alignments, which moves the last ulp.
+    """
+    from secateurs.masks import effective_state_dict
+
+    sa, sb = effective_state_dict(a)[0], effective_state_dict(b)[0]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    with torch.no_grad():
+        out_a, out_b = a(*inputs), b(*inputs)
+    out_a = getattr(out_a, "logits", out_a)
+    out_b = getattr(out_b, "logits", out_b)
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)

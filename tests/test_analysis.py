@@ -1,0 +1,81 @@
+import pytest
+import torch
+from torch import nn
+
+import secateurs
+from conftest import needs
+
+
+@needs("torchvision")
+def test_resnet18_numbers():
+    model = secateurs.load_model("torchvision:resnet18")
+    x = secateurs.example_inputs(model)
+    assert tuple(x.shape) == (1, 3, 224, 224)
+    stats = secateurs.analyze(model, x, latency=False)
+    assert stats.params == 11_689_512
+    assert stats.macs == pytest.approx(1.82e9, rel=0.01)
+    assert sum(layer.macs for layer in stats.layers) == stats.macs
+    assert stats.size_bytes == pytest.approx(11_689_512 * 4 + 9600 * 4 + 20 * 8, rel=0.01)
+    conv1 = next(layer for layer in stats.layers if layer.name == "conv1")
+    assert conv1.shape == [64, 3, 7, 7] and conv1.macs == 64 * 3 * 49 * 112 * 112
+
+
+def test_linear_and_conv_macs_by_hand():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    stats = secateurs.analyze(model, torch.randn(2, 3, 4, 4), latency=False)
+    expected = 2 * (8 * 3 * 9 * 16 + 128 * 10)
+    assert stats.macs == expected
+    assert stats.params == 8 * 27 + 8 + 1280 + 10
+    assert [layer.macs for layer in stats.layers] == [2 * 8 * 3 * 9 * 16, 2 * 1280]
+
+
+def test_attention_matmuls_count():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    stats = secateurs.analyze(Attn(), torch.randn(1, 10, 16), latency=False)
+    linear = 10 * 16 * 48
+    attention = 2 * 10 * 10 * 16  # QK^T and AV
+    assert stats.macs == linear + attention
+    assert stats.nonzero_macs == stats.macs
+
+
+def test_nonzero_counts_follow_pruning(cnn, digits_input):
+    dense = secateurs.analyze(cnn, digits_input, latency=False)
+    secateurs.prune_(cnn, secateurs.Unstructured(sparsity=0.5))
+    sparse = secateurs.analyze(cnn, digits_input)
+    assert sparse.params == dense.params
+    pruned = sum(cnn.get_submodule(n).weight.numel() for n in ("features.0", "features.3", "features.7", "classifier.0"))
+    assert dense.nonzero_params - sparse.nonzero_params == pytest.approx(pruned / 2, abs=30)
+    assert sparse.macs == dense.macs
+    assert sparse.nonzero_macs < 0.55 * dense.macs
+    assert sparse.size_bytes < 0.7 * dense.size_bytes
+    assert sparse.latency_ms is not None and sparse.latency_ms > 0
+    layer = next(layer for layer in sparse.layers if layer.name == "features.3")
+    assert layer.type == "Conv2d" and layer.sparsity == pytest.approx(0.5, abs=1e-3)
+
+
+def test_analysis_leaves_batchnorm_statistics_alone(cnn, digits_input):
+    cnn.train()
+    before = cnn.features[1].running_mean.clone()
+    secateurs.analyze(cnn, digits_input)
+    assert torch.equal(cnn.features[1].running_mean, before)
+    assert cnn.training
+
+
+def test_wrong_input_shape_is_a_clear_error(cnn):
+    with pytest.raises(secateurs.SecateursError, match="--input-shape"):
+        secateurs.analyze(cnn, torch.randn(1, 3, 8, 8), latency=False)
+
+
+def test_json_keys(cnn, digits_input):
+    d = secateurs.analyze(cnn, digits_input, latency=False).to_dict()
+    for key in ("params", "nonzero_params", "macs", "latency_ms", "size_bytes", "layers"):
+        assert key in d
+    assert {"name", "type", "shape", "params", "nonzero", "macs"} <= set(d["layers"][0])

@@ -1,0 +1,155 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import secateurs
+from conftest import needs
+from secateurs.cli import main
+
+CNN = "secateurs.zoo:DigitsCNN"
+SHAPE = ["--input-shape", "2,1,8,8"]
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prune_writes_a_loadable_model_and_report(tmp_path, capsys):
+    out_dir = tmp_path / "pruned"
+    code, out, err = run(["prune", CNN, *SHAPE, "--method", "unstructured", "--sparsity", "0.8",
+                          "--scope", "global", "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    assert "before" in out and "after/before" in out and "nonzero params" in out
+    report = json.loads((out_dir / "report.json").read_text())
+    for key in ("method", "config", "before", "after", "seconds"):
+        assert key in report
+    assert report["method"] == "unstructured" and report["config"]["sparsity"] == 0.8
+    for key in ("params", "nonzero_params", "macs", "latency_ms", "size_bytes", "layers"):
+        assert key in report["before"] and key in report["after"]
+    assert report["after"]["size_bytes"] == (out_dir / "model.safetensors").stat().st_size
+    assert report["after"]["size_bytes"] < 0.35 * report["before"]["size_bytes"]
+    assert report["after"]["nonzero_params"] < 0.25 * report["before"]["nonzero_params"]
+    model = secateurs.load(out_dir)
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    # The saved folder is a MODEL for every command, with its input shape remembered.
+    code, out, _ = run(["analyze", str(out_dir), "--json", "--no-latency"], capsys)
+    stats = json.loads(out)
+    assert code == 0 and stats["input_shape"] == [2, 1, 8, 8]
+    assert stats["nonzero_params"] == report["after"]["nonzero_params"]
+
+
+def test_prune_nm_json_output_is_only_json(tmp_path, capsys):
+    code, out, _ = run(["prune", CNN, *SHAPE, "--method", "nm", "--nm", "4:8", "--json",
+                        "--out", str(tmp_path / "nm")], capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert result["config"]["n"] == 4 and result["config"]["m"] == 8
+    layers = {layer["name"]: layer for layer in result["pruning"]["layers"]}
+    assert "features.0" not in layers  # 1 input channel: not a multiple of 8
+    assert "features.0" in result["pruning"]["skipped"]
+    assert all(layer["sparsity"] == 0.5 for layer in layers.values())
+
+
+def test_threshold_and_ignore_flags(tmp_path, capsys):
+    code, _, err = run(["prune", CNN, *SHAPE, "--method", "unstructured", "--threshold", "0.05",
+                        "--ignore", "features.0,classifier.0", "--out", str(tmp_path / "t")], capsys)
+    assert code == 0, err
+    model = secateurs.load(tmp_path / "t")
+    assert (model.features[0].weight != 0).all()
+    w = model.features[3].weight
+    assert (w == 0).any() and (w[w != 0].abs() > 0.05).all()
+
+
+def test_analyze_json_has_the_contract_keys(capsys):
+    code, out, _ = run(["analyze", CNN, *SHAPE, "--json"], capsys)
+    stats = json.loads(out)
+    assert code == 0
+    for key in ("params", "nonzero_params", "macs", "latency_ms", "size_bytes", "layers"):
+        assert key in stats
+    assert stats["latency_ms"] > 0 and stats["params"] == sum(p.numel() for p in secateurs.zoo.DigitsCNN().parameters())
+
+
+def test_analyze_table(capsys):
+    code, out, _ = run(["analyze", CNN, *SHAPE, "--no-latency"], capsys)
+    assert code == 0 and "features.3" in out and "weight shape" in out
+
+
+ERRORS = [
+    (["analyze", "nosuchthing"], "unknown model spec"),
+    (["analyze", "missing.pt", "--arch", CNN], "does not exist"),
+    (["analyze", "torchvision:resnet18", "--input-shape", "1,x,3"], "input shape"),
+    (["analyze", "torchvision:resnet18", "--input-shape", "0,3,224,224"], "input shape"),
+    (["analyze", CNN, "--input-shape", "1,3,8,8"], "--input-shape"),
+    (["prune", CNN, "--method", "unstructured", "--sparsity", "1.5"], "[0, 1)"),
+    (["prune", CNN, "--method", "unstructured", "--sparsity", "-0.1"], "[0, 1)"),
+    (["prune", CNN, "--method", "nm", "--nm", "4:4"], "1 <= N < M"),
+    (["prune", CNN, "--method", "nm", "--nm", "2-4"], "2:4"),
+    (["prune", CNN, "--method", "nm", "--sparsity", "0.5"], "does not apply"),
+    (["prune", CNN, "--method", "unstructured", "--sparsity", "0.5", "--ignore", "nope"], "matches no module"),
+]
+
+
+@pytest.mark.parametrize("argv, fragment", ERRORS, ids=[" ".join(a[:4]) for a, _ in ERRORS])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(argv, fragment, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if argv[0] == "prune":
+        argv = [*argv, "--out", "out"]
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("secateurs: error:") and fragment in err
+    assert "Traceback" not in err and out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_safetensors_model(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    code, _, err = run(["analyze", str(bad), "--arch", CNN], capsys)
+    assert code == 2 and "not a readable safetensors file" in err
+
+
+def test_out_must_not_be_the_input_or_non_empty(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    assert run(["prune", CNN, *SHAPE, "--method", "nm", "--out", str(model_dir)], capsys)[0] == 0
+    before = (model_dir / "model.safetensors").read_bytes()
+    for extra in ([], ["--overwrite"]):
+        code, _, err = run(["prune", str(model_dir), "--method", "unstructured", "--sparsity", "0.9",
+                            "--out", str(model_dir), *extra], capsys)
+        assert code == 2 and "input model" in err
+    assert (model_dir / "model.safetensors").read_bytes() == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x").write_text("x")
+    code, _, err = run(["prune", str(model_dir), "--method", "unstructured", "--sparsity", "0.9",
+                        "--out", str(other)], capsys)
+    assert code == 2 and "--overwrite" in err and (other / "x").exists()
+
+
+def test_argparse_errors_are_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "secateurs.cli", "prune", CNN, "--method", "bogus"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "invalid choice" in proc.stderr
+
+
+def test_real_process_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "secateurs.cli", "prune", CNN, "--method", "nm",
+                           "--nm", "3:2", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@needs("torchvision")
+def test_pickled_model_via_cli(tmp_path, capsys):
+    from secateurs.zoo import DigitsCNN
+
+    torch.save(DigitsCNN(), tmp_path / "full.pt")
+    code, _, err = run(["analyze", str(tmp_path / "full.pt"), *SHAPE, "--no-latency"], capsys)
+    assert code == 2 and "--trust-pickle" in err
+    code, _, _ = run(["analyze", str(tmp_path / "full.pt"), *SHAPE, "--no-latency", "--trust-pickle"], capsys)
+    assert code == 0

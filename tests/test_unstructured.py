@@ -1,0 +1,140 @@
+import pytest
+import torch
+from torch import nn
+
+import secateurs
+from secateurs import SecateursError, Unstructured
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.8, 0.95])
+def test_layer_scope_gives_exact_sparsity_per_layer(cnn, sparsity):
+    report = secateurs.prune_(cnn, Unstructured(sparsity=sparsity))
+    names = [layer.name for layer in report.layers]
+    assert names == ["features.0", "features.3", "features.7", "classifier.0"]
+    for layer in report.layers:
+        w = cnn.get_submodule(layer.name).weight
+        assert (w == 0).sum().item() == round(sparsity * w.numel())
+        assert layer.zeros == (w == 0).sum().item()
+
+
+def test_global_scope_gives_exact_total_and_uneven_layers(cnn):
+    report = secateurs.prune_(cnn, Unstructured(sparsity=0.8, scope="global"))
+    total = sum(cnn.get_submodule(n.name).weight.numel() for n in report.layers)
+    zeros = sum((cnn.get_submodule(n.name).weight == 0).sum().item() for n in report.layers)
+    assert zeros == round(0.8 * total)
+    per_layer = [layer.sparsity for layer in report.layers]
+    assert max(per_layer) - min(per_layer) > 0.2  # global ranking does not spread evenly
+    # The kept weights are exactly the largest ones across all layers.
+    kept_min = min(cnn.get_submodule(n.name).weight.abs()[cnn.get_submodule(n.name).weight != 0].min()
+                   for n in report.layers)
+    assert kept_min > 0
+
+
+def test_global_magnitude_keeps_the_largest_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10), nn.Linear(10, 2))
+    with torch.no_grad():
+        w = model[1].weight
+        w.copy_(w.sign() * (1 + w.abs()))  # every weight of layer 1 outranks layer 0
+    secateurs.prune_(model, Unstructured(sparsity=0.5, scope="global"))
+    assert (model[0].weight == 0).all()
+    assert (model[1].weight != 0).all()
+
+
+def test_threshold_matches_the_seed_semantics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 100), nn.Linear(100, 5))
+    w = model[0].weight.detach().clone()
+    w[0, :3] = torch.tensor([0.01, -0.01, 0.0100001])  # exactly at and just above the threshold
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    secateurs.prune_(model, Unstructured(threshold=0.01))
+    # Seed: mask = |w| > threshold; weights *= mask
+    expected = w * (w.abs() > 0.01)
+    assert torch.equal(model[0].weight, expected)
+    assert model[0].weight[0, 2] != 0
+
+
+def test_random_importance_is_seeded(mlp):
+    import copy
+
+    a, b = copy.deepcopy(mlp), copy.deepcopy(mlp)
+    secateurs.prune_(a, Unstructured(sparsity=0.5, importance="random", seed=3))
+    secateurs.prune_(b, Unstructured(sparsity=0.5, importance="random", seed=3))
+    assert torch.equal(a.fc1.weight == 0, b.fc1.weight == 0)
+    # Random is not magnitude: some small weights survive.
+    c = copy.deepcopy(mlp)
+    secateurs.prune_(c, Unstructured(sparsity=0.5))
+    assert not torch.equal(a.fc1.weight == 0, c.fc1.weight == 0)
+
+
+def test_output_layer_is_left_dense_unless_asked(mlp):
+    x = torch.randn(2, 32)
+    report = secateurs.prune_(mlp, Unstructured(sparsity=0.5), example_inputs=x)
+    assert "head" in report.skipped and (mlp.head.weight != 0).all()
+    report = secateurs.prune_(mlp, Unstructured(sparsity=0.5, prune_output_layer=True))
+    assert "head" in [layer.name for layer in report.layers]
+    assert (mlp.head.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_output_layer_found_by_execution_order_not_registration():
+    class Reordered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.out = nn.Linear(8, 2)  # registered first, runs last
+            self.inner = nn.Linear(4, 8)
+
+        def forward(self, x):
+            return self.out(self.inner(x))
+
+    model = Reordered()
+    report = secateurs.prune_(model, Unstructured(sparsity=0.5), example_inputs=torch.randn(1, 4))
+    assert list(report.skipped) == ["out"]
+
+
+def test_ignore_include_and_filter(cnn):
+    report = secateurs.prune_(cnn, Unstructured(sparsity=0.5, ignore=["features.0", "classifier"]))
+    assert [layer.name for layer in report.layers] == ["features.3", "features.7"]
+    assert report.skipped["features.0"] == "ignored"
+    report = secateurs.prune_(cnn, Unstructured(sparsity=0.5, include=["features.7"]))
+    assert [layer.name for layer in report.layers] == ["features.7"]
+    report = secateurs.prune_(
+        cnn, Unstructured(sparsity=0.5, filter_fn=lambda m, n: isinstance(m, nn.Linear))
+    )
+    assert [layer.name for layer in report.layers] == ["classifier.0"]
+
+
+def test_glob_patterns_select(cnn):
+    report = secateurs.prune_(cnn, Unstructured(sparsity=0.5, ignore=["features.*"]))
+    assert [layer.name for layer in report.layers] == ["classifier.0"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"sparsity": 1.0}, "[0, 1)"),
+        ({"sparsity": -0.1}, "[0, 1)"),
+        ({}, "exactly one"),
+        ({"sparsity": 0.5, "threshold": 0.1}, "exactly one"),
+        ({"threshold": -1.0}, ">= 0"),
+        ({"threshold": 0.1, "importance": "random"}, "magnitude"),
+        ({"sparsity": 0.5, "importance": "taylor"}, "unknown importance"),
+        ({"sparsity": 0.5, "scope": "model"}, "scope"),
+    ],
+)
+def test_bad_configs_are_refused(kwargs, fragment):
+    with pytest.raises(SecateursError, match=fragment.replace("[", r"\[").replace(")", r"\)")):
+        Unstructured(**kwargs)
+
+
+def test_ignore_that_matches_nothing_is_an_error(cnn):
+    with pytest.raises(SecateursError, match="matches no module"):
+        secateurs.prune_(cnn, Unstructured(sparsity=0.5, ignore=["featurez"]))
+
+
+def test_report_numbers_are_consistent(cnn):
+    report = secateurs.prune_(cnn, Unstructured(sparsity=0.5))
+    d = report.to_dict()
+    assert d["method"] == "unstructured" and d["config"]["sparsity"] == 0.5
+    assert d["sparsity"] == pytest.approx(report.zeros / report.numel)
+    assert report.seconds >= 0

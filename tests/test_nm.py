@@ -68,3 +68,17 @@ def test_nm_after_unstructured_keeps_zeros_and_pattern(mlp):
     w = mlp.fc1.weight
     assert torch.all(w[zeros] == 0)
     assert torch.all((_groups(w, 4) != 0).sum(1) <= 2)
+
+
+def test_gpt2_conv1d_groups_run_along_its_input_dimension():
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32)
+    model = transformers.GPT2LMHeadModel(config)
+    report = secateurs.prune_(model, NM(n=2, m=4))
+    names = {layer.name for layer in report.layers}
+    assert "transformer.h.0.attn.c_attn" in names and "lm_head" not in names
+    w = model.transformer.h[0].mlp.c_fc.weight  # Conv1D: (in_features, out_features)
+    assert w.shape == (32, 128)
+    assert torch.all((_groups(w, 4, dim=0) != 0).sum(1) == 2)
+    ids = torch.randint(0, 64, (1, 8))
+    assert model(ids).logits.shape == (1, 8, 64)

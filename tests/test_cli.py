@@ -91,6 +91,9 @@ ERRORS = [
     (["prune", CNN, "--method", "nm", "--nm", "2-4"], "2:4"),
     (["prune", CNN, "--method", "nm", "--sparsity", "0.5"], "does not apply"),
     (["prune", CNN, "--method", "unstructured", "--sparsity", "0.5", "--ignore", "nope"], "matches no module"),
+    (["prune", CNN, "--method", "unstructured", "--threshold", "nan"], "finite"),
+    (["analyze", "torch.nn:Linear"], "needs no arguments"),
+    (["analyze", "./no/such/dir"], "does not exist"),
 ]
 
 
@@ -153,3 +156,53 @@ def test_pickled_model_via_cli(tmp_path, capsys):
     assert code == 2 and "--trust-pickle" in err
     code, _, _ = run(["analyze", str(tmp_path / "full.pt"), *SHAPE, "--no-latency", "--trust-pickle"], capsys)
     assert code == 0
+
+
+def test_out_paths_that_would_destroy_something_are_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    wdir = tmp_path / "wdir"
+    wdir.mkdir()
+    torch.save(secateurs.zoo.DigitsCNN().state_dict(), wdir / "w.pth")
+    base = ["prune", CNN, *SHAPE, "--method", "nm"]
+    code, _, err = run([*base, "--weights", str(wdir / "w.pth"), "--out", str(wdir), "--overwrite"], capsys)
+    assert code == 2 and "input model" in err and (wdir / "w.pth").exists()
+    code, _, err = run([*base, "--out", ".", "--overwrite"], capsys)
+    assert code == 2 and "current directory" in err
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run([*base, "--out", "afile/sub"], capsys)
+    assert code == 2 and "is a file" in err
+
+
+@needs("transformers")
+def test_hf_input_folder_is_protected(tmp_path, capsys):
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32)
+    transformers.BertModel(config).save_pretrained(tmp_path / "hf")
+    code, _, err = run(["prune", f"hf:{tmp_path / 'hf'}", "--method", "nm", "--out", str(tmp_path / "hf"),
+                        "--overwrite"], capsys)
+    assert code == 2 and "input model" in err and (tmp_path / "hf" / "config.json").exists()
+    code, out, err = run(["prune", f"hf:{tmp_path / 'hf'}", "--method", "nm", "--no-latency",
+                          "--out", str(tmp_path / "bert24")], capsys)
+    assert code == 0, err
+    assert secateurs.load(tmp_path / "bert24").config.hidden_size == 16
+
+
+def test_trust_pickle_with_arch_records_the_recipe(tmp_path, capsys):
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    torch.save(net, tmp_path / "seq.pt")
+    argv = ["prune", str(tmp_path / "seq.pt"), "--trust-pickle", "--method", "unstructured",
+            "--sparsity", "0.5", "--input-shape", "1,8", "--no-latency"]
+    code, _, err = run([*argv, "--out", str(tmp_path / "a")], capsys)
+    assert code == 2 and "does not rebuild" in err and not (tmp_path / "a").exists()
+    code, _, err = run([*argv, "--arch", "tests.test_cli:_seq", "--out", str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    code, _, err = run(["analyze", str(tmp_path / "b"), "--no-latency"], capsys)
+    assert code == 2 and "--trust-code" in err
+    code, _, err = run(["analyze", str(tmp_path / "b"), "--no-latency", "--trust-code"], capsys)
+    assert code == 0, err
+
+
+def _seq():
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))

@@ -67,25 +67,82 @@ def test_bit_packing_round_trips(numel):
     assert torch.equal(unpack_bits(pack_bits(mask), [numel]), mask)
 
 
-def test_tied_weights_are_stored_once(tmp_path):
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(50, 16)
-            self.out = nn.Linear(16, 50, bias=False)
-            self.out.weight = self.emb.weight
+class Tied(nn.Module):
+    """Two layers sharing one weight (module level, so it can be rebuilt)."""
 
-        def forward(self, ids):
-            return self.out(self.emb(ids))
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(16, 2)
 
+    def forward(self, x):
+        return self.head(self.b(torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "random"])
+def test_tied_weights_are_pruned_once_stored_once_and_retied(tmp_path, importance):
     model = Tied()
-    secateurs.save(model, tmp_path / "t", arch="tests.test_io:_make_tied")
+    report = secateurs.prune_(model, secateurs.Unstructured(sparsity=0.5, importance=importance))
+    assert [layer.name for layer in report.layers] == ["a"] and "b" in report.skipped
+    assert (model.a.weight == 0).sum().item() == 128  # one mask, not two stacked
+    assert torch.equal(model.a.weight, model.b.weight)
+    secateurs.save(model, tmp_path / "t")
     manifest = json.loads((tmp_path / "t" / MANIFEST).read_text())
-    assert manifest["aliases"] == {"out.weight": "emb.weight"}
+    assert manifest["aliases"] == {"b.weight": "a.weight"}
+    loaded = secateurs.load(tmp_path / "t")
+    assert loaded.a.parametrizations.weight.original is loaded.b.parametrizations.weight.original
+    assert_same_model(loaded, model, torch.randn(3, 16))
+    assert len(list(loaded.parameters())) == len(list(model.parameters()))
+    # Training through both users of the tensor keeps the shared zeros.
+    zeros = loaded.a.weight == 0
+    opt = torch.optim.SGD(loaded.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        loaded(torch.randn(4, 16)).sum().backward()
+        opt.step()
+    assert torch.all(loaded.a.weight[zeros] == 0) and torch.all(loaded.b.weight[zeros] == 0)
 
 
-def _make_tied():  # referenced by the tied-weights test as an arch spec
-    return MLP()
+def test_save_refuses_a_recipe_that_does_not_rebuild_the_model(tmp_path):
+    from secateurs.zoo import DigitsCNN
+
+    with pytest.raises(SecateursError, match="does not rebuild"):
+        secateurs.save(DigitsCNN(num_classes=5), tmp_path / "m")
+    secateurs.save(DigitsCNN(num_classes=5), tmp_path / "m", arch="tests.test_io:_five_class_cnn")
+    assert secateurs.load(tmp_path / "m", trust_code=True).classifier[2].out_features == 5
+
+
+def _five_class_cnn():
+    from secateurs.zoo import DigitsCNN
+
+    return DigitsCNN(num_classes=5)
+
+
+def test_manifest_factory_functions_need_trust(tmp_path):
+    secateurs.save(_five_class_cnn(), tmp_path / "m", arch="tests.test_io:_five_class_cnn")
+    with pytest.raises(SecateursError, match="trust_code"):
+        secateurs.load(tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / MANIFEST).read_text())
+    manifest["source"] = {"kind": "factory", "target": "os:system", "kwargs": {"command": "touch pwned"}}
+    (tmp_path / "m" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(SecateursError, match="trust_code"):
+        secateurs.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [lambda m: [], lambda m: {k: v for k, v in m.items() if k != "source"},
+     lambda m: {**m, "format_version": "1"}, lambda m: {**m, "tensors": {}}],
+    ids=["list", "no-source", "string-version", "no-tensors"],
+)
+def test_malformed_manifests_are_clear_errors(mlp, tmp_path, edit):
+    secateurs.save(mlp, tmp_path / "m", arch="tests.conftest:MLP")
+    path = tmp_path / "m" / MANIFEST
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(SecateursError):
+        secateurs.load(tmp_path / "m")
 
 
 def test_existing_non_empty_directory_is_refused_and_untouched(mlp, tmp_path):
@@ -93,11 +150,25 @@ def test_existing_non_empty_directory_is_refused_and_untouched(mlp, tmp_path):
     target.mkdir()
     (target / "keep.txt").write_text("precious")
     with pytest.raises(SecateursError, match="--overwrite"):
-        secateurs.save(mlp, target)
+        secateurs.save(mlp, target, arch="tests.conftest:MLP")
+    # --overwrite replaces saved models only, never a folder of other files.
+    with pytest.raises(SecateursError, match="not a secateurs model"):
+        secateurs.save(mlp, target, arch="tests.conftest:MLP", overwrite=True)
     assert (target / "keep.txt").read_text() == "precious"
-    secateurs.save(mlp, target, overwrite=True)
-    assert not (target / "keep.txt").exists() and (target / MANIFEST).exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp dirs left behind
+    secateurs.save(mlp, tmp_path / "saved", arch="tests.conftest:MLP")
+    secateurs.prune_(mlp, secateurs.Unstructured(sparsity=0.5))
+    secateurs.save(mlp, tmp_path / "saved", arch="tests.conftest:MLP", overwrite=True)
+    assert secateurs.get_mask(secateurs.load(tmp_path / "saved").fc1) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "saved"]  # no temp dirs left behind
+
+
+def test_saved_folder_has_normal_permissions(mlp, tmp_path):
+    old = os.umask(0o022)
+    try:
+        secateurs.save(mlp, tmp_path / "m", arch="tests.conftest:MLP")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
 
 
 def test_failed_save_leaves_nothing(tmp_path):

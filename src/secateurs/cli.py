@@ -33,9 +33,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME, hf:PATH, a secateurs "
                    "directory, a .pt/.pth/.safetensors file with --arch, or package.module:factory")
     p.add_argument("--weights", metavar="FILE", help="state dict (.pt/.pth/.safetensors) to load into MODEL")
-    p.add_argument("--arch", metavar="SPEC", help="architecture for a bare state-dict MODEL file")
+    p.add_argument("--arch", metavar="SPEC", help="architecture of a bare state-dict MODEL file "
+                   "(torchvision:NAME, timm:NAME or package.module:factory)")
     p.add_argument("--trust-pickle", action="store_true",
-                   help="allow unpickling a whole model from a torch file (runs code: trusted files only)")
+                   help="allow unpickling a whole model from a torch file (runs code: trusted files only); "
+                   "with --arch, that spec is recorded to rebuild it")
+    p.add_argument("--trust-code", action="store_true",
+                   help="let a saved model folder call the factory function its manifest names")
     p.add_argument("--input-shape", metavar="SHAPE", help="example input shape, e.g. 1,3,224,224 "
                    "(images default to 224x224, language models get token ids)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -84,7 +88,13 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from .io.inputs import example_inputs
     from .io.specs import load_model
 
-    model = load_model(args.model, weights=args.weights, arch=args.arch, trust_pickle=args.trust_pickle)
+    model = load_model(
+        args.model,
+        weights=args.weights,
+        arch=args.arch,
+        trust_pickle=args.trust_pickle,
+        trust_code=args.trust_code,
+    )
     return model, example_inputs(model, args.input_shape, seed=args.seed)
 
 
@@ -132,13 +142,17 @@ def _method_config(args: argparse.Namespace) -> Any:
     return cls(**given)
 
 
-def _check_out_not_input(model_spec: str, out: str) -> None:
-    src = Path(model_spec).resolve()
-    dst = Path(out).resolve()
-    if Path(model_spec).exists() and (dst == src or src in dst.parents or dst in src.parents):
-        raise SecateursError(
-            f"--out '{out}' would overwrite the input model '{model_spec}': choose another directory"
-        )
+def _check_out_not_input(args: argparse.Namespace) -> None:
+    dst = Path(args.out).resolve()
+    model_path = args.model[3:] if args.model.startswith("hf:") else args.model
+    for given in (model_path, args.weights):
+        if given is None or not Path(given).exists():
+            continue
+        src = Path(given).resolve()
+        if dst == src or src in dst.parents or dst in src.parents:
+            raise SecateursError(
+                f"--out '{args.out}' would overwrite the input model '{given}': choose another directory"
+            )
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -149,7 +163,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .report import before_after_table
 
     config = _method_config(args)
-    _check_out_not_input(args.model, args.out)
+    _check_out_not_input(args)
     check_output_dir(Path(args.out), args.overwrite)  # fail before the slow part
     start = time.perf_counter()
     model, x = _load(args)

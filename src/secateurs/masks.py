@@ -26,6 +26,9 @@ __all__ = [
     "finalize_",
     "effective_state_dict",
     "effective_parameters",
+    "mask_tied_",
+    "tied_modules",
+    "weight_key",
 ]
 
 
@@ -131,25 +134,59 @@ def _is_bookkeeping(key: str) -> bool:
 def effective_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Return ``(state, masks)``: the state dict with plain keys and masks applied.
 
-    ``state`` is what ``model.state_dict()`` would be after ``finalize_``;
-    ``masks`` maps the masked tensors' plain names to their boolean masks.
+    ``state`` is what ``model.state_dict()`` would be after ``finalize_``
+    (tied tensors stay one tensor object under each name); ``masks`` maps the
+    masked tensors' plain names to their boolean masks.
     """
     state: dict[str, Tensor] = {}
     masks: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         if not _is_bookkeeping(key):
             state[key] = value
-    for mod_name, module in model.named_modules():
+    computed: dict[int, Tensor] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
         if not parametrize.is_parametrized(module):
             continue
-        for tname in module.parametrizations:
+        for tname, plist in module.parametrizations.items():
             full = f"{mod_name}.{tname}" if mod_name else tname
-            with torch.no_grad():
-                state[full] = getattr(module, tname).detach()
+            key = id(plist.original) if hasattr(plist, "original") else id(plist)
+            if key not in computed:
+                with torch.no_grad():
+                    computed[key] = getattr(module, tname).detach()
+            state[full] = computed[key]
             m = _mask_module(module, tname)
             if m is not None:
                 masks[full] = m.mask
     return state, masks
+
+
+def weight_key(module: nn.Module, name: str = "weight") -> int:
+    """Identity of a module's weight that survives masking (for finding tied weights)."""
+    if parametrize.is_parametrized(module, name):
+        return id(module.parametrizations[name].original)
+    return id(getattr(module, name))
+
+
+def tied_modules(model: nn.Module, name: str = "weight") -> dict[int, list[nn.Module]]:
+    """Group the modules that hold ``name`` by the identity of that tensor."""
+    groups: dict[int, list[nn.Module]] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        if parametrize.is_parametrized(module, name) or isinstance(
+            getattr(module, "_parameters", {}).get(name), nn.Parameter
+        ):
+            bucket = groups.setdefault(weight_key(module, name), [])
+            if all(m is not module for m in bucket):
+                bucket.append(module)
+    return groups
+
+
+def mask_tied_(model: nn.Module, module: nn.Module, mask: Tensor, name: str = "weight") -> Tensor:
+    """Mask ``module.<name>`` and every other module of ``model`` sharing that tensor."""
+    mask = set_mask_(module, mask, name)
+    for other in tied_modules(model, name).get(weight_key(module, name), []):
+        if other is not module:
+            set_mask_(other, mask, name)
+    return mask
 
 
 def effective_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import SecateursError
+from .masks import Mask, weight_key
 from .utils import eval_mode
 
 __all__ = ["Selection", "prunable_types", "input_dim", "select_modules", "find_output_layer"]
@@ -162,20 +164,41 @@ def select_modules(
     output = None if selection.prune_output_layer else find_output_layer(model, example_inputs)
     selected: list[tuple[str, nn.Module]] = []
     skipped: dict[str, str] = {}
+    owner: dict[int, str] = {}  # weight identity -> the layer that prunes it
     for name, module in candidates:
         if selection.include is not None and not any(_matches(name, p) for p in selection.include):
             continue
-        if any(_matches(name, p) for p in selection.ignore):
+        reason = _unprunable_reason(module)
+        if reason is not None:
+            skipped[name] = reason
+        elif any(_matches(name, p) for p in selection.ignore):
             skipped[name] = "ignored"
         elif selection.filter_fn is not None and not selection.filter_fn(module, name):
             skipped[name] = "filter_fn returned False"
         elif name == output:
             skipped[name] = "output layer (set prune_output_layer=True to prune it)"
+        elif weight_key(module) in owner:
+            skipped[name] = f"shares its weight with {owner[weight_key(module)]} (masked together)"
         else:
+            owner[weight_key(module)] = name
             selected.append((name, module))
     if not selected:
+        hint = ""
+        if output is not None and output in skipped and "output layer" in skipped[output]:
+            hint = " (the output layer is left alone unless prune_output_layer=True / --prune-output-layer)"
         raise SecateursError(
-            "no layer left to prune after include/ignore/filter; "
-            f"{len(candidates)} candidate layers exist: loosen the selection"
+            f"no layer left to prune after include/ignore/filter among {len(candidates)} candidate "
+            f"layers{hint}: loosen the selection"
         )
     return selected, skipped
+
+
+def _unprunable_reason(module: nn.Module) -> str | None:
+    if parametrize.is_parametrized(module, "weight"):
+        if any(not isinstance(p, Mask) for p in module.parametrizations["weight"]):
+            return "weight has another parametrization (e.g. weight_norm): remove it first"
+    elif not isinstance(module._parameters.get("weight"), nn.Parameter):
+        return "weight is not a parameter"
+    if not module.weight.is_floating_point():
+        return "weight is not floating point"
+    return None

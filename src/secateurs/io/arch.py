@@ -15,12 +15,15 @@ import importlib
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import SecateursError
 from ..utils import first_line
 
-__all__ = ["SOURCE_ATTR", "build", "parse_arch", "source_of", "attach_source", "require"]
+__all__ = [
+    "SOURCE_ATTR", "attach_source", "build", "check_rebuildable", "describe", "parse_arch", "require", "source_of",
+]
 
 SOURCE_ATTR = "_secateurs_source"
 
@@ -109,44 +112,106 @@ def _resolve(target: str) -> Any:
     return obj
 
 
-def build(source: dict[str, Any]) -> nn.Module:
-    """Build a freshly initialised model from a source dict."""
+def build(source: dict[str, Any], *, trust_code: bool = True) -> nn.Module:
+    """Build a freshly initialised model from a source dict.
+
+    Args:
+        source: the recipe (see the module docstring).
+        trust_code: allow a ``factory`` that is a plain function. A manifest
+            from someone else could name any importable function (``os:system``),
+            so :func:`secateurs.load` passes False unless told otherwise; classes
+            that subclass ``nn.Module`` are always allowed.
+    """
+    if not isinstance(source, dict):
+        raise SecateursError("the architecture record in the manifest is malformed: re-save the model")
     kind = source.get("kind")
     kwargs = source.get("kwargs", {})
-    if kind == "torchvision":
-        tv = require("torchvision.models", "vision")
-        name = source["name"]
-        try:
-            model = tv.get_model(name, weights=None, **kwargs)
-        except ValueError:
-            raise SecateursError(
-                f"torchvision has no model '{name}': see torchvision.models.list_models()"
-            ) from None
-    elif kind == "timm":
-        timm = require("timm", "vision")
-        name = source["name"]
-        if not timm.is_model(name):
-            raise SecateursError(f"timm has no model '{name}': see timm.list_models()")
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    elif kind == "factory":
-        fn = _resolve(source["target"])
-        if not callable(fn):
-            raise SecateursError(f"'{source['target']}' is not callable: point at a factory function or class")
-        model = fn(**kwargs)
-        if not isinstance(model, nn.Module):
-            raise SecateursError(
-                f"'{source['target']}' returned {type(model).__name__}, not a torch.nn.Module"
-            )
-    elif kind == "hf":
-        transformers = require("transformers", "hf")
-        cfg = dict(source["config"])
-        config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        cls = getattr(transformers, source["class"], None)
-        if cls is None:
-            raise SecateursError(
-                f"transformers has no class {source['class']}: install the version the model was saved with"
-            )
-        model = cls(config)
-    else:
-        raise SecateursError(f"unknown architecture kind '{kind}' in manifest: re-save the model")
+    if not isinstance(kwargs, dict):
+        raise SecateursError("the architecture kwargs in the manifest are malformed: re-save the model")
+    try:
+        if kind == "torchvision":
+            tv = require("torchvision.models", "vision")
+            name = source["name"]
+            try:
+                model = tv.get_model(name, weights=None, **kwargs)
+            except ValueError:
+                raise SecateursError(
+                    f"torchvision has no model '{name}': see torchvision.models.list_models()"
+                ) from None
+        elif kind == "timm":
+            timm = require("timm", "vision")
+            name = source["name"]
+            if not timm.is_model(name):
+                raise SecateursError(f"timm has no model '{name}': see timm.list_models()")
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        elif kind == "factory":
+            target = source["target"]
+            fn = _resolve(target)
+            is_module_class = isinstance(fn, type) and issubclass(fn, nn.Module)
+            if not is_module_class and not trust_code:
+                raise SecateursError(
+                    f"the model folder asks to run the function '{target}' to rebuild the model: "
+                    "load it with trust_code=True (CLI: --trust-code) only if you trust where it came from"
+                )
+            if not callable(fn):
+                raise SecateursError(f"'{target}' is not callable: point at a factory function or class")
+            try:
+                model = fn(**kwargs)
+            except TypeError as exc:
+                raise SecateursError(
+                    f"calling '{target}' failed ({first_line(exc)}): point at a factory that needs no arguments"
+                ) from None
+            if not isinstance(model, nn.Module):
+                raise SecateursError(f"'{target}' returned {type(model).__name__}, not a torch.nn.Module")
+        elif kind == "hf":
+            transformers = require("transformers", "hf")
+            cfg = dict(source["config"])
+            cls = getattr(transformers, source["class"], None)
+            if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+                raise SecateursError(
+                    f"transformers has no model class {source['class']}: install the version the model was saved with"
+                )
+            config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+            model = cls(config)
+        else:
+            raise SecateursError(f"unknown architecture kind '{kind}' in manifest: re-save the model")
+    except KeyError as exc:
+        raise SecateursError(f"the architecture record lacks {exc}: re-save the model") from None
     return attach_source(model, source)
+
+
+def check_rebuildable(model: nn.Module, source: dict[str, Any]) -> None:
+    """Refuse a source that would not rebuild ``model``'s architecture.
+
+    Builds the source on the meta device (no memory, no init cost) and compares
+    every state-dict key and shape with the model's.
+    """
+    from ..masks import effective_state_dict
+
+    try:
+        try:
+            with torch.device("meta"):
+                fresh = build(source)
+        except SecateursError:
+            raise
+        except Exception:  # some factories cannot run on meta tensors; build for real
+            fresh = build(source)
+    except SecateursError as exc:
+        raise SecateursError(f"cannot record how to rebuild the model ({exc})") from None
+    want = {k: tuple(v.shape) for k, v in effective_state_dict(model)[0].items()}
+    have = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    if want != have:
+        diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+        raise SecateursError(
+            f"{describe(source)} does not rebuild this model (differs at {diff[:2]}): "
+            "pass arch='package.module:factory' (CLI: --arch) naming a callable that builds it"
+        )
+
+
+def describe(source: dict[str, Any]) -> str:
+    kind = source.get("kind")
+    if kind in ("torchvision", "timm"):
+        return f"{kind}:{source.get('name')}"
+    if kind == "factory":
+        return str(source.get("target"))
+    return f"transformers {source.get('class')}"

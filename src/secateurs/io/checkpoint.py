@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SecateursError
-from ..masks import effective_state_dict, set_mask_
+from ..masks import effective_state_dict, mask_tied_
 from ..utils import first_line
-from .arch import attach_source, build, source_of
+from .arch import attach_source, build, check_rebuildable, source_of
 from .atomic import atomic_dir
 from .inputs import INPUT_ATTR
 
@@ -58,6 +58,9 @@ def unpack_bits(bits: Tensor, shape: list[int]) -> Tensor:
     return unpacked[:numel].reshape(shape)
 
 
+_COMPACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _storage_key(t: Tensor) -> tuple[Any, ...]:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
@@ -84,7 +87,7 @@ def pack_state(
         entry: dict[str, Any] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
         mask = masks.get(name)
         use_bits = mask is not None
-        if not use_bits and compact and t.is_floating_point() and t.numel() >= 64:
+        if not use_bits and compact and t.dtype in _COMPACT_DTYPES and t.numel() >= 64:
             nonzero = int(t.count_nonzero())
             dense_bytes = t.numel() * t.element_size()
             use_bits = nonzero * t.element_size() + (t.numel() + 7) // 8 < dense_bytes
@@ -180,6 +183,7 @@ def save(
     from safetensors.torch import save_file
 
     source = source_of(model, arch)
+    check_rebuildable(model, source)
     state, masks = effective_state_dict(model)
     tensors, layout, aliases = pack_state(state, masks, compact=compact)
     history = list(getattr(model, HISTORY_ATTR, []))
@@ -229,25 +233,41 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SecateursError(f"{mpath} is not valid JSON ({first_line(exc)}): re-save the model") from None
-    if manifest.get("format") != "secateurs" or not isinstance(manifest.get("tensors"), dict):
-        raise SecateursError(f"{mpath} is not a secateurs manifest: re-save the model")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != "secateurs"
+        or not isinstance(manifest.get("tensors"), dict)
+        or not isinstance(manifest.get("source"), dict)
+        or not isinstance(manifest.get("aliases", {}), dict)
+        or not isinstance(manifest.get("format_version"), int)
+    ):
+        raise SecateursError(f"{mpath} is not a valid secateurs manifest: re-save the model")
+    if manifest["format_version"] > FORMAT_VERSION:
         raise SecateursError(
             f"{path} was saved by a newer secateurs (format {manifest['format_version']}): upgrade secateurs"
         )
     return manifest
 
 
-def load(path: str | os.PathLike[str]) -> nn.Module:
+def load(path: str | os.PathLike[str], *, trust_code: bool = False) -> nn.Module:
     """Rebuild a model saved by :func:`save`, without unpickling anything.
 
     The architecture is rebuilt from the manifest, weights come from
-    safetensors, and live masks are re-applied. Returns the model in eval mode.
+    safetensors, tied weights are tied again and live masks are re-applied.
+
+    Args:
+        path: the saved directory.
+        trust_code: allow the manifest to name a factory *function* (rather
+            than an ``nn.Module`` class) to rebuild the model. Only for folders
+            you trust: the function is imported and called.
+
+    Returns:
+        The model, in eval mode.
     """
     from safetensors.torch import load_file
 
     manifest = read_manifest(path)
-    wpath = Path(path) / manifest.get("weights", WEIGHTS)
+    wpath = Path(path) / str(manifest.get("weights", WEIGHTS))
     if not wpath.is_file():
         raise SecateursError(f"weights file {wpath} is missing: re-save the model")
     try:
@@ -258,29 +278,36 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
         ) from None
     try:
         state, masks = unpack_state(tensors, manifest["tensors"], manifest.get("aliases", {}))
-    except KeyError as exc:
-        raise SecateursError(f"weights file {wpath} lacks tensor {exc}: re-save the model") from None
-    model = build(manifest["source"])
-    model_keys = set(model.state_dict())
-    missing = sorted(model_keys - set(state))
-    unexpected = sorted(set(state) - model_keys)
-    if missing or unexpected:
+    except (KeyError, TypeError, RuntimeError) as exc:
         raise SecateursError(
-            f"saved weights do not fit the rebuilt architecture ({len(missing)} missing, e.g. "
-            f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}): "
-            "the architecture changed since saving"
+            f"weights file {wpath} does not match its manifest ({first_line(exc)}): re-save the model"
+        ) from None
+    model = build(manifest["source"], trust_code=trust_code)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        diff = sorted(set(expected) ^ set(found)) or [k for k in expected if expected[k] != found[k]]
+        raise SecateursError(
+            f"saved weights do not fit the rebuilt architecture (they differ at {diff[:3]}): "
+            "the architecture's code changed since saving"
         )
     model.load_state_dict(state, strict=True, assign=True)
-    tie = getattr(model, "tie_weights", None)
-    if callable(tie):
-        tie()
-    modules = dict(model.named_modules())
+    _retie(model, manifest.get("aliases", {}))
     for name, mask in masks.items():
         mod_name, _, tname = name.rpartition(".")
-        set_mask_(modules[mod_name], mask, tname)
+        mask_tied_(model, model.get_submodule(mod_name), mask, tname)
     attach_source(model, manifest["source"])
     setattr(model, HISTORY_ATTR, manifest.get("history", []))
     if manifest.get("input"):
         setattr(model, INPUT_ATTR, manifest["input"])
     return model.eval()
 
+
+def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Make aliased parameters one ``Parameter`` again (``assign=True`` split them)."""
+    for alias, target in aliases.items():
+        a_mod, _, a_name = alias.rpartition(".")
+        t_mod, _, t_name = target.rpartition(".")
+        shared = getattr(model.get_submodule(t_mod), t_name)
+        if isinstance(shared, nn.Parameter):
+            setattr(model.get_submodule(a_mod), a_name, shared)

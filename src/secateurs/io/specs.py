@@ -102,16 +102,21 @@ def _load_hf(target: str) -> nn.Module:
     return attach_source(model.eval(), source)
 
 
-def _load_pickled(path: Path) -> nn.Module:
+def _load_pickled(path: Path, arch: str | None) -> nn.Module:
+    """Unpickle a whole model (trusted files only); ``arch`` is recorded as its rebuild recipe."""
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise SecateursError(f"cannot unpickle '{path}' ({first_line(exc)})") from None
-    if not isinstance(obj, nn.Module):
-        raise SecateursError(
-            f"'{path}' holds a {type(obj).__name__}, not a whole model: pass --arch SPEC to load it as weights"
-        )
-    return obj
+    if isinstance(obj, nn.Module):
+        return obj if arch is None else attach_source(obj, parse_arch(arch))
+    if arch is not None:  # a plain checkpoint after all
+        model = build(parse_arch(arch))
+        _load_weights_into(model, path)
+        return model
+    raise SecateursError(
+        f"'{path}' holds a {type(obj).__name__}, not a whole model: pass --arch SPEC to load it as weights"
+    )
 
 
 def load_model(
@@ -120,6 +125,7 @@ def load_model(
     weights: str | os.PathLike[str] | None = None,
     arch: str | None = None,
     trust_pickle: bool = False,
+    trust_code: bool = False,
 ) -> nn.Module:
     """Load a model from a spec string.
 
@@ -131,7 +137,10 @@ def load_model(
         weights: a state-dict file to load into an architecture spec.
         arch: the architecture for a bare state-dict file.
         trust_pickle: allow unpickling a whole model from a torch file. Only for
-            files you trust: unpickling runs arbitrary code.
+            files you trust: unpickling runs arbitrary code. With ``arch``, that
+            spec is recorded as the recipe to rebuild the model when saving it.
+        trust_code: let a saved secateurs folder call the factory function its
+            manifest names (see :func:`secateurs.load`).
 
     Returns:
         The model (torchvision/timm/factory models in their constructed mode,
@@ -151,7 +160,7 @@ def load_model(
         model = _load_hf(spec[3:])
     elif path.is_dir():
         if is_saved_model(path):
-            model = load(path)
+            model = load(path, trust_code=trust_code)
         elif (path / "config.json").is_file():
             model = _load_hf(spec)
         else:
@@ -161,11 +170,11 @@ def load_model(
             raise SecateursError(f"model file '{spec}' does not exist: check the path")
         if path.suffix == ".gguf":
             model = _load_hf(spec)
+        elif trust_pickle and path.suffix != ".safetensors":
+            model = _load_pickled(path, arch)
         elif arch is not None:
             model = build(parse_arch(arch))
             _load_weights_into(model, path)
-        elif trust_pickle and path.suffix != ".safetensors":
-            model = _load_pickled(path)
         else:
             load_state_dict_file(path)  # raises a precise error for pickled models
             raise SecateursError(f"'{spec}' holds only weights: pass --arch SPEC (e.g. torchvision:resnet18)")
@@ -173,6 +182,8 @@ def load_model(
         try:
             source = parse_arch(spec)
         except SecateursError:
+            if os.sep in spec or spec.startswith("."):
+                raise SecateursError(f"model path '{spec}' does not exist: check the path") from None
             raise SecateursError(f"unknown model spec '{spec}': {SPEC_HELP}") from None
         model = build(source)
     if weights is not None:

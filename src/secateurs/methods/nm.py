@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..errors import SecateursError
 from ..importance import ELEMENT_IMPORTANCE, element_scores
-from ..masks import get_mask, set_mask_
+from ..masks import get_mask, mask_tied_
 from ..selection import Selection, input_dim, select_modules
 from .common import config_to_dict, layer_report, make_generator
 from .registry import register_method
@@ -89,7 +89,7 @@ def apply_nm(model: nn.Module, config: NM, *, example_inputs: Any = None) -> Pru
             report.skipped[name] = f"input size {size} is not a multiple of {config.m}"
             continue
         scores = element_scores(config.importance, module.weight, get_mask(module), gen)
-        mask = set_mask_(module, nm_mask(scores, config.n, config.m, dim))
+        mask = mask_tied_(model, module, nm_mask(scores, config.n, config.m, dim))
         report.layers.append(layer_report(name, mask))
     if not report.layers:
         raise SecateursError(

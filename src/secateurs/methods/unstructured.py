@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from ..errors import SecateursError
 from ..importance import ELEMENT_IMPORTANCE, element_scores
-from ..masks import get_mask, set_mask_
+from ..masks import get_mask, mask_tied_
 from ..selection import Selection, select_modules
 from .common import config_to_dict, layer_report, lowest_k, make_generator
 from .registry import register_method
@@ -58,8 +59,8 @@ class Unstructured(Selection):
                 f"sparsity must be in [0, 1), got {self.sparsity}: e.g. 0.8 zeros 80% of weights"
             )
         if self.threshold is not None:
-            if self.threshold < 0:
-                raise SecateursError(f"threshold must be >= 0, got {self.threshold}")
+            if not math.isfinite(self.threshold) or self.threshold < 0:
+                raise SecateursError(f"threshold must be a finite number >= 0, got {self.threshold}")
             if self.importance != "magnitude":
                 raise SecateursError("threshold pruning compares |w|: use importance='magnitude'")
         if self.scope not in ("layer", "global"):
@@ -82,7 +83,7 @@ def apply_unstructured(
         for name, module in selected:
             w = module.weight.detach()
             # The seed's rule: keep |w| > t, so |w| <= t goes.
-            mask = set_mask_(module, w.abs() > config.threshold)
+            mask = mask_tied_(model, module, w.abs() > config.threshold)
             report.layers.append(layer_report(name, mask))
         return report
 
@@ -100,6 +101,6 @@ def apply_unstructured(
     else:
         drops = {name: lowest_k(s, round(config.sparsity * s.numel())) for name, s in scores.items()}
     for name, module in selected:
-        mask = set_mask_(module, ~drops[name])
+        mask = mask_tied_(model, module, ~drops[name])
         report.layers.append(layer_report(name, mask))
     return report

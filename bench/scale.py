@@ -21,9 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import markdown_table, write_results  # noqa: E402
 
 import secateurs  # noqa: E402
+from _common import markdown_table, write_results  # noqa: E402
 
 
 def _spec(name: str) -> str | None:

@@ -17,9 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import markdown_table, write_results  # noqa: E402
 
 import secateurs  # noqa: E402
+from _common import markdown_table, write_results  # noqa: E402
 from secateurs.data import load_dataset  # noqa: E402
 from secateurs.demo import DemoConfig, _dense_model  # noqa: E402
 from secateurs.train import evaluate, fit  # noqa: E402

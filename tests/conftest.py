@@ -65,3 +65,15 @@ def assert_same_model(a: nn.Module, b: nn.Module, *inputs: torch.Tensor) -> None
     out_a = getattr(out_a, "logits", out_a)
     out_b = getattr(out_b, "logits", out_b)
     torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)
+
+
+class AttnNet(nn.Module):
+    """nn.MultiheadAttention (packed in_proj_weight) followed by a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.att = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.att(x, x, x, need_weights=False)[0])

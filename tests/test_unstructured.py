@@ -138,3 +138,22 @@ def test_report_numbers_are_consistent(cnn):
     assert d["method"] == "unstructured" and d["config"]["sparsity"] == 0.5
     assert d["sparsity"] == pytest.approx(report.zeros / report.numel)
     assert report.seconds >= 0
+
+
+def test_multihead_attention_in_proj_is_pruned_and_round_trips(tmp_path):
+    from conftest import AttnNet, assert_same_model
+
+    torch.manual_seed(0)
+    model = AttnNet().eval()
+    x = torch.randn(2, 5, 16)
+    report = secateurs.prune_(model, Unstructured(sparsity=0.5), example_inputs=x)
+    assert [layer.name for layer in report.layers] == ["att.in_proj_weight", "att.out_proj"]
+    assert (model.att.in_proj_weight == 0).float().mean().item() == 0.5
+    # The attention really computes with the masked weight.
+    reference = AttnNet().eval()
+    reference.load_state_dict(secateurs.masks.effective_state_dict(model)[0])
+    torch.testing.assert_close(reference(x), model(x))
+    secateurs.save(model, tmp_path / "m")
+    loaded = secateurs.load(tmp_path / "m")
+    assert secateurs.get_mask(loaded.att, "in_proj_weight") is not None
+    assert_same_model(loaded, model, x)

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import SecateursError
 from .masks import effective_parameters, finalize_, masked_tensors
-from .selection import call_model
+from .selection import call_model, weight_names
 from .utils import eval_mode, first_line
 
 __all__ = ["LayerStats", "ModelStats", "analyze", "measure_latency"]
@@ -182,11 +182,12 @@ def analyze(
             continue  # its parameters are shared with (and counted under) another module
         params = sum(v.numel() for v in own.values())
         nonzero = sum(nonzeros[k] for k in own)
-        weight = own.get(prefix + "weight")
+        wnames = [prefix + w for w in weight_names(module) if prefix + w in own]
+        weight = own[wnames[0]] if wnames else None
         macs = _self_macs(module, name, per_module)
-        if weight is not None and weight.numel():
+        if wnames == [prefix + "weight"] and weight is not None and weight.numel():
             nonzero_macs += round(macs * nonzeros[prefix + "weight"] / weight.numel())
-        else:
+        else:  # e.g. attention: its matmuls with activations do not shrink with its weights
             nonzero_macs += macs
         layers.append(
             LayerStats(

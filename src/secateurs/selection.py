@@ -23,7 +23,9 @@ from .errors import SecateursError
 from .masks import Mask, weight_key
 from .utils import eval_mode
 
-__all__ = ["Selection", "prunable_types", "input_dim", "select_modules", "find_output_layer"]
+__all__ = [
+    "Selection", "Target", "find_output_layer", "input_dim", "prunable_types", "select_targets", "weight_names",
+]
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -42,6 +44,7 @@ def prunable_types() -> tuple[type[nn.Module], ...]:
         nn.ConvTranspose1d,
         nn.ConvTranspose2d,
         nn.ConvTranspose3d,
+        nn.MultiheadAttention,
     ]
     hf = sys.modules.get("transformers.pytorch_utils")
     if hf is not None and hasattr(hf, "Conv1D"):
@@ -49,8 +52,17 @@ def prunable_types() -> tuple[type[nn.Module], ...]:
     return tuple(types)
 
 
-def input_dim(module: nn.Module) -> int:
-    """The dimension of ``module.weight`` that runs over input features/channels."""
+def weight_names(module: nn.Module) -> list[str]:
+    """Names of the weight matrices a layer multiplies its input by."""
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is not None or parametrize.is_parametrized(module, "in_proj_weight"):
+            return ["in_proj_weight"]  # packed q, k, v; out_proj is a Linear of its own
+        return ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    return ["weight"]
+
+
+def input_dim(module: nn.Module, tensor: str = "weight") -> int:
+    """The dimension of ``module.<tensor>`` that runs over input features/channels."""
     hf = sys.modules.get("transformers.pytorch_utils")
     if hf is not None and isinstance(module, getattr(hf, "Conv1D", ())):
         return 0  # Conv1D stores weight as (in_features, out_features)
@@ -133,17 +145,32 @@ def call_model(model: nn.Module, example_inputs: Any) -> Any:
     return model(example_inputs)
 
 
-def select_modules(
+@dataclass
+class Target:
+    """One weight tensor a method prunes: ``module.<tensor>``."""
+
+    name: str  # the module's name, plus ``.tensor`` when that is not ``weight``
+    module_name: str
+    module: nn.Module
+    tensor: str = "weight"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.module, self.tensor)
+
+
+def select_targets(
     model: nn.Module,
     selection: Selection,
     *,
     example_inputs: Any = None,
     types: tuple[type[nn.Module], ...] | None = None,
-) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
-    """Return ``(selected, skipped)``.
+) -> tuple[list[Target], dict[str, str]]:
+    """Return ``(targets, skipped)``.
 
-    ``selected`` lists ``(name, module)`` pairs to prune in model order;
-    ``skipped`` maps names of candidate modules left out to the reason.
+    ``targets`` lists the weight tensors to prune in model order; ``skipped``
+    maps names of candidates left out to the reason. A tensor shared by several
+    layers (tied weights) is one target; the other users are reported.
     """
     types = types or prunable_types()
     candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
@@ -162,27 +189,29 @@ def select_modules(
                     "check the spelling against `secateurs analyze` output"
                 )
     output = None if selection.prune_output_layer else find_output_layer(model, example_inputs)
-    selected: list[tuple[str, nn.Module]] = []
+    targets: list[Target] = []
     skipped: dict[str, str] = {}
-    owner: dict[int, str] = {}  # weight identity -> the layer that prunes it
-    for name, module in candidates:
-        if selection.include is not None and not any(_matches(name, p) for p in selection.include):
+    owner: dict[int, str] = {}  # tensor identity -> the target that prunes it
+    for mod_name, module in candidates:
+        if selection.include is not None and not any(_matches(mod_name, p) for p in selection.include):
             continue
-        reason = _unprunable_reason(module)
-        if reason is not None:
-            skipped[name] = reason
-        elif any(_matches(name, p) for p in selection.ignore):
-            skipped[name] = "ignored"
-        elif selection.filter_fn is not None and not selection.filter_fn(module, name):
-            skipped[name] = "filter_fn returned False"
-        elif name == output:
-            skipped[name] = "output layer (set prune_output_layer=True to prune it)"
-        elif weight_key(module) in owner:
-            skipped[name] = f"shares its weight with {owner[weight_key(module)]} (masked together)"
-        else:
-            owner[weight_key(module)] = name
-            selected.append((name, module))
-    if not selected:
+        for tensor in weight_names(module):
+            name = mod_name if tensor == "weight" else f"{mod_name}.{tensor}"
+            reason = _unprunable_reason(module, tensor)
+            if reason is not None:
+                skipped[name] = reason
+            elif any(_matches(mod_name, p) for p in selection.ignore):
+                skipped[name] = "ignored"
+            elif selection.filter_fn is not None and not selection.filter_fn(module, mod_name):
+                skipped[name] = "filter_fn returned False"
+            elif mod_name == output:
+                skipped[name] = "output layer (set prune_output_layer=True to prune it)"
+            elif weight_key(module, tensor) in owner:
+                skipped[name] = f"shares its weight with {owner[weight_key(module, tensor)]} (masked together)"
+            else:
+                owner[weight_key(module, tensor)] = name
+                targets.append(Target(name, mod_name, module, tensor))
+    if not targets:
         hint = ""
         if output is not None and output in skipped and "output layer" in skipped[output]:
             hint = " (the output layer is left alone unless prune_output_layer=True / --prune-output-layer)"
@@ -190,15 +219,15 @@ def select_modules(
             f"no layer left to prune after include/ignore/filter among {len(candidates)} candidate "
             f"layers{hint}: loosen the selection"
         )
-    return selected, skipped
+    return targets, skipped
 
 
-def _unprunable_reason(module: nn.Module) -> str | None:
-    if parametrize.is_parametrized(module, "weight"):
-        if any(not isinstance(p, Mask) for p in module.parametrizations["weight"]):
-            return "weight has another parametrization (e.g. weight_norm): remove it first"
-    elif not isinstance(module._parameters.get("weight"), nn.Parameter):
-        return "weight is not a parameter"
-    if not module.weight.is_floating_point():
-        return "weight is not floating point"
+def _unprunable_reason(module: nn.Module, tensor: str) -> str | None:
+    if parametrize.is_parametrized(module, tensor):
+        if any(not isinstance(p, Mask) for p in module.parametrizations[tensor]):
+            return f"{tensor} has another parametrization (e.g. weight_norm): remove it first"
+    elif not isinstance(module._parameters.get(tensor), nn.Parameter):
+        return f"{tensor} is not a parameter"
+    if not getattr(module, tensor).is_floating_point():
+        return f"{tensor} is not floating point"
     return None

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..errors import SecateursError
 from ..importance import ELEMENT_IMPORTANCE, element_scores
 from ..masks import get_mask, mask_tied_
-from ..selection import Selection, input_dim, select_modules
+from ..selection import Selection, input_dim, select_targets
 from .common import config_to_dict, layer_report, make_generator
 from .registry import register_method
 from .report import PruneReport
@@ -79,21 +79,21 @@ def nm_mask(scores: Tensor, n: int, m: int, dim: int = 1) -> Tensor:
 
 @register_method(NM)
 def apply_nm(model: nn.Module, config: NM, *, example_inputs: Any = None) -> PruneReport:
-    selected, skipped = select_modules(model, config, example_inputs=example_inputs)
+    targets, skipped = select_targets(model, config, example_inputs=example_inputs)
     report = PruneReport(method=config.method, config=config_to_dict(config), skipped=skipped)
     gen = make_generator(config.seed)
-    for name, module in selected:
-        dim = input_dim(module)
-        size = module.weight.shape[dim]
+    for t in targets:
+        dim = input_dim(t.module, t.tensor)
+        size = t.weight.shape[dim]
         if size % config.m:
-            report.skipped[name] = f"input size {size} is not a multiple of {config.m}"
+            report.skipped[t.name] = f"input size {size} is not a multiple of {config.m}"
             continue
-        scores = element_scores(config.importance, module.weight, get_mask(module), gen)
-        mask = mask_tied_(model, module, nm_mask(scores, config.n, config.m, dim))
-        report.layers.append(layer_report(name, mask))
+        scores = element_scores(config.importance, t.weight, get_mask(t.module, t.tensor), gen)
+        mask = mask_tied_(model, t.module, nm_mask(scores, config.n, config.m, dim), t.tensor)
+        report.layers.append(layer_report(t.name, mask))
     if not report.layers:
         raise SecateursError(
             f"no selected layer has an input size divisible by {config.m}; "
-            f"choose a smaller M or other layers ({len(skipped) + len(selected)} candidates)"
+            f"choose a smaller M or other layers ({len(targets)} candidates)"
         )
     return report

@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import SecateursError
 from ..importance import ELEMENT_IMPORTANCE, element_scores
 from ..masks import get_mask, mask_tied_
-from ..selection import Selection, select_modules
+from ..selection import Selection, select_targets
 from .common import config_to_dict, layer_report, lowest_k, make_generator
 from .registry import register_method
 from .report import PruneReport
@@ -75,32 +75,28 @@ class Unstructured(Selection):
 def apply_unstructured(
     model: nn.Module, config: Unstructured, *, example_inputs: Any = None
 ) -> PruneReport:
-    selected, skipped = select_modules(model, config, example_inputs=example_inputs)
+    targets, skipped = select_targets(model, config, example_inputs=example_inputs)
     report = PruneReport(method=config.method, config=config_to_dict(config), skipped=skipped)
-    gen = make_generator(config.seed)
 
     if config.threshold is not None:
-        for name, module in selected:
-            w = module.weight.detach()
-            # The seed's rule: keep |w| > t, so |w| <= t goes.
-            mask = mask_tied_(model, module, w.abs() > config.threshold)
-            report.layers.append(layer_report(name, mask))
-        return report
-
-    scores = {
-        name: element_scores(config.importance, module.weight, get_mask(module), gen)
-        for name, module in selected
-    }
-    if config.scope == "global":
-        flat = torch.cat([s.reshape(-1).cpu() for s in scores.values()])
-        drop_all = lowest_k(flat, round(config.sparsity * flat.numel()))
-        drops, offset = {}, 0
-        for name, s in scores.items():
-            drops[name] = drop_all[offset : offset + s.numel()].view(s.shape)
-            offset += s.numel()
+        # The seed's rule: keep |w| > t, so |w| <= t goes.
+        keeps = {t.name: t.weight.detach().abs() > config.threshold for t in targets}
     else:
-        drops = {name: lowest_k(s, round(config.sparsity * s.numel())) for name, s in scores.items()}
-    for name, module in selected:
-        mask = mask_tied_(model, module, ~drops[name])
-        report.layers.append(layer_report(name, mask))
+        gen = make_generator(config.seed)
+        scores = {
+            t.name: element_scores(config.importance, t.weight, get_mask(t.module, t.tensor), gen)
+            for t in targets
+        }
+        if config.scope == "global":
+            flat = torch.cat([s.reshape(-1).cpu() for s in scores.values()])
+            drop_all = lowest_k(flat, round(config.sparsity * flat.numel()))
+            keeps, offset = {}, 0
+            for name, s in scores.items():
+                keeps[name] = ~drop_all[offset : offset + s.numel()].view(s.shape)
+                offset += s.numel()
+        else:
+            keeps = {name: ~lowest_k(s, round(config.sparsity * s.numel())) for name, s in scores.items()}
+    for t in targets:
+        mask = mask_tied_(model, t.module, keeps[t.name], t.tensor)
+        report.layers.append(layer_report(t.name, mask))
     return report

@@ -77,3 +77,46 @@ class AttnNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.att(x, x, x, need_weights=False)[0])
+
+
+class SeedConvNet(nn.Module):
+    """The seed note's ConvNet: conv1 3->64, conv2 64->128."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(64, 128, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x))
+
+
+class Mixed(nn.Module):
+    """Residuals, concat, chunk, grouped and depthwise convs, a channel shuffle, flatten into Linear."""
+
+    def __init__(self, width: int = 16, groups: int = 4, group_stats: bool = True) -> None:
+        super().__init__()
+        w = width
+        # GroupNorm/LayerNorm statistics change when zeroed channels are removed;
+        # group_stats=False swaps them for BatchNorm/Identity for equivalence tests.
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU())
+        self.res = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w))
+        self.branch_a = nn.Conv2d(w, w, 1)
+        self.branch_b = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, groups=w), nn.BatchNorm2d(w))
+        norm = nn.GroupNorm(2, 2 * w) if group_stats else nn.BatchNorm2d(2 * w)
+        self.grouped = nn.Sequential(nn.Conv2d(2 * w, 2 * w, 3, padding=1, groups=groups), norm)
+        self.mix = nn.Conv2d(w, w, 1)
+        self.prelu = nn.PReLU(2 * w)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(2 * w * 4, 32),
+                                  nn.LayerNorm(32) if group_stats else nn.Identity(), nn.GELU(), nn.Linear(32, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.res(x))
+        x = torch.cat([self.branch_a(x), self.branch_b(x)], dim=1)
+        x = self.grouped(x)
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([a, self.mix(b)], dim=1)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)  # channel shuffle
+        return self.head(self.prelu(x))

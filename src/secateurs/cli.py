@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", choices=["layer", "global"], help="rank per layer or globally")
     p.add_argument("--importance", help="importance criterion, e.g. magnitude or random")
     p.add_argument("--nm", metavar="N:M", help="N:M pattern, e.g. 2:4 (method nm)")
+    p.add_argument("--ratio", type=float, help="fraction of channels to remove (method channel)")
+    p.add_argument("--target-macs", type=float, help="keep this fraction of MACs (method channel)")
+    p.add_argument("--round-to", type=int, help="keep channel counts a multiple of N (method channel)")
+    p.add_argument("--global", dest="global_ranking", action="store_true",
+                   help="rank channels across all layers (method channel)")
+    p.add_argument("--max-ratio", type=float, help="most any layer may lose with --global/--target-macs")
     p.add_argument("--ignore", metavar="NAME[,NAME]", help="modules to leave alone (names, prefixes, globs)")
     p.add_argument("--include", metavar="NAME[,NAME]", help="prune only these modules")
     p.add_argument("--prune-output-layer", action="store_true", help="also prune the final layer")
@@ -119,7 +125,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 # Flags that map to config fields of the same name; --nm maps to (n, m).
-_CONFIG_FLAGS = ("sparsity", "threshold", "scope", "importance", "ignore", "include")
+_CONFIG_FLAGS = ("sparsity", "threshold", "scope", "importance", "ignore", "include", "ratio", "target_macs",
+                 "round_to", "max_ratio")
 
 
 def _method_config(args: argparse.Namespace) -> Any:
@@ -133,11 +140,13 @@ def _method_config(args: argparse.Namespace) -> Any:
         given["n"], given["m"] = parse_nm(args.nm)
     if args.prune_output_layer:
         given["prune_output_layer"] = True
+    if args.global_ranking:
+        given["global_ranking"] = True
     if "seed" in fields:
         given["seed"] = args.seed
     for key in given:
         if key not in fields:
-            flag = "--nm" if key in ("n", "m") else "--" + key.replace("_", "-")
+            flag = {"n": "--nm", "m": "--nm", "global_ranking": "--global"}.get(key, "--" + key.replace("_", "-"))
             raise SecateursError(f"{flag} does not apply to --method {args.method}")
     return cls(**given)
 

@@ -22,7 +22,7 @@ from ..errors import SecateursError
 from ..utils import first_line
 
 __all__ = [
-    "SOURCE_ATTR", "attach_source", "build", "check_rebuildable", "describe", "parse_arch", "require", "source_of",
+    "SOURCE_ATTR", "attach_source", "build", "build_pruned", "check_rebuildable", "describe", "parse_arch", "require", "source_of",
 ]
 
 SOURCE_ATTR = "_secateurs_source"
@@ -180,6 +180,16 @@ def build(source: dict[str, Any], *, trust_code: bool = True) -> nn.Module:
     return attach_source(model, source)
 
 
+def build_pruned(source: dict[str, Any], structure: list[dict[str, Any]], *, trust_code: bool = True) -> nn.Module:
+    """Build the architecture, then replay the structural pruning plans on it."""
+    from ..surgery import Plan, apply_plan_
+
+    model = build(source, trust_code=trust_code)
+    for plan in structure:
+        apply_plan_(model, Plan.from_dict(plan))
+    return model
+
+
 def check_rebuildable(model: nn.Module, source: dict[str, Any]) -> None:
     """Refuse a source that would not rebuild ``model``'s architecture.
 
@@ -187,15 +197,17 @@ def check_rebuildable(model: nn.Module, source: dict[str, Any]) -> None:
     every state-dict key and shape with the model's.
     """
     from ..masks import effective_state_dict
+    from ..surgery import STRUCTURE_ATTR
 
+    structure = getattr(model, STRUCTURE_ATTR, [])
     try:
         try:
             with torch.device("meta"):
-                fresh = build(source)
+                fresh = build_pruned(source, structure)
         except SecateursError:
             raise
         except Exception:  # some factories cannot run on meta tensors; build for real
-            fresh = build(source)
+            fresh = build_pruned(source, structure)
     except SecateursError as exc:
         raise SecateursError(f"cannot record how to rebuild the model ({exc})") from None
     want = {k: tuple(v.shape) for k, v in effective_state_dict(model)[0].items()}

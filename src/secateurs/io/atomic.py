@@ -45,9 +45,12 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
             )
 
 
-def _fsync_tree(root: Path) -> None:
+def _finish_files(root: Path) -> None:
+    """Flush every file to disk and give it the permissions a plain ``open`` would."""
+    mode = 0o666 & ~_umask()
     for p in root.rglob("*"):
         if p.is_file():
+            os.chmod(p, mode)
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
 
@@ -77,7 +80,7 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
     backup: Path | None = None
     try:
         yield tmp
-        _fsync_tree(tmp)
+        _finish_files(tmp)
         if path.exists():
             backup = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.rename(path, backup)

@@ -26,8 +26,9 @@ from torch import Tensor, nn
 
 from ..errors import SecateursError
 from ..masks import effective_state_dict, mask_tied_
+from ..surgery import STRUCTURE_ATTR
 from ..utils import first_line
-from .arch import attach_source, build, check_rebuildable, source_of
+from .arch import attach_source, build_pruned, check_rebuildable, source_of
 from .atomic import atomic_dir
 from .inputs import INPUT_ATTR
 
@@ -196,6 +197,7 @@ def save(
         "secateurs_version": _version(),
         "torch_version": torch.__version__,
         "source": source,
+        "structure": list(getattr(model, STRUCTURE_ATTR, [])),
         "input": {"shape": list(input_shape)} if input_shape is not None else recorded_input,
         "weights": WEIGHTS,
         "tensors": layout,
@@ -282,7 +284,10 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False) -> nn.Module
         raise SecateursError(
             f"weights file {wpath} does not match its manifest ({first_line(exc)}): re-save the model"
         ) from None
-    model = build(manifest["source"], trust_code=trust_code)
+    structure = manifest.get("structure", [])
+    if not isinstance(structure, list):
+        raise SecateursError(f"the manifest in {path} has a malformed structure list: re-save the model")
+    model = build_pruned(manifest["source"], structure, trust_code=trust_code)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:

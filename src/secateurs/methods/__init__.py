@@ -1,12 +1,14 @@
 """Pruning methods: one module per method, each registering its config with ``prune_``."""
 
-from . import nm, unstructured  # noqa: F401  (import registers the methods)
+from . import channels, nm, unstructured  # noqa: F401  (import registers the methods)
+from .channels import Channels
 from .nm import NM
 from .registry import config_class, method_names, prune_, register_method
 from .report import LayerReport, PruneReport
 from .unstructured import Unstructured
 
 __all__ = [
+    "Channels",
     "NM",
     "Unstructured",
     "LayerReport",

@@ -29,6 +29,7 @@ class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    plan: dict[str, Any] | None = None  # structural methods: what was physically removed
 
     @property
     def numel(self) -> int:
@@ -51,4 +52,5 @@ class PruneReport:
             "seconds": self.seconds,
             "layers": [{**asdict(layer), "sparsity": layer.sparsity} for layer in self.layers],
             "skipped": self.skipped,
+            **({"plan": self.plan} if self.plan is not None else {}),
         }

@@ -1,0 +1,121 @@
+"""Channel importance: pure functions of a group and the model's tensors (higher = keep)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import SecateursError
+from ..graph import Group
+
+__all__ = ["CHANNEL_IMPORTANCE", "channel_scores", "REDUCTIONS"]
+
+REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "mean": lambda s: s.mean(0),
+    "max": lambda s: s.amax(0),
+    "sum": lambda s: s.sum(0),
+}
+
+
+def _per_channel(group: Group, tensors: dict[str, Tensor], per_index: Callable[[Tensor, int], Tensor],
+                 combine: Callable[[Tensor], Tensor], members: list | None = None) -> list[Tensor]:
+    """One score vector (length ``group.size``) per member."""
+    out = []
+    for member in members if members is not None else group.members:
+        t = tensors.get(member.tensor)
+        if t is None:
+            continue
+        values = per_index(t.detach().float(), member.dim)  # one value per index of the dim
+        index_lists = group.indices[member]
+        flat = torch.cat(index_lists)
+        owner = torch.repeat_interleave(torch.arange(group.size), torch.tensor([len(i) for i in index_lists]))
+        summed = torch.zeros(group.size).index_add_(0, owner, values[flat].cpu())
+        out.append(combine(summed))
+    return out
+
+
+def _reduce_over_other_dims(t: Tensor, dim: int, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    moved = t.movedim(dim, 0).reshape(t.shape[dim], -1)
+    return fn(moved)
+
+
+def _l1(group: Group, tensors: dict[str, Tensor], params: set[str], **_: Any) -> list[Tensor]:
+    members = [m for m in group.members if m.tensor in params]
+    return _per_channel(group, tensors, lambda t, d: _reduce_over_other_dims(t, d, lambda x: x.abs().sum(1)),
+                        lambda s: s, members)
+
+
+def _l2(group: Group, tensors: dict[str, Tensor], params: set[str], **_: Any) -> list[Tensor]:
+    members = [m for m in group.members if m.tensor in params]
+    return _per_channel(group, tensors, lambda t, d: _reduce_over_other_dims(t, d, lambda x: x.pow(2).sum(1)),
+                        torch.sqrt, members)
+
+
+def _bn(group: Group, tensors: dict[str, Tensor], params: set[str], norm_scales: set[str], **kw: Any) -> list[Tensor]:
+    members = [m for m in group.members if m.tensor in norm_scales]
+    if not members:  # no normalisation layer in this group: fall back to weight magnitude
+        return _l2(group, tensors, params, **kw)
+    return _per_channel(group, tensors, lambda t, d: t.abs(), lambda s: s, members)
+
+
+def _fpgm(group: Group, tensors: dict[str, Tensor], params: set[str], **kw: Any) -> list[Tensor]:
+    """Distance to the other filters (Filter Pruning via Geometric Median): redundant filters score low."""
+    scores = []
+    for member in group.members:
+        t = tensors.get(member.tensor)
+        if member.tensor not in params or t is None or t.dim() < 2:
+            continue
+        rows = torch.stack([t.detach().float().index_select(member.dim, idx).flatten() for idx in group.indices[member]])
+        scores.append(torch.cdist(rows, rows).sum(1))
+    return scores or _l2(group, tensors, params, **kw)
+
+
+def _random(group: Group, tensors: dict[str, Tensor], params: set[str], generator: torch.Generator, **_: Any) -> list[Tensor]:
+    return [torch.rand(group.size, generator=generator)]
+
+
+CHANNEL_IMPORTANCE: dict[str, Callable[..., list[Tensor]]] = {
+    "l1": _l1,
+    "l2": _l2,
+    "bn": _bn,
+    "fpgm": _fpgm,
+    "random": _random,
+}
+
+
+def channel_scores(
+    name: str,
+    group: Group,
+    tensors: dict[str, Tensor],
+    *,
+    params: set[str],
+    norm_scales: set[str],
+    reduction: str = "mean",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Importance of each channel of ``group`` (length ``group.size``).
+
+    Args:
+        name: ``l1``, ``l2`` (norms of every parameter slice the channel owns),
+            ``bn`` (|scale| of its normalisation layers), ``fpgm`` or ``random``.
+        tensors: the model's parameters and buffers by name.
+        params: names that are parameters (buffers such as running stats do not vote).
+        norm_scales: names of normalisation-layer scales (for ``bn``).
+        reduction: how per-tensor scores combine: ``mean``, ``max`` or ``sum``.
+    """
+    try:
+        fn = CHANNEL_IMPORTANCE[name]
+        reduce = REDUCTIONS[reduction]
+    except KeyError:
+        raise SecateursError(
+            f"unknown importance '{name}' or reduction '{reduction}': importance is one of "
+            f"{', '.join(CHANNEL_IMPORTANCE)}; reduction one of {', '.join(REDUCTIONS)}"
+        ) from None
+    per_member = fn(group, tensors, params=params, norm_scales=norm_scales,
+                    generator=generator or torch.Generator().manual_seed(0))
+    if not per_member:
+        return torch.zeros(group.size)
+    return reduce(torch.stack(per_member))

@@ -1,0 +1,289 @@
+"""Structured channel pruning: remove whole channels/neurons, physically, on any model.
+
+Data flow: graph (coupled groups) -> importance (scores per channel) ->
+strategy (how many channels each group loses) -> plan -> surgery.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import SecateursError
+from ..graph import DependencyGraph, Group, build_graph
+from ..importance.channel import CHANNEL_IMPORTANCE, REDUCTIONS, channel_scores
+from ..selection import Selection, _matches, call_model
+from ..surgery import Plan, apply_plan_
+from ..utils import first_line
+from .common import config_to_dict, make_generator
+from .registry import register_method
+from .report import LayerReport, PruneReport
+
+__all__ = ["Channels", "plan_channels"]
+
+
+@dataclass(kw_only=True)
+class Channels(Selection):
+    """Remove whole channels (conv filters, Linear neurons) and everything coupled to them.
+
+    Give ``ratio`` (fraction of each group's channels to remove) or
+    ``target_macs`` (fraction of the model's MACs to keep).
+
+    Attributes:
+        ratio: fraction of channels to remove, in [0, 1).
+        target_macs: keep this fraction of MACs, in (0, 1]; the achieved value is reported.
+        importance: ``l1``, ``l2``, ``bn``, ``fpgm`` or ``random``.
+        reduction: how scores of the tensors a channel spans combine: ``mean``, ``max``, ``sum``.
+        global_ranking: rank channels across all groups instead of the same ratio per group.
+        max_ratio: in global ranking and MACs targets, no group loses more than this fraction.
+        round_to: keep channel counts a multiple of this (e.g. 8 for tensor cores).
+        seed: seed for ``random`` importance.
+
+    Example:
+        >>> import torch, secateurs
+        >>> from secateurs.zoo import DigitsCNN
+        >>> model = DigitsCNN()
+        >>> report = secateurs.prune_(model, secateurs.Channels(ratio=0.5), example_inputs=torch.randn(1, 1, 8, 8))
+        >>> model.features[0].out_channels, model.features[3].in_channels
+        (16, 16)
+    """
+
+    method: ClassVar[str] = "channel"
+
+    ratio: float | None = None
+    target_macs: float | None = None
+    importance: str = "l2"
+    reduction: str = "mean"
+    global_ranking: bool = False
+    max_ratio: float = 0.9
+    round_to: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.ratio is None) == (self.target_macs is None):
+            raise SecateursError("give exactly one of ratio (fraction of channels to remove) or target_macs")
+        if self.ratio is not None and not (0.0 <= self.ratio < 1.0):
+            raise SecateursError(f"ratio must be in [0, 1), got {self.ratio}: e.g. 0.5 removes half the channels")
+        if self.target_macs is not None and not (0.0 < self.target_macs <= 1.0):
+            raise SecateursError(f"target_macs must be in (0, 1], got {self.target_macs}: e.g. 0.5 keeps half the MACs")
+        if not 0.0 < self.max_ratio < 1.0:
+            raise SecateursError(f"max_ratio must be in (0, 1), got {self.max_ratio}")
+        if self.importance not in CHANNEL_IMPORTANCE:
+            raise SecateursError(
+                f"unknown importance '{self.importance}': choose one of {', '.join(CHANNEL_IMPORTANCE)}"
+            )
+        if self.reduction not in REDUCTIONS:
+            raise SecateursError(f"unknown reduction '{self.reduction}': choose one of {', '.join(REDUCTIONS)}")
+        if self.round_to is not None and self.round_to < 1:
+            raise SecateursError(f"round_to must be a positive integer, got {self.round_to}")
+
+
+def _frozen_by_selection(model: nn.Module, config: Channels) -> dict[str, str]:
+    """Tensors of modules the selection leaves alone."""
+    frozen: dict[str, str] = {}
+    all_names = [n for n, _ in model.named_modules()]
+    for pattern in config.ignore:
+        if not any(_matches(n, pattern) for n in all_names):
+            raise SecateursError(
+                f"ignore name '{pattern}' matches no module of the model; check the spelling against `secateurs analyze` output"
+            )
+    for mod_name, module in model.named_modules():
+        reason = None
+        if any(_matches(mod_name, p) for p in config.ignore):
+            reason = "ignored"
+        elif config.filter_fn is not None and not config.filter_fn(module, mod_name):
+            reason = "filter_fn returned False"
+        if reason is None:
+            continue
+        for tname, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            frozen[f"{mod_name}.{tname}" if mod_name else tname] = reason
+    return frozen
+
+
+def _keep_count(n: int, remove_fraction: float, multiple: int) -> int:
+    keep = max(1, n - math.floor(remove_fraction * n + 1e-9))
+    if multiple > 1:
+        keep = max(multiple, int(round(keep / multiple)) * multiple)
+        keep = min(keep, n)
+    return keep
+
+
+def _multiplicity(group: Group) -> int:
+    """Channel width of one prunable unit (grouped convs move several channels at once)."""
+    return min(len(group.indices[m][0]) for m in group.members)
+
+
+def _scores(model: nn.Module, graph: DependencyGraph, config: Channels) -> dict[int, Tensor]:
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    params = {n for n, _ in model.named_parameters()}
+    norm_scales = {
+        f"{n}.weight" for n, m in model.named_modules()
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)) and getattr(m, "weight", None) is not None
+    }
+    gen = make_generator(config.seed)
+    return {
+        g.id: channel_scores(config.importance, g, tensors, params=params, norm_scales=norm_scales,
+                             reduction=config.reduction, generator=gen)
+        for g in graph.groups
+    }
+
+
+def plan_channels(graph: DependencyGraph, scores: dict[int, Tensor], config: Channels, ratio: float) -> tuple[Plan, dict[int, int]]:
+    """Decide which channels go. Returns the plan and the number removed per group."""
+    round_to = config.round_to or 1
+    removed: dict[int, Tensor] = {}
+    if config.global_ranking:
+        # Normalise within each group so layers with large weights do not dominate.
+        pool = []
+        for g in graph.groups:
+            s = scores[g.id]
+            pool.append((s / (s.mean() + 1e-12), g))
+        total = sum(g.size for g in graph.groups)
+        budget = math.floor(ratio * total + 1e-9)
+        flat = torch.cat([s for s, _ in pool])
+        owners = torch.cat([torch.full((g.size,), i) for i, (_, g) in enumerate(pool)])
+        order = torch.argsort(flat, stable=True)
+        taken = [0] * len(pool)
+        caps = [g.size - _keep_count(g.size, config.max_ratio, 1) for _, g in pool]
+        chosen: list[list[int]] = [[] for _ in pool]
+        offsets = torch.cumsum(torch.tensor([0] + [g.size for _, g in pool]), 0)
+        for pos in order.tolist():
+            if budget <= 0:
+                break
+            i = int(owners[pos])
+            if taken[i] < caps[i]:
+                taken[i] += 1
+                chosen[i].append(pos - int(offsets[i]))
+                budget -= 1
+        for (_, g), idx in zip(pool, chosen, strict=True):
+            keep = _keep_count(g.size, len(idx) / g.size, round_to // math.gcd(round_to, _multiplicity(g)) or 1)
+            drop = g.size - keep
+            removed[g.id] = torch.argsort(scores[g.id], stable=True)[:drop] if drop else torch.empty(0, dtype=torch.long)
+    else:
+        for g in graph.groups:
+            unit = _multiplicity(g)
+            keep = _keep_count(g.size, ratio, max(1, round_to // math.gcd(round_to, unit)))
+            drop = g.size - keep
+            removed[g.id] = torch.argsort(scores[g.id], stable=True)[:drop]
+    plan = Plan()
+    for g in graph.groups:
+        idx = removed[g.id]
+        if idx.numel() == 0:
+            continue
+        for member in g.members:
+            chans = g.indices[member]
+            plan.add(member.tensor, member.dim, torch.cat([chans[i] for i in idx.tolist()]))
+    return plan.normalized(), {g.id: int(removed[g.id].numel()) for g in graph.groups}
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy whose tensors live on the meta device: surgery rehearsals cost no memory."""
+    memo: dict[int, Any] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in memo:
+            continue
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def _to_meta(inputs: Any) -> Any:
+    if isinstance(inputs, Tensor):
+        return torch.empty_like(inputs, device="meta") if inputs.is_floating_point() else inputs.to("meta")
+    if isinstance(inputs, dict):
+        return {k: _to_meta(v) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(_to_meta(v) for v in inputs)
+    return inputs
+
+
+def _shapes(out: Any) -> Any:
+    if isinstance(out, Tensor):
+        return tuple(out.shape)
+    if isinstance(out, dict) or (hasattr(out, "keys") and hasattr(out, "values")):
+        return {k: _shapes(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return [_shapes(v) for v in out]
+    return None
+
+
+def _rehearse(model: nn.Module, plan: Plan, inputs: Any, expected: Any) -> nn.Module:
+    """Apply ``plan`` to a meta copy and check the forward still gives the same output shapes."""
+    rehearsal = _meta_copy(model)
+    apply_plan_(rehearsal, plan)
+    try:
+        with torch.no_grad():
+            out = call_model(rehearsal.eval(), _to_meta(inputs))
+    except Exception as exc:  # the rehearsal exists to catch anything surgery breaks
+        raise SecateursError(
+            f"the pruned model would not run ({first_line(exc)}): a layer keeps a size secateurs could not "
+            "update; add it to ignore and report the model"
+        ) from None
+    if _shapes(out) != expected:
+        raise SecateursError("the pruned model would change the output shape: add the output layers to ignore")
+    return rehearsal
+
+
+def _macs(model: nn.Module, inputs: Any) -> int:
+    from ..analysis import _count_macs
+
+    return _count_macs(model, inputs)[0]
+
+
+@register_method(Channels)
+def apply_channels(model: nn.Module, config: Channels, *, example_inputs: Any = None) -> PruneReport:
+    if example_inputs is None:
+        raise SecateursError("channel pruning traces the model: pass example_inputs (CLI: --input-shape)")
+    frozen = _frozen_by_selection(model, config)
+    graph = build_graph(model, example_inputs, frozen_tensors=frozen)
+    if config.include is not None:
+        # include picks groups (a layer and everything coupled to it), not tensors
+        for pattern in config.include:
+            if not any(_matches(n, pattern) for n, _ in model.named_modules()):
+                raise SecateursError(f"include name '{pattern}' matches no module of the model; check the spelling")
+        graph.groups = [
+            g for g in graph.groups
+            if any(_matches(m.tensor.rpartition(".")[0], p) for m in g.members for p in config.include)
+        ]
+    if not graph.groups:
+        raise SecateursError("no prunable channel group found: every layer is coupled to the inputs/outputs or ignored")
+    scores = _scores(model, graph, config)
+    with torch.no_grad():
+        expected = _shapes(call_model(_meta_copy(model).eval(), _to_meta(example_inputs)))
+    if config.ratio is not None:
+        ratio = config.ratio
+        plan, removed = plan_channels(graph, scores, config, ratio)
+    else:
+        base = _macs(_meta_copy(model), _to_meta(example_inputs))
+        lo, hi = 0.0, config.max_ratio
+        best = None
+        for _ in range(14):  # bisection on the removal ratio until the MACs target is met
+            mid = (lo + hi) / 2
+            cand, cand_removed = plan_channels(graph, scores, config, mid)
+            macs = _macs(_rehearse(model, cand, example_inputs, expected), _to_meta(example_inputs))
+            if macs <= config.target_macs * base:
+                best, hi = (mid, cand, cand_removed, macs), mid
+            else:
+                lo = mid
+        if best is None:
+            cand, cand_removed = plan_channels(graph, scores, config, config.max_ratio)
+            macs = _macs(_rehearse(model, cand, example_inputs, expected), _to_meta(example_inputs))
+            best = (config.max_ratio, cand, cand_removed, macs)
+        ratio, plan, removed, _ = best
+    _rehearse(model, plan, example_inputs, expected)
+    apply_plan_(model, plan)
+    report = PruneReport(method=config.method, config=config_to_dict(config))
+    report.config["achieved_ratio"] = ratio
+    for g in graph.groups:
+        report.layers.append(LayerReport(name=g.describe(), shape=[g.size], numel=g.size, zeros=removed[g.id]))
+    report.skipped = {name: reason for name, reason in graph.frozen_tensors.items()}
+    for call, count in graph.unknown_calls.items():
+        report.skipped[f"call {call}"] = f"not understood ({count}x): tensors through it were kept"
+    report.plan = plan.to_dict()
+    return report

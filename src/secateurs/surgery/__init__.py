@@ -1,0 +1,213 @@
+"""Physically remove indices from tensors and keep every layer's attributes in step.
+
+Surgery never decides what to remove (that is the strategy's job) and never
+looks at the graph: it gets a :class:`Plan` (tensor name -> dim -> indices)
+and applies it. Parameters keep their identity (``.data`` is replaced), so tied
+weights stay tied. Masked layers (unstructured/N:M masks) are handled: the
+stored original and its mask shrink together.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ..errors import SecateursError
+from ..masks import Mask
+
+__all__ = ["Plan", "apply_plan_", "register_updater", "STRUCTURE_ATTR"]
+
+STRUCTURE_ATTR = "_secateurs_structure"
+
+
+@dataclass
+class Plan:
+    """Indices to remove: ``remove[tensor_name][dim] = sorted indices``."""
+
+    remove: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+
+    def add(self, tensor: str, dim: int, indices: Tensor | list[int]) -> None:
+        values = indices.tolist() if isinstance(indices, Tensor) else list(indices)
+        current = self.remove.setdefault(tensor, {}).setdefault(dim, [])
+        current.extend(values)
+
+    def normalized(self) -> Plan:
+        return Plan({t: {d: sorted(set(ix)) for d, ix in dims.items() if ix} for t, dims in self.remove.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"remove": {t: {str(d): ix for d, ix in dims.items()} for t, dims in self.normalized().remove.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        try:
+            return cls({t: {int(d): [int(i) for i in ix] for d, ix in dims.items()} for t, dims in data["remove"].items()})
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise SecateursError("a structural pruning plan in the manifest is malformed: re-save the model") from None
+
+    def is_empty(self) -> bool:
+        return not any(ix for dims in self.remove.values() for ix in dims.values())
+
+
+Updater = Callable[[nn.Module, dict[str, tuple[int, ...]]], None]
+_UPDATERS: list[tuple[type[nn.Module], Updater]] = []
+
+
+def register_updater(module_type: type[nn.Module]) -> Callable[[Updater], Updater]:
+    """Register how a layer type updates its attributes after its tensors shrink.
+
+    The updater gets the module (attributes still old, tensors already new) and
+    the old shapes of its tensors that changed.
+    """
+
+    def decorator(fn: Updater) -> Updater:
+        _UPDATERS.append((module_type, fn))
+        return fn
+
+    return decorator
+
+
+def _shape(module: nn.Module, name: str) -> tuple[int, ...] | None:
+    t = getattr(module, name, None)
+    return tuple(t.shape) if isinstance(t, Tensor) else None
+
+
+@register_updater(nn.modules.conv._ConvNd)
+def _conv(module: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
+    w = _shape(module, "weight")
+    assert w is not None
+    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+    old_w = old.get("weight", w)
+    in_dim, out_dim = (0, 1) if transposed else (1, 0)
+    depthwise = module.groups > 1 and old_w[in_dim] == 1 and module.groups == module.in_channels
+    if depthwise and not transposed:
+        multiplier = module.out_channels // module.groups
+        module.groups = w[0] // multiplier
+        module.in_channels = module.groups
+        module.out_channels = w[0]
+    elif transposed:
+        module.in_channels = w[0]
+        module.out_channels = w[1] * module.groups
+    else:
+        module.in_channels = w[1] * module.groups
+        module.out_channels = w[0]
+
+
+@register_updater(nn.Linear)
+def _linear(module: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
+    w = _shape(module, "weight")
+    assert w is not None
+    module.out_features, module.in_features = w
+
+
+@register_updater(nn.modules.batchnorm._NormBase)
+def _norm(module: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
+    shape = _shape(module, "weight") or _shape(module, "running_mean")
+    if shape is not None:
+        module.num_features = shape[0]
+
+
+@register_updater(nn.LayerNorm)
+def _layer_norm(module: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
+    shape = _shape(module, "weight")
+    if shape is not None:
+        module.normalized_shape = shape
+
+
+@register_updater(nn.GroupNorm)
+def _group_norm(module: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
+    shape = _shape(module, "weight")
+    if shape is not None:
+        module.num_channels = shape[0]
+
+
+@register_updater(nn.Embedding)
+def _embedding(module: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
+    w = _shape(module, "weight")
+    assert w is not None
+    module.num_embeddings, module.embedding_dim = w
+
+
+@register_updater(nn.PReLU)
+def _prelu(module: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
+    module.num_parameters = module.weight.numel()
+
+
+def _hf_conv1d_updater() -> None:
+    hf = sys.modules.get("transformers.pytorch_utils")
+    cls = getattr(hf, "Conv1D", None)
+    if cls is not None and all(t is not cls for t, _ in _UPDATERS):
+        def _conv1d(module: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
+            module.nf = module.weight.shape[1]
+
+        _UPDATERS.append((cls, _conv1d))
+
+
+def _slots(model: nn.Module, name: str) -> tuple[nn.Module, str, list[tuple[nn.Module, str]]]:
+    """The module owning ``name`` and the raw tensor slots to slice (original + masks)."""
+    mod_name, _, tname = name.rpartition(".")
+    try:
+        module = model.get_submodule(mod_name)
+    except AttributeError:
+        raise SecateursError(f"the plan names '{name}', which the model does not have: wrong architecture?") from None
+    if parametrize.is_parametrized(module, tname):
+        plist = module.parametrizations[tname]
+        slots: list[tuple[nn.Module, str]] = [(plist, "original")]
+        slots += [(p, "mask") for p in plist if isinstance(p, Mask)]
+        if any(not isinstance(p, Mask) for p in plist):
+            raise SecateursError(f"{name} has a parametrization secateurs cannot resize: remove it first")
+        return module, tname, slots
+    if tname in module._parameters or tname in module._buffers:
+        return module, tname, [(module, tname)]
+    raise SecateursError(f"the plan names '{name}', which the model does not have: wrong architecture?")
+
+
+def _slice(owner: nn.Module, attr: str, dim: int, keep: Tensor) -> None:
+    t = getattr(owner, attr)
+    new = t.detach().index_select(dim, keep.to(t.device))
+    if isinstance(t, nn.Parameter):
+        t.data = new
+        t.grad = None
+    else:
+        owner._buffers[attr] = new
+
+
+def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
+    """Remove the plan's indices from ``model``'s tensors and update layer attributes, in place."""
+    _hf_conv1d_updater()
+    plan = plan.normalized()
+    changed: dict[int, tuple[nn.Module, dict[str, tuple[int, ...]]]] = {}
+    done: set[tuple[int, int]] = set()
+    for name, dims in plan.remove.items():
+        module, tname, slots = _slots(model, name)
+        old_shape = tuple(getattr(module, tname).shape)
+        for dim, indices in dims.items():
+            size = old_shape[dim]
+            if indices and (indices[0] < 0 or indices[-1] >= size):
+                raise SecateursError(f"the plan removes index {indices[-1]} of {name} dim {dim}, which has {size}")
+            if len(indices) >= size:
+                raise SecateursError(f"the plan would remove every index of {name} dim {dim}: keep at least one")
+            keep_mask = torch.ones(size, dtype=torch.bool)
+            keep_mask[indices] = False
+            keep = keep_mask.nonzero().flatten()
+            for owner, attr in slots:
+                key = (id(getattr(owner, attr)), dim)
+                if key in done:
+                    continue  # the same tensor under a second (tied) name
+                done.add(key)
+                _slice(owner, attr, dim, keep)
+        changed.setdefault(id(module), (module, {}))[1][tname] = old_shape
+    for module, old in changed.values():
+        for module_type, fn in _UPDATERS:
+            if isinstance(module, module_type):
+                fn(module, old)
+                break
+    history = list(getattr(model, STRUCTURE_ATTR, []))
+    history.append(plan.to_dict())
+    setattr(model, STRUCTURE_ATTR, history)
+    return model

@@ -1,0 +1,192 @@
+"""Structured channel pruning: graph, surgery, strategy, save/load, CLI."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import secateurs
+from conftest import Mixed, SeedConvNet, assert_same_model, needs
+from secateurs import Channels, SecateursError
+from secateurs.cli import main
+from secateurs.graph import build_graph
+
+
+def _zero_channels(model: nn.Module, x: torch.Tensor, fraction: float) -> None:
+    """Zero every tensor slice of the lowest-index ``fraction`` of each group's channels.
+
+    Such channels contribute nothing, so removing them must not change the output.
+    """
+    graph = build_graph(model, x)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for group in graph.groups:
+            k = int(fraction * group.size)
+            for member in group.members:
+                t = tensors[member.tensor]
+                for idx in group.indices[member][:k]:
+                    t.index_fill_(member.dim, idx, 0.0)
+
+
+def _equivalence(model: nn.Module, x: torch.Tensor, fraction: float = 0.25) -> None:
+    model.eval()
+    _zero_channels(model, x, fraction)
+    with torch.no_grad():
+        before = model(x)
+    params_before = sum(p.numel() for p in model.parameters())
+    report = secateurs.prune_(model, Channels(ratio=fraction, importance="l1", reduction="max"), example_inputs=x)
+    with torch.no_grad():
+        after = model(x)
+    assert sum(p.numel() for p in model.parameters()) < params_before
+    assert sum(layer.zeros for layer in report.layers) > 0
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_equivalence_on_a_net_with_residuals_concat_chunk_groups_and_shuffle():
+    torch.manual_seed(0)
+    _equivalence(Mixed(group_stats=False), torch.randn(2, 3, 8, 8))
+
+
+def test_group_and_layer_norm_nets_prune_consistently():
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    x = torch.randn(2, 3, 8, 8)
+    secateurs.prune_(model, Channels(ratio=0.5), example_inputs=x)
+    assert model.grouped[1].num_channels % model.grouped[1].num_groups == 0
+    assert model.head[3].normalized_shape == (16,) and model.head[2].out_features == 16
+    assert model(x).shape == (2, 5)
+
+
+def test_equivalence_on_the_digits_cnn(cnn, digits_input):
+    _equivalence(cnn, digits_input, 0.5)
+
+
+@needs("torchvision")
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121", "shufflenet_v2_x0_5",
+                                  "efficientnet_b0", "regnet_y_400mf", "resnext50_32x4d", "squeezenet1_1",
+                                  "mnasnet0_5", "vgg11_bn"])
+def test_equivalence_on_torchvision_models(name):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name)
+    _equivalence(model, torch.randn(1, 3, 64, 64))
+
+
+@needs("torchvision")
+@pytest.mark.parametrize("name", ["convnext_tiny", "mobilenet_v3_small", "efficientnet_v2_s"])
+def test_layer_norm_models_prune_and_run(name):
+    """LayerNorm statistics change with the channel count, so no equivalence here: shapes and a forward."""
+    import torchvision
+
+    model = torchvision.models.get_model(name).eval()
+    x = torch.randn(1, 3, 64, 64)
+    params = sum(p.numel() for p in model.parameters())
+    secateurs.prune_(model, Channels(ratio=0.5), example_inputs=x)
+    assert sum(p.numel() for p in model.parameters()) < 0.4 * params
+    assert model(x).shape == (1, 1000)
+
+
+def test_seed_convnet_conv1_to_32_channels():
+    torch.manual_seed(0)
+    model = SeedConvNet()
+    x = torch.randn(1, 3, 16, 16)
+    scores = model.conv1.weight.abs().sum(dim=(1, 2, 3))
+    secateurs.prune_(model, Channels(ratio=0.5, importance="l1"), example_inputs=x)
+    assert model.conv1.out_channels == 32 and model.conv1.weight.shape == (32, 3, 3, 3)
+    assert model.conv2.in_channels == 32 and model.conv2.weight.shape == (128, 32, 3, 3)
+    assert model.conv2.out_channels == 128  # coupled to the model output: kept
+    assert model(x).shape == (1, 128, 16, 16)
+    assert scores.numel() == 64
+
+
+def test_ratio_round_to_and_never_zero_width(cnn, digits_input):
+    secateurs.prune_(cnn, Channels(ratio=0.7, round_to=8), example_inputs=digits_input)
+    widths = [cnn.features[0].out_channels, cnn.features[3].out_channels, cnn.features[7].out_channels,
+              cnn.classifier[0].out_features]
+    assert all(w % 8 == 0 and w > 0 for w in widths), widths
+    cnn2 = secateurs.zoo.DigitsCNN()
+    secateurs.prune_(cnn2, Channels(ratio=0.99), example_inputs=digits_input)
+    assert cnn2.features[0].out_channels >= 1 and cnn2(digits_input).shape == (4, 10)
+
+
+def test_global_ranking_and_target_macs(cnn, digits_input):
+    base = secateurs.analyze(cnn, digits_input, latency=False).macs
+    report = secateurs.prune_(cnn, Channels(target_macs=0.5, global_ranking=True), example_inputs=digits_input)
+    macs = secateurs.analyze(cnn, digits_input, latency=False).macs
+    assert 0.35 * base <= macs <= 0.5 * base
+    assert 0 < report.config["achieved_ratio"] < 0.9
+    sizes = [layer.numel - layer.zeros for layer in report.layers]
+    assert all(s >= 1 for s in sizes)
+
+
+def test_ignore_keeps_a_layer_whole(cnn, digits_input):
+    secateurs.prune_(cnn, Channels(ratio=0.5, ignore=["features.3"]), example_inputs=digits_input)
+    assert cnn.features[3].weight.shape == (64, 32, 3, 3)  # its inputs and outputs both stay
+    assert cnn.features[7].out_channels == 64
+
+
+def test_include_prunes_only_the_named_layers_group(cnn, digits_input):
+    secateurs.prune_(cnn, Channels(ratio=0.5, include=["features.0"]), example_inputs=digits_input)
+    assert cnn.features[0].out_channels == 16 and cnn.features[3].in_channels == 16
+    assert cnn.features[3].out_channels == 64 and cnn.features[7].out_channels == 128
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"ratio": 1.0}, "[0, 1)"), ({}, "exactly one"), ({"ratio": 0.5, "target_macs": 0.5}, "exactly one"),
+    ({"target_macs": 0.0}, "(0, 1]"), ({"ratio": 0.5, "importance": "magic"}, "unknown importance"),
+    ({"ratio": 0.5, "round_to": 0}, "round_to"),
+])
+def test_bad_channel_configs(kwargs, fragment):
+    with pytest.raises(SecateursError, match=fragment.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        Channels(**kwargs)
+
+
+def test_example_inputs_are_required(cnn):
+    with pytest.raises(SecateursError, match="example_inputs"):
+        secateurs.prune_(cnn, Channels(ratio=0.5))
+
+
+def test_pruned_model_saves_reloads_and_exports(cnn, digits_input, tmp_path):
+    secateurs.prune_(cnn, Channels(ratio=0.5), example_inputs=digits_input)
+    secateurs.prune_(cnn, secateurs.Unstructured(sparsity=0.5), example_inputs=digits_input)
+    secateurs.save(cnn, tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / "secateurs.json").read_text())
+    assert len(manifest["structure"]) == 1
+    loaded = secateurs.load(tmp_path / "m")
+    assert loaded.features[0].out_channels == 16
+    assert_same_model(loaded, cnn, digits_input)
+    secateurs.finalize_(loaded)
+    exported = torch.export.export(loaded, (digits_input,))
+    torch.testing.assert_close(exported.module()(digits_input), loaded(digits_input))
+
+
+@needs("torchvision")
+def test_resnet18_at_half_the_channels_is_physically_smaller_and_faster():
+    import torchvision
+
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 96, 96)
+    before = secateurs.analyze(model, x, size=False)
+    secateurs.prune_(model, Channels(ratio=0.5), example_inputs=x)
+    after = secateurs.analyze(model, x, size=False)
+    assert after.params < 0.3 * before.params and after.macs < 0.3 * before.macs
+    assert model.conv1.out_channels == 32 and model.fc.in_features == 256 and model.fc.out_features == 1000
+    assert model(x).shape == (1, 1000)
+
+
+def test_cli_channel_method(tmp_path, capsys):
+    code = main(["prune", "secateurs.zoo:DigitsCNN", "--input-shape", "1,1,8,8", "--method", "channel",
+                 "--ratio", "0.5", "--round-to", "4", "--json", "--out", str(tmp_path / "c")])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["after"]["params"] < 0.35 * result["before"]["params"]
+    assert "plan" in result["pruning"]
+    model = secateurs.load(tmp_path / "c")
+    assert model.features[3].in_channels == 16
+    code = main(["prune", "secateurs.zoo:DigitsCNN", "--method", "channel", "--ratio", "1.2",
+                 "--out", str(tmp_path / "bad")])
+    assert code == 2 and not (tmp_path / "bad").exists()
+    code = main(["prune", "secateurs.zoo:DigitsCNN", "--method", "channel", "--sparsity", "0.2",
+                 "--out", str(tmp_path / "bad")])
+    assert code == 2 and "does not apply" in capsys.readouterr().err

@@ -120,3 +120,18 @@ class Mixed(nn.Module):
         n, c, h, w = x.shape
         x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)  # channel shuffle
         return self.head(self.prelu(x))
+
+
+class AttnBlock(nn.Module):
+    """A pre-projection, nn.MultiheadAttention with a residual, and a head."""
+
+    def __init__(self, width: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, width)
+        self.att = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        h = h + self.att(h, h, h, need_weights=False)[0]
+        return self.head(h)

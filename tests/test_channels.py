@@ -190,3 +190,31 @@ def test_cli_channel_method(tmp_path, capsys):
     code = main(["prune", "secateurs.zoo:DigitsCNN", "--method", "channel", "--sparsity", "0.2",
                  "--out", str(tmp_path / "bad")])
     assert code == 2 and "does not apply" in capsys.readouterr().err
+
+
+def test_multihead_attention_narrows_every_head_and_stays_equivalent(tmp_path):
+    from conftest import AttnBlock
+
+    torch.manual_seed(0)
+    model = AttnBlock(width=16, heads=4)
+    x = torch.randn(2, 5, 6)
+    _equivalence(model, x, 0.25)
+    assert model.att.embed_dim == 12 and model.att.num_heads == 4 and model.att.head_dim == 3
+    assert model.att.in_proj_weight.shape == (36, 12) and model.att.out_proj.weight.shape == (12, 12)
+    secateurs.save(model, tmp_path / "m")
+    assert_same_model(secateurs.load(tmp_path / "m"), model, x)
+
+
+@needs("torchvision")
+def test_vit_embedding_dim_and_mlp_are_pruned():
+    import torchvision
+
+    model = torchvision.models.vit_b_16(image_size=64, num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    report = secateurs.prune_(model, Channels(ratio=0.5), example_inputs=x)
+    assert not [k for k in report.skipped if k.startswith("call")]
+    assert model.conv_proj.out_channels == 384 and model.class_token.shape[-1] == 384
+    assert model.encoder.pos_embedding.shape[-1] == 384
+    attn = model.encoder.layers[0].self_attention
+    assert attn.embed_dim == 384 and attn.head_dim == 32
+    assert model(x).shape == (1, 10)

@@ -21,7 +21,7 @@ from .analysis import analyze
 from .data import load_dataset
 from .errors import SecateursError
 from .io.checkpoint import is_saved_model, load, save
-from .methods import NM, Unstructured, prune_
+from .methods import NM, Channels, Unstructured, prune_
 from .train import evaluate, fit
 from .zoo import DigitsCNN
 
@@ -85,6 +85,7 @@ VARIANTS = [
     Variant("unstructured 80%", "unstructured80", Unstructured(sparsity=0.8, scope="global"), False),
     Variant("unstructured 80% + recovery", "unstructured80-ft", Unstructured(sparsity=0.8, scope="global"), True),
     Variant("2:4 + recovery", "nm24-ft", NM(n=2, m=4), True),
+    Variant("channels 50% + recovery", "channels50-ft", Channels(ratio=0.5), True),
 ]
 
 

@@ -11,18 +11,18 @@ __all__ = ["eval_mode", "first_line"]
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and restore every submodule's mode afterwards.
+def eval_mode(model: nn.Module, training: bool = False) -> Iterator[nn.Module]:
+    """Put ``model`` in eval (or train) mode and restore every submodule's mode afterwards.
 
     Forward passes we run for analysis must not update BatchNorm statistics.
     """
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield model
     finally:
-        for m, training in modes:
-            m.training = training
+        for m, training_before in modes:
+            m.training = training_before
 
 
 def first_line(exc: BaseException) -> str:

@@ -42,6 +42,7 @@ class Group:
     members: list[Member]
     indices: dict[Member, list[Tensor]]
     size: int  # number of channels
+    roots: list[int] = field(default_factory=list)  # the label component of each channel
 
     def names(self) -> list[str]:
         return sorted({m.tensor for m in self.members})
@@ -67,6 +68,19 @@ class DependencyGraph:
     tensor_shapes: dict[str, tuple[int, ...]]
     unknown_calls: dict[str, int] = field(default_factory=dict)
     frozen_tensors: dict[str, str] = field(default_factory=dict)
+    # (module name, attribute, label components of the dim whose size it holds)
+    size_attributes: list[tuple[str, str, Tensor]] = field(default_factory=list)
+
+    def new_sizes(self, removed_roots: set[int]) -> dict[str, dict[str, int]]:
+        """New values of size-holding attributes once the channels with these roots are gone."""
+        out: dict[str, dict[str, int]] = {}
+        for module, attr, roots in self.size_attributes:
+            if attr in out.get(module, {}):
+                continue
+            gone = sum(1 for r in roots.tolist() if r in removed_roots)
+            if gone:
+                out.setdefault(module, {})[attr] = roots.numel() - gone
+        return out
 
     def group_of(self, tensor: str, dim: int) -> list[Group]:
         member = Member(tensor, dim)
@@ -119,10 +133,11 @@ def _group(trace: LabelTrace, model: nn.Module, frozen: dict[str, str]) -> Depen
         if len(roots_in) < 2:
             continue  # a single channel can never be removed (no zero-width layers)
         indices = {m: [channels[r][m] for r in roots_in] for m in members}
-        groups.append(Group(id=len(groups), members=members, indices=indices, size=len(roots_in)))
+        groups.append(Group(id=len(groups), members=members, indices=indices, size=len(roots_in), roots=roots_in))
     for name, labels in trace.tensor_labels.items():
         if name not in frozen and all(bool((roots[lab] == 0).all()) for lab in labels if lab.numel() > 1):
             if any(lab.numel() > 1 for lab in labels) and name in dict(model.named_parameters()):
                 frozen[name] = "coupled to the model's inputs/outputs or to an operation it cannot follow"
+    links = [(m, a, roots[lab]) for m, a, lab in trace.attribute_links]
     return DependencyGraph(groups=groups, tensor_shapes=shapes, unknown_calls=trace.unknown_calls,
-                           frozen_tensors=frozen)
+                           frozen_tensors=frozen, size_attributes=links)

@@ -47,7 +47,7 @@ class LabelTrace:
     edges_a: list[Tensor] = field(default_factory=list)
     edges_b: list[Tensor] = field(default_factory=list)
     unknown_calls: dict[str, int] = field(default_factory=dict)
-    attribute_links: list[tuple[str, str, int]] = field(default_factory=list)
+    attribute_links: list[tuple[str, str, Tensor]] = field(default_factory=list)  # module, attr, labels
 
     def components(self) -> Tensor:
         """Root label of each label's component (0 for frozen components)."""
@@ -73,7 +73,7 @@ class LabelTrace:
 
 
 class _Tracer(TorchFunctionMode):
-    def __init__(self, named_tensors: dict[int, str], module_stack: list[nn.Module]) -> None:
+    def __init__(self, named_tensors: dict[int, str], module_stack: list[tuple[str, nn.Module]]) -> None:
         super().__init__()
         self.names = named_tensors
         self.module_stack = module_stack
@@ -84,6 +84,7 @@ class _Tracer(TorchFunctionMode):
         self.edges_a: list[Tensor] = []
         self.edges_b: list[Tensor] = []
         self.unknown: dict[str, int] = {}
+        self.links: list[tuple[str, str, Tensor]] = []
 
     # -- labels ---------------------------------------------------------------------------
     def fresh(self, n: int) -> Tensor:
@@ -124,6 +125,27 @@ class _Tracer(TorchFunctionMode):
         for lab in self.get(t):
             self.freeze(lab)
 
+    def link_sizes(self, sizes: list[Any], out: Tensor) -> None:
+        """Remember module attributes that hold the size of a prunable output dim.
+
+        ``x.reshape(n, self.hidden_dim, -1)`` keeps 768 in ``hidden_dim``: after
+        pruning that dim, the attribute must say the new width.
+        """
+        if len(sizes) != out.dim():
+            return
+        labels = self.labels.get(id(out))
+        if labels is None:
+            return
+        for e, size in enumerate(sizes):
+            if not isinstance(size, int) or size <= 1 or not bool((labels[e] != 0).any()):
+                continue
+            for mod_name, module in reversed(self.module_stack):
+                attr = next((k for k, v in vars(module).items()
+                             if type(v) is int and v == size and not k.startswith("_")), None)
+                if attr is not None:
+                    self.links.append((mod_name, attr, labels[e].clone()))
+                    break
+
     # -- dispatch -------------------------------------------------------------------------
     def __torch_function__(self, func: Callable, types: Any, args: Sequence = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -137,6 +159,8 @@ class _Tracer(TorchFunctionMode):
             if rule is None:
                 raise _Unknown
             rule(self, args, kwargs, out)
+            if name.endswith(_SIZED) and isinstance(out, Tensor):
+                self.link_sizes(_size_args(args, kwargs), out)
         except _Unknown:
             self.unknown[name] = self.unknown.get(name, 0) + 1
             for t in _tensors(args) + _tensors(list(kwargs.values())):
@@ -144,6 +168,18 @@ class _Tracer(TorchFunctionMode):
             for t in _tensors([out]):
                 self.frozen(t)
         return out
+
+
+_SIZED = (".view", ".reshape", ".expand", ".new_zeros", ".new_ones", ".new_empty", ".new_full", ".unflatten")
+
+
+def _size_args(args: Sequence, kwargs: dict) -> list[Any]:
+    rest = list(args[1:])
+    if len(rest) >= 1 and isinstance(rest[0], (list, tuple, torch.Size)):
+        return list(rest[0])
+    if "size" in kwargs:
+        return list(kwargs["size"])
+    return rest
 
 
 class _Unknown(Exception):
@@ -495,6 +531,47 @@ def _flatten(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:
     tr.set(out, list(lx[:start]) + [grid] + list(lx[end + 1 :]))
 
 
+def _multi_head_attention(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
+    """``F.multi_head_attention_forward`` (what ``nn.MultiheadAttention`` runs).
+
+    Its code requires the projection width to equal the model width and to be
+    divisible by the head count. So the model dim is coupled index by index to
+    the query/key/value/output projection dims, and position d of every head is
+    one unit: pruning it narrows every head (head_dim shrinks, heads stay).
+    """
+    names = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
+             "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias")
+    a = {n: _arg(args, kwargs, i, n) for i, n in enumerate(names)}
+    separate = _arg(args, kwargs, 17, "use_separate_proj_weight", False)
+    if separate or a["bias_k"] is not None or a["in_proj_weight"] is None:
+        raise _Unknown
+    q, k, v = a["query"], a["key"], a["value"]
+    heads = int(a["num_heads"])
+    width = q.shape[-1]
+    lq = tr.get(q)
+    for t in (k, v):
+        tr.couple(tr.get(t)[-1], lq[-1])
+    lw = tr.get(a["in_proj_weight"])
+    tr.couple(lw[1], lq[-1])
+    if a["in_proj_bias"] is not None:
+        tr.couple(tr.get(a["in_proj_bias"])[0], lw[0])
+    model_grid = lq[-1].view(heads, -1)
+    for part in range(3):
+        grid = lw[0][part * width : (part + 1) * width].view(heads, -1)
+        tr.couple(grid, model_grid)  # projection width follows the model width
+        tr.couple(grid, grid[0])  # the same position in every head
+    lo = tr.get(a["out_proj_weight"])
+    tr.couple(lo[1], lw[0][2 * width :])
+    if a["out_proj_bias"] is not None:
+        tr.couple(tr.get(a["out_proj_bias"])[0], lo[0])
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    attn = outs[0]
+    tr.set(attn, list(lq[:-1]) + [lo[0]])
+    for extra in outs[1:]:
+        if isinstance(extra, Tensor):
+            tr.frozen(extra)
+
+
 def _chunk(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
     x = args[0]
     chunks = _arg(args, kwargs, 1, "chunks")
@@ -529,6 +606,8 @@ def _movement(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
             continue  # index tensors say where to look, they carry no channels
         lab = tr.get(t)
         for d, ld in enumerate(lab):
+            if not bool((ld != 0).any()):
+                continue  # fixed dims (batch, spatial, tokens) carry nothing to follow
             probe_args, probe_kwargs = _substitute(args, kwargs, inputs, ti, d, ld)
             try:
                 probed = [p.round().long() for p in _tensors([func(*probe_args, **probe_kwargs)])]
@@ -601,11 +680,12 @@ def _place(tr: _Tracer, o: Tensor, p: Tensor, ld: Tensor, d: int, src: Tensor, l
     e = carrier
     idx = p.masked_fill(~present, -1).movedim(e, 0).reshape(p.shape[e], -1)
     # every index along the carrier takes all the labels it holds: they go together
-    for row in idx:
-        members = row[row >= 0].unique()
-        if members.numel() > 1:
-            tr.couple(ld[members], ld[members[:1]])
+    # vectorised: couple every present entry of a row with the row's largest entry
     first = idx.max(dim=1).values
+    rows = first.unsqueeze(1).expand_as(idx)
+    present_rows = idx >= 0
+    if bool(present_rows.any()):
+        tr.couple(ld[idx[present_rows]], ld[rows[present_rows]])
     mask = first >= 0
     mapped = torch.zeros(o.shape[e], dtype=torch.long)
     mapped[mask] = ld[first[mask]]
@@ -690,6 +770,7 @@ def _build_rules() -> dict[str, Callable]:
         rules[name] = _unsqueeze
     for name in ("torch.flatten", "torch.Tensor.flatten"):
         rules[name] = _flatten
+    rules["torch.nn.functional.multi_head_attention_forward"] = _multi_head_attention
     rules["torch.Tensor.chunk"] = _chunk
     rules["torch.chunk"] = _chunk
     rules["torch.nn.functional.conv1d"] = _conv(False)
@@ -731,24 +812,57 @@ def trace_labels(model: nn.Module, example_inputs: Any, *, frozen_tensors: Seque
     """Trace ``model`` on ``example_inputs`` and return labels and couplings.
 
     Args:
-        model: the model; it is run once in eval mode under ``torch.no_grad``.
+        model: the model; it is run in eval mode under ``torch.no_grad`` (and once
+            more in training mode if some parameters were not used, e.g. auxiliary
+            heads; buffers are restored afterwards).
         example_inputs: a tensor, tuple or kwargs dict the model accepts.
         frozen_tensors: parameter/buffer names whose every dimension must stay.
     """
     names: dict[int, str] = {}
     for name, t in list(model.named_parameters(remove_duplicate=True)) + list(model.named_buffers(remove_duplicate=True)):
         names.setdefault(id(t), name)
-    stack: list[nn.Module] = []
+    stack: list[tuple[str, nn.Module]] = []
     tracer = _Tracer(names, stack)
+    def enter(name: str, module: nn.Module) -> None:
+        stack.append((name, module))
+
+    def leave() -> None:
+        if stack:
+            stack.pop()
+
+    hooks = []
+    for mod_name, module in model.named_modules():
+        # hooks must return None: a value would replace the module's inputs/outputs
+        hooks.append(module.register_forward_pre_hook(lambda m, a, n=mod_name: enter(n, m)))
+        hooks.append(module.register_forward_hook(lambda m, a, o: leave()))
     try:
         with torch.no_grad(), eval_mode(model), tracer:
             out = call_model(model, example_inputs)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        for h in hooks:
+            h.remove()
         raise SecateursError(
             f"tracing the model failed ({first_line(exc)}): check the example inputs (--input-shape)"
         ) from None
     for t in _tensors(_flatten_output(out)):
         tracer.freeze_tensor(t)
+    if any(n not in tracer.tensor_labels for n, _ in model.named_parameters()):
+        # Some layers only run in training (auxiliary heads): trace that too, so
+        # their inputs are coupled, and put the BatchNorm statistics back after.
+        saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+        try:
+            with torch.no_grad(), eval_mode(model, training=True), tracer:
+                out = call_model(model, example_inputs)
+            for t in _tensors(_flatten_output(out)):
+                tracer.freeze_tensor(t)
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            pass  # the model cannot run in training mode on these inputs; eval trace stands
+        finally:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    b.copy_(saved[n])
+    for h in hooks:
+        h.remove()
     for t in _tensors(list(example_inputs.values()) if isinstance(example_inputs, dict) else [example_inputs]):
         tracer.freeze_tensor(t)
     for name in frozen_tensors:
@@ -760,6 +874,7 @@ def trace_labels(model: nn.Module, example_inputs: Any, *, frozen_tensors: Seque
         edges_a=tracer.edges_a,
         edges_b=tracer.edges_b,
         unknown_calls=tracer.unknown,
+        attribute_links=tracer.links,
     )
 
 

@@ -134,8 +134,8 @@ def _scores(model: nn.Module, graph: DependencyGraph, config: Channels) -> dict[
     }
 
 
-def plan_channels(graph: DependencyGraph, scores: dict[int, Tensor], config: Channels, ratio: float) -> tuple[Plan, dict[int, int]]:
-    """Decide which channels go. Returns the plan and the number removed per group."""
+def plan_channels(graph: DependencyGraph, scores: dict[int, Tensor], config: Channels, ratio: float) -> dict[int, Tensor]:
+    """Decide which channels go: group id -> positions of its channels to remove."""
     round_to = config.round_to or 1
     removed: dict[int, Tensor] = {}
     if config.global_ranking:
@@ -171,15 +171,23 @@ def plan_channels(graph: DependencyGraph, scores: dict[int, Tensor], config: Cha
             keep = _keep_count(g.size, ratio, max(1, round_to // math.gcd(round_to, unit)))
             drop = g.size - keep
             removed[g.id] = torch.argsort(scores[g.id], stable=True)[:drop]
+    return removed
+
+
+def plan_for(graph: DependencyGraph, removed: dict[int, Tensor], group_ids: set[int] | None = None) -> Plan:
+    """The surgery plan removing ``removed[g]`` channels of each group (all groups or ``group_ids``)."""
     plan = Plan()
+    removed_roots: set[int] = set()
     for g in graph.groups:
-        idx = removed[g.id]
-        if idx.numel() == 0:
+        idx = removed.get(g.id)
+        if idx is None or idx.numel() == 0 or (group_ids is not None and g.id not in group_ids):
             continue
+        removed_roots.update(g.roots[i] for i in idx.tolist())
         for member in g.members:
             chans = g.indices[member]
             plan.add(member.tensor, member.dim, torch.cat([chans[i] for i in idx.tolist()]))
-    return plan.normalized(), {g.id: int(removed[g.id].numel()) for g in graph.groups}
+    plan.attrs = graph.new_sizes(removed_roots)
+    return plan.normalized()
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
@@ -213,21 +221,60 @@ def _shapes(out: Any) -> Any:
     return None
 
 
-def _rehearse(model: nn.Module, plan: Plan, inputs: Any, expected: Any) -> nn.Module:
-    """Apply ``plan`` to a meta copy and check the forward still gives the same output shapes."""
+def _rehearse(model: nn.Module, plan: Plan, inputs: Any, expected: Any) -> tuple[nn.Module | None, str]:
+    """Apply ``plan`` to a meta copy; return it if the forward still gives the same output shapes.
+
+    On failure returns ``(None, reason)``.
+    """
     rehearsal = _meta_copy(model)
     apply_plan_(rehearsal, plan)
     try:
         with torch.no_grad():
             out = call_model(rehearsal.eval(), _to_meta(inputs))
     except Exception as exc:  # the rehearsal exists to catch anything surgery breaks
-        raise SecateursError(
-            f"the pruned model would not run ({first_line(exc)}): a layer keeps a size secateurs could not "
-            "update; add it to ignore and report the model"
-        ) from None
+        return None, first_line(exc)
     if _shapes(out) != expected:
-        raise SecateursError("the pruned model would change the output shape: add the output layers to ignore")
-    return rehearsal
+        return None, "the output shape would change"
+    return rehearsal, ""
+
+
+def _feasible(model: nn.Module, graph: DependencyGraph, removed: dict[int, Tensor], inputs: Any,
+              expected: Any) -> tuple[set[int], dict[int, str]]:
+    """Groups that can be pruned together; the rest with the reason.
+
+    A group can fail when the model's code keeps a size in a constant we could
+    not see (a reshape to a fixed head count, say). Bisection finds those
+    groups with few rehearsals; they are left whole and reported.
+    """
+    ids = [g.id for g in graph.groups if removed.get(g.id) is not None and removed[g.id].numel()]
+    ok, why = _rehearse(model, plan_for(graph, removed, set(ids)), inputs, expected)
+    if ok is not None:
+        return set(ids), {}
+    failed: dict[int, str] = {}
+
+    def search(subset: list[int]) -> list[int]:
+        good, reason = _rehearse(model, plan_for(graph, removed, set(subset)), inputs, expected)
+        if good is not None:
+            return subset
+        if len(subset) == 1:
+            failed[subset[0]] = reason
+            return []
+        mid = len(subset) // 2
+        return search(subset[:mid]) + search(subset[mid:])
+
+    accepted = search(ids)
+    ok, _ = _rehearse(model, plan_for(graph, removed, set(accepted)), inputs, expected)
+    if ok is not None:
+        return set(accepted), failed
+    # some groups only fail in combination: add them one at a time
+    final: list[int] = []
+    for gid in accepted:
+        trial, reason = _rehearse(model, plan_for(graph, removed, set(final + [gid])), inputs, expected)
+        if trial is not None:
+            final.append(gid)
+        else:
+            failed[gid] = reason
+    return set(final), failed
 
 
 def _macs(model: nn.Module, inputs: Any) -> int:
@@ -256,33 +303,42 @@ def apply_channels(model: nn.Module, config: Channels, *, example_inputs: Any = 
     scores = _scores(model, graph, config)
     with torch.no_grad():
         expected = _shapes(call_model(_meta_copy(model).eval(), _to_meta(example_inputs)))
+    def feasible_plan(ratio: float) -> tuple[Plan, dict[int, Tensor], dict[int, str]]:
+        removed = plan_channels(graph, scores, config, ratio)
+        ids, failed = _feasible(model, graph, removed, example_inputs, expected)
+        removed = {gid: (idx if gid in ids else idx[:0]) for gid, idx in removed.items()}
+        return plan_for(graph, removed), removed, failed
+
     if config.ratio is not None:
         ratio = config.ratio
-        plan, removed = plan_channels(graph, scores, config, ratio)
+        plan, removed, failed = feasible_plan(ratio)
     else:
-        base = _macs(_meta_copy(model), _to_meta(example_inputs))
+        meta_inputs = _to_meta(example_inputs)
+        base = _macs(_meta_copy(model), meta_inputs)
         lo, hi = 0.0, config.max_ratio
         best = None
         for _ in range(14):  # bisection on the removal ratio until the MACs target is met
             mid = (lo + hi) / 2
-            cand, cand_removed = plan_channels(graph, scores, config, mid)
-            macs = _macs(_rehearse(model, cand, example_inputs, expected), _to_meta(example_inputs))
+            cand = feasible_plan(mid)
+            rehearsal, _ = _rehearse(model, cand[0], example_inputs, expected)
+            macs = _macs(rehearsal, meta_inputs) if rehearsal is not None else base
             if macs <= config.target_macs * base:
-                best, hi = (mid, cand, cand_removed, macs), mid
+                best, hi = (mid, *cand), mid
             else:
                 lo = mid
-        if best is None:
-            cand, cand_removed = plan_channels(graph, scores, config, config.max_ratio)
-            macs = _macs(_rehearse(model, cand, example_inputs, expected), _to_meta(example_inputs))
-            best = (config.max_ratio, cand, cand_removed, macs)
-        ratio, plan, removed, _ = best
-    _rehearse(model, plan, example_inputs, expected)
+        if best is None:  # the target is out of reach: prune as much as allowed
+            best = (config.max_ratio, *feasible_plan(config.max_ratio))
+        ratio, plan, removed, failed = best
     apply_plan_(model, plan)
     report = PruneReport(method=config.method, config=config_to_dict(config))
     report.config["achieved_ratio"] = ratio
     for g in graph.groups:
-        report.layers.append(LayerReport(name=g.describe(), shape=[g.size], numel=g.size, zeros=removed[g.id]))
-    report.skipped = {name: reason for name, reason in graph.frozen_tensors.items()}
+        report.layers.append(LayerReport(name=g.describe(), shape=[g.size], numel=g.size,
+                                         zeros=int(removed[g.id].numel())))
+    report.skipped = dict(graph.frozen_tensors)
+    by_id = {g.id: g for g in graph.groups}
+    for gid, reason in failed.items():
+        report.skipped[by_id[gid].describe()] = f"kept whole: pruning it breaks the forward ({reason})"
     for call, count in graph.unknown_calls.items():
         report.skipped[f"call {call}"] = f"not understood ({count}x): tensors through it were kept"
     report.plan = plan.to_dict()

@@ -28,9 +28,10 @@ STRUCTURE_ATTR = "_secateurs_structure"
 
 @dataclass
 class Plan:
-    """Indices to remove: ``remove[tensor_name][dim] = sorted indices``."""
+    """Indices to remove (``remove[tensor_name][dim]``) and size attributes to set (``attrs[module][name]``)."""
 
     remove: dict[str, dict[int, list[int]]] = field(default_factory=dict)
+    attrs: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def add(self, tensor: str, dim: int, indices: Tensor | list[int]) -> None:
         values = indices.tolist() if isinstance(indices, Tensor) else list(indices)
@@ -38,15 +39,21 @@ class Plan:
         current.extend(values)
 
     def normalized(self) -> Plan:
-        return Plan({t: {d: sorted(set(ix)) for d, ix in dims.items() if ix} for t, dims in self.remove.items()})
+        remove = {t: {d: sorted(set(ix)) for d, ix in dims.items() if ix} for t, dims in self.remove.items()}
+        return Plan(remove, {m: dict(a) for m, a in self.attrs.items()})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"remove": {t: {str(d): ix for d, ix in dims.items()} for t, dims in self.normalized().remove.items()}}
+        return {
+            "remove": {t: {str(d): ix for d, ix in dims.items()} for t, dims in self.normalized().remove.items()},
+            "attrs": self.attrs,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         try:
-            return cls({t: {int(d): [int(i) for i in ix] for d, ix in dims.items()} for t, dims in data["remove"].items()})
+            remove = {t: {int(d): [int(i) for i in ix] for d, ix in dims.items()} for t, dims in data["remove"].items()}
+            attrs = {m: {str(a): int(v) for a, v in av.items()} for m, av in data.get("attrs", {}).items()}
+            return cls(remove, attrs)
         except (KeyError, TypeError, ValueError, AttributeError):
             raise SecateursError("a structural pruning plan in the manifest is malformed: re-save the model") from None
 
@@ -138,6 +145,24 @@ def _prelu(module: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
     module.num_parameters = module.weight.numel()
 
 
+@register_updater(nn.MultiheadAttention)
+def _multihead_attention(module: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
+    if "in_proj_weight" not in old or module.in_proj_weight is None:
+        return
+    width = module.in_proj_weight.shape[1]
+    old_head_dim = module.head_dim
+    module.embed_dim = module.kdim = module.vdim = width
+    module.head_dim = width // module.num_heads
+    if module.head_dim != old_head_dim:
+        # Attention logits are scaled by 1/sqrt(head_dim): rescale the query
+        # projection so the remaining dimensions produce the same logits.
+        factor = (module.head_dim / old_head_dim) ** 0.5
+        with torch.no_grad():
+            module.in_proj_weight[:width].mul_(factor)
+            if module.in_proj_bias is not None:
+                module.in_proj_bias[:width].mul_(factor)
+
+
 def _hf_conv1d_updater() -> None:
     hf = sys.modules.get("transformers.pytorch_utils")
     cls = getattr(hf, "Conv1D", None)
@@ -207,6 +232,10 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
             if isinstance(module, module_type):
                 fn(module, old)
                 break
+    for mod_name, attrs in plan.attrs.items():
+        module = model.get_submodule(mod_name)
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
     history = list(getattr(model, STRUCTURE_ATTR, []))
     history.append(plan.to_dict())
     setattr(model, STRUCTURE_ATTR, history)

@@ -414,6 +414,22 @@ def _channels_kept(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> No
     tr.set(out, labels)
 
 
+def _pad(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:
+    """``F.pad``: dims padded by (0, 0) keep their labels; padded dims are new."""
+    x = args[0]
+    pad = list(_arg(args, kwargs, 1, "pad"))
+    lx = tr.get(x)
+    labels = [torch.zeros(s, dtype=torch.long) for s in out.shape]
+    for d in range(x.dim()):
+        k = x.dim() - 1 - d  # pad pairs run from the last dim backwards
+        before, after = (pad[2 * k], pad[2 * k + 1]) if 2 * k + 1 < len(pad) else (0, 0)
+        if before == 0 and after == 0:
+            labels[d] = lx[d]
+        elif bool((lx[d] != 0).any()):
+            tr.freeze(lx[d])  # padding a channel dim: its size is a constant
+    tr.set(out, labels)
+
+
 def _dims_arg(args: Sequence, kwargs: dict, ndim: int, index: int = 1) -> list[int] | None:
     dims = _arg(args, kwargs, index, "dim")
     if dims is None:
@@ -796,9 +812,10 @@ def _build_rules() -> dict[str, Callable]:
     for name in ("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
                  "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
                  "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool2d", "interpolate", "upsample",
-                 "upsample_nearest", "upsample_bilinear", "pad", "max_pool2d_with_indices"):
+                 "upsample_nearest", "upsample_bilinear", "max_pool2d_with_indices"):
         rules["torch.nn.functional." + name] = _channels_kept
     rules["torch.max_pool2d"] = _channels_kept
+    rules["torch.nn.functional.pad"] = _pad
     rules["torch.avg_pool1d"] = _channels_kept
     return rules
 

@@ -218,3 +218,28 @@ def test_vit_embedding_dim_and_mlp_are_pruned():
     attn = model.encoder.layers[0].self_attention
     assert attn.embed_dim == 384 and attn.head_dim == 32
     assert model(x).shape == (1, 10)
+
+
+@needs("sklearn")
+@pytest.mark.parametrize("importance", ["taylor", "activation"])
+def test_data_driven_importance(importance, tmp_path, capsys):
+    from secateurs.data import batches
+    from secateurs.importance.stats import ActivationStats, TaylorStats
+
+    torch.manual_seed(0)
+    model = secateurs.zoo.DigitsCNN()
+    data = batches("digits", batch_size=32, input_shape=[1, 1, 8, 8], max_batches=4)
+    stats = (TaylorStats(model).run(data, 4).scores if importance == "taylor"
+             else ActivationStats(model).run(data, 4).per_channel())
+    assert stats["features.0.weight"].shape[0] == 32 and bool((stats["features.0.weight"] >= 0).all())
+    x = data[0][0][:2]
+    before = [p.detach().clone() for p in model.parameters()]
+    secateurs.prune_(model, Channels(ratio=0.5, importance=importance), example_inputs=x, data=data)
+    assert model.features[0].out_channels == 16 and model(x).shape == (2, 10)
+    assert len(before) == len(list(model.parameters()))
+    with pytest.raises(SecateursError, match="data"):
+        secateurs.prune_(secateurs.zoo.DigitsCNN(), Channels(ratio=0.5, importance=importance), example_inputs=x)
+    code = main(["prune", "secateurs.zoo:DigitsCNN", "--input-shape", "1,1,8,8", "--method", "channel",
+                 "--ratio", "0.5", "--importance", importance, "--data", "digits", "--calib-batches", "2",
+                 "--no-latency", "--out", str(tmp_path / "m")])
+    assert code == 0 and secateurs.load(tmp_path / "m").features[0].out_channels == 16

@@ -49,3 +49,68 @@ def test_nm_pattern_holds(m, data, out_features, groups, conv):
     grouped = (w.permute(0, 2, 3, 1) if conv else w).reshape(-1, m)
     # Exactly n survive per group (weights from a continuous init are never exactly 0).
     assert torch.all((grouped != 0).sum(1) == n)
+
+
+class _RandomNet(torch.nn.Module):
+    """A small net whose wiring is drawn at random: residuals, concats, splits, groups, reshapes."""
+
+    def __init__(self, plan: list[str], width: int, groups: int) -> None:
+        super().__init__()
+        self.plan = plan
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.ModuleList()
+        c = width
+        for op in plan:
+            if op == "residual":
+                self.blocks.append(nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)))
+            elif op == "concat":
+                self.blocks.append(nn.Conv2d(c, c, 1))
+                c = 2 * c
+            elif op == "split":
+                self.blocks.append(nn.Conv2d(c // 2, c // 2, 1))
+            elif op == "grouped":
+                self.blocks.append(nn.Conv2d(c, c, 3, padding=1, groups=groups))
+            elif op == "depthwise":
+                self.blocks.append(nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.ReLU()))
+            elif op == "expand":
+                self.blocks.append(nn.Conv2d(c, c + 4, 1))
+                c = c + 4
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, 7))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for op, block in zip(self.plan, self.blocks, strict=True):
+            if op == "residual":
+                x = torch.relu(x + block(x))
+            elif op == "concat":
+                x = torch.cat([x, block(x)], dim=1)
+            elif op == "split":
+                a, b = x.chunk(2, dim=1)
+                x = torch.cat([block(a), b], dim=1)
+            else:
+                x = block(x)
+        return self.head(x)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    plan=st.lists(st.sampled_from(["residual", "concat", "split", "grouped", "depthwise", "expand"]),
+                  min_size=1, max_size=5),
+    ratio=st.floats(0.15, 0.9),  # at least one of 8 channels
+    importance=st.sampled_from(["l1", "l2", "fpgm", "random"]),
+    global_ranking=st.booleans(),
+)
+def test_random_nets_prune_and_keep_their_output_shape(plan, ratio, importance, global_ranking):
+    torch.manual_seed(0)
+    model = _RandomNet(plan, width=8, groups=4).eval()
+    x = torch.randn(2, 3, 8, 8)
+    params = sum(p.numel() for p in model.parameters())
+    report = secateurs.prune_(
+        model, secateurs.Channels(ratio=ratio, importance=importance, global_ranking=global_ranking), example_inputs=x
+    )
+    assert model(x).shape == (2, 7)
+    removed = sum(layer.zeros for layer in report.layers)
+    after = sum(p.numel() for p in model.parameters())
+    assert (after < params) if removed else (after == params)
+    # coarse groups (grouped convs move several channels at once) may round to nothing; others may not
+    assert removed or all(int(ratio * layer.numel) == 0 for layer in report.layers)

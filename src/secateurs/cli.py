@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank channels across all layers (method channel)")
     p.add_argument("--max-ratio", type=float, help="most any layer may lose with --global/--target-macs")
+    p.add_argument("--data", metavar="DATA", help="batches for data-driven importance (taylor, activation): "
+                   "digits, mnist5k or imagefolder:PATH")
+    p.add_argument("--calib-batches", type=int, help="how many batches of --data to use (method channel)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size for --data")
     p.add_argument("--ignore", metavar="NAME[,NAME]", help="modules to leave alone (names, prefixes, globs)")
     p.add_argument("--include", metavar="NAME[,NAME]", help="prune only these modules")
     p.add_argument("--prune-output-layer", action="store_true", help="also prune the final layer")
@@ -126,7 +130,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 # Flags that map to config fields of the same name; --nm maps to (n, m).
 _CONFIG_FLAGS = ("sparsity", "threshold", "scope", "importance", "ignore", "include", "ratio", "target_macs",
-                 "round_to", "max_ratio")
+                 "round_to", "max_ratio", "calib_batches")
 
 
 def _method_config(args: argparse.Namespace) -> Any:
@@ -177,7 +181,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, x = _load(args)
     before = analyze(model, x, latency=not args.no_latency).to_dict()
-    report = prune_(model, config, example_inputs=x)
+    data = None
+    if args.data is not None:
+        from .data import batches
+
+        data = batches(args.data, batch_size=args.batch_size, input_shape=list(x.shape),
+                       max_batches=getattr(config, "calib_batches", 8), seed=args.seed)
+    report = prune_(model, config, example_inputs=x, data=data)
     after = analyze(model, x, latency=not args.no_latency, size=False).to_dict()
     result = {
         "method": config.method,

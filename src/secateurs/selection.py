@@ -102,17 +102,24 @@ class Selection:
             self.include = tuple(self.include)
 
 
+def declared_module(model: nn.Module, getter: str) -> nn.Module | None:
+    """A module a model declares itself (transformers' ``get_input_embeddings`` and co.)."""
+    fn = getattr(model, getter, None)
+    if not callable(fn):
+        return None
+    try:
+        found = fn()
+    except (NotImplementedError, AttributeError):
+        return None
+    return found if isinstance(found, nn.Module) else None
+
+
 def find_output_layer(model: nn.Module, example_inputs: Any = None) -> str | None:
     """Qualified name of the layer that produces the model's output, if one can be found."""
     names = {id(m): n for n, m in model.named_modules()}
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            out = get_out()
-        except (NotImplementedError, AttributeError):
-            out = None
-        if isinstance(out, nn.Module) and id(out) in names:
-            return names[id(out)]
+    out = declared_module(model, "get_output_embeddings")
+    if out is not None and id(out) in names:
+        return names[id(out)]
     types = prunable_types()
     if example_inputs is not None:
         order: list[str] = []

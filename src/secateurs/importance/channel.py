@@ -11,7 +11,7 @@ from torch import Tensor
 from ..errors import SecateursError
 from ..graph import Group
 
-__all__ = ["CHANNEL_IMPORTANCE", "channel_scores", "REDUCTIONS"]
+__all__ = ["CHANNEL_IMPORTANCE", "NEEDS_DATA", "REDUCTIONS", "channel_scores"]
 
 REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "mean": lambda s: s.mean(0),
@@ -73,6 +73,25 @@ def _fpgm(group: Group, tensors: dict[str, Tensor], params: set[str], **kw: Any)
     return scores or _l2(group, tensors, params, **kw)
 
 
+def _taylor(group: Group, tensors: dict[str, Tensor], params: set[str], stats: dict[str, Tensor] | None = None,
+            **kw: Any) -> list[Tensor]:
+    """Sum of |w * dL/dw| over each channel's slices (first-order Taylor, Molchanov et al.)."""
+    if not stats:
+        raise SecateursError("taylor importance needs gradients from data: pass data= (CLI: --data)")
+    members = [m for m in group.members if m.tensor in stats]
+    return _per_channel(group, stats, lambda t, d: _reduce_over_other_dims(t, d, lambda x: x.sum(1)),
+                        lambda s: s, members) or _l2(group, tensors, params, **kw)
+
+
+def _activation(group: Group, tensors: dict[str, Tensor], params: set[str], stats: dict[str, Tensor] | None = None,
+                **kw: Any) -> list[Tensor]:
+    """Mean |output| of each channel of the layers that produce it, measured on data."""
+    if not stats:
+        raise SecateursError("activation importance needs data: pass data= (CLI: --data)")
+    members = [m for m in group.members if m.dim == 0 and m.tensor in stats]
+    return _per_channel(group, stats, lambda t, d: t, lambda s: s, members) or _l2(group, tensors, params, **kw)
+
+
 def _random(group: Group, tensors: dict[str, Tensor], params: set[str], generator: torch.Generator, **_: Any) -> list[Tensor]:
     return [torch.rand(group.size, generator=generator)]
 
@@ -83,7 +102,11 @@ CHANNEL_IMPORTANCE: dict[str, Callable[..., list[Tensor]]] = {
     "bn": _bn,
     "fpgm": _fpgm,
     "random": _random,
+    "taylor": _taylor,
+    "activation": _activation,
 }
+
+NEEDS_DATA = {"taylor", "activation"}
 
 
 def channel_scores(
@@ -95,12 +118,16 @@ def channel_scores(
     norm_scales: set[str],
     reduction: str = "mean",
     generator: torch.Generator | None = None,
+    stats: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """Importance of each channel of ``group`` (length ``group.size``).
 
     Args:
         name: ``l1``, ``l2`` (norms of every parameter slice the channel owns),
-            ``bn`` (|scale| of its normalisation layers), ``fpgm`` or ``random``.
+            ``bn`` (|scale| of its normalisation layers), ``fpgm``, ``random``,
+            ``taylor`` (|w * grad|, needs ``stats`` from :class:`TaylorStats`) or
+            ``activation`` (mean |output|, needs ``stats`` from :class:`ActivationStats`).
+        stats: calibration statistics by tensor name for the data-driven criteria.
         tensors: the model's parameters and buffers by name.
         params: names that are parameters (buffers such as running stats do not vote).
         norm_scales: names of normalisation-layer scales (for ``bn``).
@@ -115,7 +142,7 @@ def channel_scores(
             f"{', '.join(CHANNEL_IMPORTANCE)}; reduction one of {', '.join(REDUCTIONS)}"
         ) from None
     per_member = fn(group, tensors, params=params, norm_scales=norm_scales,
-                    generator=generator or torch.Generator().manual_seed(0))
+                    generator=generator or torch.Generator().manual_seed(0), stats=stats)
     if not per_member:
         return torch.zeros(group.size)
     return reduce(torch.stack(per_member))

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SecateursError
+from ..selection import declared_module
 
 __all__ = ["parse_shape", "default_input", "example_inputs"]
 
@@ -31,15 +32,8 @@ def parse_shape(text: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _vocab_size(model: nn.Module) -> int | None:
-    get_in = getattr(model, "get_input_embeddings", None)
-    if callable(get_in):
-        try:
-            emb = get_in()
-        except (NotImplementedError, AttributeError):
-            emb = None
-        if isinstance(emb, nn.Embedding):
-            return emb.num_embeddings
-    return None
+    emb = declared_module(model, "get_input_embeddings")
+    return emb.num_embeddings if isinstance(emb, nn.Embedding) else None
 
 
 def default_input(model: nn.Module) -> tuple[tuple[int, ...], str]:

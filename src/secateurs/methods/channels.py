@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from ..errors import SecateursError
 from ..graph import DependencyGraph, Group, build_graph
-from ..importance.channel import CHANNEL_IMPORTANCE, REDUCTIONS, channel_scores
+from ..importance.channel import CHANNEL_IMPORTANCE, NEEDS_DATA, REDUCTIONS, channel_scores
+from ..importance.stats import ActivationStats, TaylorStats
 from ..selection import Selection, _matches, call_model
 from ..surgery import Plan, apply_plan_
 from ..utils import first_line
@@ -37,12 +38,14 @@ class Channels(Selection):
     Attributes:
         ratio: fraction of channels to remove, in [0, 1).
         target_macs: keep this fraction of MACs, in (0, 1]; the achieved value is reported.
-        importance: ``l1``, ``l2``, ``bn``, ``fpgm`` or ``random``.
+        importance: ``l1``, ``l2``, ``bn``, ``fpgm``, ``random``, or the data-driven
+            ``taylor`` and ``activation`` (these need ``data`` in ``prune_``).
         reduction: how scores of the tensors a channel spans combine: ``mean``, ``max``, ``sum``.
         global_ranking: rank channels across all groups instead of the same ratio per group.
         max_ratio: in global ranking and MACs targets, no group loses more than this fraction.
         round_to: keep channel counts a multiple of this (e.g. 8 for tensor cores).
         seed: seed for ``random`` importance.
+        calib_batches: batches of ``data`` used by ``taylor`` and ``activation``.
 
     Example:
         >>> import torch, secateurs
@@ -63,6 +66,7 @@ class Channels(Selection):
     max_ratio: float = 0.9
     round_to: int | None = None
     seed: int | None = None
+    calib_batches: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,6 +84,8 @@ class Channels(Selection):
             )
         if self.reduction not in REDUCTIONS:
             raise SecateursError(f"unknown reduction '{self.reduction}': choose one of {', '.join(REDUCTIONS)}")
+        if self.calib_batches < 1:
+            raise SecateursError(f"calib_batches must be at least 1, got {self.calib_batches}")
         if self.round_to is not None and self.round_to < 1:
             raise SecateursError(f"round_to must be a positive integer, got {self.round_to}")
 
@@ -119,7 +125,17 @@ def _multiplicity(group: Group) -> int:
     return min(len(group.indices[m][0]) for m in group.members)
 
 
-def _scores(model: nn.Module, graph: DependencyGraph, config: Channels) -> dict[int, Tensor]:
+def _stats(model: nn.Module, config: Channels, data: Any) -> dict[str, Tensor] | None:
+    if config.importance not in NEEDS_DATA:
+        return None
+    if data is None:
+        raise SecateursError(f"importance '{config.importance}' is measured on data: pass data= (CLI: --data)")
+    if config.importance == "taylor":
+        return TaylorStats(model).run(data, config.calib_batches).scores
+    return ActivationStats(model).run(data, config.calib_batches).per_channel()
+
+
+def _scores(model: nn.Module, graph: DependencyGraph, config: Channels, stats: dict[str, Tensor] | None) -> dict[int, Tensor]:
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     params = {n for n, _ in model.named_parameters()}
     norm_scales = {
@@ -129,7 +145,7 @@ def _scores(model: nn.Module, graph: DependencyGraph, config: Channels) -> dict[
     gen = make_generator(config.seed)
     return {
         g.id: channel_scores(config.importance, g, tensors, params=params, norm_scales=norm_scales,
-                             reduction=config.reduction, generator=gen)
+                             reduction=config.reduction, generator=gen, stats=stats)
         for g in graph.groups
     }
 
@@ -284,9 +300,10 @@ def _macs(model: nn.Module, inputs: Any) -> int:
 
 
 @register_method(Channels)
-def apply_channels(model: nn.Module, config: Channels, *, example_inputs: Any = None) -> PruneReport:
+def apply_channels(model: nn.Module, config: Channels, *, example_inputs: Any = None, data: Any = None) -> PruneReport:
     if example_inputs is None:
         raise SecateursError("channel pruning traces the model: pass example_inputs (CLI: --input-shape)")
+    stats = _stats(model, config, data)
     frozen = _frozen_by_selection(model, config)
     graph = build_graph(model, example_inputs, frozen_tensors=frozen)
     if config.include is not None:
@@ -300,7 +317,7 @@ def apply_channels(model: nn.Module, config: Channels, *, example_inputs: Any = 
         ]
     if not graph.groups:
         raise SecateursError("no prunable channel group found: every layer is coupled to the inputs/outputs or ignored")
-    scores = _scores(model, graph, config)
+    scores = _scores(model, graph, config, stats)
     with torch.no_grad():
         expected = _shapes(call_model(_meta_copy(model).eval(), _to_meta(example_inputs)))
     def feasible_plan(ratio: float) -> tuple[Plan, dict[int, Tensor], dict[int, str]]:

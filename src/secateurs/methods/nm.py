@@ -78,7 +78,7 @@ def nm_mask(scores: Tensor, n: int, m: int, dim: int = 1) -> Tensor:
 
 
 @register_method(NM)
-def apply_nm(model: nn.Module, config: NM, *, example_inputs: Any = None) -> PruneReport:
+def apply_nm(model: nn.Module, config: NM, *, example_inputs: Any = None, data: Any = None) -> PruneReport:
     targets, skipped = select_targets(model, config, example_inputs=example_inputs)
     report = PruneReport(method=config.method, config=config_to_dict(config), skipped=skipped)
     gen = make_generator(config.seed)

@@ -17,7 +17,7 @@ __all__ = ["register_method", "prune_", "method_names", "config_class"]
 
 class Method(Protocol):
     def __call__(
-        self, model: nn.Module, config: Any, *, example_inputs: Any = None
+        self, model: nn.Module, config: Any, *, example_inputs: Any = None, data: Any = None
     ) -> PruneReport: ...
 
 
@@ -62,14 +62,16 @@ def config_class(name: str) -> type:
         ) from None
 
 
-def prune_(model: nn.Module, config: Any, *, example_inputs: Any = None) -> PruneReport:
+def prune_(model: nn.Module, config: Any, *, example_inputs: Any = None, data: Any = None) -> PruneReport:
     """Prune ``model`` in place as ``config`` says and return a report.
 
     Args:
         model: the model to prune; changed in place.
         config: a method config such as ``Unstructured(sparsity=0.8)`` or ``NM(2, 4)``.
         example_inputs: a tensor, tuple or kwargs dict the model accepts; used to
-            find the output layer (and, for data-driven methods, to trace).
+            find the output layer and, for structured methods, to trace the model.
+        data: an iterable of batches (``x`` or ``(x, y)``, e.g. a DataLoader) for
+            data-driven criteria (Taylor, activations).
 
     Returns:
         A :class:`PruneReport` with one entry per layer.
@@ -88,6 +90,6 @@ def prune_(model: nn.Module, config: Any, *, example_inputs: Any = None) -> Prun
             f"{', '.join(c.__name__ for c in _BY_TYPE)}"
         )
     start = time.perf_counter()
-    report = fn(model, config, example_inputs=example_inputs)
+    report = fn(model, config, example_inputs=example_inputs, data=data)
     report.seconds = time.perf_counter() - start
     return report

@@ -73,7 +73,7 @@ class Unstructured(Selection):
 
 @register_method(Unstructured)
 def apply_unstructured(
-    model: nn.Module, config: Unstructured, *, example_inputs: Any = None
+    model: nn.Module, config: Unstructured, *, example_inputs: Any = None, data: Any = None
 ) -> PruneReport:
     targets, skipped = select_targets(model, config, example_inputs=example_inputs)
     report = PruneReport(method=config.method, config=config_to_dict(config), skipped=skipped)

@@ -1,0 +1,120 @@
+"""Calibration statistics as explicit accumulators (no hidden global hooks).
+
+Each accumulator is fed batches by the caller and exposes per-tensor
+statistics that the pure scoring functions read like weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import SecateursError
+from ..selection import call_model
+from ..utils import eval_mode
+
+__all__ = ["TaylorStats", "ActivationStats", "split_batch"]
+
+
+def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
+    """``(inputs, labels)`` from a batch that is ``x``, ``(x,)`` or ``(x, y)``."""
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 2 and isinstance(batch[1], Tensor):
+            return batch[0], batch[1]
+        return batch[0], None
+    return batch, None
+
+
+def _loss(out: Any, target: Tensor | None) -> Tensor:
+    out = getattr(out, "logits", out)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if target is not None and out.dim() == 2 and target.dim() == 1:
+        return F.cross_entropy(out, target)
+    # No labels: the output's energy stands in for the loss (as in data-free Taylor variants).
+    return out.float().pow(2).mean()
+
+
+class TaylorStats:
+    """First-order Taylor importance: accumulates ``|w * dL/dw|`` per parameter entry."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.scores: dict[str, Tensor] = {}
+        self.batches = 0
+
+    def update(self, batch: Any) -> None:
+        x, y = split_batch(batch)
+        params = dict(self.model.named_parameters())
+        saved = {n: p.requires_grad for n, p in params.items()}
+        for p in params.values():
+            p.requires_grad_(True)
+            p.grad = None
+        try:
+            with torch.enable_grad(), eval_mode(self.model):
+                _loss(call_model(self.model, x), y).backward()
+            for name, p in params.items():
+                if p.grad is not None:
+                    contrib = (p.detach() * p.grad).abs()
+                    self.scores[name] = self.scores.get(name, 0) + contrib
+        finally:
+            for name, p in params.items():
+                p.grad = None
+                p.requires_grad_(saved[name])
+        self.batches += 1
+
+    def run(self, data: Iterable[Any], max_batches: int) -> TaylorStats:
+        for i, batch in enumerate(data):
+            if i >= max_batches:
+                break
+            self.update(batch)
+        if not self.batches:
+            raise SecateursError("Taylor importance needs at least one batch of data: pass data= (CLI: --data)")
+        return self
+
+
+class ActivationStats:
+    """Mean |activation| per output channel of every Conv/Linear/norm layer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.sums: dict[str, Tensor] = {}
+        self.batches = 0
+
+    def run(self, data: Iterable[Any], max_batches: int) -> ActivationStats:
+        hooks = []
+        types = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+        for name, module in self.model.named_modules():
+            if isinstance(module, types) and getattr(module, "weight", None) is not None:
+                hooks.append(module.register_forward_hook(self._hook(f"{name}.weight" if name else "weight",
+                                                                      isinstance(module, (nn.Linear, nn.LayerNorm)))))
+        try:
+            with torch.no_grad(), eval_mode(self.model):
+                for i, batch in enumerate(data):
+                    if i >= max_batches:
+                        break
+                    call_model(self.model, split_batch(batch)[0])
+                    self.batches += 1
+        finally:
+            for h in hooks:
+                h.remove()
+        if not self.batches:
+            raise SecateursError("activation importance needs at least one batch of data: pass data= (CLI: --data)")
+        return self
+
+    def _hook(self, key: str, channels_last: bool) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not isinstance(output, Tensor) or output.dim() < 2:
+                return
+            moved = output if channels_last else output.movedim(1, -1)
+            value = moved.detach().abs().float().reshape(-1, moved.shape[-1]).mean(0)
+            self.sums[key] = self.sums.get(key, 0) + value
+
+        return hook
+
+    def per_channel(self) -> dict[str, Tensor]:
+        return {k: v / max(self.batches, 1) for k, v in self.sums.items()}

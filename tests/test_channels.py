@@ -11,6 +11,7 @@ from conftest import Mixed, SeedConvNet, assert_same_model, needs
 from secateurs import Channels, SecateursError
 from secateurs.cli import main
 from secateurs.graph import build_graph
+from secateurs.zoo import DigitsCNN
 
 
 def _zero_channels(model: nn.Module, x: torch.Tensor, fraction: float) -> None:
@@ -106,7 +107,7 @@ def test_ratio_round_to_and_never_zero_width(cnn, digits_input):
     widths = [cnn.features[0].out_channels, cnn.features[3].out_channels, cnn.features[7].out_channels,
               cnn.classifier[0].out_features]
     assert all(w % 8 == 0 and w > 0 for w in widths), widths
-    cnn2 = secateurs.zoo.DigitsCNN()
+    cnn2 = DigitsCNN()
     secateurs.prune_(cnn2, Channels(ratio=0.99), example_inputs=digits_input)
     assert cnn2.features[0].out_channels >= 1 and cnn2(digits_input).shape == (4, 10)
 
@@ -227,7 +228,7 @@ def test_data_driven_importance(importance, tmp_path, capsys):
     from secateurs.importance.stats import ActivationStats, TaylorStats
 
     torch.manual_seed(0)
-    model = secateurs.zoo.DigitsCNN()
+    model = DigitsCNN()
     data = batches("digits", batch_size=32, input_shape=[1, 1, 8, 8], max_batches=4)
     stats = (TaylorStats(model).run(data, 4).scores if importance == "taylor"
              else ActivationStats(model).run(data, 4).per_channel())
@@ -238,7 +239,7 @@ def test_data_driven_importance(importance, tmp_path, capsys):
     assert model.features[0].out_channels == 16 and model(x).shape == (2, 10)
     assert len(before) == len(list(model.parameters()))
     with pytest.raises(SecateursError, match="data"):
-        secateurs.prune_(secateurs.zoo.DigitsCNN(), Channels(ratio=0.5, importance=importance), example_inputs=x)
+        secateurs.prune_(DigitsCNN(), Channels(ratio=0.5, importance=importance), example_inputs=x)
     code = main(["prune", "secateurs.zoo:DigitsCNN", "--input-shape", "1,1,8,8", "--method", "channel",
                  "--ratio", "0.5", "--importance", importance, "--data", "digits", "--calib-batches", "2",
                  "--no-latency", "--out", str(tmp_path / "m")])

@@ -8,6 +8,7 @@ import torch
 import secateurs
 from conftest import needs
 from secateurs.cli import main
+from secateurs.zoo import DigitsCNN
 
 CNN = "secateurs.zoo:DigitsCNN"
 SHAPE = ["--input-shape", "2,1,8,8"]
@@ -71,7 +72,7 @@ def test_analyze_json_has_the_contract_keys(capsys):
     assert code == 0
     for key in ("params", "nonzero_params", "macs", "latency_ms", "size_bytes", "layers"):
         assert key in stats
-    assert stats["latency_ms"] > 0 and stats["params"] == sum(p.numel() for p in secateurs.zoo.DigitsCNN().parameters())
+    assert stats["latency_ms"] > 0 and stats["params"] == sum(p.numel() for p in DigitsCNN().parameters())
 
 
 def test_analyze_table(capsys):
@@ -162,7 +163,7 @@ def test_out_paths_that_would_destroy_something_are_refused(tmp_path, capsys, mo
     monkeypatch.chdir(tmp_path)
     wdir = tmp_path / "wdir"
     wdir.mkdir()
-    torch.save(secateurs.zoo.DigitsCNN().state_dict(), wdir / "w.pth")
+    torch.save(DigitsCNN().state_dict(), wdir / "w.pth")
     base = ["prune", CNN, *SHAPE, "--method", "nm"]
     code, _, err = run([*base, "--weights", str(wdir / "w.pth"), "--out", str(wdir), "--overwrite"], capsys)
     assert code == 2 and "input model" in err and (wdir / "w.pth").exists()

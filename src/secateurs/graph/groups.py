@@ -34,13 +34,14 @@ class Member:
 class Group:
     """Channels that touch the same tensor dimensions.
 
-    ``indices[member][c]`` are the indices of ``member``'s dimension that belong
-    to channel ``c`` (usually one, several after a flatten or for grouped convs).
+    ``indices[member]`` is a ``(size, k)`` tensor: row ``c`` holds the indices of
+    ``member``'s dimension that belong to channel ``c`` (usually ``k = 1``; more
+    after a flatten into Linear or for grouped convs).
     """
 
     id: int
     members: list[Member]
-    indices: dict[Member, list[Tensor]]
+    indices: dict[Member, Tensor]
     size: int  # number of channels
     roots: list[int] = field(default_factory=list)  # the label component of each channel
 
@@ -104,40 +105,62 @@ def build_graph(
 
 def _group(trace: LabelTrace, model: nn.Module, frozen: dict[str, str]) -> DependencyGraph:
     roots = trace.components()
-    shapes: dict[str, tuple[int, ...]] = {}
     state = dict(model.named_parameters()) | dict(model.named_buffers())
-    # channel root -> member -> index list
-    channels: dict[int, dict[Member, Tensor]] = defaultdict(dict)
+    shapes = {name: tuple(state[name].shape) if name in state else tuple(lab.numel() for lab in labels)
+              for name, labels in trace.tensor_labels.items()}
+    # One row per (channel root, member dim, index), built and grouped with tensor ops:
+    # models have tens of thousands of channels and Python loops over them are slow.
+    members: list[Member] = []
+    rows_root, rows_member, rows_index = [], [], []
     for name, labels in trace.tensor_labels.items():
-        shapes[name] = tuple(state[name].shape) if name in state else tuple(lab.numel() for lab in labels)
         for dim, lab in enumerate(labels):
-            r = roots[lab]
             if lab.numel() <= 1:
                 continue
-            order = torch.argsort(r, stable=True)
-            sorted_roots = r[order]
-            uniq, counts = torch.unique_consecutive(sorted_roots, return_counts=True)
-            for root, idx in zip(uniq.tolist(), torch.split(order, counts.tolist()), strict=True):
-                if root != 0:
-                    channels[root][Member(name, dim)] = idx
-    # group channels by the set of members and the number of indices in each
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for root, members in channels.items():
-        key = tuple(sorted(((m.tensor, m.dim, idx.numel()) for m, idx in members.items())))
-        buckets[key].append(root)
+            r = roots[lab]
+            idx = (r != 0).nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            rows_root.append(r[idx])
+            rows_member.append(torch.full_like(idx, len(members)))
+            rows_index.append(idx)
+            members.append(Member(name, dim))
     groups: list[Group] = []
-    for key, roots_in in buckets.items():
-        members = [Member(t, d) for t, d, _ in key]
-        # order channels by their position in the first member's dimension
-        roots_in.sort(key=lambda r: int(channels[r][members[0]].min()))
-        if len(roots_in) < 2:
-            continue  # a single channel can never be removed (no zero-width layers)
-        indices = {m: [channels[r][m] for r in roots_in] for m in members}
-        groups.append(Group(id=len(groups), members=members, indices=indices, size=len(roots_in), roots=roots_in))
+    if members:
+        R, M, I = torch.cat(rows_root), torch.cat(rows_member), torch.cat(rows_index)
+        n_mem = len(members)
+        span = int(I.max()) + 1
+        order = torch.argsort((R * n_mem + M) * span + I)
+        R, M, I = R[order], M[order], I[order]
+        run_key, run_len = torch.unique_consecutive(R * n_mem + M, return_counts=True)
+        run_start = torch.cumsum(run_len, 0) - run_len
+        run_root, run_member = run_key // n_mem, run_key % n_mem
+        root_ids, runs_per_root = torch.unique_consecutive(run_root, return_counts=True)
+        root_first_run = torch.cumsum(runs_per_root, 0) - runs_per_root
+        mem_l, len_l, nruns = run_member.tolist(), run_len.tolist(), runs_per_root.tolist()
+        buckets: dict[tuple, list[int]] = defaultdict(list)
+        pos = 0
+        for i, n in enumerate(nruns):
+            buckets[tuple(zip(mem_l[pos : pos + n], len_l[pos : pos + n], strict=True))].append(i)
+            pos += n
+        for signature, root_pos in buckets.items():
+            if len(root_pos) < 2:
+                continue  # a single channel can never be removed (no zero-width layers)
+            rp = torch.tensor(root_pos)
+            first = run_start[root_first_run[rp]]
+            rp = rp[torch.argsort(I[first], stable=True)]  # channels in order of their first index
+            indices: dict[Member, Tensor] = {}
+            for j, (mid, k) in enumerate(signature):
+                starts = run_start[root_first_run[rp] + j]
+                indices[members[mid]] = I[starts.unsqueeze(1) + torch.arange(k)]
+            group_members = [members[mid] for mid, _ in signature]
+            groups.append(Group(id=len(groups), members=group_members, indices=indices, size=len(root_pos),
+                                roots=root_ids[rp].tolist()))
+    params = dict(model.named_parameters())
     for name, labels in trace.tensor_labels.items():
-        if name not in frozen and all(bool((roots[lab] == 0).all()) for lab in labels if lab.numel() > 1):
-            if any(lab.numel() > 1 for lab in labels) and name in dict(model.named_parameters()):
-                frozen[name] = "coupled to the model's inputs/outputs or to an operation it cannot follow"
+        if name in frozen or name not in params or not any(lab.numel() > 1 for lab in labels):
+            continue
+        if all(bool((roots[lab] == 0).all()) for lab in labels if lab.numel() > 1):
+            frozen[name] = "coupled to the model's inputs/outputs or to an operation it cannot follow"
     links = [(m, a, roots[lab]) for m, a, lab in trace.attribute_links]
     return DependencyGraph(groups=groups, tensor_shapes=shapes, unknown_calls=trace.unknown_calls,
                            frozen_tensors=frozen, size_attributes=links)

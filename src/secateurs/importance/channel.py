@@ -29,10 +29,8 @@ def _per_channel(group: Group, tensors: dict[str, Tensor], per_index: Callable[[
         if t is None:
             continue
         values = per_index(t.detach().float(), member.dim)  # one value per index of the dim
-        index_lists = group.indices[member]
-        flat = torch.cat(index_lists)
-        owner = torch.repeat_interleave(torch.arange(group.size), torch.tensor([len(i) for i in index_lists]))
-        summed = torch.zeros(group.size).index_add_(0, owner, values[flat].cpu())
+        rows = group.indices[member]  # (size, k)
+        summed = values.cpu()[rows].sum(1)
         out.append(combine(summed))
     return out
 
@@ -68,7 +66,9 @@ def _fpgm(group: Group, tensors: dict[str, Tensor], params: set[str], **kw: Any)
         t = tensors.get(member.tensor)
         if member.tensor not in params or t is None or t.dim() < 2:
             continue
-        rows = torch.stack([t.detach().float().index_select(member.dim, idx).flatten() for idx in group.indices[member]])
+        idx = group.indices[member]
+        rows = t.detach().float().index_select(member.dim, idx.reshape(-1)).movedim(member.dim, 0)
+        rows = rows.reshape(group.size, -1)
         scores.append(torch.cdist(rows, rows).sum(1))
     return scores or _l2(group, tensors, params, **kw)
 

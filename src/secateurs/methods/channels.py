@@ -122,7 +122,7 @@ def _keep_count(n: int, remove_fraction: float, multiple: int) -> int:
 
 def _multiplicity(group: Group) -> int:
     """Channel width of one prunable unit (grouped convs move several channels at once)."""
-    return min(len(group.indices[m][0]) for m in group.members)
+    return min(group.indices[m].shape[1] for m in group.members)
 
 
 def _stats(model: nn.Module, config: Channels, data: Any) -> dict[str, Tensor] | None:
@@ -200,8 +200,7 @@ def plan_for(graph: DependencyGraph, removed: dict[int, Tensor], group_ids: set[
             continue
         removed_roots.update(g.roots[i] for i in idx.tolist())
         for member in g.members:
-            chans = g.indices[member]
-            plan.add(member.tensor, member.dim, torch.cat([chans[i] for i in idx.tolist()]))
+            plan.add(member.tensor, member.dim, g.indices[member][idx].reshape(-1))
     plan.attrs = graph.new_sizes(removed_roots)
     return plan.normalized()
 

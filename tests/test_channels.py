@@ -244,3 +244,26 @@ def test_data_driven_importance(importance, tmp_path, capsys):
                  "--ratio", "0.5", "--importance", importance, "--data", "digits", "--calib-batches", "2",
                  "--no-latency", "--out", str(tmp_path / "m")])
     assert code == 0 and secateurs.load(tmp_path / "m").features[0].out_channels == 16
+
+
+@needs("onnx")
+@needs("onnxruntime")
+def test_pruned_model_exports_to_onnx_and_runs_in_onnxruntime(tmp_path):
+    import onnxruntime
+
+    torch.manual_seed(0)
+    model = Mixed(group_stats=False).eval()
+    x = torch.randn(2, 3, 8, 8)
+    secateurs.prune_(model, Channels(ratio=0.5), example_inputs=x)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["y"], dynamo=False)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(y), model(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_iterative_steps_reach_the_ratio(cnn, digits_input):
+    report = secateurs.prune_(cnn, Channels(ratio=0.75, steps=3), example_inputs=digits_input)
+    assert len(report.config["steps_detail"]) == 3
+    assert cnn.features[0].out_channels == 8  # 32 * (1 - 0.75), reached in three re-scored steps
+    assert cnn(digits_input).shape == (4, 10)

@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DATA", help="batches for data-driven importance (taylor, activation): "
                    "digits, mnist5k or imagefolder:PATH")
     p.add_argument("--calib-batches", type=int, help="how many batches of --data to use (method channel)")
+    p.add_argument("--steps", type=int, help="reach the target in this many re-scored steps (method channel)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size for --data")
     p.add_argument("--ignore", metavar="NAME[,NAME]", help="modules to leave alone (names, prefixes, globs)")
     p.add_argument("--include", metavar="NAME[,NAME]", help="prune only these modules")
@@ -130,7 +131,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 # Flags that map to config fields of the same name; --nm maps to (n, m).
 _CONFIG_FLAGS = ("sparsity", "threshold", "scope", "importance", "ignore", "include", "ratio", "target_macs",
-                 "round_to", "max_ratio", "calib_batches")
+                 "round_to", "max_ratio", "calib_batches", "steps")
 
 
 def _method_config(args: argparse.Namespace) -> Any:

@@ -126,12 +126,12 @@ def _group(trace: LabelTrace, model: nn.Module, frozen: dict[str, str]) -> Depen
             members.append(Member(name, dim))
     groups: list[Group] = []
     if members:
-        R, M, I = torch.cat(rows_root), torch.cat(rows_member), torch.cat(rows_index)
+        root_col, member_col, index_col = torch.cat(rows_root), torch.cat(rows_member), torch.cat(rows_index)
         n_mem = len(members)
-        span = int(I.max()) + 1
-        order = torch.argsort((R * n_mem + M) * span + I)
-        R, M, I = R[order], M[order], I[order]
-        run_key, run_len = torch.unique_consecutive(R * n_mem + M, return_counts=True)
+        span = int(index_col.max()) + 1
+        order = torch.argsort((root_col * n_mem + member_col) * span + index_col)
+        root_col, member_col, index_col = root_col[order], member_col[order], index_col[order]
+        run_key, run_len = torch.unique_consecutive(root_col * n_mem + member_col, return_counts=True)
         run_start = torch.cumsum(run_len, 0) - run_len
         run_root, run_member = run_key // n_mem, run_key % n_mem
         root_ids, runs_per_root = torch.unique_consecutive(run_root, return_counts=True)
@@ -147,11 +147,11 @@ def _group(trace: LabelTrace, model: nn.Module, frozen: dict[str, str]) -> Depen
                 continue  # a single channel can never be removed (no zero-width layers)
             rp = torch.tensor(root_pos)
             first = run_start[root_first_run[rp]]
-            rp = rp[torch.argsort(I[first], stable=True)]  # channels in order of their first index
+            rp = rp[torch.argsort(index_col[first], stable=True)]  # channels in order of their first index
             indices: dict[Member, Tensor] = {}
             for j, (mid, k) in enumerate(signature):
                 starts = run_start[root_first_run[rp] + j]
-                indices[members[mid]] = I[starts.unsqueeze(1) + torch.arange(k)]
+                indices[members[mid]] = index_col[starts.unsqueeze(1) + torch.arange(k)]
             group_members = [members[mid] for mid, _ in signature]
             groups.append(Group(id=len(groups), members=group_members, indices=indices, size=len(root_pos),
                                 roots=root_ids[rp].tolist()))

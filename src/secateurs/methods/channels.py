@@ -7,6 +7,7 @@ strategy (how many channels each group loses) -> plan -> surgery.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -46,6 +47,8 @@ class Channels(Selection):
         round_to: keep channel counts a multiple of this (e.g. 8 for tensor cores).
         seed: seed for ``random`` importance.
         calib_batches: batches of ``data`` used by ``taylor`` and ``activation``.
+        steps: reach the target in this many prune steps, re-scoring channels on the
+            already-pruned model each time (fine-tune between steps with the trainer).
 
     Example:
         >>> import torch, secateurs
@@ -67,6 +70,7 @@ class Channels(Selection):
     round_to: int | None = None
     seed: int | None = None
     calib_batches: int = 8
+    steps: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,6 +88,8 @@ class Channels(Selection):
             )
         if self.reduction not in REDUCTIONS:
             raise SecateursError(f"unknown reduction '{self.reduction}': choose one of {', '.join(REDUCTIONS)}")
+        if self.steps < 1:
+            raise SecateursError(f"steps must be at least 1, got {self.steps}")
         if self.calib_batches < 1:
             raise SecateursError(f"calib_batches must be at least 1, got {self.calib_batches}")
         if self.round_to is not None and self.round_to < 1:
@@ -302,6 +308,28 @@ def _macs(model: nn.Module, inputs: Any) -> int:
 def apply_channels(model: nn.Module, config: Channels, *, example_inputs: Any = None, data: Any = None) -> PruneReport:
     if example_inputs is None:
         raise SecateursError("channel pruning traces the model: pass example_inputs (CLI: --input-shape)")
+    if config.steps == 1:
+        return _prune_once(model, config, example_inputs, data)
+    # Equal geometric steps: each keeps the same fraction of what is left.
+    reports = []
+    base_macs = _macs(_meta_copy(model), _to_meta(example_inputs)) if config.target_macs is not None else None
+    for step in range(1, config.steps + 1):
+        if config.ratio is not None:
+            per_step = 1 - (1 - config.ratio) ** (1 / config.steps)
+            step_config = dataclasses.replace(config, ratio=per_step, steps=1)
+        else:
+            now = _macs(_meta_copy(model), _to_meta(example_inputs))
+            goal = config.target_macs ** (step / config.steps) * base_macs
+            step_config = dataclasses.replace(config, target_macs=min(1.0, goal / now), steps=1)
+        reports.append(_prune_once(model, step_config, example_inputs, data))
+    final = reports[-1]
+    final.config = config_to_dict(config)
+    final.config["steps_detail"] = [r.config.get("achieved_ratio") for r in reports]
+    final.plan = {"steps": [r.plan for r in reports]}
+    return final
+
+
+def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: Any) -> PruneReport:
     stats = _stats(model, config, data)
     frozen = _frozen_by_selection(model, config)
     graph = build_graph(model, example_inputs, frozen_tensors=frozen)

@@ -267,3 +267,25 @@ def test_iterative_steps_reach_the_ratio(cnn, digits_input):
     assert len(report.config["steps_detail"]) == 3
     assert cnn.features[0].out_channels == 8  # 32 * (1 - 0.75), reached in three re-scored steps
     assert cnn(digits_input).shape == (4, 10)
+
+
+@needs("transformers")
+def test_llama_gqa_heads_ffn_and_hidden_are_pruned_and_generation_works(tmp_path):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    x = torch.randint(0, 128, (1, 16))
+    report = secateurs.prune_(model, Channels(ratio=0.5), example_inputs=x)
+    assert not [k for k in report.skipped if k.startswith("call")]
+    attn = model.model.layers[0].self_attn
+    # one KV head left, with its group of two query heads (head_dim 16)
+    assert attn.k_proj.out_features == 16 and attn.q_proj.out_features == 32 and attn.o_proj.in_features == 32
+    assert model.model.layers[0].mlp.up_proj.out_features == 64 and model.model.embed_tokens.embedding_dim == 32
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.generate(x, max_new_tokens=4, do_sample=False).shape == (1, 20)
+    secateurs.save(model, tmp_path / "m")
+    assert_same_model(secateurs.load(tmp_path / "m"), model, x)

@@ -244,6 +244,14 @@ def _identity(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
         tr.set(t, list(tr.get(src)))
 
 
+def _constant(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
+    """A new tensor from sizes and values in the code (positions, masks): fixed, carries nothing."""
+    for t in _tensors([out]):
+        tr.frozen(t)
+    for t in _tensors(list(args)):
+        tr.freeze_tensor(t)  # e.g. tril(x): a fixed-size pattern over x
+
+
 def _like(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
     """``zeros_like(x)`` and friends: a new tensor laid out like ``x``."""
     src = _tensors(list(args))[0]
@@ -588,6 +596,39 @@ def _multi_head_attention(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -
             tr.frozen(extra)
 
 
+def _sdpa(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:
+    """``F.scaled_dot_product_attention(q, k, v)``: (..., heads, tokens, dim) each.
+
+    q and k contract over their last dim; heads pair up (with grouped-query
+    attention, key/value head h serves query heads h*g .. h*g+g-1, so removing
+    a KV head removes its query group). The output takes q's heads and tokens
+    and v's last dim.
+    """
+    q, k, v = (_arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
+    mask = _arg(args, kwargs, 3, "attn_mask")
+    if q.dim() < 3 or k.dim() != q.dim() or v.dim() != q.dim():
+        raise _Unknown
+    lq, lk, lv = tr.get(q), tr.get(k), tr.get(v)
+    tr.couple(lq[-1], lk[-1])
+    tr.couple(lk[-2], lv[-2])
+    for d in range(q.dim() - 2):
+        hq, hk = lq[d], lk[d]
+        tr.couple(hk, lv[d])
+        if hq.numel() == hk.numel():
+            tr.couple(hq, hk)
+        elif hk.numel() > 1 and hq.numel() % hk.numel() == 0:
+            tr.couple(hq.view(hk.numel(), -1), hk.unsqueeze(1))
+        elif hk.numel() != 1:
+            raise _Unknown
+    if isinstance(mask, Tensor):
+        lm = tr.get(mask)
+        for d in range(mask.dim()):  # a mask broadcasts against (..., heads, tokens, tokens)
+            od = q.dim() - mask.dim() + d
+            if mask.shape[d] > 1 and 0 <= od < q.dim() - 2:
+                tr.couple(lm[d], lq[od])
+    tr.set(out, list(lq[:-1]) + [lv[-1]])
+
+
 def _chunk(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
     x = args[0]
     chunks = _arg(args, kwargs, 1, "chunks")
@@ -760,6 +801,9 @@ def _build_rules() -> dict[str, Callable]:
             rules[prefix + name] = _along_dim
     for name in ("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like"):
         rules["torch." + name] = _like
+    for name in ("arange", "tensor", "as_tensor", "zeros", "ones", "empty", "full", "rand", "randn", "randint",
+                 "linspace", "eye", "tril", "triu"):
+        rules["torch." + name] = _constant
     for name in ("mean", "sum", "amax", "amin", "std", "var", "norm", "logsumexp", "prod", "nansum", "nanmean"):
         rules["torch." + name] = _reduction
         rules["torch.Tensor." + name] = _reduction
@@ -787,6 +831,8 @@ def _build_rules() -> dict[str, Callable]:
     for name in ("torch.flatten", "torch.Tensor.flatten"):
         rules[name] = _flatten
     rules["torch.nn.functional.multi_head_attention_forward"] = _multi_head_attention
+    rules["torch.nn.functional.scaled_dot_product_attention"] = _sdpa
+    rules["torch._C._nn.scaled_dot_product_attention"] = _sdpa
     rules["torch.Tensor.chunk"] = _chunk
     rules["torch.chunk"] = _chunk
     rules["torch.nn.functional.conv1d"] = _conv(False)

@@ -119,7 +119,7 @@ def _frozen_by_selection(model: nn.Module, config: Channels) -> dict[str, str]:
 
 
 def _keep_count(n: int, remove_fraction: float, multiple: int) -> int:
-    keep = max(1, n - math.floor(remove_fraction * n + 1e-9))
+    keep = max(1, n - math.floor(remove_fraction * n + 0.5))  # nearest: steps compound without drift
     if multiple > 1:
         keep = max(multiple, int(round(keep / multiple)) * multiple)
         keep = min(keep, n)

@@ -161,7 +161,9 @@ class _Tracer(TorchFunctionMode):
             rule(self, args, kwargs, out)
             if name.endswith(_SIZED) and isinstance(out, Tensor):
                 self.link_sizes(_size_args(args, kwargs), out)
-        except _Unknown:
+        except (_Unknown, AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError):
+            # A call a rule cannot follow (or an unusual signature) is treated as unknown:
+            # everything through it is kept, which is always safe.
             self.unknown[name] = self.unknown.get(name, 0) + 1
             for t in _tensors(args) + _tensors(list(kwargs.values())):
                 self.freeze_tensor(t)
@@ -409,17 +411,17 @@ def _prelu(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:
     tr.set(out, list(lx))
 
 
-def _channels_kept(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:
+def _channels_kept(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
     """Pooling and resizing: batch and channel dims pass through, the rest is new."""
     x = args[0]
     lx = tr.get(x)
-    keep = x.dim() - (out.dim() - 2) if out.dim() >= 2 else 0
-    labels = [torch.zeros(s, dtype=torch.long) for s in out.shape]
-    if x.dim() == out.dim():
-        labels[0], labels[1] = lx[0], lx[1]
-    elif x.dim() == out.dim() + 1 or keep:
-        raise _Unknown
-    tr.set(out, labels)
+    for o in _tensors([out]):  # max_pool(return_indices=True) gives (values, indices)
+        if o.dim() != x.dim() or x.dim() < 3:
+            raise _Unknown
+        # (N, C, *spatial) or unbatched (C, *spatial): the first two dims are never
+        # resized by pooling/resizing (for unbatched inputs the second is spatial and fixed)
+        labels = [lx[0], lx[1]] + [torch.zeros(s, dtype=torch.long) for s in o.shape[2:]]
+        tr.set(o, labels)
 
 
 def _pad(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:

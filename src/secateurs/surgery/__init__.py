@@ -158,9 +158,16 @@ def _multihead_attention(module: nn.Module, old: dict[str, tuple[int, ...]]) -> 
         # projection so the remaining dimensions produce the same logits.
         factor = (module.head_dim / old_head_dim) ** 0.5
         with torch.no_grad():
-            module.in_proj_weight[:width].mul_(factor)
+            _stored(module, "in_proj_weight")[:width].mul_(factor)
             if module.in_proj_bias is not None:
-                module.in_proj_bias[:width].mul_(factor)
+                _stored(module, "in_proj_bias")[:width].mul_(factor)
+
+
+def _stored(module: nn.Module, name: str) -> Tensor:
+    """The tensor actually stored for ``module.<name>`` (a masked weight's original)."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name)
 
 
 def _hf_conv1d_updater() -> None:

@@ -347,10 +347,6 @@ def _batch_norm(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:
     tr.set(out, list(lx))
 
 
-def _instance_norm(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:
-    _batch_norm(tr, args, kwargs, out)
-
-
 def _layer_norm(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:
     x = args[0]
     shape = _arg(args, kwargs, 1, "normalized_shape")
@@ -837,21 +833,16 @@ def _build_rules() -> dict[str, Callable]:
     rules["torch._C._nn.scaled_dot_product_attention"] = _sdpa
     rules["torch.Tensor.chunk"] = _chunk
     rules["torch.chunk"] = _chunk
-    rules["torch.nn.functional.conv1d"] = _conv(False)
-    rules["torch.nn.functional.conv2d"] = _conv(False)
-    rules["torch.nn.functional.conv3d"] = _conv(False)
-    rules["torch.conv1d"] = _conv(False)
-    rules["torch.conv2d"] = _conv(False)
-    rules["torch.conv3d"] = _conv(False)
-    rules["torch.nn.functional.conv_transpose1d"] = _conv(True)
-    rules["torch.nn.functional.conv_transpose2d"] = _conv(True)
-    rules["torch.nn.functional.conv_transpose3d"] = _conv(True)
+    for n in (1, 2, 3):
+        for prefix in ("torch.nn.functional.", "torch."):
+            rules[f"{prefix}conv{n}d"] = _conv(False)
+            rules[f"{prefix}conv_transpose{n}d"] = _conv(True)
     rules["torch.nn.functional.linear"] = _linear
     for name in ("torch.matmul", "torch.Tensor.matmul", "torch.Tensor.__matmul__", "torch.bmm",
                  "torch.Tensor.bmm", "torch.mm", "torch.Tensor.mm"):
         rules[name] = _matmul
     rules["torch.nn.functional.batch_norm"] = _batch_norm
-    rules["torch.nn.functional.instance_norm"] = _instance_norm
+    rules["torch.nn.functional.instance_norm"] = _batch_norm  # same argument layout
     rules["torch.nn.functional.layer_norm"] = _layer_norm
     rules["torch.nn.functional.rms_norm"] = _rms_norm
     rules["torch.nn.functional.group_norm"] = _group_norm

@@ -289,3 +289,33 @@ def test_llama_gqa_heads_ffn_and_hidden_are_pruned_and_generation_works(tmp_path
     assert model.generate(x, max_new_tokens=4, do_sample=False).shape == (1, 20)
     secateurs.save(model, tmp_path / "m")
     assert_same_model(secateurs.load(tmp_path / "m"), model, x)
+    # The config follows the shapes, so stock save_pretrained/from_pretrained round-trips.
+    assert (model.config.hidden_size, model.config.intermediate_size) == (32, 64)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (2, 1)
+    model.save_pretrained(tmp_path / "hf")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, model(x).logits)
+
+
+@needs("transformers")
+def test_gpt2_and_bert_prune_without_breaking(tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100,
+                                                                 n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                          num_attention_heads=4, intermediate_size=128,
+                                                          max_position_embeddings=32)).eval()
+    x = torch.randint(0, 100, (1, 12))
+    secateurs.prune_(gpt2, Channels(ratio=0.5), example_inputs=x)
+    assert gpt2.transformer.h[0].mlp.c_fc.nf == 128 and gpt2.transformer.wte.embedding_dim == 32
+    assert gpt2(x).logits.shape == (1, 12, 100)
+    secateurs.prune_(bert, Channels(ratio=0.5), example_inputs=x)
+    assert bert.encoder.layer[0].attention.self.query.out_features == 32  # two of four heads
+    assert bert.encoder.layer[0].intermediate.dense.out_features == 64
+    assert bert(x).last_hidden_state.shape == (1, 12, 64)
+    for model in (gpt2, bert):
+        secateurs.save(model, tmp_path / type(model).__name__)
+        assert_same_model(secateurs.load(tmp_path / type(model).__name__), model, x)

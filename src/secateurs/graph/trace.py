@@ -336,6 +336,18 @@ def _matmul(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:
     tr.set(out, labels + [la[-2], lb[-1]])
 
 
+def _addmm(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:
+    """``addmm(bias, a, b)`` / ``baddbmm``: a matmul plus a broadcast addend (GPT-2's Conv1D)."""
+    bias, a, b = args[0], args[1], args[2]
+    _matmul(tr, (a, b), {}, out)
+    labels = tr.get(out)
+    lb = tr.get(bias)
+    for d in range(bias.dim()):
+        od = out.dim() - bias.dim() + d
+        if bias.shape[d] == out.shape[od]:
+            tr.couple(lb[d], labels[od])
+
+
 def _batch_norm(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:
     x = args[0]
     lx = tr.get(x)
@@ -841,6 +853,8 @@ def _build_rules() -> dict[str, Callable]:
     for name in ("torch.matmul", "torch.Tensor.matmul", "torch.Tensor.__matmul__", "torch.bmm",
                  "torch.Tensor.bmm", "torch.mm", "torch.Tensor.mm"):
         rules[name] = _matmul
+    for name in ("torch.addmm", "torch.Tensor.addmm", "torch.baddbmm", "torch.Tensor.baddbmm"):
+        rules[name] = _addmm
     rules["torch.nn.functional.batch_norm"] = _batch_norm
     rules["torch.nn.functional.instance_norm"] = _batch_norm  # same argument layout
     rules["torch.nn.functional.layer_norm"] = _layer_norm

@@ -209,9 +209,25 @@ def _slice(owner: nn.Module, attr: str, dim: int, keep: Tensor) -> None:
         owner._buffers[attr] = new
 
 
+def _remember_source(model: nn.Module) -> None:
+    """Record how to rebuild the *unpruned* architecture before the first cut.
+
+    A transformers model's recipe is its config, which surgery updates; the
+    plans replay on top of the original one.
+    """
+    from ..io.arch import SOURCE_ATTR, attach_source, source_of
+
+    if getattr(model, SOURCE_ATTR, None) is None and not getattr(model, STRUCTURE_ATTR, None):
+        try:
+            attach_source(model, source_of(model))
+        except SecateursError:
+            pass  # save() will ask for arch= if it is ever needed
+
+
 def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
     """Remove the plan's indices from ``model``'s tensors and update layer attributes, in place."""
     _hf_conv1d_updater()
+    _remember_source(model)
     plan = plan.normalized()
     changed: dict[int, tuple[nn.Module, dict[str, tuple[int, ...]]]] = {}
     done: set[tuple[int, int]] = set()
@@ -243,6 +259,16 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
         module = model.get_submodule(mod_name)
         for attr, value in attrs.items():
             setattr(module, attr, value)
+    sizes: dict[int, set[int]] = {}
+    for name, dims in plan.remove.items():
+        module, tname, _ = _slots(model, name)
+        new_shape = getattr(module, tname).shape
+        for dim in dims:
+            old = changed[id(module)][1][tname][dim]
+            sizes.setdefault(old, set()).add(new_shape[dim])
+    from .hf import update_hf_config_
+
+    update_hf_config_(model, sizes)
     history = list(getattr(model, STRUCTURE_ATTR, []))
     history.append(plan.to_dict())
     setattr(model, STRUCTURE_ATTR, history)

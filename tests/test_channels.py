@@ -138,6 +138,7 @@ def test_include_prunes_only_the_named_layers_group(cnn, digits_input):
     ({"ratio": 1.0}, "[0, 1)"), ({}, "exactly one"), ({"ratio": 0.5, "target_macs": 0.5}, "exactly one"),
     ({"target_macs": 0.0}, "(0, 1]"), ({"ratio": 0.5, "importance": "magic"}, "unknown importance"),
     ({"ratio": 0.5, "round_to": 0}, "round_to"),
+    ({"ratio": 0.5, "prune_output_layer": True}, "output width"),
 ])
 def test_bad_channel_configs(kwargs, fragment):
     with pytest.raises(SecateursError, match=fragment.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

@@ -74,6 +74,10 @@ class Channels(Selection):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.prune_output_layer:
+            raise SecateursError(
+                "channel pruning never changes the model's output width, so prune_output_layer does not apply"
+            )
         if (self.ratio is None) == (self.target_macs is None):
             raise SecateursError("give exactly one of ratio (fraction of channels to remove) or target_macs")
         if self.ratio is not None and not (0.0 <= self.ratio < 1.0):

@@ -83,9 +83,6 @@ class DependencyGraph:
                 out.setdefault(module, {})[attr] = roots.numel() - gone
         return out
 
-    def group_of(self, tensor: str, dim: int) -> list[Group]:
-        member = Member(tensor, dim)
-        return [g for g in self.groups if member in g.indices]
 
 
 def build_graph(

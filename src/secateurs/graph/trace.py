@@ -238,7 +238,11 @@ def _pointwise(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
 
 
 def _identity(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
-    """Output has the shape and channel layout of the first tensor argument."""
+    """Output has the shape and channel layout of the first tensor argument.
+
+    Casts and copies, ``zeros_like(x)`` and friends, and softmax/cumsum (which
+    mix values only along one dim) all keep the layout.
+    """
     src = _tensors(list(args))[0]
     for t in _tensors([out]):
         if t.shape != src.shape:
@@ -252,14 +256,6 @@ def _constant(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
         tr.frozen(t)
     for t in _tensors(list(args)):
         tr.freeze_tensor(t)  # e.g. tril(x): a fixed-size pattern over x
-
-
-def _like(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
-    """``zeros_like(x)`` and friends: a new tensor laid out like ``x``."""
-    src = _tensors(list(args))[0]
-    if out.shape != src.shape:
-        raise _Unknown
-    tr.set(out, list(tr.get(src)))
 
 
 def _conv(transposed: bool) -> Callable:
@@ -478,11 +474,6 @@ def _reduction(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
         if len(labels) != t.dim():
             raise _Unknown
         tr.set(t, labels)
-
-
-def _along_dim(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:
-    """softmax, cumsum, ...: shape-preserving; mixes values only along one dim."""
-    _identity(tr, args, kwargs, out)
 
 
 def _cat(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:
@@ -794,7 +785,7 @@ sign clamp clamp_min clamp_max clip maximum minimum where masked_fill lerp addcm
 eq ne lt le gt ge logical_not logical_and logical_or bitwise_not isnan isinf nan_to_num square
 relu relu_ relu6 gelu silu mish hardswish hardsigmoid hardtanh hardtanh_ leaky_relu elu selu celu
 softplus softsign tanhshrink threshold logsigmoid sigmoid_ tanh_ mul_ add_ sub_ div_ clamp_
-masked_fill_ float half bfloat16 double to type type_as contiguous clone detach detach_ requires_grad_
+masked_fill_ detach_ requires_grad_
 dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout
 """.split()
 
@@ -808,9 +799,9 @@ def _build_rules() -> dict[str, Callable]:
             rules[prefix + name] = _pointwise
     for name in ("softmax", "log_softmax", "cumsum", "cumprod", "normalize"):
         for prefix in ("torch.", "torch.Tensor.", "torch.nn.functional."):
-            rules[prefix + name] = _along_dim
+            rules[prefix + name] = _identity
     for name in ("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like"):
-        rules["torch." + name] = _like
+        rules["torch." + name] = _identity
     for name in ("arange", "tensor", "as_tensor", "zeros", "ones", "empty", "full", "rand", "randn", "randint",
                  "linspace", "eye", "tril", "triu"):
         rules["torch." + name] = _constant
@@ -870,12 +861,13 @@ def _build_rules() -> dict[str, Callable]:
     rules["torch.max_pool2d"] = _channels_kept
     rules["torch.nn.functional.pad"] = _pad
     rules["torch.avg_pool1d"] = _channels_kept
+    for name in IDENTITY:
+        rules["torch.Tensor." + name] = _identity
+        rules["torch." + name] = _identity  # torch.clone, torch.detach
     return rules
 
 
 RULES = _build_rules()
-for _name in IDENTITY:
-    RULES["torch.Tensor." + _name] = _identity
 
 
 def trace_labels(model: nn.Module, example_inputs: Any, *, frozen_tensors: Sequence[str] = ()) -> LabelTrace:

@@ -320,3 +320,35 @@ def test_gpt2_and_bert_prune_without_breaking(tmp_path):
     for model in (gpt2, bert):
         secateurs.save(model, tmp_path / type(model).__name__)
         assert_same_model(secateurs.load(tmp_path / type(model).__name__), model, x)
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with einsum, plus a mask made by ``new_zeros`` (as Swin and MaxViT do)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
+        self.out = nn.Linear(dim, 4)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        mask = x.new_zeros((n, n))
+        attn = (torch.einsum("bhid,bhjd->bhij", q, k) + mask).softmax(-1)
+        y = torch.einsum("bhij,bhjd->bhid", attn, v).transpose(1, 2).reshape(b, n, -1)
+        x = x + self.proj(y)
+        x = x + self.mlp(x)
+        return self.out(x.mean(1))
+
+
+def test_einsum_attention_and_new_zeros_are_followed():
+    torch.manual_seed(0)
+    model, x = EinsumAttention(), torch.randn(2, 5, 16)
+    graph = build_graph(model, x)
+    assert not graph.unknown_calls
+    pruned = {m.tensor for g in graph.groups for m in g.members}
+    assert {"qkv.weight", "mlp.0.weight"} <= pruned
+    _equivalence(model, x, 0.5)
+    assert model.head_dim == 4 and model.qkv.out_features == 24

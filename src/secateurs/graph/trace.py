@@ -258,6 +258,44 @@ def _constant(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
         tr.freeze_tensor(t)  # e.g. tril(x): a fixed-size pattern over x
 
 
+def _fresh(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
+    """``x.new_zeros(sizes)`` and friends: ``x`` lends only dtype and device, its channels are untouched."""
+    for t in _tensors([out]):
+        tr.frozen(t)
+
+
+def _einsum(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:
+    """``einsum("bhid,bhjd->bhij", q, k)``: dims with the same letter are one dimension.
+
+    Contracted letters couple the operands like a matmul's inner dim; output
+    letters carry the labels of the operands' dims with that letter.
+    """
+    equation = args[0]
+    operands = _tensors(list(args[1:]))
+    if not isinstance(equation, str) or "..." in equation or "->" not in equation:
+        raise _Unknown
+    lhs, rhs = equation.replace(" ", "").split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(operands):
+        raise _Unknown
+    by_letter: dict[str, list[Tensor]] = {}
+    for term, t in zip(terms, operands, strict=True):
+        if len(term) != t.dim():
+            raise _Unknown
+        for letter, lab in zip(term, tr.get(t), strict=True):
+            by_letter.setdefault(letter, []).append(lab)
+    full: dict[str, Tensor] = {}
+    for letter, labs in by_letter.items():
+        size = max(lab.numel() for lab in labs)
+        labs = [lab for lab in labs if lab.numel() == size]  # size-1 dims broadcast
+        for lab in labs[1:]:
+            tr.couple(labs[0], lab)
+        full[letter] = labs[0]
+    if len(rhs) != out.dim() or any(full[c].numel() != n for c, n in zip(rhs, out.shape, strict=True)):
+        raise _Unknown
+    tr.set(out, [full[c] for c in rhs])
+
+
 def _conv(transposed: bool) -> Callable:
     def rule(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:
         x, w = args[0], _arg(args, kwargs, 1, "weight")
@@ -789,7 +827,7 @@ masked_fill_ detach_ requires_grad_
 dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout
 """.split()
 
-IDENTITY = "contiguous clone detach float half bfloat16 double to type type_as".split()
+IDENTITY = "contiguous clone detach float half bfloat16 double to type type_as zero_ fill_ requires_grad_".split()
 
 
 def _build_rules() -> dict[str, Callable]:
@@ -831,6 +869,9 @@ def _build_rules() -> dict[str, Callable]:
         rules[name] = _unsqueeze
     for name in ("torch.flatten", "torch.Tensor.flatten"):
         rules[name] = _flatten
+    for name in ("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"):
+        rules["torch.Tensor." + name] = _fresh
+    rules["torch.einsum"] = rules["torch.functional.einsum"] = _einsum
     rules["torch.nn.functional.multi_head_attention_forward"] = _multi_head_attention
     rules["torch.nn.functional.scaled_dot_product_attention"] = _sdpa
     rules["torch._C._nn.scaled_dot_product_attention"] = _sdpa

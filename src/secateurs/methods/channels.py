@@ -6,7 +6,6 @@ strategy (how many channels each group loses) -> plan -> surgery.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -21,9 +20,9 @@ from ..importance.channel import CHANNEL_IMPORTANCE, NEEDS_DATA, REDUCTIONS, cha
 from ..importance.stats import ActivationStats, TaylorStats
 from ..selection import Selection, _matches, call_model
 from ..surgery import Plan, apply_plan_
-from ..utils import first_line
 from .common import config_to_dict, make_generator
 from .registry import register_method
+from .rehearsal import feasible_groups, meta_copy, output_shapes, rehearse, to_meta
 from .report import LayerReport, PruneReport
 
 __all__ = ["Channels", "plan_channels"]
@@ -215,93 +214,6 @@ def plan_for(graph: DependencyGraph, removed: dict[int, Tensor], group_ids: set[
     return plan.normalized()
 
 
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A copy whose tensors live on the meta device: surgery rehearsals cost no memory."""
-    memo: dict[int, Any] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in memo:
-            continue
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return copy.deepcopy(model, memo)
-
-
-def _to_meta(inputs: Any) -> Any:
-    if isinstance(inputs, Tensor):
-        return torch.empty_like(inputs, device="meta") if inputs.is_floating_point() else inputs.to("meta")
-    if isinstance(inputs, dict):
-        return {k: _to_meta(v) for k, v in inputs.items()}
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(_to_meta(v) for v in inputs)
-    return inputs
-
-
-def _shapes(out: Any) -> Any:
-    if isinstance(out, Tensor):
-        return tuple(out.shape)
-    if isinstance(out, dict) or (hasattr(out, "keys") and hasattr(out, "values")):
-        return {k: _shapes(v) for k, v in out.items()}
-    if isinstance(out, (list, tuple)):
-        return [_shapes(v) for v in out]
-    return None
-
-
-def _rehearse(model: nn.Module, plan: Plan, inputs: Any, expected: Any) -> tuple[nn.Module | None, str]:
-    """Apply ``plan`` to a meta copy; return it if the forward still gives the same output shapes.
-
-    On failure returns ``(None, reason)``.
-    """
-    rehearsal = _meta_copy(model)
-    apply_plan_(rehearsal, plan)
-    try:
-        with torch.no_grad():
-            out = call_model(rehearsal.eval(), _to_meta(inputs))
-    except Exception as exc:  # the rehearsal exists to catch anything surgery breaks
-        return None, first_line(exc)
-    if _shapes(out) != expected:
-        return None, "the output shape would change"
-    return rehearsal, ""
-
-
-def _feasible(model: nn.Module, graph: DependencyGraph, removed: dict[int, Tensor], inputs: Any,
-              expected: Any) -> tuple[set[int], dict[int, str]]:
-    """Groups that can be pruned together; the rest with the reason.
-
-    A group can fail when the model's code keeps a size in a constant we could
-    not see (a reshape to a fixed head count, say). Bisection finds those
-    groups with few rehearsals; they are left whole and reported.
-    """
-    ids = [g.id for g in graph.groups if removed.get(g.id) is not None and removed[g.id].numel()]
-    ok, why = _rehearse(model, plan_for(graph, removed, set(ids)), inputs, expected)
-    if ok is not None:
-        return set(ids), {}
-    failed: dict[int, str] = {}
-
-    def search(subset: list[int]) -> list[int]:
-        good, reason = _rehearse(model, plan_for(graph, removed, set(subset)), inputs, expected)
-        if good is not None:
-            return subset
-        if len(subset) == 1:
-            failed[subset[0]] = reason
-            return []
-        mid = len(subset) // 2
-        return search(subset[:mid]) + search(subset[mid:])
-
-    accepted = search(ids)
-    ok, _ = _rehearse(model, plan_for(graph, removed, set(accepted)), inputs, expected)
-    if ok is not None:
-        return set(accepted), failed
-    # some groups only fail in combination: add them one at a time
-    final: list[int] = []
-    for gid in accepted:
-        trial, reason = _rehearse(model, plan_for(graph, removed, set(final + [gid])), inputs, expected)
-        if trial is not None:
-            final.append(gid)
-        else:
-            failed[gid] = reason
-    return set(final), failed
-
-
 def _macs(model: nn.Module, inputs: Any) -> int:
     from ..analysis import _count_macs
 
@@ -316,13 +228,13 @@ def apply_channels(model: nn.Module, config: Channels, *, example_inputs: Any = 
         return _prune_once(model, config, example_inputs, data)
     # Equal geometric steps: each keeps the same fraction of what is left.
     reports = []
-    base_macs = _macs(_meta_copy(model), _to_meta(example_inputs)) if config.target_macs is not None else None
+    base_macs = _macs(meta_copy(model), to_meta(example_inputs)) if config.target_macs is not None else None
     for step in range(1, config.steps + 1):
         if config.ratio is not None:
             per_step = 1 - (1 - config.ratio) ** (1 / config.steps)
             step_config = dataclasses.replace(config, ratio=per_step, steps=1)
         else:
-            now = _macs(_meta_copy(model), _to_meta(example_inputs))
+            now = _macs(meta_copy(model), to_meta(example_inputs))
             goal = config.target_macs ** (step / config.steps) * base_macs
             step_config = dataclasses.replace(config, target_macs=min(1.0, goal / now), steps=1)
         reports.append(_prune_once(model, step_config, example_inputs, data))
@@ -350,10 +262,12 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
         raise SecateursError("no prunable channel group found: every layer is coupled to the inputs/outputs or ignored")
     scores = _scores(model, graph, config, stats)
     with torch.no_grad():
-        expected = _shapes(call_model(_meta_copy(model).eval(), _to_meta(example_inputs)))
+        expected = output_shapes(call_model(meta_copy(model).eval(), to_meta(example_inputs)))
     def feasible_plan(ratio: float) -> tuple[Plan, dict[int, Tensor], dict[int, str]]:
         removed = plan_channels(graph, scores, config, ratio)
-        ids, failed = _feasible(model, graph, removed, example_inputs, expected)
+        candidates = [gid for gid, idx in removed.items() if idx.numel()]
+        ids, failed = feasible_groups(model, graph, lambda keep: plan_for(graph, removed, keep), candidates,
+                                      example_inputs, expected)
         removed = {gid: (idx if gid in ids else idx[:0]) for gid, idx in removed.items()}
         return plan_for(graph, removed), removed, failed
 
@@ -361,14 +275,14 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
         ratio = config.ratio
         plan, removed, failed = feasible_plan(ratio)
     else:
-        meta_inputs = _to_meta(example_inputs)
-        base = _macs(_meta_copy(model), meta_inputs)
+        meta_inputs = to_meta(example_inputs)
+        base = _macs(meta_copy(model), meta_inputs)
         lo, hi = 0.0, config.max_ratio
         best = None
         for _ in range(14):  # bisection on the removal ratio until the MACs target is met
             mid = (lo + hi) / 2
             cand = feasible_plan(mid)
-            rehearsal, _ = _rehearse(model, cand[0], example_inputs, expected)
+            rehearsal, _ = rehearse(model, cand[0], example_inputs, expected)
             macs = _macs(rehearsal, meta_inputs) if rehearsal is not None else base
             if macs <= config.target_macs * base:
                 best, hi = (mid, *cand), mid

@@ -1,0 +1,172 @@
+"""Rehearse a surgery plan on a meta-device copy before touching the real model.
+
+A model's code can keep a size where the trace cannot see it (``C // heads``
+computed from a tensor's width, a constant in a reshape). Rather than guess,
+every plan is first applied to a copy whose tensors live on the meta device
+(no memory, no arithmetic) and the forward is run: if it fails or the output
+shapes change, the groups responsible are found and kept whole.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..graph import DependencyGraph
+from ..selection import call_model
+from ..surgery import Plan, apply_plan_
+from ..utils import first_line
+
+__all__ = ["feasible_groups", "meta_copy", "output_shapes", "rehearse", "to_meta"]
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy whose tensors live on the meta device: surgery rehearsals cost no memory."""
+    memo: dict[int, Any] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in memo:
+            continue
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def to_meta(inputs: Any) -> Any:
+    if isinstance(inputs, Tensor):
+        return torch.empty_like(inputs, device="meta") if inputs.is_floating_point() else inputs.to("meta")
+    if isinstance(inputs, dict):
+        return {k: to_meta(v) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(to_meta(v) for v in inputs)
+    return inputs
+
+
+def output_shapes(out: Any) -> Any:
+    if isinstance(out, Tensor):
+        return tuple(out.shape)
+    if isinstance(out, dict) or (hasattr(out, "keys") and hasattr(out, "values")):
+        return {k: output_shapes(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return [output_shapes(v) for v in out]
+    return None
+
+
+class _Failure:
+    """Why a rehearsal failed and in which modules (innermost last)."""
+
+    def __init__(self, reason: str, modules: list[str]):
+        self.reason, self.modules = reason, modules
+
+
+def _run(model: nn.Module, inputs: Any) -> tuple[Any, list[str]]:
+    """Forward ``model``; on an exception, re-raise it with the stack of modules it happened in."""
+    names = {id(m): n for n, m in model.named_modules()}
+    stack: list[str] = []
+
+    def enter(module: nn.Module, _args: Any) -> None:
+        if id(module) in names:
+            stack.append(names[id(module)])
+
+    def leave(module: nn.Module, _args: Any, _out: Any) -> None:
+        if id(module) in names and stack:
+            stack.pop()
+
+    pre = torch.nn.modules.module.register_module_forward_pre_hook(enter)
+    post = torch.nn.modules.module.register_module_forward_hook(leave)
+    try:
+        with torch.no_grad():
+            return call_model(model.eval(), to_meta(inputs)), stack
+    except Exception as exc:  # the rehearsal exists to catch anything surgery breaks
+        raise _RehearsalError(first_line(exc), list(stack)) from exc
+    finally:
+        pre.remove()
+        post.remove()
+
+
+class _RehearsalError(Exception):
+    def __init__(self, reason: str, modules: list[str]):
+        super().__init__(reason)
+        self.failure = _Failure(reason, modules)
+
+
+def _attempt(model: nn.Module, plan: Plan, inputs: Any, expected: Any) -> tuple[nn.Module | None, _Failure | None]:
+    rehearsal = meta_copy(model)
+    apply_plan_(rehearsal, plan)
+    try:
+        out, _ = _run(rehearsal, inputs)
+    except _RehearsalError as err:
+        return None, err.failure
+    if output_shapes(out) != expected:
+        return None, _Failure("the output shape would change", [])
+    return rehearsal, None
+
+
+def rehearse(model: nn.Module, plan: Plan, inputs: Any, expected: Any) -> tuple[nn.Module | None, str]:
+    """Apply ``plan`` to a meta copy; return it if the forward still gives the ``expected`` output shapes.
+
+    On failure returns ``(None, reason)``.
+    """
+    rehearsal, failure = _attempt(model, plan, inputs, expected)
+    return rehearsal, failure.reason if failure else ""
+
+
+def feasible_groups(model: nn.Module, graph: DependencyGraph, plan_of: Callable[[set[int]], Plan],
+                    ids: list[int], inputs: Any, expected: Any) -> tuple[set[int], dict[int, str]]:
+    """The groups of ``ids`` that can be pruned together; the rest with the reason.
+
+    When the rehearsal fails, the suspects are the groups with a tensor in the
+    innermost module that raised (widening to outer modules until one is
+    found): usually one rehearsal per failing group. Suspects that only fail
+    together are searched by bisection.
+    """
+    members = {g.id: [m.tensor for m in g.members] for g in graph.groups}
+    pending = list(ids)
+    failed: dict[int, str] = {}
+    while pending:
+        ok, failure = _attempt(model, plan_of(set(pending)), inputs, expected)
+        if ok is not None:
+            break
+        assert failure is not None
+        suspects = _suspects(pending, members, failure.modules)
+        culprits = _bisect(model, plan_of, suspects, inputs, expected, failed) if len(suspects) > 1 else suspects
+        if len(suspects) == 1:
+            failed[suspects[0]] = failure.reason
+        if not culprits:  # they fail only in combination: keep all of them
+            culprits = suspects
+            failed.update({gid: failure.reason for gid in suspects})
+        pending = [gid for gid in pending if gid not in culprits]
+    return set(pending), failed
+
+
+def _suspects(pending: list[int], members: dict[int, list[str]], modules: list[str]) -> list[int]:
+    for module in reversed(modules):
+        prefix = module + "." if module else ""
+        found = [gid for gid in pending if any(t.startswith(prefix) for t in members[gid])]
+        if found:
+            return found
+    return list(pending)
+
+
+def _bisect(model: nn.Module, plan_of: Callable[[set[int]], Plan], suspects: list[int], inputs: Any,
+            expected: Any, failed: dict[int, str]) -> list[int]:
+    """Suspects whose plan fails on its own (recorded in ``failed``)."""
+    culprits: list[int] = []
+
+    def search(subset: list[int]) -> None:
+        _, failure = _attempt(model, plan_of(set(subset)), inputs, expected)
+        if failure is None:
+            return
+        if len(subset) == 1:
+            failed[subset[0]] = failure.reason
+            culprits.append(subset[0])
+            return
+        mid = len(subset) // 2
+        search(subset[:mid])
+        search(subset[mid:])
+
+    search(suspects)
+    return culprits

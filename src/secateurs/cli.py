@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DATA", help="batches for data-driven importance (taylor, activation): "
                    "digits, mnist5k or imagefolder:PATH")
     p.add_argument("--calib-batches", type=int, help="how many batches of --data to use (method channel)")
+    p.add_argument("--compensate", action="store_true",
+                   help="fold removed channels' mean contribution into the next layer (method channel, needs --data)")
+    p.add_argument("--recalibrate-bn", action="store_true",
+                   help="re-estimate BatchNorm statistics after pruning (method channel, needs --data)")
     p.add_argument("--steps", type=int, help="reach the target in this many re-scored steps (method channel)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size for --data")
     p.add_argument("--ignore", metavar="NAME[,NAME]", help="modules to leave alone (names, prefixes, globs)")
@@ -129,7 +133,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-# Flags that map to config fields of the same name; --nm maps to (n, m).
+# Flags that map to config fields of the same name; --nm maps to (n, m); switches set True.
+_SWITCHES = ("prune_output_layer", "global_ranking", "compensate", "recalibrate_bn")
 _CONFIG_FLAGS = ("sparsity", "threshold", "scope", "importance", "ignore", "include", "ratio", "target_macs",
                  "round_to", "max_ratio", "calib_batches", "steps")
 
@@ -143,10 +148,7 @@ def _method_config(args: argparse.Namespace) -> Any:
     given: dict[str, Any] = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None}
     if args.nm is not None:
         given["n"], given["m"] = parse_nm(args.nm)
-    if args.prune_output_layer:
-        given["prune_output_layer"] = True
-    if args.global_ranking:
-        given["global_ranking"] = True
+    given.update({k: True for k in _SWITCHES if getattr(args, k)})
     if "seed" in fields:
         given["seed"] = args.seed
     for key in given:

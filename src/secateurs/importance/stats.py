@@ -17,7 +17,7 @@ from ..errors import SecateursError
 from ..selection import call_model
 from ..utils import eval_mode
 
-__all__ = ["TaylorStats", "ActivationStats", "split_batch"]
+__all__ = ["TaylorStats", "ActivationStats", "InputMeans", "split_batch"]
 
 
 def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
@@ -118,3 +118,67 @@ class ActivationStats:
 
     def per_channel(self) -> dict[str, Tensor]:
         return {k: v / max(self.batches, 1) for k, v in self.sums.items()}
+
+
+def _compensable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1
+
+
+class InputMeans:
+    """Mean input per input channel of every dense Conv/Linear, and which BatchNorm reads each one's output.
+
+    Used to fold what removed channels contributed on average into the next
+    layer (:func:`secateurs.surgery.compensate.compensate_`).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.sums: dict[str, Tensor] = {}
+        self.followers: dict[str, str] = {}  # layer name -> name of the BatchNorm that normalises its output
+        self.batches = 0
+
+    def run(self, data: Iterable[Any], max_batches: int) -> InputMeans:
+        names = {id(m): n for n, m in self.model.named_modules()}
+        outputs: dict[int, str] = {}
+        alive: list[Tensor] = []  # keeps outputs alive so their ids stay unique during a pass
+        hooks = []
+
+        def record(module: nn.Module, inputs: Any, output: Any) -> None:
+            x = inputs[0] if inputs else None
+            if not isinstance(x, Tensor) or x.dim() < 2:
+                return
+            moved = x if isinstance(module, nn.Linear) else x.movedim(1, -1)
+            key = names[id(module)]
+            self.sums[key] = self.sums.get(key, 0) + moved.detach().float().reshape(-1, moved.shape[-1]).mean(0)
+            if isinstance(output, Tensor) and self.batches == 0:
+                outputs[id(output)] = key
+                alive.append(output)
+
+        def follow(module: nn.Module, inputs: Any) -> None:
+            if inputs and isinstance(inputs[0], Tensor) and id(inputs[0]) in outputs and self.batches == 0:
+                self.followers[outputs[id(inputs[0])]] = names[id(module)]
+
+        for module in self.model.modules():
+            if _compensable(module):
+                hooks.append(module.register_forward_hook(record))
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                hooks.append(module.register_forward_pre_hook(follow))
+        try:
+            with torch.no_grad(), eval_mode(self.model):
+                for i, batch in enumerate(data):
+                    if i >= max_batches:
+                        break
+                    call_model(self.model, split_batch(batch)[0])
+                    self.batches += 1
+                    alive.clear()
+        finally:
+            for h in hooks:
+                h.remove()
+        if not self.batches:
+            raise SecateursError("compensation measures mean activations: pass data= (CLI: --data)")
+        return self
+
+    def means(self) -> dict[str, Tensor]:
+        return {k: v / self.batches for k, v in self.sums.items()}

@@ -17,9 +17,11 @@ from torch import Tensor, nn
 from ..errors import SecateursError
 from ..graph import DependencyGraph, Group, build_graph
 from ..importance.channel import CHANNEL_IMPORTANCE, NEEDS_DATA, REDUCTIONS, channel_scores
-from ..importance.stats import ActivationStats, TaylorStats
+from ..importance.stats import ActivationStats, InputMeans, TaylorStats
 from ..selection import Selection, _matches, call_model
 from ..surgery import Plan, apply_plan_
+from ..surgery.compensate import compensate_
+from ..train.recalibrate import recalibrate_bn_
 from .common import config_to_dict, make_generator
 from .registry import register_method
 from .rehearsal import feasible_groups, meta_copy, output_shapes, rehearse, to_meta
@@ -45,7 +47,12 @@ class Channels(Selection):
         max_ratio: in global ranking and MACs targets, no group loses more than this fraction.
         round_to: keep channel counts a multiple of this (e.g. 8 for tensor cores).
         seed: seed for ``random`` importance.
-        calib_batches: batches of ``data`` used by ``taylor`` and ``activation``.
+        calib_batches: batches of ``data`` used by ``taylor``, ``activation``,
+            ``compensate`` and ``recalibrate_bn``.
+        compensate: fold the mean contribution of removed input channels into the
+            next layer's bias (or its BatchNorm's running mean); needs ``data``.
+        recalibrate_bn: after surgery, re-estimate every BatchNorm's running
+            statistics on ``data`` (no gradients, weights unchanged).
         steps: reach the target in this many prune steps, re-scoring channels on the
             already-pruned model each time (fine-tune between steps with the trainer).
 
@@ -70,6 +77,8 @@ class Channels(Selection):
     seed: int | None = None
     calib_batches: int = 8
     steps: int = 1
+    compensate: bool = False
+    recalibrate_bn: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +104,8 @@ class Channels(Selection):
             raise SecateursError(f"steps must be at least 1, got {self.steps}")
         if self.calib_batches < 1:
             raise SecateursError(f"calib_batches must be at least 1, got {self.calib_batches}")
+        if (self.compensate or self.recalibrate_bn) and self.calib_batches < 1:
+            raise SecateursError("compensate and recalibrate_bn need calib_batches of at least 1")
         if self.round_to is not None and self.round_to < 1:
             raise SecateursError(f"round_to must be a positive integer, got {self.round_to}")
 
@@ -246,7 +257,10 @@ def apply_channels(model: nn.Module, config: Channels, *, example_inputs: Any = 
 
 
 def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: Any) -> PruneReport:
+    if (config.compensate or config.recalibrate_bn) and data is None:
+        raise SecateursError("compensate and recalibrate_bn are measured on data: pass data= (CLI: --data)")
     stats = _stats(model, config, data)
+    means = InputMeans(model).run(data, config.calib_batches) if config.compensate else None
     frozen = _frozen_by_selection(model, config)
     graph = build_graph(model, example_inputs, frozen_tensors=frozen)
     if config.include is not None:
@@ -291,9 +305,14 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
         if best is None:  # the target is out of reach: prune as much as allowed
             best = (config.max_ratio, *feasible_plan(config.max_ratio))
         ratio, plan, removed, failed = best
+    compensated = compensate_(model, plan, means.means(), means.followers) if means is not None else []
     apply_plan_(model, plan)
+    if config.recalibrate_bn:
+        recalibrate_bn_(model, data, config.calib_batches)
     report = PruneReport(method=config.method, config=config_to_dict(config))
     report.config["achieved_ratio"] = ratio
+    if means is not None:
+        report.config["compensated_layers"] = len(compensated)
     for g in graph.groups:
         report.layers.append(LayerReport(name=g.describe(), shape=[g.size], numel=g.size,
                                          zeros=int(removed[g.id].numel())))

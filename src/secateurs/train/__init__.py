@@ -1,5 +1,6 @@
-"""Training and evaluation loops."""
+"""Training, evaluation and recovery loops."""
 
 from .basic import evaluate, fit
+from .recalibrate import recalibrate_bn_
 
-__all__ = ["evaluate", "fit"]
+__all__ = ["evaluate", "fit", "recalibrate_bn_"]

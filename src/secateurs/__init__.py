@@ -11,7 +11,16 @@ from .io.checkpoint import load, read_manifest, save
 from .io.inputs import example_inputs
 from .io.specs import load_model
 from .masks import finalize_, get_mask
-from .methods import NM, Channels, LayerReport, PruneReport, Unstructured, prune_, register_method
+from .methods import (
+    NM,
+    Channels,
+    LayerReport,
+    Layers,
+    PruneReport,
+    Unstructured,
+    prune_,
+    register_method,
+)
 
 __version__ = "0.1.0"
 
@@ -19,6 +28,7 @@ __all__ = [
     "Channels",
     "NM",
     "LayerReport",
+    "Layers",
     "LayerStats",
     "ModelStats",
     "PruneReport",

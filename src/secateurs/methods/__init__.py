@@ -1,7 +1,8 @@
 """Pruning methods: one module per method, each registering its config with ``prune_``."""
 
-from . import channels, nm, unstructured  # noqa: F401  (import registers the methods)
+from . import channels, layers, nm, unstructured  # noqa: F401  (import registers the methods)
 from .channels import Channels
+from .layers import Layers
 from .nm import NM
 from .registry import config_class, method_names, prune_, register_method
 from .report import LayerReport, PruneReport
@@ -9,6 +10,7 @@ from .unstructured import Unstructured
 
 __all__ = [
     "Channels",
+    "Layers",
     "NM",
     "Unstructured",
     "LayerReport",

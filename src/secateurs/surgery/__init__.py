@@ -28,10 +28,15 @@ STRUCTURE_ATTR = "_secateurs_structure"
 
 @dataclass
 class Plan:
-    """Indices to remove (``remove[tensor_name][dim]``) and size attributes to set (``attrs[module][name]``)."""
+    """Indices to remove (``remove[tensor_name][dim]``), size attributes to set (``attrs[module][name]``)
+    and whole modules to delete from their ``Sequential``/``ModuleList`` (``drop``).
+
+    Every name refers to the model as it is before the plan is applied.
+    """
 
     remove: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     attrs: dict[str, dict[str, int]] = field(default_factory=dict)
+    drop: list[str] = field(default_factory=list)
 
     def add(self, tensor: str, dim: int, indices: Tensor | list[int]) -> None:
         values = indices.tolist() if isinstance(indices, Tensor) else list(indices)
@@ -40,25 +45,29 @@ class Plan:
 
     def normalized(self) -> Plan:
         remove = {t: {d: sorted(set(ix)) for d, ix in dims.items() if ix} for t, dims in self.remove.items()}
-        return Plan(remove, {m: dict(a) for m, a in self.attrs.items()})
+        return Plan(remove, {m: dict(a) for m, a in self.attrs.items()}, sorted(set(self.drop)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "remove": {t: {str(d): ix for d, ix in dims.items()} for t, dims in self.normalized().remove.items()},
             "attrs": self.attrs,
         }
+        if self.drop:
+            out["drop"] = sorted(set(self.drop))
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         try:
             remove = {t: {int(d): [int(i) for i in ix] for d, ix in dims.items()} for t, dims in data["remove"].items()}
             attrs = {m: {str(a): int(v) for a, v in av.items()} for m, av in data.get("attrs", {}).items()}
-            return cls(remove, attrs)
+            drop = [str(name) for name in data.get("drop", [])]
+            return cls(remove, attrs, drop)
         except (KeyError, TypeError, ValueError, AttributeError):
             raise SecateursError("a structural pruning plan in the manifest is malformed: re-save the model") from None
 
     def is_empty(self) -> bool:
-        return not any(ix for dims in self.remove.values() for ix in dims.values())
+        return not self.drop and not any(ix for dims in self.remove.values() for ix in dims.values())
 
 
 Updater = Callable[[nn.Module, dict[str, tuple[int, ...]]], None]
@@ -225,7 +234,8 @@ def _remember_source(model: nn.Module) -> None:
 
 
 def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
-    """Remove the plan's indices from ``model``'s tensors and update layer attributes, in place."""
+    """Remove the plan's indices from ``model``'s tensors, update layer attributes and delete
+    the plan's modules, in place."""
     _hf_conv1d_updater()
     _remember_source(model)
     plan = plan.normalized()
@@ -269,6 +279,10 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
     from .hf import update_hf_config_
 
     update_hf_config_(model, sizes)
+    if plan.drop:
+        from .layers import drop_modules_
+
+        drop_modules_(model, plan.drop)
     history = list(getattr(model, STRUCTURE_ATTR, []))
     history.append(plan.to_dict())
     setattr(model, STRUCTURE_ATTR, history)

@@ -1,0 +1,112 @@
+"""Which modules can be removed whole: blocks that an identity can stand in for.
+
+Found by running the model once with hooks on every entry of every
+``nn.Sequential``/``nn.ModuleList`` (a runtime trace, like the channel graph):
+an entry qualifies when it runs exactly once, its output has the shape of its
+input (so the next entry still gets what it expects), and it holds at least
+one weight layer. Residual blocks, inverted residuals with a skip, ConvNeXt
+and ViT/Swin blocks and transformers' encoder/decoder layers all qualify with
+no per-model code; the method then rehearses each removal on a meta copy.
+
+Entries are grouped into *stages*: runs of consecutive entries of one
+container producing the same output shape. A stage keeps at least one entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..selection import call_model, prunable_types
+from ..utils import eval_mode
+
+__all__ = ["Block", "find_blocks", "first_tensor"]
+
+CONTAINERS = (nn.Sequential, nn.ModuleList)
+
+
+@dataclass
+class Block:
+    """An entry of a container."""
+
+    name: str
+    stage: str  # ``container#k``: the k-th run of same-shape entries of the container
+    removable: bool
+    reason: str = ""  # why not removable
+    params: int = 0
+
+
+def first_tensor(args: Any, kwargs: dict | None = None) -> Tensor | None:
+    """The main tensor of a call's inputs or outputs: the first tensor, or ``hidden_states``."""
+    if isinstance(args, Tensor):
+        return args
+    if isinstance(args, (tuple, list)):
+        for item in args:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    if hasattr(args, "last_hidden_state") and isinstance(args.last_hidden_state, Tensor):
+        return args.last_hidden_state
+    if kwargs:
+        if isinstance(kwargs.get("hidden_states"), Tensor):
+            return kwargs["hidden_states"]
+        for value in kwargs.values():
+            if isinstance(value, Tensor):
+                return value
+    return None
+
+
+def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
+    """Every entry of every container that ran, with whether it may be removed (outermost first)."""
+    entries: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CONTAINERS):
+            for key, child in module.named_children():
+                entries.setdefault(id(child), f"{name}.{key}" if name else key)
+    calls: dict[str, int] = {}
+    shapes: dict[str, tuple[Any, Any]] = {}
+
+    def hook(module: nn.Module, args: Any, kwargs: dict, out: Any) -> None:
+        name = entries[id(module)]
+        calls[name] = calls.get(name, 0) + 1
+        x, y = first_tensor(args, kwargs), first_tensor(out)
+        shapes[name] = (None if x is None else tuple(x.shape), None if y is None else tuple(y.shape))
+
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(hook, with_kwargs=True) for n in entries.values()]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            call_model(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    weighted = prunable_types() + (nn.Embedding,)
+    blocks: list[Block] = []
+    for container_name, container in ((n, m) for n, m in model.named_modules() if isinstance(m, CONTAINERS)):
+        run, last_shape = -1, object()
+        for key, child in container.named_children():
+            name = f"{container_name}.{key}" if container_name else key
+            if name not in calls:
+                continue  # never ran (or not reached): not ours to judge
+            x_shape, y_shape = shapes[name]
+            if y_shape != last_shape or x_shape != y_shape:
+                run += 1
+            last_shape = y_shape
+            reason = ""
+            if calls[name] != 1:
+                reason = f"runs {calls[name]} times per forward"
+            elif x_shape is None or x_shape != y_shape:
+                reason = f"changes the shape {x_shape} -> {y_shape}"
+            elif not any(isinstance(m, weighted) for m in child.modules()):
+                reason = "holds no weight layer"
+            params = sum(p.numel() for p in child.parameters())
+            blocks.append(Block(name, f"{container_name}#{run}", not reason, reason, params))
+    # only the outermost removable entries: a block inside a removable block goes with it
+    removable = [b.name for b in blocks if b.removable]
+    for b in blocks:
+        if b.removable and any(b.name.startswith(outer + ".") for outer in removable):
+            b.removable, b.reason = False, "inside a removable block"
+    return blocks

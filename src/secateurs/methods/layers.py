@@ -1,0 +1,376 @@
+"""Layer pruning: delete whole blocks (residual blocks, transformer layers), chosen by measured importance.
+
+Data flow: blocks (which entries an identity can stand in for, from a
+runtime trace) -> importance (a score per block from calibration activations,
+measured loss, or weights) -> strategy (how many and which, respecting
+stages and targets) -> plan (``drop``) -> surgery, after a meta rehearsal.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import SecateursError
+from ..graph.blocks import Block, find_blocks, first_tensor
+from ..importance.layer import LAYER_IMPORTANCE, angular_distance, block_influence, magnitude
+from ..importance.stats import split_batch
+from ..selection import Selection, _matches, call_model
+from ..surgery import Plan, apply_plan_
+from ..utils import eval_mode
+from .common import config_to_dict
+from .registry import register_method
+from .rehearsal import meta_copy, output_shapes, rehearse, to_meta
+from .report import LayerReport, PruneReport
+
+__all__ = ["Layers"]
+
+
+@dataclass(kw_only=True)
+class Layers(Selection):
+    """Remove whole blocks: residual blocks, inverted residuals, transformer layers.
+
+    Give one target: ``n`` (blocks to remove), ``target_macs`` (fraction of MACs
+    to keep) or ``max_loss_increase`` (remove blocks while the measured loss on
+    ``data`` grows by at most this much).
+
+    Attributes:
+        n: number of blocks to remove.
+        target_macs: keep at most this fraction of the model's MACs, in (0, 1].
+        max_loss_increase: largest allowed increase of the loss on ``data``.
+        importance: ``block_influence`` (1 - cos of a block's input and output,
+            ShortGPT), ``angular`` (angular distance of the input of a run of
+            blocks and the output of its last; removes one contiguous run,
+            Gromov et al.), ``loss`` (loss increase when the block alone is
+            skipped) or ``magnitude`` (weights only). Default: ``block_influence``
+            with data, ``magnitude`` without.
+        calib_batches: batches of ``data`` used for scoring and loss checks.
+        allow_empty_stage: allow removing every block of a stage (a run of
+            same-shape blocks); by default each stage keeps one.
+
+    Example:
+        >>> import torch, torchvision, secateurs
+        >>> model = torchvision.models.resnet18()
+        >>> report = secateurs.prune_(model, secateurs.Layers(n=2), example_inputs=torch.randn(1, 3, 64, 64))
+        >>> sum(len(stage) for stage in (model.layer1, model.layer2, model.layer3, model.layer4))
+        6
+    """
+
+    n: int | None = None
+    target_macs: float | None = None
+    max_loss_increase: float | None = None
+    importance: str | None = None
+    calib_batches: int = 8
+    allow_empty_stage: bool = False
+    method: ClassVar[str] = "layer"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prune_output_layer:
+            raise SecateursError("layer pruning removes blocks that keep their input's shape; "
+                                 "prune_output_layer does not apply")
+        given = [k for k in ("n", "target_macs", "max_loss_increase") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise SecateursError("give exactly one of n (blocks to remove), target_macs or max_loss_increase")
+        if self.n is not None and self.n < 1:
+            raise SecateursError(f"n must be at least 1, got {self.n}")
+        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
+            raise SecateursError(f"target_macs must be in (0, 1], got {self.target_macs}: e.g. 0.75 keeps 75% of MACs")
+        if self.max_loss_increase is not None and self.max_loss_increase < 0:
+            raise SecateursError(f"max_loss_increase must be >= 0, got {self.max_loss_increase}")
+        if self.importance is not None and self.importance not in LAYER_IMPORTANCE:
+            raise SecateursError(f"unknown importance '{self.importance}': choose one of {', '.join(LAYER_IMPORTANCE)}")
+        if self.calib_batches < 1:
+            raise SecateursError(f"calib_batches must be at least 1, got {self.calib_batches}")
+
+
+# ---- calibration ----------------------------------------------------------------------------
+
+
+def _skip_hook(module: nn.Module, args: Any, kwargs: dict, out: Any) -> Any:
+    """Make a block act as an identity: its output becomes its input."""
+    x = first_tensor(args, kwargs)
+    if isinstance(out, Tensor):
+        return x
+    if isinstance(out, tuple):
+        return (x, *out[1:])
+    return out
+
+
+def task_loss(out: Any, batch: Any, reference: Any) -> Tensor:
+    """The loss blocks are judged by.
+
+    Labels and class logits: cross-entropy. A language model's ``input_ids``:
+    next-token cross-entropy. Otherwise the squared distance to the dense
+    model's output relative to its energy (no labels needed).
+    """
+    x, y = split_batch(batch)
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        logits = first_tensor(out)
+    if y is not None and logits.dim() == 2 and y.dim() == 1:
+        return F.cross_entropy(logits.float(), y)
+    if isinstance(x, dict) and "input_ids" in x and getattr(out, "logits", None) is not None and logits.dim() == 3:
+        target = x["input_ids"][:, 1:].clone()
+        if "attention_mask" in x:
+            target[x["attention_mask"][:, 1:] == 0] = -100
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100)
+    ref = first_tensor(reference) if getattr(reference, "logits", None) is None else reference.logits
+    return (logits.float() - ref.float()).pow(2).mean() / ref.float().pow(2).mean().clamp_min(1e-12)
+
+
+class _Calibration:
+    """Calibration batches, the dense outputs, and forward passes with some blocks skipped."""
+
+    def __init__(self, model: nn.Module, data: Iterable[Any], batches: int):
+        self.model = model
+        self.batches = list(itertools.islice(iter(data), batches))
+        if not self.batches:
+            raise SecateursError("layer importance is measured on data, but data gave no batch")
+        with torch.no_grad(), eval_mode(model):
+            self.reference = [call_model(model, split_batch(b)[0]) for b in self.batches]
+        self.dense_loss = self.loss([])
+
+    def loss(self, skipped: list[str]) -> float:
+        modules = dict(self.model.named_modules())
+        handles = [modules[name].register_forward_hook(_skip_hook, with_kwargs=True) for name in skipped]
+        try:
+            with torch.no_grad(), eval_mode(self.model):
+                total = sum(float(task_loss(call_model(self.model, split_batch(b)[0]), b, ref))
+                            for b, ref in zip(self.batches, self.reference, strict=True))
+        finally:
+            for h in handles:
+                h.remove()
+        return total / len(self.batches)
+
+    def activations(self, names: list[str]) -> tuple[dict[str, float], dict[tuple[int, int], float]]:
+        """Block influence of each block, and angular distance of every run ``names[i:j+1]``."""
+        modules = dict(self.model.named_modules())
+        influence = dict.fromkeys(names, 0.0)
+        angular: dict[tuple[int, int], float] = {}
+        seen: dict[str, tuple[Tensor, Tensor]] = {}
+
+        def recorder(name: str) -> Any:
+            def hook(module: nn.Module, args: Any, kwargs: dict, out: Any) -> None:
+                seen[name] = (first_tensor(args, kwargs).detach(), first_tensor(out).detach())
+
+            return hook
+
+        for batch in self.batches:
+            seen.clear()
+            handles = [modules[n].register_forward_hook(recorder(n), with_kwargs=True) for n in names]
+            try:
+                with torch.no_grad(), eval_mode(self.model):
+                    call_model(self.model, split_batch(batch)[0])
+            finally:
+                for h in handles:
+                    h.remove()
+            for i, name in enumerate(names):
+                influence[name] += float(block_influence(*seen[name])) / len(self.batches)
+                for j in range(i, len(names)):
+                    x, y = seen[names[i]][0], seen[names[j]][1]
+                    if x.shape == y.shape:
+                        angular[(i, j)] = angular.get((i, j), 0.0) + float(angular_distance(x, y)) / len(self.batches)
+        return influence, angular
+
+
+# ---- strategy -------------------------------------------------------------------------------
+
+
+def _macs(model: nn.Module, inputs: Any) -> int:
+    from ..analysis import _count_macs
+
+    return _count_macs(model, inputs)[0]
+
+
+class _Chooser:
+    """Checks a set of blocks against the stage rule and the target."""
+
+    def __init__(self, model: nn.Module, config: Layers, blocks: list[Block], all_blocks: list[Block],
+                 inputs: Any, calib: _Calibration | None):
+        self.model, self.config, self.inputs, self.calib = model, config, inputs, calib
+        self.stage_size: dict[str, int] = {}
+        for b in all_blocks:
+            self.stage_size[b.stage] = self.stage_size.get(b.stage, 0) + 1
+        self.stage_of = {b.name: b.stage for b in blocks}
+        self.expected = output_shapes(self._forward_meta(meta_copy(model)))
+        self.base_macs = _macs(meta_copy(model), to_meta(inputs)) if config.target_macs is not None else 0
+        self.macs_after: int | None = None
+        self.loss_after: float | None = None
+
+    def _forward_meta(self, model: nn.Module) -> Any:
+        with torch.no_grad():
+            return call_model(model.eval(), to_meta(self.inputs))
+
+    def stages_ok(self, chosen: list[str]) -> bool:
+        if self.config.allow_empty_stage:
+            return True
+        count: dict[str, int] = {}
+        for name in chosen:
+            count[self.stage_of[name]] = count.get(self.stage_of[name], 0) + 1
+        return all(c < self.stage_size[s] for s, c in count.items())
+
+    def works(self, chosen: list[str]) -> tuple[nn.Module | None, str]:
+        return rehearse(self.model, Plan(drop=list(chosen)), self.inputs, self.expected)
+
+    def done(self, chosen: list[str]) -> bool:
+        """Whether ``chosen`` meets the target (MACs or count); loss targets are checked by the caller."""
+        if self.config.n is not None:
+            return len(chosen) >= self.config.n
+        rehearsal, _ = self.works(chosen)
+        if rehearsal is None:
+            return False
+        self.macs_after = _macs(rehearsal, to_meta(self.inputs))
+        return self.macs_after <= self.config.target_macs * self.base_macs
+
+
+def _greedy(chooser: _Chooser, order: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Add blocks in ``order`` (least important first) until the target is met."""
+    config, chosen, refused = chooser.config, [], {}
+    for name in order:
+        trial = chosen + [name]
+        if not chooser.stages_ok(trial):
+            refused[name] = "the last block of its stage"
+            continue
+        ok, why = chooser.works(trial)
+        if ok is None:
+            refused[name] = f"removing it breaks the forward ({why})"
+            continue
+        if config.max_loss_increase is not None:
+            assert chooser.calib is not None
+            loss = chooser.calib.loss(trial)
+            if loss - chooser.calib.dense_loss > config.max_loss_increase:
+                continue  # too costly; a later block may still fit
+            chosen, chooser.loss_after = trial, loss
+            continue
+        chosen = trial
+        if chooser.done(chosen):
+            break
+    return chosen, refused
+
+
+def _window(chooser: _Chooser, names: list[str], angular: dict[tuple[int, int], float]) -> list[str]:
+    """Gromov et al.: the contiguous run of blocks whose input and output are closest in angle.
+
+    Runs grow one block at a time until the target is met; the best run of each length is used.
+    """
+    config, best = chooser.config, []
+    for length in range(1, len(names) + 1):
+        if config.n is not None and length != config.n:
+            continue
+        runs = sorted((d, i) for (i, j), d in angular.items() if j - i + 1 == length
+                      and len({chooser.stage_of[n] for n in names[i:j + 1]}) == 1)
+        pick = next((names[i:i + length] for _, i in runs
+                     if chooser.stages_ok(names[i:i + length]) and chooser.works(names[i:i + length])[0] is not None),
+                    None)
+        if pick is None:
+            break
+        if config.n is not None:
+            return pick
+        if config.max_loss_increase is not None:
+            assert chooser.calib is not None
+            loss = chooser.calib.loss(pick)
+            if loss - chooser.calib.dense_loss > config.max_loss_increase:
+                break
+            best, chooser.loss_after = pick, loss
+            continue
+        best = pick
+        if chooser.done(pick):
+            break
+    return best
+
+
+# ---- the method -----------------------------------------------------------------------------
+
+
+@register_method(Layers)
+def apply_layers(model: nn.Module, config: Layers, *, example_inputs: Any = None, data: Any = None) -> PruneReport:
+    if example_inputs is None:
+        raise SecateursError("layer pruning runs the model to find its blocks: pass example_inputs (CLI: --input-shape)")
+    importance = config.importance or ("block_influence" if data is not None else "magnitude")
+    if data is None and (importance != "magnitude" or config.max_loss_increase is not None):
+        raise SecateursError(f"importance '{importance}' and loss targets are measured on data: pass data= "
+                             "(CLI: --data), or use importance 'magnitude'")
+    all_blocks = find_blocks(model, example_inputs)
+    blocks = _selected(model, config, all_blocks)
+    if not blocks:
+        raise SecateursError("no removable block found: layer pruning needs blocks inside a Sequential/ModuleList "
+                             "whose output has the shape of their input")
+    names = [b.name for b in blocks]
+    calib = _Calibration(model, data, config.calib_batches) if data is not None else None
+    modules = dict(model.named_modules())
+    angular: dict[tuple[int, int], float] = {}
+    if importance == "magnitude":
+        scores = {n: magnitude(modules[n]) for n in names}
+    elif importance == "loss":
+        assert calib is not None
+        scores = {n: calib.loss([n]) - calib.dense_loss for n in names}
+    else:
+        assert calib is not None
+        influence, angular = calib.activations(names)
+        scores = influence if importance == "block_influence" else {n: angular[(i, i)] for i, n in enumerate(names)}
+    chooser = _Chooser(model, config, blocks, all_blocks, example_inputs, calib)
+    if importance == "angular":
+        chosen, refused = _window(chooser, names, angular), {}
+    else:
+        chosen, refused = _greedy(chooser, sorted(names, key=lambda n: scores[n]))
+    if config.n is not None and len(chosen) < config.n:
+        raise SecateursError(f"only {len(chosen)} of the {config.n} blocks asked for can be removed "
+                             f"({len(blocks)} candidates; each stage keeps one block unless allow_empty_stage)")
+    if calib is not None:
+        chooser.loss_after = calib.loss(chosen)  # measured before the names change
+    if chosen:
+        apply_plan_(model, Plan(drop=chosen))
+    return _report(config, importance, blocks, all_blocks, scores, chosen, refused, chooser)
+
+
+def _selected(model: nn.Module, config: Layers, blocks: list[Block]) -> list[Block]:
+    names = [n for n, _ in model.named_modules()]
+    for pattern in list(config.ignore) + list(config.include or []):
+        if not any(_matches(n, pattern) for n in names):
+            raise SecateursError(f"'{pattern}' matches no module of the model; check the spelling")
+    chosen = []
+    for b in blocks:
+        if any(_matches(b.name, p) for p in config.ignore):
+            continue
+        if config.filter_fn is not None and not config.filter_fn(model.get_submodule(b.name), b.name):
+            continue
+        if config.include is not None and not any(_matches(b.name, p) for p in config.include):
+            continue
+        if b.removable:
+            chosen.append(b)
+    if config.include is not None:
+        for pattern in config.include:
+            if not any(_matches(b.name, pattern) for b in chosen):
+                why = next((b.reason for b in blocks if b.name == pattern), "it is not an entry of a Sequential "
+                           "or ModuleList that runs in the forward")
+                raise SecateursError(f"'{pattern}' cannot be removed: {why}; removing it would break the model")
+    return chosen
+
+
+def _report(config: Layers, importance: str, blocks: list[Block], all_blocks: list[Block],
+            scores: dict[str, float], chosen: list[str], refused: dict[str, str], chooser: _Chooser) -> PruneReport:
+    report = PruneReport(method=config.method, config=config_to_dict(config))
+    report.config["importance_used"] = importance
+    for b in blocks:
+        report.layers.append(LayerReport(name=b.name, shape=[b.params], numel=b.params,
+                                         zeros=b.params if b.name in chosen else 0))
+    if chooser.macs_after is not None and chooser.base_macs:
+        report.config["achieved_macs"] = chooser.macs_after / chooser.base_macs
+    if chooser.calib is not None:
+        report.config["dense_loss"] = chooser.calib.dense_loss
+        report.config["loss_after"] = chooser.loss_after
+    report.skipped = {b.name: b.reason for b in all_blocks if not b.removable and b.reason != "holds no weight layer"}
+    report.skipped.update(refused)
+    report.plan = {
+        "drop": list(chosen),
+        "candidates": [{"name": b.name, "stage": b.stage, "score": scores[b.name], "removed": b.name in chosen}
+                       for b in blocks],
+    }
+    return report

@@ -1,0 +1,76 @@
+"""Delete whole modules from their ``nn.Sequential`` / ``nn.ModuleList``.
+
+Deleting (not wrapping behind a flag) renumbers the container, so parameter
+names change and the structure is recorded for :func:`secateurs.load`. A
+transformers model also gets its config and per-layer indices updated:
+``num_hidden_layers``, per-layer lists such as ``layer_types``, and every
+``layer_idx`` attribute (the KV cache is indexed by it), so ``save_pretrained``
+output reloads with a plain ``from_pretrained`` and generation with a cache works.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import SecateursError
+
+__all__ = ["drop_modules_"]
+
+CONTAINERS = (nn.Sequential, nn.ModuleList)
+
+
+def drop_modules_(model: nn.Module, paths: list[str]) -> None:
+    """Delete the modules at ``paths`` (names before any deletion) from their containers.
+
+    A module that is an attribute (not a container entry) is replaced by ``nn.Identity``.
+
+    ``ModuleList`` and index-named ``Sequential`` entries are renumbered (as
+    ``del seq[i]`` does); entries of a ``Sequential`` built from an ordered dict
+    keep their names.
+    """
+    by_container: dict[str, list[str]] = {}
+    for path in paths:
+        parent, _, key = path.rpartition(".")
+        by_container.setdefault(parent, []).append(key)
+    for parent, keys in by_container.items():
+        container = model.get_submodule(parent) if parent else model
+        if not isinstance(container, CONTAINERS):
+            for key in keys:  # an attribute, not a list entry: an identity takes its place
+                if not isinstance(getattr(container, key, None), nn.Module):
+                    raise SecateursError(f"'{parent}.{key}' is not a module of the model")
+                setattr(container, key, nn.Identity())
+            continue
+        names = list(container._modules)
+        missing = [k for k in keys if k not in names]
+        if missing:
+            raise SecateursError(f"'{parent}' has no entry '{missing[0]}'")
+        gone = {names.index(k) for k in keys}
+        if len(gone) >= len(names):
+            raise SecateursError(f"deleting every entry of '{parent}' would leave it empty: keep at least one")
+        kept = [i for i in range(len(names)) if i not in gone]
+        if all(k.isdigit() for k in names):
+            for index in sorted(gone, reverse=True):
+                del container[index]  # renumbers, as ModuleList indexing needs
+        else:
+            for key in keys:
+                delattr(container, key)
+        _renumber_layer_idx(container, kept)
+        _update_config(model, len(names), sorted(gone))
+
+
+def _renumber_layer_idx(container: nn.Module, kept: list[int]) -> None:
+    """Entry ``j`` (formerly ``kept[j]``) and its submodules get ``layer_idx = j`` where it was ``kept[j]``."""
+    for new, (old, entry) in enumerate(zip(kept, container, strict=True)):
+        for module in entry.modules():
+            if type(getattr(module, "layer_idx", None)) is int and module.layer_idx == old:
+                module.layer_idx = new
+
+
+def _update_config(model: nn.Module, old_length: int, dropped: list[int]) -> None:
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "num_hidden_layers", None) != old_length:
+        return
+    config.num_hidden_layers = old_length - len(dropped)
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == old_length and key != "num_hidden_layers":
+            setattr(config, key, [v for i, v in enumerate(value) if i not in set(dropped)])

@@ -70,12 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nm", metavar="N:M", help="N:M pattern, e.g. 2:4 (method nm)")
     p.add_argument("--ratio", type=float, help="fraction of channels to remove (method channel)")
     p.add_argument("--target-macs", type=float, help="keep this fraction of MACs (method channel)")
+    p.add_argument("--layers", type=int, metavar="K", help="remove K blocks (method layer)")
+    p.add_argument("--max-loss-increase", type=float, metavar="X",
+                   help="remove blocks while the loss on --data grows by at most X (method layer)")
     p.add_argument("--round-to", type=int, help="keep channel counts a multiple of N (method channel)")
     p.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank channels across all layers (method channel)")
     p.add_argument("--max-ratio", type=float, help="most any layer may lose with --global/--target-macs")
-    p.add_argument("--data", metavar="DATA", help="batches for data-driven importance (taylor, activation): "
-                   "digits, mnist5k or imagefolder:PATH")
+    p.add_argument("--data", metavar="DATA", help="calibration batches for data-driven criteria: digits, mnist5k, "
+                   "imagefolder:PATH, or for language models pydoc or text:FILE")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (text --data)")
     p.add_argument("--calib-batches", type=int, help="how many batches of --data to use (method channel)")
     p.add_argument("--compensate", action="store_true",
                    help="fold removed channels' mean contribution into the next layer (method channel, needs --data)")
@@ -136,7 +140,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 # Flags that map to config fields of the same name; --nm maps to (n, m); switches set True.
 _SWITCHES = ("prune_output_layer", "global_ranking", "compensate", "recalibrate_bn")
 _CONFIG_FLAGS = ("sparsity", "threshold", "scope", "importance", "ignore", "include", "ratio", "target_macs",
-                 "round_to", "max_ratio", "calib_batches", "steps")
+                 "round_to", "max_ratio", "calib_batches", "steps", "max_loss_increase")
 
 
 def _method_config(args: argparse.Namespace) -> Any:
@@ -149,6 +153,12 @@ def _method_config(args: argparse.Namespace) -> Any:
     if args.nm is not None:
         given["n"], given["m"] = parse_nm(args.nm)
     given.update({k: True for k in _SWITCHES if getattr(args, k)})
+    if args.layers is not None:
+        if args.method != "layer":
+            raise SecateursError(f"--layers does not apply to --method {args.method}")
+        given["n"] = args.layers
+    if args.method == "layer" and "importance" in given:
+        given["importance"] = given["importance"].replace("-", "_")  # block-influence -> block_influence
     if "seed" in fields:
         given["seed"] = args.seed
     for key in given:
@@ -171,6 +181,21 @@ def _check_out_not_input(args: argparse.Namespace) -> None:
             )
 
 
+def _calibration(args: argparse.Namespace, config: Any, x: Any) -> list[Any]:
+    """Batches named by ``--data``: images for vision models, tokenized text for language models."""
+    from .data import batches
+    from .data.text import is_text_spec, token_batches
+
+    count = getattr(config, "calib_batches", 8)
+    if is_text_spec(args.data):
+        from .io.specs import load_tokenizer
+
+        return token_batches(args.data, load_tokenizer(args.model), seq_len=args.seq_len,
+                             batch_size=args.batch_size, max_batches=count)
+    return batches(args.data, batch_size=args.batch_size, input_shape=list(x.shape), max_batches=count,
+                   seed=args.seed)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .analysis import analyze
     from .io.atomic import check_output_dir
@@ -184,12 +209,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, x = _load(args)
     before = analyze(model, x, latency=not args.no_latency).to_dict()
-    data = None
-    if args.data is not None:
-        from .data import batches
-
-        data = batches(args.data, batch_size=args.batch_size, input_shape=list(x.shape),
-                       max_batches=getattr(config, "calib_batches", 8), seed=args.seed)
+    data = _calibration(args, config, x) if args.data is not None else None
     report = prune_(model, config, example_inputs=x, data=data)
     after = analyze(model, x, latency=not args.no_latency, size=False).to_dict()
     result = {

@@ -33,7 +33,7 @@ class Block:
     """An entry of a container."""
 
     name: str
-    stage: str  # ``container#k``: the k-th run of same-shape entries of the container
+    stage: str  # ``container#k``: the k-th run of same-shape entries of the container; "" for an attribute
     removable: bool
     reason: str = ""  # why not removable
     params: int = 0
@@ -59,13 +59,21 @@ def first_tensor(args: Any, kwargs: dict | None = None) -> Tensor | None:
     return None
 
 
-def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
-    """Every entry of every container that ran, with whether it may be removed (outermost first)."""
+def find_blocks(model: nn.Module, example_inputs: Any, extra: tuple[str, ...] = ()) -> list[Block]:
+    """Every entry of every container that ran, with whether it may be removed (outermost first).
+
+    ``extra`` names other modules (attributes, not container entries) to judge
+    by the same rules; removing one replaces it with ``nn.Identity``.
+    """
     entries: dict[int, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, CONTAINERS):
             for key, child in module.named_children():
                 entries.setdefault(id(child), f"{name}.{key}" if name else key)
+    modules = dict(model.named_modules())
+    for name in extra:
+        if name in modules and name:
+            entries.setdefault(id(modules[name]), name)
     calls: dict[str, int] = {}
     shapes: dict[str, tuple[Any, Any]] = {}
 
@@ -75,7 +83,6 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
         x, y = first_tensor(args, kwargs), first_tensor(out)
         shapes[name] = (None if x is None else tuple(x.shape), None if y is None else tuple(y.shape))
 
-    modules = dict(model.named_modules())
     handles = [modules[n].register_forward_hook(hook, with_kwargs=True) for n in entries.values()]
     try:
         with torch.no_grad(), eval_mode(model):
@@ -85,10 +92,15 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
             h.remove()
     weighted = prunable_types() + (nn.Embedding,)
     blocks: list[Block] = []
-    for container_name, container in ((n, m) for n, m in model.named_modules() if isinstance(m, CONTAINERS)):
+    families = [(n, list(m.named_children())) for n, m in model.named_modules() if isinstance(m, CONTAINERS)]
+    for name in extra:
+        parent, _, key = name.rpartition(".")
+        if name in modules and name and not isinstance(modules.get(parent), CONTAINERS):
+            families.append((f"{parent}.{key}" if parent else key, [("", modules[name])]))
+    for container_name, children in families:
         run, last_shape = -1, object()
-        for key, child in container.named_children():
-            name = f"{container_name}.{key}" if container_name else key
+        for key, child in children:
+            name = f"{container_name}.{key}" if container_name and key else container_name or key
             if name not in calls:
                 continue  # never ran (or not reached): not ours to judge
             x_shape, y_shape = shapes[name]
@@ -103,7 +115,8 @@ def find_blocks(model: nn.Module, example_inputs: Any) -> list[Block]:
             elif not any(isinstance(m, weighted) for m in child.modules()):
                 reason = "holds no weight layer"
             params = sum(p.numel() for p in child.parameters())
-            blocks.append(Block(name, f"{container_name}#{run}", not reason, reason, params))
+            stage = f"{container_name}#{run}" if key else ""
+            blocks.append(Block(name, stage, not reason, reason, params))
     # only the outermost removable entries: a block inside a removable block goes with it
     removable = [b.name for b in blocks if b.removable]
     for b in blocks:

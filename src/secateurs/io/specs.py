@@ -15,7 +15,7 @@ from ..utils import first_line
 from .arch import attach_source, build, parse_arch, require
 from .checkpoint import is_saved_model, load
 
-__all__ = ["load_model", "load_state_dict_file", "SPEC_HELP"]
+__all__ = ["load_model", "load_state_dict_file", "load_tokenizer", "SPEC_HELP"]
 
 SPEC_HELP = (
     "use torchvision:NAME, timm:NAME, hf:PATH (folder or .gguf), a secateurs model directory, "
@@ -70,6 +70,22 @@ def _load_weights_into(model: nn.Module, path: str | os.PathLike[str]) -> None:
             f"(e.g. {result.missing_keys[:2]}), {len(result.unexpected_keys)} unexpected "
             f"(e.g. {result.unexpected_keys[:2]}); check --arch"
         )
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The tokenizer that ships with an ``hf:`` model (a folder, or the ``.gguf`` file itself)."""
+    transformers = require("transformers", "hf")
+    target = Path(spec[3:] if spec.startswith("hf:") else spec)
+    try:
+        if target.suffix == ".gguf" and target.is_file():
+            return transformers.AutoTokenizer.from_pretrained(str(target.parent), gguf_file=target.name,
+                                                              local_files_only=True)
+        if (target / "config.json").is_file():
+            return transformers.AutoTokenizer.from_pretrained(str(target), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise SecateursError(f"cannot load the tokenizer of '{spec}' ({first_line(exc)})") from None
+    raise SecateursError(f"text data needs the model's tokenizer: give the model as hf:FOLDER or a .gguf file, "
+                         f"not '{spec}'")
 
 
 def _load_hf(target: str) -> nn.Module:

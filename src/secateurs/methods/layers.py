@@ -214,7 +214,7 @@ class _Chooser:
         count: dict[str, int] = {}
         for name in chosen:
             count[self.stage_of[name]] = count.get(self.stage_of[name], 0) + 1
-        return all(c < self.stage_size[s] for s, c in count.items())
+        return all(c < self.stage_size[s] for s, c in count.items() if s)  # attributes have no stage
 
     def works(self, chosen: list[str]) -> tuple[nn.Module | None, str]:
         return rehearse(self.model, Plan(drop=list(chosen)), self.inputs, self.expected)
@@ -297,7 +297,7 @@ def apply_layers(model: nn.Module, config: Layers, *, example_inputs: Any = None
     if data is None and (importance != "magnitude" or config.max_loss_increase is not None):
         raise SecateursError(f"importance '{importance}' and loss targets are measured on data: pass data= "
                              "(CLI: --data), or use importance 'magnitude'")
-    all_blocks = find_blocks(model, example_inputs)
+    all_blocks = find_blocks(model, example_inputs, extra=tuple(config.include or ()))
     blocks = _selected(model, config, all_blocks)
     if not blocks:
         raise SecateursError("no removable block found: layer pruning needs blocks inside a Sequential/ModuleList "
@@ -348,9 +348,8 @@ def _selected(model: nn.Module, config: Layers, blocks: list[Block]) -> list[Blo
     if config.include is not None:
         for pattern in config.include:
             if not any(_matches(b.name, pattern) for b in chosen):
-                why = next((b.reason for b in blocks if b.name == pattern), "it is not an entry of a Sequential "
-                           "or ModuleList that runs in the forward")
-                raise SecateursError(f"'{pattern}' cannot be removed: {why}; removing it would break the model")
+                why = next((b.reason for b in blocks if b.name == pattern), "it did not run in the forward")
+                raise SecateursError(f"'{pattern}' cannot be removed: {why}, so an identity cannot stand in for it")
     return chosen
 
 

@@ -45,8 +45,6 @@ def drop_modules_(model: nn.Module, paths: list[str]) -> None:
         if missing:
             raise SecateursError(f"'{parent}' has no entry '{missing[0]}'")
         gone = {names.index(k) for k in keys}
-        if len(gone) >= len(names):
-            raise SecateursError(f"deleting every entry of '{parent}' would leave it empty: keep at least one")
         kept = [i for i in range(len(names)) if i not in gone]
         if all(k.isdigit() for k in names):
             for index in sorted(gone, reverse=True):

@@ -300,26 +300,42 @@ def test_llama_gqa_heads_ffn_and_hidden_are_pruned_and_generation_works(tmp_path
 
 
 @needs("transformers")
-def test_gpt2_and_bert_prune_without_breaking(tmp_path):
+def test_gpt2_and_bert_prune_heads_and_reload_with_stock_from_pretrained(tmp_path):
     import transformers
 
     torch.manual_seed(0)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100,
                                                                  n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
-    bert = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
-                                                          num_attention_heads=4, intermediate_size=128,
-                                                          max_position_embeddings=32)).eval()
+    bert_config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=128, max_position_embeddings=32, num_labels=3)
+    bert = transformers.BertModel(bert_config).eval()
+    classifier = transformers.BertForSequenceClassification(bert_config).eval()
     x = torch.randint(0, 100, (1, 12))
     secateurs.prune_(gpt2, Channels(ratio=0.5), example_inputs=x)
     assert gpt2.transformer.h[0].mlp.c_fc.nf == 128 and gpt2.transformer.wte.embedding_dim == 32
     assert gpt2(x).logits.shape == (1, 12, 100)
-    secateurs.prune_(bert, Channels(ratio=0.5), example_inputs=x)
+    report = secateurs.prune_(bert, Channels(ratio=0.5), example_inputs=x)
+    # BertModel outputs its hidden states, so the width stays; BertConfig cannot say "fewer heads, same width"
+    assert "save with secateurs.save" in report.skipped["config"]
+    secateurs.prune_(classifier, Channels(ratio=0.5), example_inputs=x)
+    assert (classifier.config.hidden_size, classifier.config.num_attention_heads) == (32, 2)
     assert bert.encoder.layer[0].attention.self.query.out_features == 32  # two of four heads
     assert bert.encoder.layer[0].intermediate.dense.out_features == 64
     assert bert(x).last_hidden_state.shape == (1, 12, 64)
-    for model in (gpt2, bert):
+    attn = gpt2.transformer.h[0].attn  # split(self.split_size) and view(..., -1, head_dim): heads pruned whole
+    assert (attn.num_heads, attn.head_dim, attn.split_size, attn.c_attn.nf) == (2, 16, 32, 96)
+    assert (gpt2.config.n_head, gpt2.config.n_embd) == (2, 32)
+    secateurs.save(bert, tmp_path / "bert")
+    assert_same_model(secateurs.load(tmp_path / "bert"), bert, x)
+    for model, auto in ((gpt2, transformers.AutoModelForCausalLM),
+                        (classifier, transformers.AutoModelForSequenceClassification)):
         secateurs.save(model, tmp_path / type(model).__name__)
         assert_same_model(secateurs.load(tmp_path / type(model).__name__), model, x)
+        model.save_pretrained(tmp_path / ("hf" + type(model).__name__))
+        stock = auto.from_pretrained(tmp_path / ("hf" + type(model).__name__)).eval()
+        with torch.no_grad():
+            out, ref = stock(x), model(x)
+        torch.testing.assert_close(out.logits, ref.logits)
 
 
 class EinsumAttention(nn.Module):

@@ -129,7 +129,9 @@ class _Tracer(TorchFunctionMode):
         """Remember module attributes that hold the size of a prunable output dim.
 
         ``x.reshape(n, self.hidden_dim, -1)`` keeps 768 in ``hidden_dim``: after
-        pruning that dim, the attribute must say the new width.
+        pruning that dim, the attribute must say the new width. A ``-1`` stands
+        for the size it resolved to: ``view(b, t, -1, self.head_dim)`` leaves the
+        head count to ``-1``, and other code reads it from ``num_heads``.
         """
         if len(sizes) != out.dim():
             return
@@ -137,14 +139,24 @@ class _Tracer(TorchFunctionMode):
         if labels is None:
             return
         for e, size in enumerate(sizes):
-            if not isinstance(size, int) or size <= 1 or not bool((labels[e] != 0).any()):
-                continue
-            for mod_name, module in reversed(self.module_stack):
-                attr = next((k for k, v in vars(module).items()
-                             if type(v) is int and v == size and not k.startswith("_")), None)
-                if attr is not None:
-                    self.links.append((mod_name, attr, labels[e].clone()))
-                    break
+            self.link_size(out.shape[e] if size == -1 else size, labels[e])
+
+    def link_size(self, size: Any, labels: Tensor) -> None:
+        """Link the module attributes equal to ``size`` to the dim labelled ``labels``.
+
+        The innermost module on the call stack that has such attributes wins;
+        all of its attributes with that value are linked (GPT-2 keeps the same
+        width as ``embed_dim`` and ``split_size``). The meta rehearsal catches
+        a coincidence that breaks the forward.
+        """
+        if not isinstance(size, int) or size <= 1 or not bool((labels != 0).any()):
+            return
+        for mod_name, module in reversed(self.module_stack):
+            attrs = [k for k, v in vars(module).items() if type(v) is int and v == size and not k.startswith("_")]
+            for attr in attrs:
+                self.links.append((mod_name, attr, labels.clone()))
+            if attrs:
+                return
 
     # -- dispatch -------------------------------------------------------------------------
     def __torch_function__(self, func: Callable, types: Any, args: Sequence = (), kwargs: Any = None) -> Any:
@@ -685,6 +697,44 @@ def _chunk(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
         tr.set(part, labels)
 
 
+def _split(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
+    """``x.split(size, dim)`` with a size that divides the dim: equal parts, like ``chunk``.
+
+    The size is often a module attribute (GPT-2's ``split_size``, Res2Net's
+    ``width``): after pruning every part the same way, it must say the new width.
+    Other splits (a list of sizes, a ragged last part) are replayed by ``_movement``.
+    """
+    x = args[0]
+    size = _arg(args, kwargs, 1, "split_size_or_sections", kwargs.get("split_size"))
+    dim = _arg(args, kwargs, 2, "dim", 0)
+    if not isinstance(size, int) or not isinstance(dim, int) or x.shape[dim % x.dim()] % size:
+        _movement(tr, args, kwargs, out)
+        return
+    dim %= x.dim()
+    chunks = x.shape[dim] // size
+    _chunk(tr, (x, chunks, dim), {}, out)
+    tr.link_size(size, tr.get(out[0])[dim])
+
+
+def _gather(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:
+    """``gather(x, dim, index)``: positions along ``dim`` are picked by data, so that dim of ``x`` is kept;
+    other dims pass through where ``index`` spans them whole."""
+    x, dim, index = args[0], _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "index")
+    if not isinstance(dim, int) or not isinstance(index, Tensor):
+        raise _Unknown
+    dim %= x.dim()
+    lx, li = tr.get(x), tr.get(index)
+    tr.freeze(lx[dim])
+    labels = []
+    for d in range(out.dim()):
+        if d != dim and x.shape[d] == out.shape[d]:
+            tr.couple(lx[d], li[d])
+            labels.append(lx[d])
+        else:
+            labels.append(li[d])
+    tr.set(out, labels)
+
+
 def _movement(tr: _Tracer, args: Sequence, kwargs: dict, out: Any) -> None:
     """Views, permutes, cat, indexing...: replay the call on label tensors.
 
@@ -875,6 +925,9 @@ def _build_rules() -> dict[str, Callable]:
     rules["torch.nn.functional.multi_head_attention_forward"] = _multi_head_attention
     rules["torch.nn.functional.scaled_dot_product_attention"] = _sdpa
     rules["torch._C._nn.scaled_dot_product_attention"] = _sdpa
+    for name in ("torch.split", "torch.Tensor.split", "torch.functional.split"):
+        rules[name] = _split
+    rules["torch.gather"] = rules["torch.Tensor.gather"] = _gather
     rules["torch.Tensor.chunk"] = _chunk
     rules["torch.chunk"] = _chunk
     for n in (1, 2, 3):

@@ -19,7 +19,7 @@ from ..graph import DependencyGraph, Group, build_graph
 from ..importance.channel import CHANNEL_IMPORTANCE, NEEDS_DATA, REDUCTIONS, channel_scores
 from ..importance.stats import ActivationStats, InputMeans, TaylorStats
 from ..selection import Selection, _matches, call_model
-from ..surgery import Plan, apply_plan_
+from ..surgery import CONFIG_STALE_ATTR, Plan, apply_plan_
 from ..surgery.compensate import compensate_
 from ..train.recalibrate import recalibrate_bn_
 from .common import config_to_dict, make_generator
@@ -320,6 +320,10 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     by_id = {g.id: g for g in graph.groups}
     for gid, reason in failed.items():
         report.skipped[by_id[gid].describe()] = f"kept whole: pruning it breaks the forward ({reason})"
+    if getattr(model, CONFIG_STALE_ATTR, False):
+        report.skipped["config"] = ("the transformers config cannot describe the pruned shapes (e.g. fewer heads at "
+                                    "the same hidden size): save with secateurs.save; save_pretrained output would "
+                                    "not reload with stock from_pretrained")
     for call, count in graph.unknown_calls.items():
         report.skipped[f"call {call}"] = f"not understood ({count}x): tensors through it were kept"
     report.plan = plan.to_dict()

@@ -21,9 +21,10 @@ from torch.nn.utils import parametrize
 from ..errors import SecateursError
 from ..masks import Mask
 
-__all__ = ["Plan", "apply_plan_", "register_updater", "STRUCTURE_ATTR"]
+__all__ = ["Plan", "apply_plan_", "register_updater", "CONFIG_STALE_ATTR", "STRUCTURE_ATTR"]
 
 STRUCTURE_ATTR = "_secateurs_structure"
+CONFIG_STALE_ATTR = "_secateurs_config_stale"
 
 
 @dataclass
@@ -265,11 +266,14 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
             if isinstance(module, module_type):
                 fn(module, old)
                 break
+    sizes: dict[int, set[int]] = {}
     for mod_name, attrs in plan.attrs.items():
         module = model.get_submodule(mod_name)
         for attr, value in attrs.items():
+            old_value = getattr(module, attr, None)
+            if type(old_value) is int and old_value != value:
+                sizes.setdefault(old_value, set()).add(value)  # e.g. a head count, for the HF config
             setattr(module, attr, value)
-    sizes: dict[int, set[int]] = {}
     for name, dims in plan.remove.items():
         module, tname, _ = _slots(model, name)
         new_shape = getattr(module, tname).shape
@@ -278,7 +282,9 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
             sizes.setdefault(old, set()).add(new_shape[dim])
     from .hf import update_hf_config_
 
-    update_hf_config_(model, sizes)
+    if update_hf_config_(model, sizes) is None and getattr(model, "config", None) is not None and sizes:
+        # the config cannot describe the new shapes (e.g. fewer heads but the same hidden size)
+        setattr(model, CONFIG_STALE_ATTR, True)
     if plan.drop:
         from .layers import drop_modules_
 

@@ -26,13 +26,15 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in effective_state_dict(model)[0].items()}
 
 
-def _rebuilds(model: nn.Module, config: Any, want: dict[str, tuple[int, ...]]) -> bool:
+def _mismatches(model: nn.Module, config: Any, want: dict[str, tuple[int, ...]]) -> int | None:
+    """How many tensors a model built from ``config`` would get wrong (None: the class rejects the config)."""
     try:
         with torch.device("meta"):
             fresh = type(model)(config)
     except Exception:  # a config the class rejects (e.g. heads not dividing the width)
-        return False
-    return {k: tuple(v.shape) for k, v in fresh.state_dict().items()} == want
+        return None
+    have = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    return sum(have.get(k) != want.get(k) for k in set(have) | set(want))
 
 
 def update_hf_config_(model: nn.Module, changes: dict[int, set[int]]) -> dict[str, int] | None:
@@ -48,37 +50,63 @@ def update_hf_config_(model: nn.Module, changes: dict[int, set[int]]) -> dict[st
         return None
     if not changes:
         return {}
-    values = {k: v for k, v in config.to_dict().items() if type(v) is int and v > 1}
+    base = config.to_dict()
+    values = {k: v for k, v in base.items() if type(v) is int and v > 1}
     single = {old: next(iter(new)) for old, new in changes.items() if len(new) == 1}
-    proposals: dict[str, int] = {}
+    strong = {key: single[value] for key, value in values.items() if value in single}
+    weak: dict[str, int] = {}  # e.g. heads x head_dim = projection width; coincidences are common
     for key, value in values.items():
-        if value in single:
-            proposals[key] = single[value]
-    for key, value in values.items():
-        if key in proposals:
+        if key in strong:
             continue
         for other, unit in values.items():
-            if other == key or other in proposals:
+            if other == key or other in strong:
                 continue
             new = single.get(value * unit)
             if new is not None and new % unit == 0:
-                proposals[key] = new // unit  # e.g. heads x head_dim = projection width
+                weak[key] = new // unit
                 break
     want = _shapes(model)
-    candidate = dict(proposals)
-    while True:
-        trial = config.__class__.from_dict({**config.to_dict(), **candidate})
-        if _rebuilds(model, trial, want):
-            for key, value in candidate.items():
-                setattr(config, key, value)
-            return candidate
-        # drop the proposal whose removal helps (coincidences like vocab == old width)
-        for key in list(candidate):
-            rest = {k: v for k, v in candidate.items() if k != key}
-            if _rebuilds(model, config.__class__.from_dict({**config.to_dict(), **rest}), want):
-                for k, v in rest.items():
-                    setattr(config, k, v)
-                return rest
-        if not candidate:
-            return None
-        candidate.pop(next(iter(candidate)))
+
+    def mismatches(candidate: dict[str, int]) -> int | None:
+        return _mismatches(model, config.__class__.from_dict({**base, **candidate}), want)
+
+    chosen = _choose(strong, weak, mismatches)
+    if chosen is not None:
+        for key, value in chosen.items():
+            setattr(config, key, value)
+    return chosen
+
+
+def _choose(strong: dict[str, int], weak: dict[str, int], mismatches: Any) -> dict[str, int] | None:
+    """Add proposals one at a time, each time the one that fixes the most tensors, until all fit.
+
+    Coincidences (a layer count equal to an old head count, a vocab size equal
+    to an old width) fix nothing or break more, so they are never taken. A
+    proposal that changes no shape is taken only for head counts, which the
+    shapes alone cannot pin down (GPT-2's ``n_head``). On a tie, an equality
+    proposal beats a product one: equality proposals go first (4 heads of 8 and
+    2 heads of 16 have the same shapes; the size that changed says which is true).
+    """
+    proposals = {**weak, **strong}
+    candidate: dict[str, int] = {}
+    best = mismatches(candidate)
+    if best is None:
+        return None
+    for phase in (strong, weak):
+        while best:
+            options = []
+            for key, value in phase.items():
+                if key not in candidate:
+                    score = mismatches({**candidate, key: value})
+                    if score is not None and score < best:
+                        options.append((score, key, value))
+            if not options:
+                break
+            best, key, value = min(options)
+            candidate[key] = value
+    if best:
+        return None
+    for key, value in proposals.items():
+        if key not in candidate and "head" in key and mismatches({**candidate, key: value}) == 0:
+            candidate[key] = value
+    return candidate

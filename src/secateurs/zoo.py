@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["DigitsCNN"]
+__all__ = ["DigitsCNN", "SmallResNet"]
 
 
 class DigitsCNN(nn.Module):
@@ -38,3 +38,47 @@ class DigitsCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
+
+
+class _Basic(nn.Module):
+    """A ResNet basic block: two 3x3 convs with BatchNorm, plus the input."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn2(self.conv2(self.bn1(self.conv1(x)).relu()))
+        return (out + x).relu()
+
+
+class SmallResNet(nn.Module):
+    """A ResNet for 28x28 single-channel digits: three stages of ``blocks`` residual blocks.
+
+    Rebuildable from the spec ``secateurs.zoo:SmallResNet``; the layer-pruning benchmark uses it.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 16, blocks: int = 4) -> None:
+        super().__init__()
+        w = width
+
+        def down(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+                                 nn.ReLU(inplace=True))
+
+        self.stem = down(1, w, 1)
+        self.stage1 = nn.Sequential(*[_Basic(w) for _ in range(blocks)])
+        self.down2 = down(w, 2 * w, 2)
+        self.stage2 = nn.Sequential(*[_Basic(2 * w) for _ in range(blocks)])
+        self.down3 = down(2 * w, 4 * w, 2)
+        self.stage3 = nn.Sequential(*[_Basic(4 * w) for _ in range(blocks)])
+        self.head = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stage1(self.stem(x))
+        x = self.stage2(self.down2(x))
+        x = self.stage3(self.down3(x))
+        return self.head(x.mean((2, 3)))

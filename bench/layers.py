@@ -48,7 +48,7 @@ def cnn_part(rows: list[dict]) -> None:
 
     data = load_dataset("mnist5k")
     torch.manual_seed(0)
-    dense = fit(SmallResNet(), data.x_train, data.y_train, epochs=6, lr=3e-3)
+    dense = fit(SmallResNet(blocks=4), data.x_train, data.y_train, epochs=6, lr=3e-3)
     x1, xb = data.x_test[:1], data.x_test[:64]
     base = {"accuracy": evaluate(dense, data.x_test, data.y_test)["accuracy"], "macs": _macs(dense, x1),
             "latency_ms": measure_latency(dense, xb, warmup=3, repeats=20)}

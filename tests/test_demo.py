@@ -21,6 +21,9 @@ def test_demo_trains_prunes_and_recovers(tmp_path, capsys, monkeypatch):
     assert nm["accuracy"] > 0.9
     assert recovered["size_bytes"] < 0.35 * dense["size_bytes"]
     assert (tmp_path / "models" / "unstructured80-ft" / "secateurs.json").exists()
+    resnet, shallow = results["dense ResNet (9 blocks)"], results["ResNet, 3 blocks removed + recovery"]
+    assert resnet["accuracy"] > 0.9 and shallow["accuracy"] > 0.9
+    assert shallow["params"] < resnet["params"] and shallow["macs"] < resnet["macs"]
     # The second run loads the cached dense model instead of training.
     assert any((tmp_path / "cache" / "secateurs").iterdir())
     assert main(["demo", "--json", "--out", str(tmp_path / "models"), "--overwrite"]) == 0

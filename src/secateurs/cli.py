@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-output-layer", action="store_true", help="also prune the final layer")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
 
-    d = sub.add_parser("demo", help="train a small CNN on bundled digits, prune it, compare")
+    d = sub.add_parser("demo", help="train small CNNs on bundled digits, prune them several ways, compare")
     d.add_argument("--out", metavar="DIR", help="keep the pruned models in DIR")
     d.add_argument("--overwrite", action="store_true", help="replace non-empty model folders in --out")
     d.add_argument("--epochs", type=int, default=30, help="training epochs of the dense model")
@@ -264,7 +264,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(results)
         return 0
-    print("secateurs demo: a small CNN on scikit-learn's 8x8 digits (360 held-out images)")
+    print("secateurs demo: a small CNN and a small ResNet on scikit-learn's 8x8 digits (360 held-out images)")
     print(before_after_table(results))
     if args.out:
         print(f"pruned models saved under {args.out}; try: secateurs analyze {args.out}/unstructured80-ft")

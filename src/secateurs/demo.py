@@ -1,4 +1,7 @@
-"""``secateurs demo``: train a small CNN on bundled digits, prune it several ways, compare.
+"""``secateurs demo``: train small CNNs on bundled digits, prune them several ways, compare.
+
+A plain CNN shows unstructured, N:M and channel pruning; a small ResNet shows
+layer pruning (whole residual blocks removed, chosen on calibration batches).
 
 Needs no arguments and no download (scikit-learn ships the digits). The dense
 model is cached under ``$XDG_CACHE_HOME/secateurs`` so reruns skip training.
@@ -21,14 +24,15 @@ from .analysis import analyze
 from .data import load_dataset
 from .errors import SecateursError
 from .io.checkpoint import is_saved_model, load, save
-from .methods import NM, Channels, Unstructured, prune_
+from .methods import NM, Channels, Layers, Unstructured, prune_
 from .train import evaluate, fit
-from .zoo import DigitsCNN
+from .zoo import DigitsCNN, SmallResNet
 
 __all__ = ["DemoConfig", "run_demo", "cache_dir"]
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "digits-cnn-v1"
+CACHE_VERSION = "digits-v1"
+ARCHITECTURES = {"cnn": DigitsCNN, "resnet": SmallResNet}
 
 
 @dataclass
@@ -52,8 +56,8 @@ def cache_dir() -> Path:
     return Path(base) / "secateurs"
 
 
-def _dense_model(config: DemoConfig, split: Any) -> nn.Module:
-    path = cache_dir() / f"{CACHE_VERSION}-e{config.epochs}-s{config.seed}"
+def _dense_model(config: DemoConfig, split: Any, kind: str) -> nn.Module:
+    path = cache_dir() / f"{CACHE_VERSION}-{kind}-e{config.epochs}-s{config.seed}"
     if config.use_cache and is_saved_model(path):
         try:
             log.info("loading the trained demo model from %s", path)
@@ -61,8 +65,8 @@ def _dense_model(config: DemoConfig, split: Any) -> nn.Module:
         except SecateursError as exc:
             log.warning("ignoring a broken cache at %s: %s", path, exc)
     torch.manual_seed(config.seed)
-    model = DigitsCNN()
-    log.info("training the demo CNN on digits for %d epochs", config.epochs)
+    model = ARCHITECTURES[kind]()
+    log.info("training the demo %s on digits for %d epochs", kind, config.epochs)
     fit(model, split.x_train, split.y_train, epochs=config.epochs, seed=config.seed)
     if config.use_cache:
         try:
@@ -78,6 +82,7 @@ class Variant:
     slug: str
     prune: Any | None  # a method config for prune_, or None for the dense model
     recover: bool
+    base: str = "cnn"  # which dense model it starts from
 
 
 VARIANTS = [
@@ -86,6 +91,10 @@ VARIANTS = [
     Variant("unstructured 80% + recovery", "unstructured80-ft", Unstructured(sparsity=0.8, scope="global"), True),
     Variant("2:4 + recovery", "nm24-ft", NM(n=2, m=4), True),
     Variant("channels 50% + recovery", "channels50-ft", Channels(ratio=0.5), True),
+    Variant("dense ResNet (9 blocks)", "resnet-dense", None, False, "resnet"),
+    Variant("ResNet, 3 blocks removed", "resnet-layers3", Layers(n=3, importance="block_influence"), False, "resnet"),
+    Variant("ResNet, 3 blocks removed + recovery", "resnet-layers3-ft", Layers(n=3, importance="block_influence"),
+            True, "resnet"),
 ]
 
 
@@ -98,15 +107,16 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, dict[str, Any]]:
     """
     config = config or DemoConfig()
     split = load_dataset("digits", seed=config.seed)
-    dense = _dense_model(config, split)
+    dense = {kind: _dense_model(config, split, kind) for kind in ARCHITECTURES}
     x = torch.zeros(split.input_shape)
+    calibration = [(split.x_train[i : i + 64], split.y_train[i : i + 64]) for i in range(0, 256, 64)]
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(config.out) if config.out else Path(scratch)
         for variant in VARIANTS:
-            model = copy.deepcopy(dense)
+            model = copy.deepcopy(dense[variant.base])
             if variant.prune is not None:
-                prune_(model, variant.prune, example_inputs=x)
+                prune_(model, variant.prune, example_inputs=x, data=calibration)
             if variant.recover and config.recover_epochs:
                 fit(model, split.x_train, split.y_train, epochs=config.recover_epochs, lr=1e-3, seed=config.seed)
             target = root / variant.slug

@@ -56,12 +56,12 @@ class _Basic(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """A ResNet for 28x28 single-channel digits: three stages of ``blocks`` residual blocks.
+    """A ResNet for single-channel digits (8x8 or 28x28): three stages of ``blocks`` residual blocks.
 
     Rebuildable from the spec ``secateurs.zoo:SmallResNet``; the layer-pruning benchmark uses it.
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 16, blocks: int = 4) -> None:
+    def __init__(self, num_classes: int = 10, width: int = 16, blocks: int = 3) -> None:
         super().__init__()
         w = width
 

@@ -231,3 +231,48 @@ def test_cli_layer_method(tmp_path, capsys):
     code = main(["prune", "torchvision:resnet18", "--input-shape", "1,3,32,32", "--method", "layer", "--layers", "2",
                  "--data", "pydoc", "--out", str(tmp_path / "bad")])
     assert code == 2 and "tokenizer" in capsys.readouterr().err
+
+
+def test_removed_blocks_leave_named_modules_and_take_exactly_their_params_and_macs():
+    torch.manual_seed(0)
+    model = ResNetLike().eval()
+    x = torch.randn(1, 3, 8, 8)
+    before = secateurs.analyze(model, x, latency=False, size=False)
+    blocks = dict(model.named_modules())
+    report = secateurs.prune_(model, Layers(n=2, importance="magnitude"), example_inputs=x)
+    gone = [blocks[name] for name in report.plan["drop"]]
+    assert not any(m is g for m in model.modules() for g in gone)
+    removed_params = sum(p.numel() for g in gone for p in g.parameters())
+    removed_macs = sum(layer.macs for layer in before.layers
+                       if any(layer.name.startswith(name + ".") for name in report.plan["drop"]))
+    after = secateurs.analyze(model, x, latency=False, size=False)
+    assert before.params - after.params == removed_params > 0
+    assert before.macs - after.macs == removed_macs > 0
+    assert [c["name"] for c in report.plan["candidates"] if c["removed"]] == sorted(report.plan["drop"])
+
+
+def test_stage_containers_yield_to_their_blocks():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(Residual(8), Residual(8)),
+                          nn.Sequential(Residual(8), Residual(8), Residual(8)))
+    blocks = {b.name: b for b in find_blocks(model, torch.randn(1, 3, 8, 8))}
+    assert not blocks["1"].removable and "its blocks are the candidates" in blocks["1"].reason
+    assert all(blocks[f"2.{i}"].removable for i in range(3))
+    report = secateurs.prune_(model, Layers(n=3), example_inputs=torch.randn(1, 3, 8, 8))
+    assert len(model) == 3 and len(model[1]) >= 1 and len(model[2]) >= 1 and len(report.plan["drop"]) == 3
+
+
+def test_nested_drops_delete_exactly_the_named_modules():
+    from secateurs.surgery import Plan, apply_plan_
+
+    model = nn.Sequential(nn.Sequential(Residual(4), Residual(4)), nn.Sequential(Residual(4), Residual(4), Residual(4)),
+                          nn.Sequential(Residual(4)))
+    keep = [model[1][0], model[1][2], model[2][0]]
+    apply_plan_(model, Plan(drop=["0", "1.1", "0.1"]))  # "0.1" goes with "0"
+    assert [model[0][0], model[0][1], model[1][0]] == keep and len(model) == 2
+
+
+def test_ignoring_a_layer_inside_a_block_keeps_the_block():
+    model = ResNetLike()
+    report = secateurs.prune_(model, Layers(n=4, ignore=["stage1.0.conv", "stage2.2.bn"]),
+                              example_inputs=torch.randn(1, 3, 8, 8))
+    assert "stage1.0" not in report.plan["drop"] and "stage2.2" not in report.plan["drop"]

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank channels across all layers (method channel)")
     p.add_argument("--max-ratio", type=float, help="most any layer may lose with --global/--target-macs")
-    p.add_argument("--data", metavar="DATA", help="calibration batches for data-driven criteria: digits, mnist5k, "
+    p.add_argument("--data", "--calib", metavar="DATA", help="calibration batches for data-driven criteria: digits, mnist5k, "
                    "imagefolder:PATH, or for language models pydoc or text:FILE")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (text --data)")
     p.add_argument("--calib-batches", type=int, help="how many batches of --data to use (method channel)")
@@ -86,11 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recalibrate-bn", action="store_true",
                    help="re-estimate BatchNorm statistics after pruning (method channel, needs --data)")
     p.add_argument("--steps", type=int, help="reach the target in this many re-scored steps (method channel)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size for --data")
+    p.add_argument("--batch-size", type=int, help="batch size for --data (default 32 images, 4 text sequences)")
+    p.add_argument("--calib-samples", type=int, metavar="N",
+                   help="calibration sequences/images in all (sets the number of --data batches)")
     p.add_argument("--ignore", metavar="NAME[,NAME]", help="modules to leave alone (names, prefixes, globs)")
     p.add_argument("--include", metavar="NAME[,NAME]", help="prune only these modules")
     p.add_argument("--prune-output-layer", action="store_true", help="also prune the final layer")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
+
+    e = sub.add_parser("eval", help="accuracy on held-out images (--data) or perplexity on held-out text (--ppl)")
+    _add_model_args(e)
+    target = e.add_mutually_exclusive_group(required=True)
+    target.add_argument("--data", metavar="DATA", help="labelled images: digits, mnist5k or imagefolder:PATH "
+                        "(its val/ split)")
+    target.add_argument("--ppl", metavar="TEXT", help="perplexity on the held-out part of pydoc or text:FILE")
+    e.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (--ppl)")
+    e.add_argument("--batch-size", type=int, help="batch size (default 64 images, 4 sequences)")
+    e.add_argument("--max-batches", type=int, help="evaluate at most this many batches")
 
     d = sub.add_parser("demo", help="train small CNNs on bundled digits, prune them several ways, compare")
     d.add_argument("--out", metavar="DIR", help="keep the pruned models in DIR")
@@ -157,6 +169,10 @@ def _method_config(args: argparse.Namespace) -> Any:
         if args.method != "layer":
             raise SecateursError(f"--layers does not apply to --method {args.method}")
         given["n"] = args.layers
+    if args.calib_samples is not None:
+        if args.calib_samples < 1:
+            raise SecateursError(f"--calib-samples must be at least 1, got {args.calib_samples}")
+        given["calib_batches"] = -(-args.calib_samples // _batch_size(args))
     if args.method == "layer" and "importance" in given:
         given["importance"] = given["importance"].replace("-", "_")  # block-influence -> block_influence
     if "seed" in fields:
@@ -181,6 +197,14 @@ def _check_out_not_input(args: argparse.Namespace) -> None:
             )
 
 
+def _batch_size(args: argparse.Namespace) -> int:
+    from .data.text import is_text_spec
+
+    if args.batch_size is not None:
+        return args.batch_size
+    return 4 if args.data is not None and is_text_spec(args.data) else 32
+
+
 def _calibration(args: argparse.Namespace, config: Any, x: Any) -> list[Any]:
     """Batches named by ``--data``: images for vision models, tokenized text for language models."""
     from .data import batches
@@ -191,9 +215,24 @@ def _calibration(args: argparse.Namespace, config: Any, x: Any) -> list[Any]:
         from .io.specs import load_tokenizer
 
         return token_batches(args.data, load_tokenizer(args.model), seq_len=args.seq_len,
-                             batch_size=args.batch_size, max_batches=count)
-    return batches(args.data, batch_size=args.batch_size, input_shape=list(x.shape), max_batches=count,
+                             batch_size=_batch_size(args), max_batches=count)
+    return batches(args.data, batch_size=_batch_size(args), input_shape=list(x.shape), max_batches=count,
                    seed=args.seed)
+
+
+def _tokenizer_files(spec: str) -> dict[str, bytes]:
+    """The tokenizer of an ``hf:`` model (or a saved folder that has one), to save next to the pruned model."""
+    import tempfile
+
+    from .io.specs import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(spec)
+    except SecateursError:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {f.name: f.read_bytes() for f in Path(tmp).iterdir() if f.is_file()}
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -235,7 +274,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report=report.to_dict(),
         input_shape=list(x.shape),
         overwrite=args.overwrite,
-        extra_files={"report.json": report_json},
+        extra_files={"report.json": report_json, **_tokenizer_files(args.model)},
     )
     if args.json:
         _emit_json(result)
@@ -244,6 +283,44 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if report.skipped:
         print("left dense: " + ", ".join(f"{k} ({v})" for k, v in report.skipped.items()))
     print(before_after_table({"before": before, "after": after}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from .selection import call_model
+    from .utils import eval_mode
+
+    model, x = _load(args)
+    result: dict[str, Any] = {"model": args.model}
+    if args.ppl is not None:
+        from .data.text import perplexity, token_batches
+        from .io.specs import load_tokenizer
+
+        held_out = token_batches(args.ppl, load_tokenizer(args.model), seq_len=args.seq_len,
+                                 batch_size=args.batch_size or 4, max_batches=args.max_batches, split="test")
+        result.update(text=args.ppl, sequences=sum(len(b["input_ids"]) for b in held_out), seq_len=args.seq_len,
+                      perplexity=perplexity(model, held_out))
+    else:
+        from .data import batches
+
+        correct = count = 0
+        loss = 0.0
+        with torch.no_grad(), eval_mode(model):
+            for xb, yb in batches(args.data, batch_size=args.batch_size or 64, input_shape=list(x.shape),
+                                  split="test", max_batches=args.max_batches, seed=args.seed):
+                logits = call_model(model, xb)
+                logits = getattr(logits, "logits", logits)
+                correct += int((logits.argmax(1) == yb).sum())
+                loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+                count += len(yb)
+        result.update(data=args.data, examples=count, accuracy=correct / count, loss=loss / count)
+    if args.json:
+        _emit_json(result)
+    else:
+        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     return 0
 
 
@@ -264,14 +341,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(results)
         return 0
-    print("secateurs demo: a small CNN and a small ResNet on scikit-learn's 8x8 digits (360 held-out images)")
+    print("secateurs demo: a small CNN and a small ResNet on scikit-learn's 8x8 digits (a fifth held out for testing)")
     print(before_after_table(results))
     if args.out:
         print(f"pruned models saved under {args.out}; try: secateurs analyze {args.out}/unstructured80-ft")
     return 0
 
 
-COMMANDS = {"analyze": cmd_analyze, "prune": cmd_prune, "demo": cmd_demo}
+COMMANDS = {"analyze": cmd_analyze, "prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

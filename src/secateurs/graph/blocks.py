@@ -37,6 +37,7 @@ class Block:
     removable: bool
     reason: str = ""  # why not removable
     params: int = 0
+    position: int = 0  # index among the container's entries
 
 
 def first_tensor(args: Any, kwargs: dict | None = None) -> Tensor | None:
@@ -99,7 +100,7 @@ def find_blocks(model: nn.Module, example_inputs: Any, extra: tuple[str, ...] = 
             families.append((f"{parent}.{key}" if parent else key, [("", modules[name])]))
     for container_name, children in families:
         run, last_shape = -1, object()
-        for key, child in children:
+        for position, (key, child) in enumerate(children):
             name = f"{container_name}.{key}" if container_name and key else container_name or key
             if name not in calls:
                 continue  # never ran (or not reached): not ours to judge
@@ -116,7 +117,14 @@ def find_blocks(model: nn.Module, example_inputs: Any, extra: tuple[str, ...] = 
                 reason = "holds no weight layer"
             params = sum(p.numel() for p in child.parameters())
             stage = f"{container_name}#{run}" if key else ""
-            blocks.append(Block(name, stage, not reason, reason, params))
+            blocks.append(Block(name, stage, not reason, reason, params, position))
+    # A container whose entries are removable yields to them: a stage of blocks
+    # is not one block (removing the stage would take every block at once).
+    removable = [b.name for b in blocks if b.removable]
+    for b in blocks:
+        if b.removable and isinstance(modules[b.name], CONTAINERS) and any(
+                inner.startswith(b.name + ".") for inner in removable):
+            b.removable, b.reason = False, "a container of removable blocks: its blocks are the candidates"
     # only the outermost removable entries: a block inside a removable block goes with it
     removable = [b.name for b in blocks if b.removable]
     for b in blocks:

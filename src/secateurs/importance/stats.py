@@ -137,6 +137,7 @@ class InputMeans:
         self.model = model
         self.sums: dict[str, Tensor] = {}
         self.followers: dict[str, str] = {}  # layer name -> name of the BatchNorm that normalises its output
+        self.calls: dict[str, int] = {}  # a layer called twice per forward averages over both calls
         self.batches = 0
 
     def run(self, data: Iterable[Any], max_batches: int) -> InputMeans:
@@ -152,6 +153,7 @@ class InputMeans:
             moved = x if isinstance(module, nn.Linear) else x.movedim(1, -1)
             key = names[id(module)]
             self.sums[key] = self.sums.get(key, 0) + moved.detach().float().reshape(-1, moved.shape[-1]).mean(0)
+            self.calls[key] = self.calls.get(key, 0) + 1
             if isinstance(output, Tensor) and self.batches == 0:
                 outputs[id(output)] = key
                 alive.append(output)
@@ -181,4 +183,4 @@ class InputMeans:
         return self
 
     def means(self) -> dict[str, Tensor]:
-        return {k: v / self.batches for k, v in self.sums.items()}
+        return {k: v / self.calls[k] for k, v in self.sums.items()}

@@ -80,12 +80,12 @@ def load_tokenizer(spec: str) -> Any:
         if target.suffix == ".gguf" and target.is_file():
             return transformers.AutoTokenizer.from_pretrained(str(target.parent), gguf_file=target.name,
                                                               local_files_only=True)
-        if (target / "config.json").is_file():
+        if (target / "config.json").is_file() or (target / "tokenizer_config.json").is_file():
             return transformers.AutoTokenizer.from_pretrained(str(target), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise SecateursError(f"cannot load the tokenizer of '{spec}' ({first_line(exc)})") from None
-    raise SecateursError(f"text data needs the model's tokenizer: give the model as hf:FOLDER or a .gguf file, "
-                         f"not '{spec}'")
+    raise SecateursError(f"text data needs the model's tokenizer: give the model as hf:FOLDER, a .gguf file, "
+                         f"or a folder pruned from one; '{spec}' has none")
 
 
 def _load_hf(target: str) -> nn.Module:

@@ -23,7 +23,7 @@ from ..importance.layer import LAYER_IMPORTANCE, angular_distance, block_influen
 from ..importance.stats import split_batch
 from ..selection import Selection, _matches, call_model
 from ..surgery import Plan, apply_plan_
-from ..utils import eval_mode
+from ..utils import eval_mode, first_line
 from .common import config_to_dict
 from .registry import register_method
 from .rehearsal import meta_copy, output_shapes, rehearse, to_meta
@@ -149,34 +149,41 @@ class _Calibration:
                 h.remove()
         return total / len(self.batches)
 
-    def activations(self, names: list[str]) -> tuple[dict[str, float], dict[tuple[int, int], float]]:
-        """Block influence of each block, and angular distance of every run ``names[i:j+1]``."""
+    def activations(self, blocks: list[Block], runs: bool) -> tuple[dict[str, float], dict[tuple[int, int], float]]:
+        """Block influence of each block and, with ``runs``, the angular distance of every run
+        ``blocks[i..j]`` of consecutive entries of one stage."""
+        names = [b.name for b in blocks]
         modules = dict(self.model.named_modules())
         influence = dict.fromkeys(names, 0.0)
         angular: dict[tuple[int, int], float] = {}
-        seen: dict[str, tuple[Tensor, Tensor]] = {}
+        seen: dict[str, tuple[Tensor, Tensor]] = {}  # kept only when runs of blocks are scored
+        share = 1 / len(self.batches)
 
-        def recorder(name: str) -> Any:
+        def recorder(i: int, name: str) -> Any:
             def hook(module: nn.Module, args: Any, kwargs: dict, out: Any) -> None:
-                seen[name] = (first_tensor(args, kwargs).detach(), first_tensor(out).detach())
+                x, y = first_tensor(args, kwargs).detach(), first_tensor(out).detach()
+                influence[name] += float(block_influence(x, y)) * share
+                angular[(i, i)] = angular.get((i, i), 0.0) + float(angular_distance(x, y)) * share
+                if runs:
+                    seen[name] = (x, y)
 
             return hook
 
         for batch in self.batches:
             seen.clear()
-            handles = [modules[n].register_forward_hook(recorder(n), with_kwargs=True) for n in names]
+            handles = [modules[n].register_forward_hook(recorder(i, n), with_kwargs=True) for i, n in enumerate(names)]
             try:
                 with torch.no_grad(), eval_mode(self.model):
                     call_model(self.model, split_batch(batch)[0])
             finally:
                 for h in handles:
                     h.remove()
-            for i, name in enumerate(names):
-                influence[name] += float(block_influence(*seen[name])) / len(self.batches)
-                for j in range(i, len(names)):
+            for i in range(len(names) if runs else 0):
+                for j in range(i + 1, len(names)):
+                    if blocks[j].stage != blocks[i].stage or blocks[j].position - blocks[i].position != j - i:
+                        break  # runs are consecutive entries of one stage
                     x, y = seen[names[i]][0], seen[names[j]][1]
-                    if x.shape == y.shape:
-                        angular[(i, j)] = angular.get((i, j), 0.0) + float(angular_distance(x, y)) / len(self.batches)
+                    angular[(i, j)] = angular.get((i, j), 0.0) + float(angular_distance(x, y)) * share
         return influence, angular
 
 
@@ -197,7 +204,8 @@ class _Chooser:
         self.model, self.config, self.inputs, self.calib = model, config, inputs, calib
         self.stage_size: dict[str, int] = {}
         for b in all_blocks:
-            self.stage_size[b.stage] = self.stage_size.get(b.stage, 0) + 1
+            if b.reason != "holds no weight layer":  # a stage of norms and activations is no stage
+                self.stage_size[b.stage] = self.stage_size.get(b.stage, 0) + 1
         self.stage_of = {b.name: b.stage for b in blocks}
         self.expected = output_shapes(self._forward_meta(meta_copy(model)))
         self.base_macs = _macs(meta_copy(model), to_meta(inputs)) if config.target_macs is not None else 0
@@ -205,8 +213,12 @@ class _Chooser:
         self.loss_after: float | None = None
 
     def _forward_meta(self, model: nn.Module) -> Any:
-        with torch.no_grad():
-            return call_model(model.eval(), to_meta(self.inputs))
+        try:
+            with torch.no_grad():
+                return call_model(model.eval(), to_meta(self.inputs))
+        except Exception as exc:  # data-dependent code (.item(), routing) cannot run on meta tensors
+            raise SecateursError(f"the model cannot run on the meta device, which layer pruning uses to check "
+                                 f"each removal ({first_line(exc)})") from None
 
     def stages_ok(self, chosen: list[str]) -> bool:
         if self.config.allow_empty_stage:
@@ -264,8 +276,7 @@ def _window(chooser: _Chooser, names: list[str], angular: dict[tuple[int, int], 
     for length in range(1, len(names) + 1):
         if config.n is not None and length != config.n:
             continue
-        runs = sorted((d, i) for (i, j), d in angular.items() if j - i + 1 == length
-                      and len({chooser.stage_of[n] for n in names[i:j + 1]}) == 1)
+        runs = sorted((d, i) for (i, j), d in angular.items() if j - i + 1 == length)
         pick = next((names[i:i + length] for _, i in runs
                      if chooser.stages_ok(names[i:i + length]) and chooser.works(names[i:i + length])[0] is not None),
                     None)
@@ -313,7 +324,7 @@ def apply_layers(model: nn.Module, config: Layers, *, example_inputs: Any = None
         scores = {n: calib.loss([n]) - calib.dense_loss for n in names}
     else:
         assert calib is not None
-        influence, angular = calib.activations(names)
+        influence, angular = calib.activations(blocks, runs=importance == "angular")
         scores = influence if importance == "block_influence" else {n: angular[(i, i)] for i, n in enumerate(names)}
     chooser = _Chooser(model, config, blocks, all_blocks, example_inputs, calib)
     if importance == "angular":
@@ -337,7 +348,8 @@ def _selected(model: nn.Module, config: Layers, blocks: list[Block]) -> list[Blo
             raise SecateursError(f"'{pattern}' matches no module of the model; check the spelling")
     chosen = []
     for b in blocks:
-        if any(_matches(b.name, p) for p in config.ignore):
+        inside = [n for n in names if n == b.name or n.startswith(b.name + ".")]
+        if any(_matches(n, p) for n in inside for p in config.ignore):
             continue
         if config.filter_fn is not None and not config.filter_fn(model.get_submodule(b.name), b.name):
             continue

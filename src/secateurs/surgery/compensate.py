@@ -33,10 +33,10 @@ def compensate_(model: nn.Module, plan: Plan, means: dict[str, Tensor], follower
             removed = plan.remove.get(f"{name}.weight" if name else "weight", {}).get(1)
             if not removed:
                 continue
-            idx = torch.tensor(removed, dtype=torch.long)
             weight = layer.weight.detach()  # masked layers: the effective weight
+            idx = torch.tensor(removed, dtype=torch.long, device=weight.device)
             per_channel = weight.index_select(1, idx).flatten(2).sum(2) if weight.dim() > 2 else weight[:, idx]
-            delta = per_channel.float() @ mean[idx].to(per_channel.device)
+            delta = per_channel.float() @ mean.to(per_channel.device)[idx]
             if getattr(layer, "bias", None) is not None:
                 layer.bias.add_(delta.to(layer.bias.dtype))
             elif name in followers and modules[followers[name]].running_mean is not None:

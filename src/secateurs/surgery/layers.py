@@ -28,11 +28,15 @@ def drop_modules_(model: nn.Module, paths: list[str]) -> None:
     ``del seq[i]`` does); entries of a ``Sequential`` built from an ordered dict
     keep their names.
     """
+    outermost = [p for p in paths if not any(p.startswith(other + ".") for other in paths)]  # inner ones go along
     by_container: dict[str, list[str]] = {}
-    for path in paths:
+    for path in outermost:
         parent, _, key = path.rpartition(".")
         by_container.setdefault(parent, []).append(key)
-    for parent, keys in by_container.items():
+    config_before = _config_snapshot(model)
+    # deepest containers first: renumbering an outer list must not move an inner path
+    for parent in sorted(by_container, key=lambda p: p.count(".") + bool(p), reverse=True):
+        keys = by_container[parent]
         container = model.get_submodule(parent) if parent else model
         if not isinstance(container, CONTAINERS):
             for key in keys:  # an attribute, not a list entry: an identity takes its place
@@ -54,6 +58,31 @@ def drop_modules_(model: nn.Module, paths: list[str]) -> None:
                 delattr(container, key)
         _renumber_layer_idx(container, kept)
         _update_config(model, len(names), sorted(gone))
+    _verify_config(model, config_before)
+
+
+def _config_snapshot(model: nn.Module) -> dict | None:
+    config = getattr(model, "config", None)
+    return dict(vars(config)) if config is not None else None
+
+
+def _verify_config(model: nn.Module, before: dict | None) -> None:
+    """A transformers config must rebuild the new layer stack; otherwise restore it and say so."""
+    import sys
+
+    transformers = sys.modules.get("transformers")
+    config = getattr(model, "config", None)
+    if before is None or transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return
+    from . import CONFIG_STALE_ATTR
+    from .hf import _mismatches, _shapes
+
+    if _mismatches(model, config, _shapes(model)) != 0:
+        # e.g. num_hidden_layers is an alias of the encoder's count, but the decoder lost the layer:
+        # the config cannot say this, so leave it as it was and report it
+        config.__dict__.clear()
+        config.__dict__.update(before)
+        setattr(model, CONFIG_STALE_ATTR, True)
 
 
 def _renumber_layer_idx(container: nn.Module, kept: list[int]) -> None:

@@ -45,6 +45,10 @@ def recalibrate_bn_(model: nn.Module, data: Iterable[Any], batches: int = 32) ->
                     break
                 call_model(model, split_batch(batch)[0])
                 used += 1
+        except BaseException:
+            for m, state in zip(norms, saved, strict=True):
+                m.load_state_dict(state)  # a failed pass must not leave half-estimated statistics
+            raise
         finally:
             for m, momentum in zip(norms, momenta, strict=True):
                 m.momentum = momentum

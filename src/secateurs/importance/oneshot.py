@@ -1,0 +1,91 @@
+"""One-shot pruning with calibration statistics of a layer's inputs: Wanda and SparseGPT.
+
+Both work on a weight in ``(out_features, in_features)`` layout and the
+statistics of the inputs it saw; both return a keep-mask, and SparseGPT also
+the updated weight. Pure functions: no hooks, no modules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..methods.common import lowest_k
+from ..methods.nm import nm_mask
+
+__all__ = ["InputStats", "sparsegpt", "wanda"]
+
+
+class InputStats:
+    """Running statistics of a Linear layer's inputs (rows are tokens)."""
+
+    def __init__(self, in_features: int, hessian: bool):
+        self.count = 0
+        self.sq_norm = torch.zeros(in_features, dtype=torch.float64)
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64) if hessian else None
+
+    def update(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64).cpu()
+        self.count += x.shape[0]
+        self.sq_norm += x.pow(2).sum(0)
+        if self.hessian is not None:
+            self.hessian += x.T @ x
+
+
+def _keep(scores: Tensor, sparsity: float, n: int | None, m: int | None) -> Tensor:
+    """Per output row: keep the highest scores (unstructured), or ``n`` of every ``m`` inputs."""
+    if n is not None and m is not None:
+        return nm_mask(scores, n, m, dim=1)
+    k = round(sparsity * scores.shape[1])
+    return torch.stack([~lowest_k(row, k) for row in scores]) if k else torch.ones_like(scores, dtype=torch.bool)
+
+
+def wanda(weight: Tensor, stats: InputStats, sparsity: float, n: int | None = None, m: int | None = None) -> Tensor:
+    """Wanda (Sun et al. 2023): score ``|W_ij| * ||X_j||_2``, compared within each output row."""
+    norm = (stats.sq_norm / max(stats.count, 1)).sqrt().to(weight.device, torch.float32)
+    return _keep(weight.detach().abs().float() * norm, sparsity, n, m)
+
+
+def sparsegpt(weight: Tensor, stats: InputStats, sparsity: float, n: int | None = None, m: int | None = None,
+              damp: float = 0.01, blocksize: int = 128) -> tuple[Tensor, Tensor]:
+    """SparseGPT (Frantar & Alistarh 2023): prune columns left to right and let the remaining
+    columns absorb each removal's error, using the inverse Hessian of the layer inputs.
+
+    The Hessian ``X^T X`` is damped by ``damp`` times its mean diagonal; masks
+    are chosen per block of ``blocksize`` columns (per ``m`` columns for N:M)
+    from ``w^2 / [H^-1]_jj^2``, and the updates outside a block are applied
+    lazily once the block is done. Returns ``(new_weight, keep_mask)``.
+    """
+    assert stats.hessian is not None
+    w = weight.detach().to(torch.float64).cpu().clone()
+    rows, cols = w.shape
+    h = stats.hessian.clone() / max(stats.count, 1)
+    dead = torch.diag(h) == 0  # inputs that were always zero: their weights cannot matter
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.diag(h).mean() * torch.eye(cols, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        block, hblock = w[:, start:end].clone(), hinv[start:end, start:end]
+        errors = torch.zeros_like(block)
+        diag = torch.diag(hblock)
+        drop = torch.zeros_like(block, dtype=torch.bool)
+        if n is None:  # unstructured: the lowest saliencies over the whole block
+            saliency = block.pow(2) / diag.pow(2)
+            drop = lowest_k(saliency, round(sparsity * saliency.numel()))
+        for j in range(end - start):
+            if n is not None and m is not None and j % m == 0:
+                group = block[:, j : j + m].pow(2) / diag[j : j + m].pow(2)
+                drop[:, j : j + m] = ~nm_mask(group, n, m, dim=1)
+            column = block[:, j]
+            pruned = column.masked_fill(drop[:, j], 0)
+            err = (column - pruned) / hblock[j, j]
+            block[:, j:] -= err.unsqueeze(1) * hblock[j, j:].unsqueeze(0)
+            block[:, j] = pruned
+            errors[:, j] = err
+        w[:, start:end] = block
+        w[:, end:] -= errors @ hinv[start:end, end:]
+        keep[:, start:end] = ~drop
+    return w.to(weight.dtype).to(weight.device), keep.to(weight.device)

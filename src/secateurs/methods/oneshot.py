@@ -1,0 +1,234 @@
+"""One-shot pruning of language models with calibration data: Wanda and SparseGPT, block by block.
+
+The calibration batches run through the model once, up to the first block
+(a transformer layer, found by :func:`secateurs.graph.blocks.find_blocks`,
+not by model names); their inputs to it are kept. Then each block in turn:
+collect statistics of its layers' inputs, prune those layers, and run the
+*pruned* block to produce the next block's inputs. Memory stays bounded by
+one block plus the calibration activations, which is what lets this scale
+to models far larger than a device; and later blocks see the errors of the
+earlier ones and compensate (SparseGPT) or rank (Wanda) with them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import SecateursError
+from ..graph.blocks import find_blocks, first_tensor
+from ..importance.oneshot import InputStats, sparsegpt, wanda
+from ..importance.stats import split_batch
+from ..masks import get_mask, mask_tied_
+from ..selection import Selection, Target, call_model, input_dim, select_targets
+from ..utils import eval_mode
+from .common import config_to_dict, layer_report
+from .registry import register_method
+from .report import PruneReport
+
+__all__ = ["SparseGPT", "Wanda"]
+
+
+@dataclass(kw_only=True)
+class _OneShot(Selection):
+    sparsity: float = 0.5
+    n: int | None = None
+    m: int | None = None
+    calib_batches: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.n is None) != (self.m is None):
+            raise SecateursError("give both n and m for N:M sparsity (e.g. n=2, m=4), or neither")
+        if self.n is not None:
+            if not 1 <= self.n < self.m:
+                raise SecateursError(f"N:M needs 1 <= N < M, got {self.n}:{self.m}: e.g. 2:4 keeps 2 of every 4")
+            self.sparsity = 1 - self.n / self.m
+        if not 0.0 <= self.sparsity < 1.0:
+            raise SecateursError(f"sparsity must be in [0, 1), got {self.sparsity}: e.g. 0.5 zeroes half the weights")
+        if self.calib_batches < 1:
+            raise SecateursError(f"calib_batches must be at least 1, got {self.calib_batches}")
+
+
+@dataclass(kw_only=True)
+class Wanda(_OneShot):
+    """Wanda (Sun et al. 2023): drop the weights with the lowest ``|W| * ||X||`` in each output row.
+
+    Attributes:
+        sparsity: fraction of each layer's weights to zero (ignored with ``n``/``m``).
+        n, m: N:M sparsity instead, keeping ``n`` of every ``m`` inputs (e.g. 2 and 4).
+        calib_batches: batches of ``data`` to calibrate on (token ids for language models).
+    """
+
+    method: ClassVar[str] = "wanda"
+
+
+@dataclass(kw_only=True)
+class SparseGPT(_OneShot):
+    """SparseGPT (Frantar & Alistarh 2023): prune and update the remaining weights to reconstruct
+    each layer's output on the calibration inputs.
+
+    Attributes:
+        damp: dampening added to the Hessian's diagonal, as a fraction of its mean.
+        blocksize: columns per lazy-update block.
+    """
+
+    damp: float = 0.01
+    blocksize: int = 128
+    method: ClassVar[str] = "sparsegpt"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.damp <= 0:
+            raise SecateursError(f"damp must be positive, got {self.damp}")
+        if self.blocksize < 1 or (self.m is not None and self.blocksize % self.m):
+            raise SecateursError(f"blocksize must be a positive multiple of M, got {self.blocksize}")
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: the rest of the model need not run."""
+
+
+def _no_cache(model: nn.Module, inputs: Any) -> Any:
+    """A transformers model must not build a KV cache during calibration."""
+    if isinstance(inputs, dict) and "use_cache" in inspect.signature(model.forward).parameters:
+        return {**inputs, "use_cache": False}
+    return inputs
+
+
+def _blocks(model: nn.Module, example: Any) -> list[str]:
+    """The longest run of same-shape blocks (the transformer layers), in order."""
+    stages: dict[str, list[str]] = {}
+    for block in find_blocks(model, example):
+        if block.removable and block.stage:
+            stages.setdefault(block.stage, []).append(block.name)
+    return max(stages.values(), key=len) if stages else []
+
+
+def _capture(model: nn.Module, first: nn.Module, batches: list[Any]) -> list[tuple[tuple, dict]]:
+    """The positional and keyword arguments ``first`` receives for every batch."""
+    seen: list[tuple[tuple, dict]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append((args, kwargs))
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                call_model(model, _no_cache(model, split_batch(batch)[0]))
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return seen
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+    """The same call with its main tensor (first positional, or ``hidden_states``) replaced."""
+    if args and isinstance(args[0], Tensor):
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _transposed(target: Target) -> bool:
+    return input_dim(target.module, target.tensor) == 0  # Conv1D keeps (in_features, out_features)
+
+
+def _weight_2d(target: Target) -> Tensor:
+    """The weight as (out_features, in_features)."""
+    return target.weight.T if _transposed(target) else target.weight
+
+
+def _prune_targets(model: nn.Module, targets: list[Target], stats: dict[str, InputStats],
+                   config: _OneShot, report: PruneReport) -> None:
+    for t in targets:
+        s = stats[t.name]
+        if not s.count:
+            report.skipped[t.name] = "never ran on the calibration data"
+            continue
+        weight, flip = _weight_2d(t), _transposed(t)
+        if isinstance(config, SparseGPT):
+            new, keep = sparsegpt(weight, s, config.sparsity, config.n, config.m, config.damp, config.blocksize)
+            masked = get_mask(t.module, t.tensor) is not None
+            original = t.module.parametrizations[t.tensor].original if masked else getattr(t.module, t.tensor)
+            with torch.no_grad():
+                original.copy_(new.T if flip else new)  # SparseGPT updates the weights it keeps
+        else:
+            keep = wanda(weight, s, config.sparsity, config.n, config.m)
+        if flip:
+            keep = keep.T
+        report.layers.append(layer_report(t.name, mask_tied_(model, t.module, keep, t.tensor)))
+
+
+def _collect(targets: list[Target], hessian: bool) -> tuple[dict[str, InputStats], Callable[[], None]]:
+    stats = {t.name: InputStats(_weight_2d(t).shape[1], hessian) for t in targets}
+    handles = [t.module.register_forward_hook(lambda mod, inp, out, name=t.name: stats[name].update(inp[0]))
+               for t in targets]
+    return stats, lambda: [h.remove() for h in handles]
+
+
+def _linear_targets(model: nn.Module, config: _OneShot, example: Any, report: PruneReport) -> list[Target]:
+    targets, skipped = select_targets(model, config, example_inputs=example)
+    report.skipped.update(skipped)
+    kept = []
+    for t in targets:
+        w = t.weight
+        if w.dim() != 2 or t.tensor != "weight":
+            report.skipped[t.name] = "not a Linear-like layer (one-shot methods prune Linear and Conv1D weights)"
+        elif config.m is not None and _weight_2d(t).shape[1] % config.m:
+            report.skipped[t.name] = f"input size {_weight_2d(t).shape[1]} is not a multiple of {config.m}"
+        else:
+            kept.append(t)
+    if not kept:
+        raise SecateursError("no Linear layer to prune: one-shot methods prune Linear/Conv1D weights")
+    return kept
+
+
+@register_method(Wanda)
+@register_method(SparseGPT)
+def apply_oneshot(model: nn.Module, config: _OneShot, *, example_inputs: Any = None, data: Any = None) -> PruneReport:
+    if data is None:
+        raise SecateursError(f"{config.method} calibrates on data: pass data= (CLI: --calib pydoc or text:FILE)")
+    batches = list(itertools.islice(iter(data), config.calib_batches))
+    if not batches:
+        raise SecateursError(f"{config.method} needs at least one calibration batch; data gave none")
+    example = example_inputs if example_inputs is not None else split_batch(batches[0])[0]
+    report = PruneReport(method=config.method, config=config_to_dict(config))
+    targets = _linear_targets(model, config, example, report)
+    hessian = isinstance(config, SparseGPT)
+    with torch.no_grad(), eval_mode(model):
+        blocks = _blocks(model, example)
+        modules = dict(model.named_modules())
+        inside = {name: [t for t in targets if t.module_name.startswith(name + ".")] for name in blocks}
+        in_blocks = {t.name for ts in inside.values() for t in ts}
+        outside = [t for t in targets if t.name not in in_blocks]
+        if outside:  # layers outside the blocks: statistics from one pass of the dense model
+            stats, remove = _collect(outside, hessian)
+            try:
+                for batch in batches:
+                    call_model(model, _no_cache(model, split_batch(batch)[0]))
+            finally:
+                remove()
+            _prune_targets(model, outside, stats, config, report)
+        if blocks:
+            calls = _capture(model, modules[blocks[0]], batches)
+            for name in blocks:
+                block = modules[name]
+                stats, remove = _collect(inside[name], hessian)
+                try:
+                    for args, kwargs in calls:
+                        block(*args, **kwargs)
+                finally:
+                    remove()
+                _prune_targets(model, inside[name], stats, config, report)
+                calls = [_with_hidden(args, kwargs, first_tensor(block(*args, **kwargs))) for args, kwargs in calls]
+    report.config["blocks"] = len(blocks)
+    return report

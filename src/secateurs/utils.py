@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["eval_mode", "first_line"]
+__all__ = ["eval_mode", "first_line", "first_tensor", "output_shapes"]
 
 
 @contextlib.contextmanager
@@ -28,3 +29,34 @@ def eval_mode(model: nn.Module, training: bool = False) -> Iterator[nn.Module]:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def first_tensor(args: Any, kwargs: dict | None = None) -> Tensor | None:
+    """The main tensor of a call's inputs or outputs: the first tensor, or ``hidden_states``."""
+    if isinstance(args, Tensor):
+        return args
+    if isinstance(args, (tuple, list)):
+        for item in args:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    if hasattr(args, "last_hidden_state") and isinstance(args.last_hidden_state, Tensor):
+        return args.last_hidden_state
+    if kwargs:
+        if isinstance(kwargs.get("hidden_states"), Tensor):
+            return kwargs["hidden_states"]
+        for value in kwargs.values():
+            if isinstance(value, Tensor):
+                return value
+    return None
+
+
+def output_shapes(out: Any) -> Any:
+    """The shapes of a model output (tensors, dicts/ModelOutputs, tuples), nested the same way."""
+    if isinstance(out, Tensor):
+        return tuple(out.shape)
+    if isinstance(out, dict) or (hasattr(out, "keys") and hasattr(out, "values")):
+        return {k: output_shapes(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return [output_shapes(v) for v in out]
+    return None

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..selection import call_model, prunable_types
-from ..utils import eval_mode
+from ..utils import eval_mode, first_tensor
 
 __all__ = ["Block", "find_blocks", "first_tensor"]
 
@@ -38,26 +38,6 @@ class Block:
     reason: str = ""  # why not removable
     params: int = 0
     position: int = 0  # index among the container's entries
-
-
-def first_tensor(args: Any, kwargs: dict | None = None) -> Tensor | None:
-    """The main tensor of a call's inputs or outputs: the first tensor, or ``hidden_states``."""
-    if isinstance(args, Tensor):
-        return args
-    if isinstance(args, (tuple, list)):
-        for item in args:
-            found = first_tensor(item)
-            if found is not None:
-                return found
-    if hasattr(args, "last_hidden_state") and isinstance(args.last_hidden_state, Tensor):
-        return args.last_hidden_state
-    if kwargs:
-        if isinstance(kwargs.get("hidden_states"), Tensor):
-            return kwargs["hidden_states"]
-        for value in kwargs.values():
-            if isinstance(value, Tensor):
-                return value
-    return None
 
 
 def find_blocks(model: nn.Module, example_inputs: Any, extra: tuple[str, ...] = ()) -> list[Block]:

@@ -71,6 +71,7 @@ class DependencyGraph:
     frozen_tensors: dict[str, str] = field(default_factory=dict)
     # (module name, attribute, label components of the dim whose size it holds)
     size_attributes: list[tuple[str, str, Tensor]] = field(default_factory=list)
+    output_shapes: Any = None  # the model's output shapes on the traced inputs
 
     def new_sizes(self, removed_roots: set[int]) -> dict[str, dict[str, int]]:
         """New values of size-holding attributes once the channels with these roots are gone."""
@@ -160,4 +161,4 @@ def _group(trace: LabelTrace, model: nn.Module, frozen: dict[str, str]) -> Depen
             frozen[name] = "coupled to the model's inputs/outputs or to an operation it cannot follow"
     links = [(m, a, roots[lab]) for m, a, lab in trace.attribute_links]
     return DependencyGraph(groups=groups, tensor_shapes=shapes, unknown_calls=trace.unknown_calls,
-                           frozen_tensors=frozen, size_attributes=links)
+                           frozen_tensors=frozen, size_attributes=links, output_shapes=trace.output_shapes)

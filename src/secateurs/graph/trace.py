@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode, resolve_name
 
 from ..errors import SecateursError
 from ..selection import call_model
-from ..utils import eval_mode, first_line
+from ..utils import eval_mode, first_line, output_shapes
 
 __all__ = ["LabelTrace", "trace_labels"]
 
@@ -48,6 +48,7 @@ class LabelTrace:
     edges_b: list[Tensor] = field(default_factory=list)
     unknown_calls: dict[str, int] = field(default_factory=dict)
     attribute_links: list[tuple[str, str, Tensor]] = field(default_factory=list)  # module, attr, labels
+    output_shapes: Any = None  # shapes of the model's output on the example inputs
 
     def components(self) -> Tensor:
         """Root label of each label's component (0 for frozen components)."""
@@ -1000,6 +1001,7 @@ def trace_labels(model: nn.Module, example_inputs: Any, *, frozen_tensors: Seque
         raise SecateursError(
             f"tracing the model failed ({first_line(exc)}): check the example inputs (--input-shape)"
         ) from None
+    shapes = output_shapes(out)
     for t in _tensors(_flatten_output(out)):
         tracer.freeze_tensor(t)
     if any(n not in tracer.tensor_labels for n, _ in model.named_parameters()):
@@ -1031,6 +1033,7 @@ def trace_labels(model: nn.Module, example_inputs: Any, *, frozen_tensors: Seque
         edges_b=tracer.edges_b,
         unknown_calls=tracer.unknown,
         attribute_links=tracer.links,
+        output_shapes=shapes,
     )
 
 

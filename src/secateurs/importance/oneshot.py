@@ -36,8 +36,11 @@ def _keep(scores: Tensor, sparsity: float, n: int | None, m: int | None) -> Tens
     """Per output row: keep the highest scores (unstructured), or ``n`` of every ``m`` inputs."""
     if n is not None and m is not None:
         return nm_mask(scores, n, m, dim=1)
+    keep = torch.ones_like(scores, dtype=torch.bool)
     k = round(sparsity * scores.shape[1])
-    return torch.stack([~lowest_k(row, k) for row in scores]) if k else torch.ones_like(scores, dtype=torch.bool)
+    if k:
+        keep.scatter_(1, scores.topk(k, dim=1, largest=False).indices, False)
+    return keep
 
 
 def wanda(weight: Tensor, stats: InputStats, sparsity: float, n: int | None = None, m: int | None = None) -> Tensor:

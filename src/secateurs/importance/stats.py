@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from ..errors import SecateursError
 from ..selection import call_model
-from ..utils import eval_mode
+from ..utils import eval_mode, first_tensor
 
-__all__ = ["TaylorStats", "ActivationStats", "InputMeans", "split_batch"]
+__all__ = ["TaylorStats", "ActivationStats", "InputMeans", "split_batch", "task_loss"]
 
 
 def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
@@ -29,14 +29,29 @@ def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
     return batch, None
 
 
-def _loss(out: Any, target: Tensor | None) -> Tensor:
-    out = getattr(out, "logits", out)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if target is not None and out.dim() == 2 and target.dim() == 1:
-        return F.cross_entropy(out, target)
-    # No labels: the output's energy stands in for the loss (as in data-free Taylor variants).
-    return out.float().pow(2).mean()
+def task_loss(out: Any, batch: Any, reference: Any = None) -> Tensor:
+    """The loss a model is judged by on one batch.
+
+    Labels and class logits: cross-entropy. A language model's ``input_ids``:
+    next-token cross-entropy. Otherwise the squared distance to ``reference``
+    (the dense model's output) relative to its energy, or with no reference
+    the output's energy (as in data-free Taylor variants).
+    """
+    x, y = split_batch(batch)
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        logits = first_tensor(out)
+    if y is not None and logits.dim() == 2 and y.dim() == 1:
+        return F.cross_entropy(logits.float(), y)
+    if isinstance(x, dict) and "input_ids" in x and getattr(out, "logits", None) is not None and logits.dim() == 3:
+        target = x["input_ids"][:, 1:].clone()
+        if "attention_mask" in x:
+            target[x["attention_mask"][:, 1:] == 0] = -100
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100)
+    if reference is None:
+        return logits.float().pow(2).mean()
+    ref = first_tensor(reference) if getattr(reference, "logits", None) is None else reference.logits
+    return (logits.float() - ref.float()).pow(2).mean() / ref.float().pow(2).mean().clamp_min(1e-12)
 
 
 class TaylorStats:
@@ -56,7 +71,7 @@ class TaylorStats:
             p.grad = None
         try:
             with torch.enable_grad(), eval_mode(self.model):
-                _loss(call_model(self.model, x), y).backward()
+                task_loss(call_model(self.model, x), batch).backward()
             for name, p in params.items():
                 if p.grad is not None:
                     contrib = (p.detach() * p.grad).abs()

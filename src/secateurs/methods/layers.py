@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import SecateursError
 from ..graph.blocks import Block, find_blocks, first_tensor
 from ..importance.layer import LAYER_IMPORTANCE, angular_distance, block_influence, magnitude
-from ..importance.stats import split_batch
+from ..importance.stats import split_batch, task_loss
 from ..selection import Selection, _matches, call_model
 from ..surgery import Plan, apply_plan_
 from ..utils import eval_mode, first_line
@@ -46,9 +45,9 @@ class Layers(Selection):
         max_loss_increase: largest allowed increase of the loss on ``data``.
         importance: ``block_influence`` (1 - cos of a block's input and output,
             ShortGPT), ``angular`` (angular distance of the input of a run of
-            blocks and the output of its last; removes one contiguous run,
-            Gromov et al.), ``loss`` (loss increase when the block alone is
-            skipped) or ``magnitude`` (weights only). Default: ``block_influence``
+            blocks and the output of its last; removes one contiguous run per
+            stage, Gromov et al.), ``loss`` (loss increase when the block alone
+            is skipped) or ``magnitude`` (weights only). Default: ``block_influence``
             with data, ``magnitude`` without.
         calib_batches: batches of ``data`` used for scoring and loss checks.
         allow_empty_stage: allow removing every block of a stage (a run of
@@ -101,28 +100,6 @@ def _skip_hook(module: nn.Module, args: Any, kwargs: dict, out: Any) -> Any:
     if isinstance(out, tuple):
         return (x, *out[1:])
     return out
-
-
-def task_loss(out: Any, batch: Any, reference: Any) -> Tensor:
-    """The loss blocks are judged by.
-
-    Labels and class logits: cross-entropy. A language model's ``input_ids``:
-    next-token cross-entropy. Otherwise the squared distance to the dense
-    model's output relative to its energy (no labels needed).
-    """
-    x, y = split_batch(batch)
-    logits = getattr(out, "logits", None)
-    if logits is None:
-        logits = first_tensor(out)
-    if y is not None and logits.dim() == 2 and y.dim() == 1:
-        return F.cross_entropy(logits.float(), y)
-    if isinstance(x, dict) and "input_ids" in x and getattr(out, "logits", None) is not None and logits.dim() == 3:
-        target = x["input_ids"][:, 1:].clone()
-        if "attention_mask" in x:
-            target[x["attention_mask"][:, 1:] == 0] = -100
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100)
-    ref = first_tensor(reference) if getattr(reference, "logits", None) is None else reference.logits
-    return (logits.float() - ref.float()).pow(2).mean() / ref.float().pow(2).mean().clamp_min(1e-12)
 
 
 class _Calibration:
@@ -267,20 +244,40 @@ def _greedy(chooser: _Chooser, order: list[str]) -> tuple[list[str], dict[str, s
     return chosen, refused
 
 
-def _window(chooser: _Chooser, names: list[str], angular: dict[tuple[int, int], float]) -> list[str]:
-    """Gromov et al.: the contiguous run of blocks whose input and output are closest in angle.
+def _runs_for(chooser: _Chooser, names: list[str], angular: dict[tuple[int, int], float],
+              total: int) -> list[str] | None:
+    """The ``total`` blocks to remove as at most one contiguous run per stage, with the least summed
+    angular distance (a knapsack over stages; with one stage this is Gromov et al.'s single run)."""
+    per_stage: dict[str, dict[int, tuple[float, int]]] = {}  # stage -> run length -> (distance, first index)
+    for (i, j), d in angular.items():
+        run = names[i:j + 1]
+        if not chooser.stages_ok(run):
+            continue
+        options = per_stage.setdefault(chooser.stage_of[names[i]], {})
+        if j - i + 1 not in options or d < options[j - i + 1][0]:
+            options[j - i + 1] = (d, i)
+    best: dict[int, tuple[float, list[str]]] = {0: (0.0, [])}  # blocks removed so far -> (cost, names)
+    for options in per_stage.values():
+        step = dict(best)
+        for k, (cost, chosen) in best.items():
+            for length, (d, i) in options.items():
+                if k + length <= total and (k + length not in step or cost + d < step[k + length][0]):
+                    step[k + length] = (cost + d, chosen + names[i:i + length])
+        best = step
+    return best[total][1] if total in best else None
 
-    Runs grow one block at a time until the target is met; the best run of each length is used.
+
+def _window(chooser: _Chooser, names: list[str], angular: dict[tuple[int, int], float]) -> list[str]:
+    """Gromov et al.: remove contiguous runs of blocks whose input and output are closest in angle.
+
+    The number of blocks grows one at a time until the target is met.
     """
     config, best = chooser.config, []
-    for length in range(1, len(names) + 1):
-        if config.n is not None and length != config.n:
+    for total in range(1, len(names) + 1):
+        if config.n is not None and total != config.n:
             continue
-        runs = sorted((d, i) for (i, j), d in angular.items() if j - i + 1 == length)
-        pick = next((names[i:i + length] for _, i in runs
-                     if chooser.stages_ok(names[i:i + length]) and chooser.works(names[i:i + length])[0] is not None),
-                    None)
-        if pick is None:
+        pick = _runs_for(chooser, names, angular, total)
+        if pick is None or chooser.works(pick)[0] is None:
             break
         if config.n is not None:
             return pick

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..graph import DependencyGraph
 from ..selection import call_model
 from ..surgery import Plan, apply_plan_
-from ..utils import first_line
+from ..utils import first_line, output_shapes
 
 __all__ = ["feasible_groups", "meta_copy", "output_shapes", "rehearse", "to_meta"]
 
@@ -43,16 +43,6 @@ def to_meta(inputs: Any) -> Any:
     if isinstance(inputs, (list, tuple)):
         return type(inputs)(to_meta(v) for v in inputs)
     return inputs
-
-
-def output_shapes(out: Any) -> Any:
-    if isinstance(out, Tensor):
-        return tuple(out.shape)
-    if isinstance(out, dict) or (hasattr(out, "keys") and hasattr(out, "values")):
-        return {k: output_shapes(v) for k, v in out.items()}
-    if isinstance(out, (list, tuple)):
-        return [output_shapes(v) for v in out]
-    return None
 
 
 class _Failure:

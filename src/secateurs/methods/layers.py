@@ -208,27 +208,40 @@ class _Chooser:
     def works(self, chosen: list[str]) -> tuple[nn.Module | None, str]:
         return rehearse(self.model, Plan(drop=list(chosen)), self.inputs, self.expected)
 
-    def done(self, chosen: list[str]) -> bool:
-        """Whether ``chosen`` meets the target (MACs or count); loss targets are checked by the caller."""
+    def met(self, chosen: list[str], rehearsal: nn.Module) -> bool:
+        """Whether ``chosen`` (already rehearsed) meets a count or MACs target."""
         if self.config.n is not None:
             return len(chosen) >= self.config.n
-        rehearsal, _ = self.works(chosen)
-        if rehearsal is None:
-            return False
         self.macs_after = _macs(rehearsal, to_meta(self.inputs))
         return self.macs_after <= self.config.target_macs * self.base_macs
 
 
 def _greedy(chooser: _Chooser, order: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Add blocks in ``order`` (least important first) until the target is met."""
-    config, chosen, refused = chooser.config, [], {}
+    """Add blocks in ``order`` (least important first) until the target is met.
+
+    A count target first tries the first ``n`` blocks the stage rule allows with
+    one rehearsal; only if that set breaks the forward is each addition rehearsed.
+    """
+    config = chooser.config
+    if config.n is not None:
+        chosen, refused = [], {}
+        for name in order:
+            if len(chosen) == config.n:
+                break
+            if chooser.stages_ok(chosen + [name]):
+                chosen.append(name)
+            else:
+                refused[name] = "the last block of its stage"
+        if len(chosen) == config.n and chooser.works(chosen)[0] is not None:
+            return chosen, refused
+    chosen, refused = [], {}
     for name in order:
         trial = chosen + [name]
         if not chooser.stages_ok(trial):
             refused[name] = "the last block of its stage"
             continue
-        ok, why = chooser.works(trial)
-        if ok is None:
+        rehearsal, why = chooser.works(trial)
+        if rehearsal is None:
             refused[name] = f"removing it breaks the forward ({why})"
             continue
         if config.max_loss_increase is not None:
@@ -239,7 +252,7 @@ def _greedy(chooser: _Chooser, order: list[str]) -> tuple[list[str], dict[str, s
             chosen, chooser.loss_after = trial, loss
             continue
         chosen = trial
-        if chooser.done(chosen):
+        if chooser.met(chosen, rehearsal):
             break
     return chosen, refused
 
@@ -277,7 +290,8 @@ def _window(chooser: _Chooser, names: list[str], angular: dict[tuple[int, int], 
         if config.n is not None and total != config.n:
             continue
         pick = _runs_for(chooser, names, angular, total)
-        if pick is None or chooser.works(pick)[0] is None:
+        rehearsal = chooser.works(pick)[0] if pick is not None else None
+        if pick is None or rehearsal is None:
             break
         if config.n is not None:
             return pick
@@ -289,7 +303,7 @@ def _window(chooser: _Chooser, names: list[str], angular: dict[tuple[int, int], 
             best, chooser.loss_after = pick, loss
             continue
         best = pick
-        if chooser.done(pick):
+        if chooser.met(pick, rehearsal):
             break
     return best
 

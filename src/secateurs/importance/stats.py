@@ -17,7 +17,7 @@ from ..errors import SecateursError
 from ..selection import call_model
 from ..utils import eval_mode, first_tensor
 
-__all__ = ["TaylorStats", "ActivationStats", "InputMeans", "split_batch", "task_loss"]
+__all__ = ["TaylorStats", "ActivationStats", "InputMeans", "forward_batches", "split_batch", "task_loss"]
 
 
 def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
@@ -52,6 +52,28 @@ def task_loss(out: Any, batch: Any, reference: Any = None) -> Tensor:
         return logits.float().pow(2).mean()
     ref = first_tensor(reference) if getattr(reference, "logits", None) is None else reference.logits
     return (logits.float() - ref.float()).pow(2).mean() / ref.float().pow(2).mean().clamp_min(1e-12)
+
+
+def forward_batches(model: nn.Module, data: Iterable[Any], max_batches: int, hooks: list[Any],
+                    after_batch: Any = None) -> int:
+    """Run ``model`` (eval mode, no gradients) on up to ``max_batches`` batches, then remove ``hooks``.
+
+    ``after_batch()`` runs after each batch. Returns the number of batches seen.
+    """
+    seen = 0
+    try:
+        with torch.no_grad(), eval_mode(model):
+            for i, batch in enumerate(data):
+                if i >= max_batches:
+                    break
+                call_model(model, split_batch(batch)[0])
+                seen += 1
+                if after_batch is not None:
+                    after_batch()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
 
 
 class TaylorStats:
@@ -107,16 +129,7 @@ class ActivationStats:
             if isinstance(module, types) and getattr(module, "weight", None) is not None:
                 hooks.append(module.register_forward_hook(self._hook(f"{name}.weight" if name else "weight",
                                                                       isinstance(module, (nn.Linear, nn.LayerNorm)))))
-        try:
-            with torch.no_grad(), eval_mode(self.model):
-                for i, batch in enumerate(data):
-                    if i >= max_batches:
-                        break
-                    call_model(self.model, split_batch(batch)[0])
-                    self.batches += 1
-        finally:
-            for h in hooks:
-                h.remove()
+        self.batches += forward_batches(self.model, data, max_batches, hooks)
         if not self.batches:
             raise SecateursError("activation importance needs at least one batch of data: pass data= (CLI: --data)")
         return self
@@ -182,17 +195,11 @@ class InputMeans:
                 hooks.append(module.register_forward_hook(record))
             elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
                 hooks.append(module.register_forward_pre_hook(follow))
-        try:
-            with torch.no_grad(), eval_mode(self.model):
-                for i, batch in enumerate(data):
-                    if i >= max_batches:
-                        break
-                    call_model(self.model, split_batch(batch)[0])
-                    self.batches += 1
-                    alive.clear()
-        finally:
-            for h in hooks:
-                h.remove()
+        def next_batch() -> None:
+            self.batches += 1  # followers are read from the first batch only
+            alive.clear()
+
+        forward_batches(self.model, data, max_batches, hooks, next_batch)
         if not self.batches:
             raise SecateursError("compensation measures mean activations: pass data= (CLI: --data)")
         return self

@@ -368,3 +368,18 @@ def test_einsum_attention_and_new_zeros_are_followed():
     assert {"qkv.weight", "mlp.0.weight"} <= pruned
     _equivalence(model, x, 0.5)
     assert model.head_dim == 4 and model.qkv.out_features == 24
+
+
+def test_shape_only_rehearsal_still_catches_a_batchnorm_width_mismatch():
+    from secateurs.methods.rehearsal import rehearse
+    from secateurs.surgery import Plan
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(inplace=True))
+    x = torch.randn(1, 3, 8, 8)
+    broken = Plan(remove={"0.weight": {0: [0, 1]}, "0.bias": {0: [0, 1]}})  # conv narrowed, its BatchNorm not
+    rehearsal, why = rehearse(model, broken, x, (1, 8, 6, 6))
+    assert rehearsal is None and "should contain 6 elements" in why
+    whole = Plan(remove={"0.weight": {0: [0, 1]}, "0.bias": {0: [0, 1]}, "1.weight": {0: [0, 1]},
+                         "1.bias": {0: [0, 1]}, "1.running_mean": {0: [0, 1]}, "1.running_var": {0: [0, 1]}})
+    rehearsal, why = rehearse(model, whole, x, (1, 6, 6, 6))
+    assert rehearsal is not None and model[0].out_channels == 8  # the real model is untouched

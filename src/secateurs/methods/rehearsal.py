@@ -45,6 +45,48 @@ def to_meta(inputs: Any) -> Any:
     return inputs
 
 
+def _batch_norm(x: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None,
+                weight: Tensor | None = None, bias: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
+    channels = x.shape[1] if x.dim() > 1 else 0
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(f"batch_norm: {name} should contain {channels} elements not {t.numel()}")
+    return torch.empty_like(x)
+
+
+def _unary(x: Tensor, *args: Any, inplace: bool = False, **kwargs: Any) -> Tensor:
+    if len(args) >= 1 and isinstance(args[-1], bool):
+        inplace = args[-1]  # F.relu(x, True), F.hardtanh(x, 0, 6, True)
+    return x if inplace else torch.empty_like(x)
+
+
+def _fast_kernels() -> dict[Any, Any]:
+    F = torch.nn.functional
+    fast: dict[Any, Any] = {F.batch_norm: _batch_norm}
+    for fn in (F.relu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.leaky_relu, F.elu,
+               torch.relu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh):
+        fast[fn] = _unary
+    return fast
+
+
+class _ShapeOnly(torch.overrides.TorchFunctionMode):
+    """Answer norms and activations on meta tensors from shapes alone.
+
+    PyTorch runs several of them on the meta device through slow Python
+    decompositions; a rehearsal only needs the output shape and the size
+    checks (a BatchNorm whose width no longer matches must still fail).
+    """
+
+    FAST = _fast_kernels()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        fast = self.FAST.get(func)
+        if fast is not None and args and isinstance(args[0], Tensor) and args[0].is_meta:
+            return fast(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
 class _Failure:
     """Why a rehearsal failed and in which modules (innermost last)."""
 
@@ -68,7 +110,7 @@ def _run(model: nn.Module, inputs: Any) -> tuple[Any, list[str]]:
     pre = torch.nn.modules.module.register_module_forward_pre_hook(enter)
     post = torch.nn.modules.module.register_module_forward_hook(leave)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _ShapeOnly():
             return call_model(model.eval(), to_meta(inputs)), stack
     except Exception as exc:  # the rehearsal exists to catch anything surgery breaks
         raise _RehearsalError(first_line(exc), list(stack)) from exc

@@ -85,7 +85,7 @@ class TaylorStats:
         self.batches = 0
 
     def update(self, batch: Any) -> None:
-        x, y = split_batch(batch)
+        x = split_batch(batch)[0]  # task_loss reads the labels from the batch itself
         params = dict(self.model.named_parameters())
         saved = {n: p.requires_grad for n, p in params.items()}
         for p in params.values():

@@ -24,7 +24,7 @@ from ..surgery.compensate import compensate_
 from ..train.recalibrate import recalibrate_bn_
 from .common import config_to_dict, make_generator
 from .registry import register_method
-from .rehearsal import feasible_groups, meta_copy, rehearse, to_meta
+from .rehearsal import feasible_groups, macs_of, meta_copy, rehearse, to_meta
 from .report import LayerReport, PruneReport
 
 __all__ = ["Channels", "plan_channels"]
@@ -225,12 +225,6 @@ def plan_for(graph: DependencyGraph, removed: dict[int, Tensor], group_ids: set[
     return plan.normalized()
 
 
-def _macs(model: nn.Module, inputs: Any) -> int:
-    from ..analysis import _count_macs
-
-    return _count_macs(model, inputs)[0]
-
-
 @register_method(Channels)
 def apply_channels(model: nn.Module, config: Channels, *, example_inputs: Any = None, data: Any = None) -> PruneReport:
     if example_inputs is None:
@@ -239,13 +233,13 @@ def apply_channels(model: nn.Module, config: Channels, *, example_inputs: Any = 
         return _prune_once(model, config, example_inputs, data)
     # Equal geometric steps: each keeps the same fraction of what is left.
     reports = []
-    base_macs = _macs(meta_copy(model), to_meta(example_inputs)) if config.target_macs is not None else None
+    base_macs = macs_of(meta_copy(model), to_meta(example_inputs)) if config.target_macs is not None else None
     for step in range(1, config.steps + 1):
         if config.ratio is not None:
             per_step = 1 - (1 - config.ratio) ** (1 / config.steps)
             step_config = dataclasses.replace(config, ratio=per_step, steps=1)
         else:
-            now = _macs(meta_copy(model), to_meta(example_inputs))
+            now = macs_of(meta_copy(model), to_meta(example_inputs))
             goal = config.target_macs ** (step / config.steps) * base_macs
             step_config = dataclasses.replace(config, target_macs=min(1.0, goal / now), steps=1)
         reports.append(_prune_once(model, step_config, example_inputs, data))
@@ -289,14 +283,14 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
         plan, removed, failed = feasible_plan(ratio)
     else:
         meta_inputs = to_meta(example_inputs)
-        base = _macs(meta_copy(model), meta_inputs)
+        base = macs_of(meta_copy(model), meta_inputs)
         lo, hi = 0.0, config.max_ratio
         best = None
         for _ in range(14):  # bisection on the removal ratio until the MACs target is met
             mid = (lo + hi) / 2
             cand = feasible_plan(mid)
             rehearsal, _ = rehearse(model, cand[0], example_inputs, expected)
-            macs = _macs(rehearsal, meta_inputs) if rehearsal is not None else base
+            macs = macs_of(rehearsal, meta_inputs) if rehearsal is not None else base
             if macs <= config.target_macs * base:
                 best, hi = (mid, *cand), mid
             else:

@@ -25,7 +25,7 @@ from ..surgery import Plan, apply_plan_
 from ..utils import eval_mode, first_line
 from .common import config_to_dict
 from .registry import register_method
-from .rehearsal import meta_copy, output_shapes, rehearse, to_meta
+from .rehearsal import macs_of, meta_copy, output_shapes, rehearse, to_meta
 from .report import LayerReport, PruneReport
 
 __all__ = ["Layers"]
@@ -167,12 +167,6 @@ class _Calibration:
 # ---- strategy -------------------------------------------------------------------------------
 
 
-def _macs(model: nn.Module, inputs: Any) -> int:
-    from ..analysis import _count_macs
-
-    return _count_macs(model, inputs)[0]
-
-
 class _Chooser:
     """Checks a set of blocks against the stage rule and the target."""
 
@@ -185,7 +179,7 @@ class _Chooser:
                 self.stage_size[b.stage] = self.stage_size.get(b.stage, 0) + 1
         self.stage_of = {b.name: b.stage for b in blocks}
         self.expected = output_shapes(self._forward_meta(meta_copy(model)))
-        self.base_macs = _macs(meta_copy(model), to_meta(inputs)) if config.target_macs is not None else 0
+        self.base_macs = macs_of(meta_copy(model), to_meta(inputs)) if config.target_macs is not None else 0
         self.macs_after: int | None = None
         self.loss_after: float | None = None
 
@@ -212,7 +206,7 @@ class _Chooser:
         """Whether ``chosen`` (already rehearsed) meets a count or MACs target."""
         if self.config.n is not None:
             return len(chosen) >= self.config.n
-        self.macs_after = _macs(rehearsal, to_meta(self.inputs))
+        self.macs_after = macs_of(rehearsal, to_meta(self.inputs))
         return self.macs_after <= self.config.target_macs * self.base_macs
 
 

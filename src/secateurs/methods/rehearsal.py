@@ -21,7 +21,7 @@ from ..selection import call_model
 from ..surgery import Plan, apply_plan_
 from ..utils import first_line, output_shapes
 
-__all__ = ["feasible_groups", "meta_copy", "output_shapes", "rehearse", "to_meta"]
+__all__ = ["feasible_groups", "macs_of", "meta_copy", "output_shapes", "rehearse", "to_meta"]
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -33,6 +33,13 @@ def meta_copy(model: nn.Module) -> nn.Module:
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
     return copy.deepcopy(model, memo)
+
+
+def macs_of(model: nn.Module, inputs: Any) -> int:
+    """MACs of one forward (a meta copy and meta inputs cost nothing to count)."""
+    from ..analysis import _count_macs
+
+    return _count_macs(model, inputs)[0]
 
 
 def to_meta(inputs: Any) -> Any:

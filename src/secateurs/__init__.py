@@ -23,10 +23,16 @@ from .methods import (
     prune_,
     register_method,
 )
+from .train import AGP, FinetuneConfig, GroupLassoRegularizer, SlimmingRegularizer, finetune
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGP",
+    "FinetuneConfig",
+    "GroupLassoRegularizer",
+    "SlimmingRegularizer",
+    "finetune",
     "Channels",
     "NM",
     "LayerReport",

@@ -29,6 +29,7 @@ __all__ = [
     "mask_tied_",
     "tied_modules",
     "weight_key",
+    "load_effective_state_",
 ]
 
 
@@ -209,3 +210,31 @@ def effective_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
                 continue
             seen.add(id(p))
             yield prefix + pname, p.detach()
+
+
+def load_effective_state_(model: nn.Module, state: dict[str, Tensor], masks: dict[str, Tensor]) -> None:
+    """Inverse of :func:`effective_state_dict`: apply ``masks`` (intersecting live ones), then copy ``state`` in.
+
+    Parameters keep their identity, so an optimizer built on ``model`` stays valid.
+    """
+    for name, mask in masks.items():
+        mod_name, _, tname = name.rpartition(".")
+        mask_tied_(model, model.get_submodule(mod_name), mask, tname)
+    targets: dict[str, Tensor] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        parts = key.split(".")
+        if "parametrizations" not in parts:
+            targets[key] = value
+        elif parts[-1] == "original":
+            i = parts.index("parametrizations")
+            targets[".".join(parts[:i] + parts[i + 1 : -1])] = value
+    missing = sorted(set(targets) ^ set(state))
+    wrong = [k for k in targets if k in state and tuple(targets[k].shape) != tuple(state[k].shape)]
+    if missing or wrong:
+        raise SecateursError(
+            f"the saved state does not fit this model (it differs at {(missing + wrong)[:3]}): "
+            "use the model it was saved from"
+        )
+    with torch.no_grad():
+        for key, value in targets.items():
+            value.copy_(state[key])

@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import TensorDataset
 
 from ..errors import SecateursError
 from ..io.arch import require
 from .bundled import DATASETS, load_dataset
 
-__all__ = ["DATA_HELP", "batches"]
+__all__ = ["DATA_HELP", "batches", "dataset"]
 
 DATA_HELP = "digits, mnist5k, or imagefolder:PATH (a folder with class subfolders, or train/ and val/ inside)"
 
@@ -33,21 +34,37 @@ def _fit(x: Tensor, shape: Sequence[int] | None) -> Tensor:
     return x
 
 
+def dataset(
+    spec: str, *, split: str = "train", input_shape: Sequence[int] | None = None, seed: int = 0,
+    limit: int | None = None,
+) -> TensorDataset:
+    """The labelled images named by ``spec`` (see ``DATA_HELP``) as a dataset of ``(x, y)`` pairs.
+
+    ``split`` is ``train`` or ``test`` (an image folder's ``val/``); images are
+    resized and their channels replicated to fit ``input_shape``. Bundled
+    datasets have a fixed shuffled split, so train and test never overlap.
+    """
+    if split not in ("train", "test"):
+        raise SecateursError(f"split must be 'train' or 'test', got '{split}'")
+    if spec in DATASETS:
+        data = load_dataset(spec, seed=seed)
+        x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
+        x, y = _fit(x[:limit], input_shape), y[:limit]
+    elif spec.startswith("imagefolder:"):
+        x, y = _image_folder(Path(spec.split(":", 1)[1]), split, input_shape, limit or 1_000_000_000, seed)
+    else:
+        raise SecateursError(f"unknown data '{spec}': use {DATA_HELP}")
+    return TensorDataset(x, y)
+
+
 def batches(
     spec: str, *, batch_size: int = 64, input_shape: Sequence[int] | None = None, split: str = "train",
     max_batches: int | None = None, seed: int = 0,
 ) -> list[tuple[Tensor, Tensor]]:
     """Load ``(x, y)`` batches named by ``spec`` (see ``DATA_HELP``), shaped for ``input_shape``."""
-    if spec in DATASETS:
-        data = load_dataset(spec, seed=seed)
-        x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
-        x = _fit(x, input_shape)
-    elif spec.startswith("imagefolder:"):
-        x, y = _image_folder(Path(spec.split(":", 1)[1]), split, input_shape, batch_size * (max_batches or 1_000_000), seed)
-    else:
-        raise SecateursError(f"unknown data '{spec}': use {DATA_HELP}")
-    out = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    return out[:max_batches] if max_batches else out
+    limit = batch_size * max_batches if max_batches else None
+    x, y = dataset(spec, split=split, input_shape=input_shape, seed=seed, limit=limit).tensors
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
 
 
 def _image_folder(root: Path, split: str, input_shape: Sequence[int] | None, limit: int, seed: int) -> tuple[Tensor, Tensor]:

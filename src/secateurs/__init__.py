@@ -24,6 +24,7 @@ from .methods import (
     register_method,
 )
 from .train import AGP, FinetuneConfig, GroupLassoRegularizer, SlimmingRegularizer, finetune
+from .train.iterative import prune_and_finetune_
 
 __version__ = "0.1.0"
 
@@ -52,6 +53,7 @@ __all__ = [
     "load",
     "load_model",
     "prune_",
+    "prune_and_finetune_",
     "read_manifest",
     "register_method",
     "save",

@@ -46,6 +46,30 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for example inputs and random choices")
 
 
+def _add_training_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """Flags of :class:`secateurs.train.FinetuneConfig`, shared by ``finetune`` and ``prune --finetune-epochs``."""
+    if not prefix:
+        p.add_argument("--epochs", type=int, default=4, help="passes over the training data")
+    p.add_argument("--lr", type=float, help="peak learning rate of the cosine schedule (default 0.05 SGD, 1e-3 AdamW)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="on weights, not biases or norm scales")
+    if not prefix:
+        p.add_argument("--batch-size", type=int, default=64, help="per process")
+    p.add_argument("--teacher", metavar="MODEL", help="distil from this model (same spec forms as MODEL"
+                   + (", or dense: the model before pruning)" if prefix else ")"))
+    p.add_argument("--kd-weight", type=float, help="share of the loss from distillation (default 0.5 with --teacher)")
+    p.add_argument("--kd-temperature", type=float, default=4.0, help="softmax temperature of distillation")
+    p.add_argument("--regularize", choices=["bn-l1", "group-lasso"], help="sparsity regulariser during training")
+    p.add_argument("--reg-strength", type=float, default=1e-4, help="weight of --regularize")
+    p.add_argument("--reg-growth", type=float, default=0.0, help="added to --reg-strength after every epoch")
+    if not prefix:
+        p.add_argument("--gradual-sparsity", type=float, metavar="F",
+                       help="gradual magnitude pruning (AGP cubic schedule) to this unstructured sparsity")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (default: on for CUDA)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods import method_names
 
@@ -87,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-estimate BatchNorm statistics after pruning (method channel, needs --data)")
     p.add_argument("--steps", type=int, help="reach the target in this many re-scored steps (method channel)")
     p.add_argument("--batch-size", type=int, help="batch size for --data (default 32 images, 4 text sequences)")
+    p.add_argument("--finetune-epochs", type=int, metavar="E",
+                   help="fine-tune E epochs on --data (labelled images) after each of the --steps prune steps")
+    _add_training_args(p, prefix="ft")
     p.add_argument("--calib-samples", type=int, metavar="N",
                    help="calibration sequences/images in all (sets the number of --data batches)")
     p.add_argument("--ignore", metavar="NAME[,NAME]", help="modules to leave alone (names, prefixes, globs)")
@@ -103,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (--ppl)")
     e.add_argument("--batch-size", type=int, help="batch size (default 64 images, 4 sequences)")
     e.add_argument("--max-batches", type=int, help="evaluate at most this many batches")
+
+    f = sub.add_parser("finetune", help="recover accuracy: train on labelled images, with distillation, "
+                       "sparsity regularisers or gradual pruning; runs under torchrun")
+    _add_model_args(f)
+    f.add_argument("--data", required=True, metavar="DATA", help="labelled images: digits, mnist5k or "
+                   "imagefolder:PATH (train/ and val/ inside)")
+    f.add_argument("--out", required=True, metavar="DIR", help="directory for the trained model")
+    f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _add_training_args(f)
+    f.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint after every epoch here "
+                   "(default: OUT.ckpt, removed once the model is saved)")
+    f.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
     d = sub.add_parser("demo", help="train small CNNs on bundled digits, prune them several ways, compare")
     d.add_argument("--out", metavar="DIR", help="keep the pruned models in DIR")
@@ -179,6 +218,8 @@ def _method_config(args: argparse.Namespace) -> Any:
         given["importance"] = given["importance"].replace("-", "_")  # block-influence -> block_influence
     if "seed" in fields:
         given["seed"] = args.seed
+    if "steps" not in fields and getattr(args, "finetune_epochs", None):
+        given.pop("steps", None)  # prune_and_finetune_ takes the steps itself
     for key in given:
         if key not in fields:
             flag = {"n": "--nm", "m": "--nm", "global_ranking": "--global"}.get(key, "--" + key.replace("_", "-"))
@@ -237,6 +278,28 @@ def _tokenizer_files(spec: str) -> dict[str, bytes]:
         return {f.name: f.read_bytes() for f in Path(tmp).iterdir() if f.is_file()}
 
 
+def _prune_and_finetune(args: argparse.Namespace, config: Any, model: Any, x: Any, calib: Any) -> tuple[Any, Any]:
+    """``prune --finetune-epochs``: prune in ``--steps`` steps with fine-tuning after each."""
+    import copy
+
+    from .data import dataset
+    from .data.text import is_text_spec
+    from .train.iterative import prune_and_finetune_
+
+    if args.data is None or is_text_spec(args.data):
+        raise SecateursError("--finetune-epochs trains on labelled images: pass --data digits, mnist5k or "
+                             "imagefolder:PATH")
+    if args.finetune_epochs < 1:
+        raise SecateursError(f"--finetune-epochs must be at least 1, got {args.finetune_epochs}")
+    teacher = copy.deepcopy(model).eval() if args.teacher == "dense" else _teacher(args, x)
+    ft = _finetune_config(args, epochs=args.finetune_epochs, batch_size=64)
+    steps = getattr(config, "steps", None) or args.steps or 1
+    train = dataset(args.data, split="train", input_shape=list(x.shape), seed=args.seed)
+    val = dataset(args.data, split="test", input_shape=list(x.shape), seed=args.seed)
+    return prune_and_finetune_(model, config, steps, train=train, val=val, finetune_config=ft, example_inputs=x,
+                               data=calib, teacher=teacher)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .analysis import analyze
     from .io.atomic import check_output_dir
@@ -251,7 +314,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model, x = _load(args)
     before = analyze(model, x, latency=not args.no_latency).to_dict()
     data = _calibration(args, config, x) if args.data is not None else None
-    report = prune_(model, config, example_inputs=x, data=data)
+    if args.finetune_epochs:
+        report, steps = _prune_and_finetune(args, config, model, x, data)
+    else:
+        if args.teacher or args.regularize:
+            raise SecateursError("--teacher and --regularize act while fine-tuning: also pass --finetune-epochs E")
+        report, steps = prune_(model, config, example_inputs=x, data=data), None
     after = analyze(model, x, latency=not args.no_latency, size=False).to_dict()
     result = {
         "method": config.method,
@@ -261,6 +329,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "before": before,
         "after": after,
         "pruning": report.to_dict(),
+        **({"finetune_steps": steps} if steps is not None else {}),
         "seconds": time.perf_counter() - start,
         "out": str(Path(args.out)),
     }
@@ -285,6 +354,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if report.skipped:
         print("left dense: " + ", ".join(f"{k} ({v})" for k, v in report.skipped.items()))
     print(before_after_table({"before": before, "after": after}))
+    if steps:
+        print("fine-tuned after each step, held-out accuracy: "
+              + " -> ".join(f"{s['accuracy']:.4f}" for s in steps))
     return 0
 
 
@@ -323,6 +395,65 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _emit_json(result)
     else:
         print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    return 0
+
+
+def _finetune_config(args: argparse.Namespace, **overrides: Any) -> Any:
+    from .train import FinetuneConfig
+
+    kd = args.kd_weight if args.kd_weight is not None else (0.5 if args.teacher else 0.0)
+    if kd > 0 and not args.teacher:
+        raise SecateursError("--kd-weight distils from a teacher: also pass --teacher MODEL")
+    fields = dict(epochs=getattr(args, "epochs", 1), lr=args.lr, optimizer=args.optimizer,
+                  weight_decay=args.weight_decay, batch_size=args.batch_size or 64, kd_weight=kd,
+                  kd_temperature=args.kd_temperature, regularize=args.regularize, reg_strength=args.reg_strength,
+                  reg_growth=args.reg_growth, gradual_sparsity=getattr(args, "gradual_sparsity", None),
+                  amp=args.amp, device=args.device, seed=args.seed, progress=not args.quiet)
+    return FinetuneConfig(**(fields | overrides))
+
+
+def _teacher(args: argparse.Namespace, x: Any) -> Any:
+    from .io.specs import load_model
+
+    if not args.teacher:
+        return None
+    return load_model(args.teacher, trust_pickle=args.trust_pickle, trust_code=args.trust_code).eval()
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .data import dataset
+    from .io.atomic import check_output_dir
+    from .io.checkpoint import save
+    from .train import evaluate_dataset, finetune
+
+    _check_out_not_input(args)
+    check_output_dir(Path(args.out), args.overwrite)
+    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.out).with_name(Path(args.out).name + ".ckpt")
+    config = _finetune_config(args, checkpoint_dir=str(ckpt), resume=args.resume)
+    model, x = _load(args)
+    teacher = _teacher(args, x)
+    train = dataset(args.data, split="train", input_shape=list(x.shape), seed=args.seed)
+    val = dataset(args.data, split="test", input_shape=list(x.shape), seed=args.seed)
+    start = time.perf_counter()
+    before = evaluate_dataset(model, val)
+    result = finetune(model, train, val=val, teacher=teacher, config=config)
+    summary = {"method": "finetune", "config": dataclasses.asdict(config) | {"teacher": args.teacher, "data": args.data},
+               "before": before, **result.to_dict(), "seconds": time.perf_counter() - start}
+    if not result.is_main:
+        return 0  # under torchrun only rank 0 writes
+    save(model, args.out, report=summary, input_shape=list(x.shape), overwrite=args.overwrite,
+         extra_files={"report.json": json.dumps(summary, indent=2, default=str).encode()})
+    if not args.checkpoint_dir:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    summary["out"] = args.out
+    if args.json:
+        _emit_json(summary)
+        return 0
+    print(f"{args.model} -> {args.out}  ({len(result.history)} epochs, {summary['seconds']:.1f} s)")
+    print(f"accuracy {before['accuracy']:.4f} -> {result.final['accuracy']:.4f}  "
+          f"loss {before['loss']:.4f} -> {result.final['loss']:.4f}  on {result.final['examples']} held-out images")
     return 0
 
 
@@ -367,7 +498,8 @@ def _llm_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"analyze": cmd_analyze, "prune": cmd_prune, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"analyze": cmd_analyze, "prune": cmd_prune, "eval": cmd_eval, "finetune": cmd_finetune,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

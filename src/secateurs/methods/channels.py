@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -27,7 +28,7 @@ from .registry import register_method
 from .rehearsal import feasible_groups, macs_of, meta_copy, rehearse, to_meta
 from .report import LayerReport, PruneReport
 
-__all__ = ["Channels", "plan_channels"]
+__all__ = ["Channels", "channel_steps", "merge_step_reports", "plan_channels"]
 
 
 @dataclass(kw_only=True)
@@ -231,18 +232,30 @@ def apply_channels(model: nn.Module, config: Channels, *, example_inputs: Any = 
         raise SecateursError("channel pruning traces the model: pass example_inputs (CLI: --input-shape)")
     if config.steps == 1:
         return _prune_once(model, config, example_inputs, data)
-    # Equal geometric steps: each keeps the same fraction of what is left.
-    reports = []
+    reports = [_prune_once(model, step_config, example_inputs, data)
+               for step_config in channel_steps(model, config, example_inputs)]
+    return merge_step_reports(reports, config)
+
+
+def channel_steps(model: nn.Module, config: Channels, example_inputs: Any) -> Iterator[Channels]:
+    """One single-step config per step of ``config.steps``, each computed on the model as it is by then.
+
+    Steps are equal geometric shares: each keeps the same fraction of what is
+    left (channels for ``ratio``, MACs for ``target_macs``), so the caller may
+    prune and fine-tune alternately between them.
+    """
     base_macs = macs_of(meta_copy(model), to_meta(example_inputs)) if config.target_macs is not None else None
     for step in range(1, config.steps + 1):
         if config.ratio is not None:
-            per_step = 1 - (1 - config.ratio) ** (1 / config.steps)
-            step_config = dataclasses.replace(config, ratio=per_step, steps=1)
+            yield dataclasses.replace(config, ratio=1 - (1 - config.ratio) ** (1 / config.steps), steps=1)
         else:
             now = macs_of(meta_copy(model), to_meta(example_inputs))
             goal = config.target_macs ** (step / config.steps) * base_macs
-            step_config = dataclasses.replace(config, target_macs=min(1.0, goal / now), steps=1)
-        reports.append(_prune_once(model, step_config, example_inputs, data))
+            yield dataclasses.replace(config, target_macs=min(1.0, goal / now), steps=1)
+
+
+def merge_step_reports(reports: list[PruneReport], config: Channels) -> PruneReport:
+    """The last step's report, carrying the whole config and every step's plan."""
     final = reports[-1]
     final.config = config_to_dict(config)
     final.config["steps_detail"] = [r.config.get("achieved_ratio") for r in reports]

@@ -70,8 +70,9 @@ class AGP:
 class GradualPruner:
     """Apply an :class:`AGP` schedule with an unstructured method during training.
 
-    ``pruner(step)`` masks the model to the schedule's sparsity when ``step``
-    is a pruning step. Masks only ever grow (a pruned weight never returns),
+    Construction masks every target weight with nothing pruned yet (do it before
+    wrapping the model in DDP); ``pruner(step)`` then shrinks the masks to the
+    schedule's sparsity when ``step`` is a pruning step. Masks only ever grow (a pruned weight never returns),
     and they stay in force between pruning steps, so ``optimizer.step()``
     cannot revive a weight.
 
@@ -91,6 +92,13 @@ class GradualPruner:
         if not isinstance(self.config, Unstructured):
             raise SecateursError("gradual pruning uses the unstructured method: pass an Unstructured config")
         self.current = 0.0
+        # Mask every target now, with nothing pruned: later steps then only shrink
+        # existing masks in place. Registering a new parametrization after
+        # DistributedDataParallel wrapped the model would detach the weights from
+        # DDP's gradient hooks.
+        from ..methods import prune_
+
+        prune_(model, dataclasses.replace(self.config, sparsity=0.0, threshold=None))
 
     def __call__(self, step: int) -> float | None:
         """Prune if ``step`` is a pruning step; returns the sparsity applied, or None."""

@@ -161,6 +161,7 @@ def test_finetune_learns_digits_with_kd_and_keeps_masks(digits):
     masks = {n: get_mask(m).clone() for n, m in student.named_modules() if get_mask(m) is not None}
     result = finetune(student, train, val=test, teacher=teacher, config=_cfg(epochs=2, kd_weight=0.7))
     assert result.final["accuracy"] > 0.9
+    assert all(p.requires_grad for p in teacher.parameters()) and teacher.training  # the caller's teacher untouched
     assert [h["epoch"] for h in result.history] == [1, 2] and "val_accuracy" in result.history[0]
     for name, mask in masks.items():
         module = student.get_submodule(name)
@@ -238,4 +239,13 @@ def test_progress_bar_goes_to_stderr_only(digits, capsys):
     train, _ = digits
     finetune(DigitsCNN(width=4), TensorDataset(*train[:128]), config=_cfg(progress=True))
     out, err = capsys.readouterr()
-    assert out == "" and "epoch 1/1 2/2 loss" in err
+    assert out == "" and "epoch 1/1 2/2 loss" in err and " acc " in err
+
+
+def test_mixed_precision_on_cpu_trains(digits):
+    train, test = digits
+    torch.manual_seed(0)
+    model = DigitsCNN(width=8)
+    result = finetune(model, train, val=test, config=_cfg(epochs=2, amp=True))  # bfloat16 autocast on CPU
+    assert result.final["accuracy"] > 0.8
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay float32

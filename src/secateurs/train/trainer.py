@@ -385,7 +385,7 @@ def _run(model: nn.Module, dataset: Dataset, options: dict[str, Any], config: Fi
     torch.manual_seed(config.seed)
     model.to(device)
     if teacher is not None:
-        teacher.to(device).eval().requires_grad_(False)
+        teacher.to(device)  # called under no_grad in eval mode; its own flags stay as the caller set them
     sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed)
     loader = _loader(dataset, options, config, sampler)
     steps_per_epoch = len(loader)
@@ -453,7 +453,7 @@ def _run(model: nn.Module, dataset: Dataset, options: dict[str, Any], config: Fi
                 logits = _logits(call_model(net, x))
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
                 if teacher is not None and config.kd_weight > 0:
-                    with torch.no_grad():
+                    with torch.no_grad(), eval_mode(teacher):
                         t_logits = _logits(call_model(teacher, x)).float()
                     loss = (1 - config.kd_weight) * loss + config.kd_weight * _kd_loss(
                         logits.float(), t_logits, config.kd_temperature)
@@ -466,7 +466,7 @@ def _run(model: nn.Module, dataset: Dataset, options: dict[str, Any], config: Fi
             with torch.no_grad():
                 sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
                                      torch.tensor(len(y), dtype=torch.float64, device=device)])
-            bar.update(loss=float(loss.detach()))
+            bar.update(loss=float(loss.detach()), acc=float(sums[1] / sums[2]))
         bar.close()
         if world.active:
             dist.all_reduce(sums)

@@ -1,5 +1,5 @@
 # Two entry points for a fresh clone (Python 3.11):
-#   make demo   install secateurs with the demo's data extra into .venv, run `secateurs demo`
+#   make demo   install secateurs with the demo's data and report extras into .venv, run `secateurs demo`
 #   make test   install everything the tests need into .venv, run the whole suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +14,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.demo-installed: $(BIN)/python pyproject.toml constraints.txt
-	$(PIP) -e '.[data]'
+	$(PIP) -e '.[data,report]'
 	touch $@
 
 $(VENV)/.dev-installed: $(BIN)/python pyproject.toml constraints.txt

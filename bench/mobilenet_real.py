@@ -88,6 +88,10 @@ def main() -> None:
                                                           recalibrate_bn=True),
         "taylor, global, max 30% + compensate + recalibrate BN": dict(
             importance="taylor", global_ranking=True, max_ratio=0.3, compensate=True, recalibrate_bn=True),
+        "l2, sensitivity allocation": dict(importance="l2", allocate="sensitivity"),
+        "l2, sensitivity allocation + compensate": dict(importance="l2", allocate="sensitivity", compensate=True),
+        "taylor, sensitivity allocation, max 30% + compensate": dict(importance="taylor", allocate="sensitivity",
+                                                                     max_ratio=0.3, compensate=True),
     }
     rows = []
     base_macs = secateurs.analyze(dense, probe, latency=False, size=False).macs

@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="params, nonzeros, MACs, latency, saved size, per-layer table")
     _add_model_args(a)
     a.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    a.epilog = "MODEL may also be an exported .onnx, .ts or .pt2 file: its size, parameters and latency are measured."
 
     p = sub.add_parser("prune", help="prune a model and save it with a before/after report")
     _add_model_args(p)
@@ -101,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank channels across all layers (method channel)")
     p.add_argument("--max-ratio", type=float, help="most any layer may lose with --global/--target-macs")
+    p.add_argument("--target-latency", type=float, metavar="MS",
+                   help="prune until one forward takes at most MS milliseconds, measured on --device (method channel)")
+    p.add_argument("--latency-batch-size", type=int, metavar="B", help="batch size for --target-latency")
+    p.add_argument("--allocate", choices=["uniform", "sensitivity"],
+                   help="sensitivity: measure each group alone on --data and cut where it costs least (method channel)")
     p.add_argument("--data", "--calib", metavar="DATA", help="calibration batches for data-driven criteria: digits, mnist5k, "
                    "imagefolder:PATH, or for language models pydoc or text:FILE")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (text --data)")
@@ -120,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", metavar="NAME[,NAME]", help="prune only these modules")
     p.add_argument("--prune-output-layer", action="store_true", help="also prune the final layer")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
+    p.add_argument("--report", action="store_true", help="also write report.html (charts) into --out")
 
     e = sub.add_parser("eval", help="accuracy on held-out images (--data) or perplexity on held-out text (--ppl)")
     _add_model_args(e)
@@ -142,6 +151,37 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint after every epoch here "
                    "(default: OUT.ckpt, removed once the model is saved)")
     f.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    f.add_argument("--report", action="store_true", help="also write report.html (training curves) into --out")
+
+    r = sub.add_parser("report", help="one self-contained HTML page for a pruned or fine-tuned model folder")
+    r.add_argument("dir", metavar="DIR", help="a folder written by secateurs prune or finetune")
+    r.add_argument("--out", metavar="FILE", help="where to write the page (default DIR/report.html)")
+    r.add_argument("--sensitivity", metavar="FILE.json", help="add the curves of a secateurs sensitivity scan")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+    sv = sub.add_parser("sensitivity", help="how much each channel group or layer alone can lose: "
+                        "JSON, CSV and a plot")
+    _add_model_args(sv)
+    sv.add_argument("--method", choices=["channel", "unstructured"], default="channel")
+    sv.add_argument("--data", required=True, metavar="DATA", help="digits, mnist5k, imagefolder:PATH, or for "
+                    "language models pydoc or text:FILE")
+    sv.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="fractions to remove")
+    sv.add_argument("--importance", help="which channels/weights go first (default l2 / magnitude)")
+    sv.add_argument("--batches", type=int, default=4, help="batches of --data scored per trial")
+    sv.add_argument("--batch-size", type=int, help="default 64 images, 4 text sequences")
+    sv.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (text --data)")
+    sv.add_argument("--ignore", metavar="NAME[,NAME]", help="modules to leave out of the scan")
+    sv.add_argument("--out", required=True, metavar="FILE.json",
+                    help="write the curves here, with FILE.csv and FILE.png beside it")
+    sv.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+    x = sub.add_parser("export", help="write an ONNX, TorchScript or torch.export file, checked against the model")
+    _add_model_args(x)
+    x.add_argument("--format", required=True, choices=["onnx", "torchscript", "pt2"])
+    x.add_argument("--out", required=True, metavar="FILE", help="output file (.onnx, .ts or .pt2)")
+    x.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding conv/Linear")
+    x.add_argument("--half", action="store_true", help="float16 weights and inputs")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     d = sub.add_parser("demo", help="train small CNNs on bundled digits, prune them several ways, compare")
     d.add_argument("--out", metavar="DIR", help="keep the pruned models in DIR")
@@ -179,6 +219,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze
     from .report import before_after_table, layer_table
 
+    if Path(args.model).suffix in (".onnx", ".ts", ".pt2"):
+        return _analyze_exported(args)
     model, x = _load(args)
     stats = analyze(model, x, latency=not args.no_latency).to_dict()
     if args.json:
@@ -194,7 +236,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 # Flags that map to config fields of the same name; --nm maps to (n, m); switches set True.
 _SWITCHES = ("prune_output_layer", "global_ranking", "compensate", "recalibrate_bn")
 _CONFIG_FLAGS = ("sparsity", "threshold", "scope", "importance", "ignore", "include", "ratio", "target_macs",
-                 "round_to", "max_ratio", "calib_batches", "steps", "max_loss_increase")
+                 "round_to", "max_ratio", "calib_batches", "steps", "max_loss_increase", "allocate",
+                 "target_latency", "latency_batch_size")
 
 
 def _method_config(args: argparse.Namespace) -> Any:
@@ -219,6 +262,8 @@ def _method_config(args: argparse.Namespace) -> Any:
         given["importance"] = given["importance"].replace("-", "_")  # block-influence -> block_influence
     if "seed" in fields:
         given["seed"] = args.seed
+    if args.target_latency is not None and args.device is not None:
+        given["device"] = args.device
     if "steps" not in fields and getattr(args, "finetune_epochs", None):
         given.pop("steps", None)  # prune_and_finetune_ takes the steps itself
     for key in given:
@@ -301,6 +346,32 @@ def _prune_and_finetune(args: argparse.Namespace, config: Any, model: Any, x: An
                                data=calib, teacher=teacher)
 
 
+def _check_report_deps(args: argparse.Namespace) -> None:
+    """Fail before the slow part when ``--report`` cannot be rendered."""
+    if getattr(args, "report", False):
+        from .io.arch import require
+
+        require("matplotlib", "report")
+
+
+def _html_report(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
+    """``--report``: report.html, rendered once the weights' size is known (same atomic write)."""
+    if not getattr(args, "report", False):
+        return {}
+    from .report.html import REPORT_NAME, render_report
+
+    return {REPORT_NAME: lambda size: render_report(result).encode()}
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report.html import write_report
+
+    path = write_report(args.dir, args.out, sensitivity=args.sensitivity,
+                        overwrite=args.overwrite or args.out is None)  # DIR/report.html is ours to refresh
+    print(path)
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .analysis import analyze
     from .io.atomic import check_output_dir
@@ -311,6 +382,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = _method_config(args)
     _check_out_not_input(args)
     check_output_dir(Path(args.out), args.overwrite)  # fail before the slow part
+    _check_report_deps(args)
     start = time.perf_counter()
     model, x = _load(args)
     before = analyze(model, x, latency=not args.no_latency).to_dict()
@@ -333,7 +405,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         **({"finetune_steps": steps} if steps is not None else {}),
         "seconds": time.perf_counter() - start,
         "out": str(Path(args.out)),
+        "command": args.command_line,
     }
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun only rank 0 writes
 
     def report_json(size: int) -> bytes:
         # Written in the same atomic step as the weights, once their size is known.
@@ -346,7 +422,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report=report.to_dict(),
         input_shape=list(x.shape),
         overwrite=args.overwrite,
-        extra_files={"report.json": report_json, **_tokenizer_files(args.model)},
+        extra_files={"report.json": report_json, **_tokenizer_files(args.model), **_html_report(args, result)},
     )
     if args.json:
         _emit_json(result)
@@ -431,6 +507,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     _check_out_not_input(args)
     check_output_dir(Path(args.out), args.overwrite)
+    _check_report_deps(args)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.out).with_name(Path(args.out).name + ".ckpt")
     config = _finetune_config(args, checkpoint_dir=str(ckpt), resume=args.resume)
     model, x = _load(args)
@@ -444,8 +521,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                "before": before, **result.to_dict(), "seconds": time.perf_counter() - start}
     if not result.is_main:
         return 0  # under torchrun only rank 0 writes
+    summary["command"] = args.command_line
     save(model, args.out, report=summary, input_shape=list(x.shape), overwrite=args.overwrite,
-         extra_files={"report.json": json.dumps(summary, indent=2, default=str).encode()})
+         extra_files={"report.json": json.dumps(summary, indent=2, default=str).encode(),
+                      **_html_report(args, summary)})
     if not args.checkpoint_dir:
         shutil.rmtree(ckpt, ignore_errors=True)
     summary["out"] = args.out
@@ -455,6 +534,90 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"{args.model} -> {args.out}  ({len(result.history)} epochs, {summary['seconds']:.1f} s)")
     print(f"accuracy {before['accuracy']:.4f} -> {result.final['accuracy']:.4f}  "
           f"loss {before['loss']:.4f} -> {result.final['loss']:.4f}  on {result.final['examples']} held-out images")
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from .io.atomic import write_files_atomically
+    from .methods.sensitivity import sensitivity
+
+    out = Path(args.out)
+    if out.suffix != ".json":
+        raise SecateursError(f"--out must name a .json file, got '{out.name}'")
+    targets = [out, out.with_suffix(".csv"), out.with_suffix(".png")]
+    if not args.overwrite and any(t.exists() for t in targets):
+        raise SecateursError(f"'{out}' (or its .csv/.png) exists: choose another --out or pass --overwrite")
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError:
+        raise SecateursError(f"--ratios must be comma-separated fractions, got '{args.ratios}'") from None
+    model, x = _load(args)
+    data = _calibration(args, argparse.Namespace(calib_batches=args.batches), x)
+    from .methods import config_class
+
+    selection = {"ignore": args.ignore} if args.ignore else {}
+    if args.importance:
+        selection["importance"] = args.importance
+    cfg = config_class(args.method)(**({"ratio": 0.5} if args.method == "channel" else {"sparsity": 0.5}),
+                                    **selection)
+    scan = sensitivity(model, data, method=args.method, example_inputs=x, ratios=ratios, batches=args.batches,
+                       config=cfg, progress=not args.quiet)
+    result = scan.to_dict() | {"model": args.model}
+    files = {targets[0]: json.dumps(result, indent=2).encode(), targets[1]: scan.to_csv().encode()}
+    try:
+        from .report.plots import sensitivity_png
+
+        files[targets[2]] = sensitivity_png(result)
+    except SecateursError as exc:  # matplotlib is optional: JSON and CSV still help
+        logging.getLogger(__name__).warning("no plot: %s", exc)
+    write_files_atomically(files)
+    if args.json:
+        _emit_json(result)
+        return 0
+    metric = result["metric"]
+    print(f"{args.model}: {len(result['curves'])} units, {metric} on {result['batches']} batches "
+          f"(dense {result['baseline'].get(metric, result['baseline']['loss']):.4f}) -> {out}")
+    worst = sorted(result["curves"], key=lambda c: (c.get(metric) or c["loss"])[-1]
+                   * (1 if metric != "loss" else -1))[:5]
+    for c in worst:
+        values = c.get(metric) or c["loss"]
+        print(f"  most sensitive: {c['name'][:70]}  {metric} at {c['ratios'][-1]:.0%} removed: {values[-1]:.4f}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .io.export import export_model
+
+    _check_out_not_input(args)
+    model, x = _load(args)
+    result = export_model(model, x, args.out, format=args.format, fold_bn=args.fold_bn, half=args.half,
+                          overwrite=args.overwrite).to_dict()
+    if args.json:
+        _emit_json(result)
+        return 0
+    print(f"{args.model} -> {result['path']}  ({args.format}, {result['size_bytes'] / 1024:.1f} KiB, "
+          f"{result['folded_batchnorms']} BatchNorms folded, max |difference| {result['max_abs_diff']:.2e})")
+    return 0
+
+
+def _analyze_exported(args: argparse.Namespace) -> int:
+    from .io.export import analyze_exported, exported_input_dtype, exported_input_shape
+    from .io.inputs import parse_shape
+
+    path = Path(args.model)
+    if not path.is_file():
+        raise SecateursError(f"exported file '{path}' does not exist: check the path")
+    shape = parse_shape(args.input_shape) if args.input_shape else exported_input_shape(path)
+    if shape is None:
+        raise SecateursError(f"'{path.name}' does not record its input shape: pass --input-shape")
+    import torch
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(args.seed)).to(exported_input_dtype(path))
+    stats = analyze_exported(path, (x,))
+    if args.json:
+        _emit_json(stats)
+    else:
+        print("  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()))
     return 0
 
 
@@ -481,7 +644,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(before_after_table(results))
     if args.out:
         print(f"pruned models saved under {args.out}; try: secateurs analyze {args.out}/unstructured80-ft")
+    report = _demo_report(args, results)
+    if report is not None:
+        print(f"report: {report}")
     return 0
+
+
+def _demo_report(args: argparse.Namespace, results: dict[str, Any]) -> Path | None:
+    """The demo's comparison page, in --out or the cache folder (None without matplotlib)."""
+    from .demo import cache_dir
+    from .io.atomic import write_files_atomically
+    from .report.html import render_comparison
+
+    target = Path(args.out) / "report.html" if args.out else cache_dir() / "demo-report.html"
+    try:
+        page = render_comparison("secateurs demo", results, intro="Small CNNs trained on scikit-learn's 8x8 digits, "
+                                 "pruned several ways; accuracy on the held-out fifth.")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_files_atomically({target: page.encode()})
+    except (SecateursError, OSError) as exc:
+        logging.getLogger(__name__).warning("no HTML report: %s", exc)
+        return None
+    return target
 
 
 def _llm_demo(args: argparse.Namespace) -> int:
@@ -500,11 +684,13 @@ def _llm_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"analyze": cmd_analyze, "prune": cmd_prune, "eval": cmd_eval, "finetune": cmd_finetune,
+            "export": cmd_export, "sensitivity": cmd_sensitivity, "report": cmd_report,
             "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["secateurs", *(sys.argv[1:] if argv is None else argv)])
     level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     try:

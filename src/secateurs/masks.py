@@ -30,6 +30,7 @@ __all__ = [
     "tied_modules",
     "weight_key",
     "load_effective_state_",
+    "plain_name",
 ]
 
 
@@ -125,6 +126,11 @@ def _unparametrize(module: nn.Module, tname: str, mask: Tensor) -> None:
     del module._modules["parametrizations"]
     module.__class__ = module.__class__.__bases__[0]
     module.register_parameter(tname, original)
+
+
+def plain_name(key: str) -> str:
+    """A parameter's name with mask bookkeeping removed: ``conv.parametrizations.weight.original`` -> ``conv.weight``."""
+    return key.replace("parametrizations.", "").replace(".original", "")
 
 
 def _is_bookkeeping(key: str) -> bool:

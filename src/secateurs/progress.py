@@ -4,10 +4,15 @@ On a terminal the bar redraws one line in place (at most ten times a
 second); elsewhere (logs, CI) it stays quiet until it closes and then writes
 one summary line, so logs are not flooded. It never writes to stdout, so
 ``--json`` output stays clean.
+
+By default a bar shows when the ``secateurs`` logger would show INFO
+messages: the CLI's ``--quiet`` (and a library user's logging setup, which
+leaves INFO off unless asked) silences bars and messages together.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import Any, TextIO
@@ -21,7 +26,8 @@ class Progress:
     Args:
         total: number of steps (``update`` calls) expected.
         desc: a short label shown before the bar.
-        enabled: False makes every method a no-op (``--quiet``).
+        enabled: False makes every method a no-op; None follows the ``secateurs``
+            logger (shown when it is enabled for INFO).
         stream: where to draw (stderr by default).
 
     Example:
@@ -34,7 +40,9 @@ class Progress:
         'epoch 1 3/3 loss 0.5000'
     """
 
-    def __init__(self, total: int, desc: str, *, enabled: bool = True, stream: TextIO | None = None) -> None:
+    def __init__(self, total: int, desc: str, *, enabled: bool | None = True, stream: TextIO | None = None) -> None:
+        if enabled is None:
+            enabled = logging.getLogger("secateurs").isEnabledFor(logging.INFO)
         self.total = max(int(total), 0)
         self.desc = desc
         self.enabled = enabled

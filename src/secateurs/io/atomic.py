@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import SecateursError
 from ..utils import first_line
 
-__all__ = ["atomic_dir", "check_output_dir"]
+__all__ = ["atomic_dir", "check_output_dir", "write_files_atomically"]
 
 # A directory holding this file was written by secateurs and may be replaced.
 MARKER = "secateurs.json"
@@ -97,3 +97,31 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def write_files_atomically(files: dict[Path, bytes]) -> None:
+    """Write each file through a temporary file and a rename; readers never see half a file.
+
+    All contents are written to temporaries first, so a failure while writing
+    leaves every target as it was (the renames that follow are each atomic).
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, data in files.items():
+            path = Path(path)
+            if not path.parent.is_dir():
+                raise SecateursError(f"directory '{path.parent}' does not exist: create it first")
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+            staged.append((Path(tmp), path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise SecateursError(f"cannot write output files ({first_line(exc)})") from None
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)

@@ -56,6 +56,17 @@ class Channels(Selection):
             statistics on ``data`` (no gradients, weights unchanged).
         steps: reach the target in this many prune steps, re-scoring channels on the
             already-pruned model each time (fine-tune between steps with the trainer).
+        allocate: ``uniform`` (the same ratio for every group, or ``global_ranking``) or
+            ``sensitivity``: measure on ``data`` how much each group alone can lose
+            and give the cut to the groups where it costs the least loss per MAC
+            (``target_macs``) or per channel (``ratio``).
+        target_latency: prune until one forward takes at most this many milliseconds,
+            *measured* on ``device`` at ``latency_batch_size`` (the pruned candidates
+            are built and timed for real). If even the most pruned candidate is slower
+            than the dense model, nothing is pruned.
+        latency_batch_size: batch size for ``target_latency`` (default: the example inputs').
+        device: where ``target_latency`` is measured (``cpu``, ``cuda``); on CUDA,
+            ``round_to`` defaults to 8 (tensor-core friendly widths).
 
     Example:
         >>> import torch, secateurs
@@ -80,6 +91,10 @@ class Channels(Selection):
     steps: int = 1
     compensate: bool = False
     recalibrate_bn: bool = False
+    allocate: str = "uniform"
+    target_latency: float | None = None
+    latency_batch_size: int | None = None
+    device: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -87,8 +102,11 @@ class Channels(Selection):
             raise SecateursError(
                 "channel pruning never changes the model's output width, so prune_output_layer does not apply"
             )
-        if (self.ratio is None) == (self.target_macs is None):
-            raise SecateursError("give exactly one of ratio (fraction of channels to remove) or target_macs")
+        if sum(v is not None for v in (self.ratio, self.target_macs, self.target_latency)) != 1:
+            raise SecateursError("give exactly one of ratio (fraction of channels to remove), target_macs or "
+                                 "target_latency")
+        if self.target_latency is not None and not self.target_latency > 0:
+            raise SecateursError(f"target_latency must be a positive number of milliseconds, got {self.target_latency}")
         if self.ratio is not None and not (0.0 <= self.ratio < 1.0):
             raise SecateursError(f"ratio must be in [0, 1), got {self.ratio}: e.g. 0.5 removes half the channels")
         if self.target_macs is not None and not (0.0 < self.target_macs <= 1.0):
@@ -103,6 +121,12 @@ class Channels(Selection):
             raise SecateursError(f"unknown reduction '{self.reduction}': choose one of {', '.join(REDUCTIONS)}")
         if self.steps < 1:
             raise SecateursError(f"steps must be at least 1, got {self.steps}")
+        if self.target_latency is not None and self.steps > 1:
+            raise SecateursError("target_latency is met in one measured search: use steps=1")
+        if self.allocate not in ("uniform", "sensitivity"):
+            raise SecateursError(f"unknown allocation '{self.allocate}': choose uniform or sensitivity")
+        if self.allocate == "sensitivity" and self.global_ranking:
+            raise SecateursError("allocate='sensitivity' chooses each group's share itself: drop global_ranking")
         if self.calib_batches < 1:
             raise SecateursError(f"calib_batches must be at least 1, got {self.calib_batches}")
         if (self.compensate or self.recalibrate_bn) and self.calib_batches < 1:
@@ -171,9 +195,19 @@ def _scores(model: nn.Module, graph: DependencyGraph, config: Channels, stats: d
     }
 
 
-def plan_channels(graph: DependencyGraph, scores: dict[int, Tensor], config: Channels, ratio: float) -> dict[int, Tensor]:
-    """Decide which channels go: group id -> positions of its channels to remove."""
-    round_to = config.round_to or 1
+def _round_to(config: Channels) -> int:
+    if config.round_to is not None:
+        return config.round_to
+    return 8 if config.target_latency is not None and (config.device or "cpu").startswith("cuda") else 1
+
+
+def plan_channels(graph: DependencyGraph, scores: dict[int, Tensor], config: Channels, ratio: float,
+                  per_group: dict[int, float] | None = None) -> dict[int, Tensor]:
+    """Decide which channels go: group id -> positions of its channels to remove.
+
+    ``per_group`` (from sensitivity allocation) gives each group its own ratio instead of ``ratio``.
+    """
+    round_to = _round_to(config)
     removed: dict[int, Tensor] = {}
     if config.global_ranking:
         # Normalise within each group so layers with large weights do not dominate.
@@ -205,7 +239,8 @@ def plan_channels(graph: DependencyGraph, scores: dict[int, Tensor], config: Cha
     else:
         for g in graph.groups:
             unit = _multiplicity(g)
-            keep = _keep_count(g.size, ratio, max(1, round_to // math.gcd(round_to, unit)))
+            share = per_group.get(g.id, 0.0) if per_group is not None else ratio
+            keep = _keep_count(g.size, share, max(1, round_to // math.gcd(round_to, unit)))
             drop = g.size - keep
             removed[g.id] = torch.argsort(scores[g.id], stable=True)[:drop]
     return removed
@@ -244,6 +279,9 @@ def channel_steps(model: nn.Module, config: Channels, example_inputs: Any) -> It
     left (channels for ``ratio``, MACs for ``target_macs``), so the caller may
     prune and fine-tune alternately between them.
     """
+    if config.target_latency is not None:  # one measured search (steps > 1 is refused by the config)
+        yield dataclasses.replace(config, steps=1)
+        return
     base_macs = macs_of(meta_copy(model), to_meta(example_inputs)) if config.target_macs is not None else None
     for step in range(1, config.steps + 1):
         if config.ratio is not None:
@@ -261,6 +299,83 @@ def merge_step_reports(reports: list[PruneReport], config: Channels) -> PruneRep
     final.config["steps_detail"] = [r.config.get("achieved_ratio") for r in reports]
     final.plan = {"steps": [r.plan for r in reports]}
     return final
+
+
+def _sensitivity_shares(model: nn.Module, graph: DependencyGraph, scores: dict[int, Tensor], config: Channels,
+                        data: Any, example_inputs: Any, expected: Any) -> Any:
+    """For ``allocate='sensitivity'``: a map from a fraction of the greedy steps to per-group ratios."""
+    if config.allocate != "sensitivity":
+        return None
+    from .sensitivity import DEFAULT_RATIOS, allocate, allocation_order, channel_curves
+
+    if data is None:
+        raise SecateursError("sensitivity allocation measures each group on data: pass data= (CLI: --data)")
+    meta_inputs = to_meta(example_inputs)
+    base = macs_of(meta_copy(model), meta_inputs)
+
+    def saved(group: Group, idx: Tensor) -> int:
+        rehearsal, _ = rehearse(model, plan_for(graph, {group.id: idx}), example_inputs, expected)
+        return base - macs_of(rehearsal, meta_inputs) if rehearsal is not None else 0
+
+    grid = [r for r in DEFAULT_RATIOS if r <= config.max_ratio + 1e-9]
+    result = channel_curves(model, graph, scores, data, ratios=grid, batches=config.calib_batches,
+                            macs_saved=saved if config.target_macs is not None else None)
+    order = allocation_order(result.curves, "macs_saved" if config.target_macs is not None else "")
+    return lambda fraction: allocate(result.curves, fraction, order)
+
+
+class _MacsGoal:
+    """Does a plan keep at most ``target_macs`` of the model's MACs? (counted on a meta rehearsal)"""
+
+    def __init__(self, model: nn.Module, config: Channels, example_inputs: Any, expected: Any) -> None:
+        self.model, self.config, self.inputs, self.expected = model, config, example_inputs, expected
+        self.meta_inputs = to_meta(example_inputs)
+        self.base = macs_of(meta_copy(model), self.meta_inputs)
+        self.log = None
+
+    def __call__(self, plan: Plan) -> bool:
+        rehearsal, _ = rehearse(self.model, plan, self.inputs, self.expected)
+        macs = macs_of(rehearsal, self.meta_inputs) if rehearsal is not None else self.base
+        return macs <= self.config.target_macs * self.base
+
+
+class _LatencyGoal:
+    """Is a plan's pruned model at most ``target_latency`` ms on the device? (built and timed for real)"""
+
+    def __init__(self, model: nn.Module, config: Channels, example_inputs: Any) -> None:
+        import copy
+
+        from ..analysis import measure_latency
+
+        self.model, self.target = model, config.target_latency
+        self.device = torch.device(config.device or "cpu")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise SecateursError("target_latency on 'cuda' needs a CUDA GPU: measure on --device cpu")
+        x = example_inputs
+        if config.latency_batch_size is not None and isinstance(x, Tensor):
+            x = x[:1].expand(config.latency_batch_size, *x.shape[1:]).contiguous()
+        self.inputs = x.to(self.device) if isinstance(x, Tensor) else x
+        self._copy, self._measure = copy.deepcopy, measure_latency
+        self.dense = self._time(copy.deepcopy(model))
+        self.log: dict[str, Any] = {"dense": self.dense, "target": self.target, "device": str(self.device),
+                                    "trials": []}
+
+    def _time(self, candidate: nn.Module) -> float:
+        candidate = candidate.to(self.device).eval()
+        return min(self._measure(candidate, self.inputs, warmup=2, repeats=10, max_seconds=3.0) for _ in range(2))
+
+    def latency(self, plan: Plan) -> float:
+        candidate = self._copy(self.model)
+        apply_plan_(candidate, plan)
+        t = self._time(candidate)
+        self.log["trials"].append(round(t, 4))
+        return t
+
+    def __call__(self, plan: Plan) -> bool:
+        return self.latency(plan) <= self.target
+
+    def faster_than_dense(self, plan: Plan) -> bool:
+        return self.latency(plan) < self.dense
 
 
 def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: Any) -> PruneReport:
@@ -283,40 +398,63 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
         raise SecateursError("no prunable channel group found: every layer is coupled to the inputs/outputs or ignored")
     scores = _scores(model, graph, config, stats)
     expected = graph.output_shapes  # what every rehearsal must still produce
+    shares = _sensitivity_shares(model, graph, scores, config, data, example_inputs, expected)
+
     def feasible_plan(ratio: float) -> tuple[Plan, dict[int, Tensor], dict[int, str]]:
-        removed = plan_channels(graph, scores, config, ratio)
+        removed = plan_channels(graph, scores, config, ratio, shares(ratio) if shares is not None else None)
         candidates = [gid for gid, idx in removed.items() if idx.numel()]
         ids, failed = feasible_groups(model, graph, lambda keep: plan_for(graph, removed, keep), candidates,
                                       example_inputs, expected)
         removed = {gid: (idx if gid in ids else idx[:0]) for gid, idx in removed.items()}
         return plan_for(graph, removed), removed, failed
 
-    if config.ratio is not None:
+    latency_log = None
+    if config.ratio is not None and shares is None:
         ratio = config.ratio
         plan, removed, failed = feasible_plan(ratio)
+    elif config.ratio is not None:  # sensitivity allocation of a channel budget
+        total = sum(g.size for g in graph.groups)
+        lo, hi = 0.0, 1.0
+        for _ in range(14):
+            mid = (lo + hi) / 2
+            removed_count = sum(int(v.numel()) for v in plan_channels(graph, scores, config, 0.0, shares(mid)).values())
+            lo, hi = (mid, hi) if removed_count <= config.ratio * total else (lo, mid)
+        ratio = lo
+        plan, removed, failed = feasible_plan(ratio)
     else:
-        meta_inputs = to_meta(example_inputs)
-        base = macs_of(meta_copy(model), meta_inputs)
-        lo, hi = 0.0, config.max_ratio
+        meets = (_MacsGoal(model, config, example_inputs, expected) if config.target_macs is not None
+                 else _LatencyGoal(model, config, example_inputs))
+        lo, hi = 0.0, config.max_ratio if shares is None else 1.0
         best = None
-        for _ in range(14):  # bisection on the removal ratio until the MACs target is met
+        for _ in range(14 if config.target_macs is not None else 8):  # bisection on the removal ratio
             mid = (lo + hi) / 2
             cand = feasible_plan(mid)
-            rehearsal, _ = rehearse(model, cand[0], example_inputs, expected)
-            macs = macs_of(rehearsal, meta_inputs) if rehearsal is not None else base
-            if macs <= config.target_macs * base:
+            if meets(cand[0]):
                 best, hi = (mid, *cand), mid
+                if meets.log is not None:
+                    meets.log["achieved"] = meets.log["trials"][-1]
             else:
                 lo = mid
         if best is None:  # the target is out of reach: prune as much as allowed
-            best = (config.max_ratio, *feasible_plan(config.max_ratio))
+            best = (hi, *feasible_plan(hi))
+            if config.target_latency is not None:
+                if meets.faster_than_dense(best[1]):
+                    meets.log["achieved"] = meets.log["trials"][-1]
+                else:  # never slower than the dense model: undo
+                    best = (0.0, *feasible_plan(0.0))
+                    meets.log["achieved"] = meets.dense
         ratio, plan, removed, failed = best
+        latency_log = getattr(meets, "log", None)
     compensated = compensate_(model, plan, means.means(), means.followers) if means is not None else []
     apply_plan_(model, plan)
     if config.recalibrate_bn:
         recalibrate_bn_(model, data, config.calib_batches)
     report = PruneReport(method=config.method, config=config_to_dict(config))
-    report.config["achieved_ratio"] = ratio
+    # the share of all channels removed (with sensitivity allocation, ratio is a fraction of greedy steps)
+    report.config["achieved_ratio"] = (sum(int(v.numel()) for v in removed.values())
+                                       / max(1, sum(g.size for g in graph.groups)) if shares is not None else ratio)
+    if config.ratio is None and latency_log:
+        report.config["latency_ms"] = latency_log
     if means is not None:
         report.config["compensated_layers"] = len(compensated)
     for g in graph.groups:
@@ -333,4 +471,16 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     for call, count in graph.unknown_calls.items():
         report.skipped[f"call {call}"] = f"not understood ({count}x): tensors through it were kept"
     report.plan = plan.to_dict()
+    report.importance = {"criterion": config.importance, "groups": {
+        g.describe(): _score_summary(scores[g.id], removed[g.id]) for g in graph.groups}}
     return report
+
+
+def _score_summary(scores: Tensor, removed: Tensor) -> dict[str, list[float]]:
+    """Five-number summaries of kept and removed scores, relative to the group's mean."""
+    rel = scores.float() / (scores.float().mean().abs() + 1e-12)
+    gone = torch.zeros(len(rel), dtype=torch.bool)
+    gone[removed] = True
+    q = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    return {name: [round(v, 4) for v in torch.quantile(part, q).tolist()] if part.numel() else []
+            for name, part in (("kept", rel[~gone]), ("removed", rel[gone]))}

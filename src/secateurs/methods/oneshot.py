@@ -26,6 +26,7 @@ from ..graph.blocks import find_blocks, first_tensor
 from ..importance.oneshot import InputStats, sparsegpt, wanda
 from ..importance.stats import split_batch
 from ..masks import get_mask, mask_tied_
+from ..progress import Progress
 from ..selection import Selection, Target, call_model, input_dim, select_targets
 from ..utils import eval_mode
 from .common import config_to_dict, layer_report
@@ -220,6 +221,7 @@ def apply_oneshot(model: nn.Module, config: _OneShot, *, example_inputs: Any = N
             _prune_targets(model, outside, stats, config, report)
         if blocks:
             calls = _capture(model, modules[blocks[0]], batches)
+            bar = Progress(len(blocks), f"{config.method} blocks", enabled=None)
             for name in blocks:
                 block = modules[name]
                 stats, remove = _collect(inside[name], hessian)
@@ -230,5 +232,7 @@ def apply_oneshot(model: nn.Module, config: _OneShot, *, example_inputs: Any = N
                     remove()
                 _prune_targets(model, inside[name], stats, config, report)
                 calls = [_with_hidden(args, kwargs, first_tensor(block(*args, **kwargs))) for args, kwargs in calls]
+                bar.update()
+            bar.close()
     report.config["blocks"] = len(blocks)
     return report

@@ -30,6 +30,9 @@ class PruneReport:
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     plan: dict[str, Any] | None = None  # structural methods: what was physically removed
+    # channel pruning: per group, five-number summaries of the kept and removed channels'
+    # importance (scaled by the group's mean score, so groups compare)
+    importance: dict[str, Any] | None = None
 
     @property
     def numel(self) -> int:
@@ -53,4 +56,5 @@ class PruneReport:
             "layers": [{**asdict(layer), "sparsity": layer.sparsity} for layer in self.layers],
             "skipped": self.skipped,
             **({"plan": self.plan} if self.plan is not None else {}),
+            **({"importance": self.importance} if self.importance is not None else {}),
         }

@@ -1,4 +1,4 @@
-"""Human-readable output: tables now; HTML reports and plots later."""
+"""Human-readable output: tables, charts and self-contained HTML reports."""
 
 from .table import before_after_table, format_table, human_bytes, human_count, layer_table
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -73,8 +74,11 @@ def prune_and_finetune_(
     history: list[dict[str, Any]] = []
     for k, step_config in enumerate(_steps(model, config, steps, example_inputs), 1):
         reports.append(prune_(model, step_config, example_inputs=example_inputs, data=data))
+        step_dir = (str(Path(finetune_config.checkpoint_dir) / f"step{k}")
+                    if finetune_config.checkpoint_dir else None)  # each step resumes its own training
         result = finetune(model, train, val=val, teacher=teacher,
-                          config=dataclasses.replace(finetune_config, seed=finetune_config.seed + k))
+                          config=dataclasses.replace(finetune_config, seed=finetune_config.seed + k,
+                                                     checkpoint_dir=step_dir))
         entry = {"step": k, **{key: v for key, v in step_config.__dict__.items() if key in ("ratio", "target_macs",
                                                                                           "sparsity")}}
         entry.update(result.final)

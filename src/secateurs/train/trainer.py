@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from ..errors import SecateursError
 from ..importance.stats import split_batch
-from ..masks import effective_state_dict, load_effective_state_, masked_tensors
+from ..masks import effective_state_dict, load_effective_state_, masked_tensors, plain_name
 from ..progress import Progress
 from ..selection import call_model
 from ..utils import eval_mode, first_line
@@ -77,7 +77,8 @@ class FinetuneConfig:
         seed: seeds the sampler order and the RNG (dropout, augmentation).
         checkpoint_dir: write ``last.pt`` there after every epoch (atomically).
         resume: continue from ``checkpoint_dir/last.pt`` when it exists.
-        progress: show a progress bar on stderr (rank 0 only).
+        progress: show a progress bar on stderr (rank 0 only); None: when the
+            ``secateurs`` logger shows INFO (the CLI, unless ``--quiet``).
         num_workers: DataLoader worker processes.
     """
 
@@ -100,7 +101,7 @@ class FinetuneConfig:
     seed: int = 0
     checkpoint_dir: str | None = None
     resume: bool = False
-    progress: bool = True
+    progress: bool | None = None
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -173,6 +174,8 @@ def _join_world(device_hint: str | None) -> _World:
     created = False
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and (device_hint is None or device_hint.startswith("cuda"))
+        if use_cuda:
+            torch.cuda.set_device(local)  # one GPU per rank, before NCCL picks one
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         created = True
     return _World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local, created=created)
@@ -183,8 +186,8 @@ def _device(config: FinetuneConfig, world: _World) -> torch.device:
         device = torch.device(config.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SecateursError("device 'cuda' asked for, but no CUDA GPU is available: use --device cpu")
-        if device.type == "cuda" and world.active and device.index is None:
-            device = torch.device("cuda", world.local_rank)
+        if device.type == "cuda" and world.active:
+            device = torch.device("cuda", world.local_rank)  # each rank its own GPU, whatever index was named
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", world.local_rank if world.active else torch.cuda.current_device())
@@ -272,15 +275,10 @@ def evaluate_dataset(model: nn.Module, data: Dataset | DataLoader, *, batch_size
 # -- training -----------------------------------------------------------------------------
 
 
-def _canonical(name: str) -> str:
-    """A parameter's name with mask bookkeeping removed (stable whether or not it is masked)."""
-    return name.replace("parametrizations.", "").replace(".original", "")
-
-
 def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
     # Sorted by plain name so the order does not change when masks are added or
     # re-applied on resume: optimizer state is matched by position.
-    named = sorted(((_canonical(n), p) for n, p in model.named_parameters() if p.requires_grad), key=lambda t: t[0])
+    named = sorted(((plain_name(n), p) for n, p in model.named_parameters() if p.requires_grad), key=lambda t: t[0])
     decay = [p for _, p in named if p.dim() > 1]
     no_decay = [p for _, p in named if p.dim() <= 1]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -317,10 +315,11 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     try:
         torch.save(payload, tmp)
         os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
         raise SecateursError(f"cannot write checkpoint '{path}' ({first_line(exc)}): choose a writable "
                              "checkpoint directory") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
@@ -372,11 +371,15 @@ def finetune(
     dataset, options = _as_dataset(train, "the training data")
     world = _join_world(config.device)
     try:
-        return _run(model, dataset, options, config, val, teacher, example_inputs, on_epoch_end, world)
-    finally:
-        if world.created:
-            dist.barrier()
+        result = _run(model, dataset, options, config, val, teacher, example_inputs, on_epoch_end, world)
+    except BaseException:
+        if world.created:  # no barrier: the other ranks may be blocked in a collective; fail fast
             dist.destroy_process_group()
+        raise
+    if world.created:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 def _run(model: nn.Module, dataset: Dataset, options: dict[str, Any], config: FinetuneConfig, val: Any,
@@ -401,7 +404,8 @@ def _run(model: nn.Module, dataset: Dataset, options: dict[str, Any], config: Fi
                                example_inputs=example_inputs if example_inputs is not None else x0)
     gradual = None
     if config.gradual_sparsity is not None:
-        end = max(1, round(config.gradual_end * total_steps))
+        # the last step that runs is total_steps - 1: the schedule must end by then
+        end = max(1, min(round(config.gradual_end * total_steps), total_steps - 1))
         gradual = GradualPruner(model, AGP(final=config.gradual_sparsity, start=0, end=end,
                                            every=max(1, min(steps_per_epoch // 4, end))))
 
@@ -428,6 +432,8 @@ def _run(model: nn.Module, dataset: Dataset, options: dict[str, Any], config: Fi
         if gradual is not None:
             gradual.current = float(state.get("gradual", 0.0))
         torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         result.history = list(state["history"])
         start_epoch = result.resumed_from = int(state["epoch"])
         log.info("resuming from %s after epoch %d", ckpt_path, start_epoch)
@@ -441,7 +447,7 @@ def _run(model: nn.Module, dataset: Dataset, options: dict[str, Any], config: Fi
         net.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
         bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}",
-                       enabled=config.progress and world.rank == 0)
+                       enabled=config.progress if world.rank == 0 else False)
         for i, batch in enumerate(loader):
             step = epoch * steps_per_epoch + i
             if gradual is not None:
@@ -497,6 +503,7 @@ def _run(model: nn.Module, dataset: Dataset, options: dict[str, Any], config: Fi
                 "scaler": scaler.state_dict(), "regularizer": reg.state_dict() if reg is not None else {},
                 "gradual": gradual.current if gradual is not None else 0.0,
                 "rng": torch.get_rng_state(), "history": result.history,
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
             })
         if world.active:
             dist.barrier()  # nobody races ahead of the checkpoint

@@ -1,0 +1,199 @@
+"""One self-contained HTML page per pruned model: numbers, charts and the exact recipe.
+
+Everything is inline (CSS in a ``<style>`` element, charts as PNG data URIs),
+so the file opens anywhere with no network and no script. Built from the
+``report.json`` that ``secateurs prune`` / ``secateurs finetune`` write next
+to the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import SecateursError
+from .plots import bars_png, history_png, scatter_png, sensitivity_png, widths_png
+from .table import human_bytes, human_count
+
+__all__ = ["REPORT_NAME", "render_comparison", "render_report", "write_report"]
+
+REPORT_NAME = "report.html"
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+img { max-width: 100%; display: block; margin: 0.5em 0; }
+.muted { color: #666; font-size: 0.9em; }
+"""
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _ratio(a: Any, b: Any) -> str:
+    return f"{b / a:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else ""
+
+
+def _summary(before: dict[str, Any], after: dict[str, Any], extra: list[list[Any]]) -> tuple[str, bytes | None]:
+    rows, labels, ratios = [], [], []
+    for key, label, fmt in (("params", "parameters", human_count), ("nonzero_params", "nonzero parameters", human_count),
+                            ("macs", "MACs", human_count), ("nonzero_macs", "nonzero MACs", human_count),
+                            ("latency_ms", "latency (ms)", lambda v: f"{v:.3f}"),
+                            ("size_bytes", "file size", human_bytes)):
+        a, b = before.get(key), after.get(key)
+        if a is None and b is None:
+            continue
+        rows.append([label, fmt(a) if a is not None else "", fmt(b) if b is not None else "", _ratio(a, b)])
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a:
+            labels.append(label)
+            ratios.append(b / a)
+    rows += extra
+    chart = bars_png(labels, ratios, title="after / before", xlabel="ratio (1.0 = unchanged)") if labels else None
+    return _table(["", "before", "after", "after/before"], rows), chart
+
+
+def _layers(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Per-layer width and density charts (layers missing after pruning count as removed)."""
+    b_layers = {layer["name"]: layer for layer in before.get("layers", [])}
+    a_layers = {layer["name"]: layer for layer in after.get("layers", [])}
+    names = [n for n in b_layers if b_layers[n].get("shape")]
+    if not names:
+        return []
+    out = []
+    widths_b = [b_layers[n]["shape"][0] for n in names]
+    widths_a = [a_layers[n]["shape"][0] if n in a_layers and a_layers[n].get("shape") else 0 for n in names]
+    if widths_a != widths_b:
+        out.append(_img(widths_png(names, widths_b, widths_a, ylabel="output channels / features",
+                                   title="width of each layer"), "layer widths before and after"))
+    dens_b = [b_layers[n]["nonzero"] / max(b_layers[n]["params"], 1) for n in names]
+    dens_a = [a_layers[n]["nonzero"] / max(a_layers[n]["params"], 1) if n in a_layers else 0.0 for n in names]
+    if dens_a != dens_b:
+        out.append(_img(widths_png(names, dens_b, dens_a, ylabel="nonzero fraction", title="density of each layer"),
+                        "layer density before and after"))
+    rows = [[n, "x".join(map(str, b_layers[n]["shape"])),
+             "x".join(map(str, a_layers[n]["shape"])) if n in a_layers else "removed",
+             human_count(b_layers[n]["params"]), human_count(a_layers[n]["nonzero"]) if n in a_layers else "0"]
+            for n in names]
+    out.append(_table(["layer", "shape before", "shape after", "params before", "nonzero after"], rows))
+    return out
+
+
+def _plan(pruning: dict[str, Any]) -> list[str]:
+    out = []
+    layers = pruning.get("layers", [])
+    if layers:
+        rows = [[layer["name"], layer["numel"], layer["zeros"], f"{1 - layer['sparsity']:.1%}"] for layer in layers]
+        unit = "channels" if pruning.get("method") == "channel" else "weights"
+        out.append(_table(["pruned unit", unit, "removed", "kept"], rows))
+        out.append(_img(bars_png([layer["name"][:48] for layer in layers], [1 - layer["sparsity"] for layer in layers],
+                                 title="fraction kept per pruned unit", xlabel="kept"), "fraction kept per unit"))
+    importance = pruning.get("importance")
+    if importance and importance.get("groups"):
+        groups = importance["groups"]
+        names = list(groups)
+        kept_median = [groups[n]["kept"][2] if groups[n]["kept"] else 0.0 for n in names]
+        removed_max = [groups[n]["removed"][4] if groups[n]["removed"] else 0.0 for n in names]
+        out.append(f"<p>Importance ({html.escape(str(importance.get('criterion')))}), relative to each group's mean: "
+                   "the highest score removed against the median score kept.</p>")
+        out.append(_img(widths_png([n[:40] for n in names], kept_median, removed_max,
+                                   ylabel="score / group mean", title="median kept (light) vs highest removed (dark)"),
+                        "importance distribution"))
+    if pruning.get("skipped"):
+        out.append("<p>Left unpruned:</p>" + _table(["tensor or group", "why"],
+                                                    [[k, v] for k, v in pruning["skipped"].items()]))
+    return out
+
+
+def _page(title: str, parts: list[str]) -> str:
+    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+            + "\n".join(parts) + "</body></html>\n")
+
+
+def render_comparison(title: str, results: dict[str, dict[str, Any]], *, intro: str = "") -> str:
+    """A page comparing variants of a model (the demo's): a table and accuracy against MACs."""
+    keys = [("accuracy", lambda v: f"{v:.1%}"), ("params", human_count), ("nonzero_params", human_count),
+            ("macs", human_count), ("nonzero_macs", human_count), ("latency_ms", lambda v: f"{v:.3f}"),
+            ("size_bytes", human_bytes)]
+    rows = [[name] + [fmt(r[k]) if r.get(k) is not None else "" for k, fmt in keys] for name, r in results.items()]
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>" if intro else "",
+             _table(["variant", *[k for k, _ in keys]], rows)]
+    points = {name: (r["nonzero_macs"], r["accuracy"]) for name, r in results.items()
+              if r.get("nonzero_macs") is not None and r.get("accuracy") is not None}
+    if points:
+        parts.append(_img(scatter_png(points, xlabel="nonzero MACs", ylabel="test accuracy",
+                                      title="accuracy against compute"), "accuracy against MACs"))
+    return _page(title, parts)
+
+
+def render_report(result: dict[str, Any], *, sensitivity: dict[str, Any] | None = None) -> str:
+    """The HTML page for one ``report.json`` (and an optional sensitivity scan)."""
+    method = result.get("method", "?")
+    title = f"secateurs: {result.get('model', 'model')} ({method})"
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if result.get("out"):
+        parts.append(f"<p class='muted'>saved to {html.escape(str(result['out']))}"
+                     + (f", in {result['seconds']:.1f} s" if isinstance(result.get("seconds"), (int, float)) else "")
+                     + "</p>")
+    if method == "finetune":
+        before, final = result.get("before", {}), result.get("final", {})
+        rows = [[k, f"{before.get(k, float('nan')):.4f}", f"{final.get(k, float('nan')):.4f}", ""]
+                for k in ("accuracy", "loss") if k in final]
+        parts += ["<h2>Summary</h2>", _table(["", "before", "after", ""], rows)]
+        if result.get("history"):
+            parts += ["<h2>Training</h2>", _img(history_png(result["history"]), "training curves")]
+    else:
+        extra = []
+        steps = result.get("finetune_steps")
+        if steps:
+            extra.append(["accuracy after fine-tuning", "", f"{steps[-1].get('accuracy', float('nan')):.4f}", ""])
+        table, chart = _summary(result.get("before", {}), result.get("after", {}), extra)
+        parts += ["<h2>Summary</h2>", table]
+        if chart:
+            parts.append(_img(chart, "after/before ratios"))
+        layer_parts = _layers(result.get("before", {}), result.get("after", {}))
+        if layer_parts:
+            parts += ["<h2>Layers</h2>", *layer_parts]
+        plan_parts = _plan(result.get("pruning", {}))
+        if plan_parts:
+            parts += ["<h2>Pruning plan</h2>", *plan_parts]
+    if sensitivity:
+        parts += ["<h2>Sensitivity</h2>", _img(sensitivity_png(sensitivity), "sensitivity curves")]
+    recipe = {k: result[k] for k in ("command", "method", "config") if k in result}
+    parts += ["<h2>How it was made</h2>", f"<pre>{html.escape(json.dumps(recipe, indent=2, default=str))}</pre>"]
+    return _page(title, parts)
+
+
+def write_report(model_dir: str | Path, out: str | Path | None = None, *,
+                 sensitivity: str | Path | None = None, overwrite: bool = True) -> Path:
+    """Render ``model_dir/report.json`` to ``out`` (default ``model_dir/report.html``), atomically."""
+    from ..io.atomic import write_files_atomically
+
+    model_dir = Path(model_dir)
+    source = model_dir / "report.json"
+    if not source.is_file():
+        raise SecateursError(f"'{model_dir}' has no report.json: pass a folder written by secateurs prune or finetune")
+    try:
+        result = json.loads(source.read_text())
+        scan = json.loads(Path(sensitivity).read_text()) if sensitivity else None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SecateursError(f"cannot read the report data ({exc}): re-run the command that wrote it") from None
+    target = Path(out) if out else model_dir / REPORT_NAME
+    if target.exists() and not overwrite:
+        raise SecateursError(f"'{target}' exists: choose another --out or pass --overwrite")
+    write_files_atomically({target: render_report(result, sensitivity=scan).encode()})
+    return target

@@ -1,0 +1,63 @@
+"""Channel pruning to a measured latency target (never slower than the dense model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import secateurs
+import secateurs.analysis
+from secateurs.errors import SecateursError
+
+
+def _wide_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)).eval()
+
+
+def _fake_clock(monkeypatch, per_param: float) -> None:
+    """Latency as a function of the parameter count: a deterministic stand-in for a device."""
+    def measure(model, inputs, **_):
+        n = sum(p.numel() for p in model.parameters())
+        return per_param * n if per_param > 0 else 1e9 / n
+
+    monkeypatch.setattr(secateurs.analysis, "measure_latency", measure)
+
+
+def test_target_latency_is_met_with_the_least_pruning(monkeypatch):
+    _fake_clock(monkeypatch, 1e-4)
+    model = _wide_mlp()
+    dense = 1e-4 * sum(p.numel() for p in model.parameters())
+    report = secateurs.prune_(model, secateurs.Channels(target_latency=0.4 * dense),
+                              example_inputs=torch.randn(8, 256))
+    log = report.config["latency_ms"]
+    assert log["dense"] == pytest.approx(dense) and log["achieved"] <= 0.4 * dense
+    assert log["achieved"] > 0.3 * dense  # the bisection does not over-prune
+    assert 1e-4 * sum(p.numel() for p in model.parameters()) == pytest.approx(log["achieved"])
+
+
+def test_a_model_is_never_left_slower_than_dense(monkeypatch):
+    _fake_clock(monkeypatch, -1)  # a device where narrower layers are slower
+    model = _wide_mlp()
+    before = sum(p.numel() for p in model.parameters())
+    report = secateurs.prune_(model, secateurs.Channels(target_latency=1e-9), example_inputs=torch.randn(8, 256))
+    assert sum(p.numel() for p in model.parameters()) == before  # undone
+    assert report.config["latency_ms"]["achieved"] == report.config["latency_ms"]["dense"]
+
+
+def test_real_cpu_latency_target():
+    model = _wide_mlp()
+    x = torch.randn(1, 256)
+    config = secateurs.Channels(target_latency=1e6, latency_batch_size=64)  # always met: prunes nothing more
+    report = secateurs.prune_(model, config, example_inputs=x)
+    log = report.config["latency_ms"]
+    assert log["achieved"] <= 1e6 and log["dense"] > 0 and log["device"] == "cpu"
+    assert model[0].out_features >= 1000  # the smallest ratio of the bisection
+
+
+def test_latency_target_errors():
+    with pytest.raises(SecateursError, match="exactly one of"):
+        secateurs.Channels(ratio=0.5, target_latency=3.0)
+    with pytest.raises(SecateursError, match="positive number"):
+        secateurs.Channels(target_latency=-1.0)

@@ -383,3 +383,16 @@ def test_shape_only_rehearsal_still_catches_a_batchnorm_width_mismatch():
                          "1.bias": {0: [0, 1]}, "1.running_mean": {0: [0, 1]}, "1.running_var": {0: [0, 1]}})
     rehearsal, why = rehearse(model, whole, x, (1, 6, 6, 6))
     assert rehearsal is not None and model[0].out_channels == 8  # the real model is untouched
+
+
+def test_training_continues_after_pruning_while_an_old_graph_is_alive(cnn, digits_input):
+    opt = torch.optim.SGD(cnn.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(2):
+        loss = cnn(digits_input).logsumexp(1).mean()  # `loss` keeps the last graph (and its accumulators) alive
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    secateurs.prune_(cnn, Channels(ratio=0.5), example_inputs=digits_input)
+    cnn(digits_input).sum().backward()  # fails if a stale gradient accumulator of the old shape is reused
+    assert cnn.classifier[0].weight.grad.shape == cnn.classifier[0].weight.shape
+    assert loss.requires_grad

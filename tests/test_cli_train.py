@@ -36,7 +36,7 @@ def test_finetune_trains_saves_and_keeps_masks(sparse_model, tmp_path, capsys):
     assert code == 0, err
     summary = json.loads(out)
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
-    assert summary["final"]["accuracy"] > 0.85 > summary["before"]["accuracy"]
+    assert summary["final"]["accuracy"] > 0.75 and summary["before"]["accuracy"] < 0.3
     report = json.loads((out_dir / "report.json").read_text())
     assert report["final"] == summary["final"]
     model = secateurs.load(out_dir)
@@ -65,7 +65,7 @@ def test_finetune_with_teacher_and_regulariser_and_resume(sparse_model, tmp_path
 
 def test_prune_in_steps_with_finetuning(tmp_path, capsys):
     code, out, err = run(["prune", "secateurs.zoo:DigitsCNN", "--input-shape", "1,1,8,8", "--method", "channel",
-                          "--ratio", "0.5", "--steps", "2", "--finetune-epochs", "1", "--data", "digits",
+                          "--ratio", "0.5", "--steps", "2", "--finetune-epochs", "2", "--data", "digits",
                           "--teacher", "dense", "--no-latency", "--out", str(tmp_path / "p"), "--json"], capsys)
     assert code == 0, err
     result = json.loads(out)
@@ -105,8 +105,9 @@ def test_teacher_with_other_classes_is_refused(tmp_path, capsys):
     torch.manual_seed(0)
     teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
     torch.save(teacher, tmp_path / "teacher.pt")
-    code, out, err = run(["finetune", "secateurs.zoo:DigitsCNN", "--data", "digits", "--teacher",
-                          str(tmp_path / "teacher.pt"), "--trust-pickle", "--out", str(tmp_path / "o")], capsys)
+    code, out, err = run(["finetune", "secateurs.zoo:DigitsCNN", "--input-shape", "1,1,8,8", "--data", "digits",
+                          "--teacher", str(tmp_path / "teacher.pt"), "--trust-pickle", "--out", str(tmp_path / "o")],
+                         capsys)
     assert code == 2 and "teacher outputs 3 classes but the model outputs 10" in err
     assert not (tmp_path / "o").exists()
 

@@ -2,8 +2,9 @@
 
 Surgery never decides what to remove (that is the strategy's job) and never
 looks at the graph: it gets a :class:`Plan` (tensor name -> dim -> indices)
-and applies it. Parameters keep their identity (``.data`` is replaced), so tied
-weights stay tied. Masked layers (unstructured/N:M masks) are handled: the
+and applies it. Resized parameters become new ``Parameter`` objects, set under
+every name that shared the old one, so tied weights stay tied (build optimizers
+after pruning). Masked layers (unstructured/N:M masks) are handled: the
 stored original and its mask shrink together.
 """
 
@@ -209,14 +210,35 @@ def _slots(model: nn.Module, name: str) -> tuple[nn.Module, str, list[tuple[nn.M
     raise SecateursError(f"the plan names '{name}', which the model does not have: wrong architecture?")
 
 
-def _slice(owner: nn.Module, attr: str, dim: int, keep: Tensor) -> None:
+def _slice(owner: nn.Module, attr: str, dim: int, keep: Tensor, resized: dict[int, nn.Parameter]) -> None:
     t = getattr(owner, attr)
     new = t.detach().index_select(dim, keep.to(t.device))
     if isinstance(t, nn.Parameter):
         t.data = new
         t.grad = None
+        resized[id(t)] = t
     else:
         owner._buffers[attr] = new
+
+
+def _renew_parameters(model: nn.Module, resized: dict[int, nn.Parameter]) -> None:
+    """Give every resized parameter a fresh ``Parameter`` object, under all its (tied) names.
+
+    Autograd caches a leaf's gradient accumulator together with the shape it
+    had; a graph still referenced from before pruning (a ``loss`` kept in a
+    variable) keeps that accumulator alive, and the next backward would then
+    fail on the new shape. A new object has no accumulator. Build optimizers
+    after structural pruning (their state has the old shapes anyway).
+    """
+    fresh: dict[int, nn.Parameter] = {}
+    for key, old in resized.items():
+        p = nn.Parameter(old.data, requires_grad=old.requires_grad)
+        p.__dict__.update(old.__dict__)  # attributes libraries hang on parameters
+        fresh[key] = p
+    for module in model.modules():
+        for name, value in list(module._parameters.items()):
+            if value is not None and id(value) in fresh:
+                module._parameters[name] = fresh[id(value)]
 
 
 def _remember_source(model: nn.Module) -> None:
@@ -242,6 +264,7 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
     plan = plan.normalized()
     changed: dict[int, tuple[nn.Module, dict[str, tuple[int, ...]]]] = {}
     done: set[tuple[int, int]] = set()
+    resized: dict[int, nn.Parameter] = {}
     for name, dims in plan.remove.items():
         module, tname, slots = _slots(model, name)
         old_shape = tuple(getattr(module, tname).shape)
@@ -259,8 +282,9 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
                 if key in done:
                     continue  # the same tensor under a second (tied) name
                 done.add(key)
-                _slice(owner, attr, dim, keep)
+                _slice(owner, attr, dim, keep, resized)
         changed.setdefault(id(module), (module, {}))[1][tname] = old_shape
+    _renew_parameters(model, resized)
     for module, old in changed.values():
         for module_type, fn in _UPDATERS:
             if isinstance(module, module_type):

@@ -361,8 +361,11 @@ class _LatencyGoal:
                                     "trials": []}
 
     def _time(self, candidate: nn.Module) -> float:
+        """The middle of three medians: one lucky (or unlucky) burst cannot decide a candidate."""
         candidate = candidate.to(self.device).eval()
-        return min(self._measure(candidate, self.inputs, warmup=2, repeats=10, max_seconds=3.0) for _ in range(2))
+        medians = sorted(self._measure(candidate, self.inputs, warmup=2, repeats=10, max_seconds=3.0)
+                         for _ in range(3))
+        return medians[1]
 
     def latency(self, plan: Plan) -> float:
         candidate = self._copy(self.model)

@@ -337,7 +337,7 @@ def _prune_and_finetune(args: argparse.Namespace, config: Any, model: Any, x: An
                              "imagefolder:PATH")
     if args.finetune_epochs < 1:
         raise SecateursError(f"--finetune-epochs must be at least 1, got {args.finetune_epochs}")
-    teacher = copy.deepcopy(model).eval() if args.teacher == "dense" else _teacher(args, x)
+    teacher = copy.deepcopy(model).eval() if args.teacher == "dense" else _teacher(args)
     ft = _finetune_config(args, epochs=args.finetune_epochs, batch_size=64)
     steps = getattr(config, "steps", None) or args.steps or 1
     train = dataset(args.data, split="train", input_shape=list(x.shape), seed=args.seed)
@@ -489,7 +489,7 @@ def _finetune_config(args: argparse.Namespace, **overrides: Any) -> Any:
     return FinetuneConfig(**(fields | overrides))
 
 
-def _teacher(args: argparse.Namespace, x: Any) -> Any:
+def _teacher(args: argparse.Namespace) -> Any:
     from .io.specs import load_model
 
     if not args.teacher:
@@ -511,7 +511,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.out).with_name(Path(args.out).name + ".ckpt")
     config = _finetune_config(args, checkpoint_dir=str(ckpt), resume=args.resume)
     model, x = _load(args)
-    teacher = _teacher(args, x)
+    teacher = _teacher(args)
     train = dataset(args.data, split="train", input_shape=list(x.shape), seed=args.seed)
     val = dataset(args.data, split="test", input_shape=list(x.shape), seed=args.seed)
     start = time.perf_counter()

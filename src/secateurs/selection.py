@@ -24,6 +24,7 @@ from .masks import Mask, weight_key
 from .utils import eval_mode
 
 __all__ = [
+    "observe",
     "Selection", "Target", "find_output_layer", "input_dim", "prunable_types", "select_targets", "weight_names",
 ]
 
@@ -128,12 +129,7 @@ def find_output_layer(model: nn.Module, example_inputs: Any = None) -> str | Non
             for n, m in model.named_modules()
             if isinstance(m, types)
         ]
-        try:
-            with torch.no_grad(), eval_mode(model):
-                call_model(model, example_inputs)
-        finally:
-            for h in hooks:
-                h.remove()
+        observe(model, example_inputs, hooks)
         if order:
             return order[-1]
     last = None
@@ -150,6 +146,16 @@ def call_model(model: nn.Module, example_inputs: Any) -> Any:
     if isinstance(example_inputs, (tuple, list)):
         return model(*example_inputs)
     return model(example_inputs)
+
+
+def observe(model: nn.Module, example_inputs: Any, hooks: list[Any]) -> Any:
+    """One forward in eval mode without gradients, watched by ``hooks`` (handles), which are removed after."""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            return call_model(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @dataclass

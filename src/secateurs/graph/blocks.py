@@ -17,11 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..selection import call_model, prunable_types
-from ..utils import eval_mode, first_tensor
+from ..selection import observe, prunable_types
+from ..utils import first_tensor
 
 __all__ = ["Block", "find_blocks", "first_tensor"]
 
@@ -65,12 +64,7 @@ def find_blocks(model: nn.Module, example_inputs: Any, extra: tuple[str, ...] = 
         shapes[name] = (None if x is None else tuple(x.shape), None if y is None else tuple(y.shape))
 
     handles = [modules[n].register_forward_hook(hook, with_kwargs=True) for n in entries.values()]
-    try:
-        with torch.no_grad(), eval_mode(model):
-            call_model(model, example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    observe(model, example_inputs, handles)
     weighted = prunable_types() + (nn.Embedding,)
     blocks: list[Block] = []
     families = [(n, list(m.named_children())) for n, m in model.named_modules() if isinstance(m, CONTAINERS)]

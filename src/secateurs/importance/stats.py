@@ -6,6 +6,7 @@ statistics that the pure scoring functions read like weights.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,7 +18,7 @@ from ..errors import SecateursError
 from ..selection import call_model
 from ..utils import eval_mode, first_tensor
 
-__all__ = ["TaylorStats", "ActivationStats", "InputMeans", "forward_batches", "split_batch", "task_loss"]
+__all__ = ["ReferenceBatches", "TaylorStats", "ActivationStats", "InputMeans", "forward_batches", "split_batch", "task_loss"]
 
 
 def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
@@ -74,6 +75,18 @@ def forward_batches(model: nn.Module, data: Iterable[Any], max_batches: int, hoo
         for h in hooks:
             h.remove()
     return seen
+
+
+class ReferenceBatches:
+    """Up to ``batches`` batches of ``data`` and the model's outputs on them (the dense reference)."""
+
+    def __init__(self, model: nn.Module, data: Iterable[Any], batches: int, purpose: str) -> None:
+        self.model = model
+        self.batches = list(itertools.islice(iter(data), batches))
+        if not self.batches:
+            raise SecateursError(f"{purpose} is measured on data, but no batch came: pass data= (CLI: --data)")
+        with torch.no_grad(), eval_mode(model):
+            self.reference = [call_model(model, split_batch(b)[0]) for b in self.batches]
 
 
 class TaylorStats:

@@ -8,7 +8,6 @@ stages and targets) -> plan (``drop``) -> surgery, after a meta rehearsal.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 from ..errors import SecateursError
 from ..graph.blocks import Block, find_blocks, first_tensor
 from ..importance.layer import LAYER_IMPORTANCE, angular_distance, block_influence, magnitude
-from ..importance.stats import split_batch, task_loss
+from ..importance.stats import ReferenceBatches, split_batch, task_loss
 from ..selection import Selection, _matches, call_model
 from ..surgery import Plan, apply_plan_
 from ..utils import eval_mode, first_line
@@ -102,16 +101,11 @@ def _skip_hook(module: nn.Module, args: Any, kwargs: dict, out: Any) -> Any:
     return out
 
 
-class _Calibration:
+class _Calibration(ReferenceBatches):
     """Calibration batches, the dense outputs, and forward passes with some blocks skipped."""
 
     def __init__(self, model: nn.Module, data: Iterable[Any], batches: int):
-        self.model = model
-        self.batches = list(itertools.islice(iter(data), batches))
-        if not self.batches:
-            raise SecateursError("layer importance is measured on data, but data gave no batch")
-        with torch.no_grad(), eval_mode(model):
-            self.reference = [call_model(model, split_batch(b)[0]) for b in self.batches]
+        super().__init__(model, data, batches, "layer importance")
         self.dense_loss = self.loss([])
 
     def loss(self, skipped: list[str]) -> float:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import SecateursError
 from ..graph import DependencyGraph
-from ..importance.stats import split_batch, task_loss
+from ..importance.stats import ReferenceBatches, split_batch, task_loss
 from ..progress import Progress
 from ..selection import call_model
 from ..utils import eval_mode, first_tensor
@@ -81,16 +81,11 @@ class SensitivityResult:
         return out.getvalue()
 
 
-class _Scorer:
+class _Scorer(ReferenceBatches):
     """Scores a model on fixed batches against the dense model's outputs."""
 
     def __init__(self, model: nn.Module, data: Sequence[Any], batches: int) -> None:
-        self.model = model
-        self.batches = list(itertools.islice(iter(data), batches))
-        if not self.batches:
-            raise SecateursError("sensitivity analysis measures the model on data: pass data= (CLI: --data)")
-        with torch.no_grad(), eval_mode(model):
-            self.reference = [call_model(model, split_batch(b)[0]) for b in self.batches]
+        super().__init__(model, data, batches, "sensitivity analysis")
         self.labelled = all(split_batch(b)[1] is not None for b in self.batches)
         ref = first_tensor(getattr(self.reference[0], "logits", self.reference[0]))
         self.classifier = ref is not None and ref.dim() == 2 and ref.shape[1] > 1

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import SecateursError
 from ..masks import masked_tensors
-from ..selection import call_model
+from ..selection import call_model, observe
 from ..utils import eval_mode, first_tensor
 
 __all__ = ["fold_batchnorm_", "foldable_pairs"]
@@ -64,12 +64,7 @@ def foldable_pairs(model: nn.Module, example_inputs: Any) -> list[tuple[str, str
             hooks.append(module.register_forward_hook(record))
         elif isinstance(module, _NORMS) and module.track_running_stats and module.running_var is not None:
             hooks.append(module.register_forward_pre_hook(follow))
-    try:
-        with torch.no_grad(), eval_mode(model):
-            call_model(model, example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    observe(model, example_inputs, hooks)
     return [(layer, bn) for bn, layer in pairs.items() if calls.get(bn) == 1 and calls.get(layer) == 1]
 
 

@@ -17,6 +17,7 @@ Growing Regularization"): call ``reg.step()`` once per epoch.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,9 @@ class _Counts:
         return {"units": self.units, "below": self.below, "threshold": self.threshold}
 
 
-class _Regularizer:
+class _Regularizer(abc.ABC):
+    """A penalty on a vector of unit norms, with a strength that can grow."""
+
     def __init__(self, strength: float, growth: float) -> None:
         if strength < 0 or growth < 0:
             raise SecateursError(f"regulariser strength and growth must be >= 0, got {strength} and {growth}")
@@ -72,8 +75,9 @@ class _Regularizer:
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.strength, self.growth = float(state["strength"]), float(state["growth"])
 
+    @abc.abstractmethod
     def _norms(self) -> Tensor:
-        raise NotImplementedError
+        """The norm of every penalised unit, differentiable."""
 
 
 class SlimmingRegularizer(_Regularizer):

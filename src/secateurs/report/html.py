@@ -81,7 +81,7 @@ def _layers(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
                                    title="width of each layer"), "layer widths before and after"))
     dens_b = [b_layers[n]["nonzero"] / max(b_layers[n]["params"], 1) for n in names]
     dens_a = [a_layers[n]["nonzero"] / max(a_layers[n]["params"], 1) if n in a_layers else 0.0 for n in names]
-    if dens_a != dens_b:
+    if max(abs(a - b) for a, b in zip(dens_a, dens_b, strict=True)) > 0.01:  # only when sparsity changed
         out.append(_img(widths_png(names, dens_b, dens_a, ylabel="nonzero fraction", title="density of each layer"),
                         "layer density before and after"))
     rows = [[n, "x".join(map(str, b_layers[n]["shape"])),
@@ -109,8 +109,8 @@ def _plan(pruning: dict[str, Any]) -> list[str]:
         removed_max = [groups[n]["removed"][4] if groups[n]["removed"] else 0.0 for n in names]
         out.append(f"<p>Importance ({html.escape(str(importance.get('criterion')))}), relative to each group's mean: "
                    "the highest score removed against the median score kept.</p>")
-        out.append(_img(widths_png([n[:40] for n in names], kept_median, removed_max,
-                                   ylabel="score / group mean", title="median kept (light) vs highest removed (dark)"),
+        out.append(_img(widths_png([n[:40] for n in names], kept_median, removed_max, ylabel="score / group mean",
+                                   title="importance per group", labels=("median kept", "highest removed")),
                         "importance distribution"))
     if pruning.get("skipped"):
         out.append("<p>Left unpruned:</p>" + _table(["tensor or group", "why"],

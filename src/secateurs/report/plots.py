@@ -49,12 +49,12 @@ def sensitivity_png(result: dict[str, Any], *, max_curves: int = 24) -> bytes:
 
 
 def widths_png(names: Sequence[str], before: Sequence[float], after: Sequence[float], *, ylabel: str,
-               title: str) -> bytes:
-    """Per-layer bars: before (light) and after (dark)."""
+               title: str, labels: tuple[str, str] = ("before", "after")) -> bytes:
+    """Per-layer bars: the first series light and wide, the second dark and narrow in front."""
     plt, fig, ax = _figure(max(6.0, min(18.0, 0.25 * len(names) + 3)), 4.0)
     xs = range(len(names))
-    ax.bar(xs, before, color="#c6dbef", label="before")
-    ax.bar(xs, after, color="#2171b5", label="after", width=0.6)
+    ax.bar(xs, before, color="#c6dbef", label=labels[0])
+    ax.bar(xs, after, color="#2171b5", label=labels[1], width=0.6)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([n[-24:] for n in names], rotation=90, fontsize=6)
     ax.set_ylabel(ylabel)

@@ -491,7 +491,8 @@ def _run(model: nn.Module, dataset: Dataset, options: dict[str, Any], config: Fi
         if val is not None:
             metrics.update({f"val_{k}": v for k, v in evaluate_dataset(model, val, device=device).items()})
         result.history.append(metrics)
-        log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
+        # progress=False asks for a quiet run (the demo, benchmarks): the epoch line drops to DEBUG
+        log.log(logging.DEBUG if config.progress is False else logging.INFO, "epoch %d/%d: %s", epoch + 1, config.epochs,
                  "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
         if ckpt_path is not None and world.rank == 0:
             state_now, masks = effective_state_dict(model)

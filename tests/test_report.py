@@ -29,6 +29,9 @@ def reports(tmp_path_factory):
     assert main(["sensitivity", *CNN, "--data", "digits", "--ratios", "0.5,0.9", "--batches", "1",
                  "--out", str(root / "sens.json")]) == 0
     assert main(["report", str(root / "sparse"), "--sensitivity", str(root / "sens.json")]) == 0
+    assert main(["prune", *CNN, "--method", "channel", "--target-macs", "0.5", "--allocate", "sensitivity",
+                 "--data", "digits", "--calib-batches", "1", "--no-latency", "--report",
+                 "--out", str(root / "allocated")]) == 0
     return root
 
 
@@ -52,6 +55,8 @@ def test_report_page_is_self_contained_with_decodable_charts(reports):
     channel = (reports / "channel" / "report.html").read_text()
     assert "Pruning plan" in channel and "importance distribution" in channel
     assert "Sensitivity" in (reports / "sparse" / "report.html").read_text()
+    assert "Sensitivity" in (reports / "allocated" / "report.html").read_text()  # the curves behind the allocation
+    assert "Sensitivity" not in channel
 
 
 def test_report_command_errors(tmp_path, capsys):

@@ -321,7 +321,12 @@ def _sensitivity_shares(model: nn.Module, graph: DependencyGraph, scores: dict[i
     result = channel_curves(model, graph, scores, data, ratios=grid, batches=config.calib_batches,
                             macs_saved=saved if config.target_macs is not None else None)
     order = allocation_order(result.curves, "macs_saved" if config.target_macs is not None else "")
-    return lambda fraction: allocate(result.curves, fraction, order)
+
+    def shares(fraction: float) -> dict[int, float]:
+        return allocate(result.curves, fraction, order)
+
+    shares.scan = result  # type: ignore[attr-defined]  # the curves, for the report
+    return shares
 
 
 class _MacsGoal:
@@ -474,6 +479,8 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     for call, count in graph.unknown_calls.items():
         report.skipped[f"call {call}"] = f"not understood ({count}x): tensors through it were kept"
     report.plan = plan.to_dict()
+    if shares is not None:
+        report.sensitivity = shares.scan.to_dict()
     report.importance = {"criterion": config.importance, "groups": {
         g.describe(): _score_summary(scores[g.id], removed[g.id]) for g in graph.groups}}
     return report

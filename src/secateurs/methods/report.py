@@ -33,6 +33,7 @@ class PruneReport:
     # channel pruning: per group, five-number summaries of the kept and removed channels'
     # importance (scaled by the group's mean score, so groups compare)
     importance: dict[str, Any] | None = None
+    sensitivity: dict[str, Any] | None = None  # the curves behind allocate="sensitivity"
 
     @property
     def numel(self) -> int:
@@ -57,4 +58,5 @@ class PruneReport:
             "skipped": self.skipped,
             **({"plan": self.plan} if self.plan is not None else {}),
             **({"importance": self.importance} if self.importance is not None else {}),
+            **({"sensitivity": self.sensitivity} if self.sensitivity is not None else {}),
         }

@@ -171,6 +171,7 @@ def render_report(result: dict[str, Any], *, sensitivity: dict[str, Any] | None 
         plan_parts = _plan(result.get("pruning", {}))
         if plan_parts:
             parts += ["<h2>Pruning plan</h2>", *plan_parts]
+    sensitivity = sensitivity or result.get("pruning", {}).get("sensitivity")  # allocate="sensitivity" keeps them
     if sensitivity:
         parts += ["<h2>Sensitivity</h2>", _img(sensitivity_png(sensitivity), "sensitivity curves")]
     recipe = {k: result[k] for k in ("command", "method", "config") if k in result}

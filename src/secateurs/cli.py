@@ -438,12 +438,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-    import torch.nn.functional as F
-
-    from .selection import call_model
-    from .utils import eval_mode
-
     model, x = _load(args)
     result: dict[str, Any] = {"model": args.model}
     if args.ppl is not None:
@@ -455,19 +449,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result.update(text=args.ppl, sequences=sum(len(b["input_ids"]) for b in held_out), seq_len=args.seq_len,
                       perplexity=perplexity(model, held_out))
     else:
-        from .data import batches
+        from .data import dataset
+        from .train import evaluate_dataset
 
-        correct = count = 0
-        loss = 0.0
-        with torch.no_grad(), eval_mode(model):
-            for xb, yb in batches(args.data, batch_size=args.batch_size or 64, input_shape=list(x.shape),
-                                  split="test", max_batches=args.max_batches, seed=args.seed):
-                logits = call_model(model, xb)
-                logits = getattr(logits, "logits", logits)
-                correct += int((logits.argmax(1) == yb).sum())
-                loss += float(F.cross_entropy(logits, yb, reduction="sum"))
-                count += len(yb)
-        result.update(data=args.data, examples=count, accuracy=correct / count, loss=loss / count)
+        held_out = dataset(args.data, split="test", input_shape=list(x.shape), seed=args.seed)
+        scores = evaluate_dataset(model, held_out, batch_size=args.batch_size or 64, max_batches=args.max_batches)
+        result.update(data=args.data, examples=scores["examples"], accuracy=scores["accuracy"], loss=scores["loss"])
     if args.json:
         _emit_json(result)
     else:

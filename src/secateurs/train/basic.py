@@ -38,15 +38,11 @@ def fit(
     return model.eval()
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 512) -> dict[str, float]:
     """Accuracy and mean cross-entropy of ``model`` on ``(x, y)`` (eval mode)."""
-    was_training = model.training
-    model.eval()
-    correct, loss = 0, 0.0
-    for i in range(0, len(x), batch_size):
-        logits = model(x[i : i + batch_size])
-        correct += int((logits.argmax(1) == y[i : i + batch_size]).sum())
-        loss += float(F.cross_entropy(logits, y[i : i + batch_size], reduction="sum"))
-    model.train(was_training)
-    return {"accuracy": correct / len(x), "loss": loss / len(x)}
+    from torch.utils.data import TensorDataset
+
+    from .trainer import evaluate_dataset
+
+    scores = evaluate_dataset(model, TensorDataset(x, y), batch_size=batch_size)
+    return {"accuracy": scores["accuracy"], "loss": scores["loss"]}

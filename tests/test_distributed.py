@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -42,15 +43,28 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+# A rare abort while a gloo rank tears down at interpreter exit, after all work is done
+# (upstream: pytorch/pytorch#190489). Seen once in ~50 runs; one retry keeps CI honest about
+# everything else while any other failure, or the same one twice, still fails the test.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _torchrun(args: list[str], tmp_path: Path, outputs: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    for attempt in range(2):
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0 or attempt == 1 or TEARDOWN_ABORT not in proc.stderr:
+            return proc
+        for pattern in outputs:  # start the retry from a clean directory
+            for p in tmp_path.glob(pattern):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return proc
 
 
 def test_two_process_ddp_ranks_end_identical(tmp_path):
     (tmp_path / "train_ddp.py").write_text(SCRIPT)
-    proc = _torchrun(["train_ddp.py", str(tmp_path)], tmp_path)
+    proc = _torchrun(["train_ddp.py", str(tmp_path)], tmp_path, outputs=("rank*", "ckpt"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
@@ -73,7 +87,8 @@ def test_cli_finetune_under_torchrun_writes_once(tmp_path):
     torch.manual_seed(0)
     secateurs.save(DigitsCNN(), tmp_path / "dense", input_shape=[1, 1, 8, 8])
     proc = _torchrun(["-m", "secateurs.cli", "finetune", str(tmp_path / "dense"), "--data", "digits",
-                      "--epochs", "1", "--out", str(tmp_path / "ft"), "--json"], tmp_path)
+                      "--epochs", "1", "--out", str(tmp_path / "ft"), "--json"], tmp_path,
+                    outputs=("ft", "ft.ckpt", ".*"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)  # only rank 0 printed (one JSON object)
     assert summary["world_size"] == 2 and summary["final"]["examples"] == 359

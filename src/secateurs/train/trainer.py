@@ -16,6 +16,7 @@ resumed run ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -377,6 +378,9 @@ def finetune(
             dist.destroy_process_group()
         raise
     if world.created:
+        # Free the DDP reducer and any finished collective handles before the backend shuts down:
+        # gloo threads left holding tensors at interpreter exit can abort the process.
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     return result

@@ -67,9 +67,46 @@ def _unary(x: Tensor, *args: Any, inplace: bool = False, **kwargs: Any) -> Tenso
     return x if inplace else torch.empty_like(x)
 
 
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    if not weight.is_meta or weight.dim() not in (1, 2):
+        return torch.nn.functional.linear(x, weight, bias)
+    if x.dim() == 0 or x.shape[-1] != weight.shape[-1]:
+        raise RuntimeError(f"linear: input of shape {tuple(x.shape)} cannot be multiplied by weight "
+                           f"{tuple(weight.shape)}")
+    out = (weight.shape[0],) if weight.dim() == 2 else ()
+    if bias is not None and tuple(bias.shape) not in ((), (1,), out):
+        raise RuntimeError(f"linear: bias of shape {tuple(bias.shape)} does not match {out}")
+    return x.new_empty((*x.shape[:-1], *out))
+
+
+def _layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = None, bias: Tensor | None = None,
+                *args: Any, **kwargs: Any) -> Tensor:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise RuntimeError(f"layer_norm: input of shape {tuple(x.shape)} does not end with {shape}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != shape:
+            raise RuntimeError(f"layer_norm: {name} of shape {tuple(t.shape)} is not {shape}")
+    return torch.empty_like(x)
+
+
+def _same_shape(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    if any(isinstance(a, Tensor) for a in (*args, *kwargs.values())):
+        raise _NotFast  # tensor bounds broadcast: let PyTorch check them
+    return x.new_empty(x.shape)  # contiguous: never stricter than the real strides
+
+
+class _NotFast(Exception):
+    pass
+
+
 def _fast_kernels() -> dict[Any, Any]:
     F = torch.nn.functional
-    fast: dict[Any, Any] = {F.batch_norm: _batch_norm}
+    fast: dict[Any, Any] = {F.batch_norm: _batch_norm, F.linear: _linear, torch._C._nn.linear: _linear,
+                            F.layer_norm: _layer_norm}
+    for fn in (F.normalize, F.softmax, F.log_softmax, torch.softmax, Tensor.softmax, torch.roll, Tensor.roll,
+               torch.clamp, Tensor.clamp, Tensor.clamp_min, Tensor.clamp_max, F.dropout, Tensor.contiguous):
+        fast[fn] = _same_shape
     for fn in (F.relu, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.leaky_relu, F.elu,
                torch.relu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh):
         fast[fn] = _unary
@@ -90,7 +127,10 @@ class _ShapeOnly(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         fast = self.FAST.get(func)
         if fast is not None and args and isinstance(args[0], Tensor) and args[0].is_meta:
-            return fast(*args, **kwargs)
+            try:
+                return fast(*args, **kwargs)
+            except _NotFast:
+                pass
         return func(*args, **kwargs)
 
 
@@ -159,8 +199,9 @@ def feasible_groups(model: nn.Module, graph: DependencyGraph, plan_of: Callable[
 
     When the rehearsal fails, the suspects are the groups with a tensor in the
     innermost module that raised (widening to outer modules until one is
-    found): usually one rehearsal per failing group. Suspects that only fail
-    together are searched by bisection.
+    found): usually one rehearsal per failing group. Among several suspects one
+    culprit at a time is found by bisection; suspects that fail only together
+    are all kept.
     """
     members = {g.id: [m.tensor for m in g.members] for g in graph.groups}
     pending = list(ids)
@@ -192,20 +233,22 @@ def _suspects(pending: list[int], members: dict[int, list[str]], modules: list[s
 
 def _bisect(model: nn.Module, plan_of: Callable[[set[int]], Plan], suspects: list[int], inputs: Any,
             expected: Any, failed: dict[int, str]) -> list[int]:
-    """Suspects whose plan fails on its own (recorded in ``failed``)."""
-    culprits: list[int] = []
+    """One suspect whose plan fails on its own (recorded in ``failed``), or none.
 
-    def search(subset: list[int]) -> None:
-        _, failure = _attempt(model, plan_of(set(subset)), inputs, expected)
-        if failure is None:
-            return
+    Finding one culprit per call and letting the caller retry the rest costs about
+    log2(n) rehearsals per failing group instead of visiting every branch; a model
+    usually has few failing groups among many suspects.
+    """
+
+    def search(subset: list[int], reason: str) -> list[int]:
         if len(subset) == 1:
-            failed[subset[0]] = failure.reason
-            culprits.append(subset[0])
-            return
+            failed[subset[0]] = reason
+            return subset
         mid = len(subset) // 2
-        search(subset[:mid])
-        search(subset[mid:])
+        for half in (subset[:mid], subset[mid:]):
+            _, failure = _attempt(model, plan_of(set(half)), inputs, expected)
+            if failure is not None:
+                return search(half, failure.reason)
+        return []  # the halves fail only together
 
-    search(suspects)
-    return culprits
+    return search(suspects, "")

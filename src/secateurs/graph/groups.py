@@ -10,7 +10,6 @@ natural unit for "prune 30% of this layer".
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +100,53 @@ def build_graph(
     return _group(trace, model, frozen_tensors)
 
 
+def _buckets(run_member: Tensor, run_len: Tensor, runs_per_root: Tensor,
+             root_first_run: Tensor) -> dict[tuple, list[int]]:
+    """Channel roots bucketed by signature: the (member, count) of each of their runs, in order.
+
+    Roots with the same signature are channels of one group. A model has tens of
+    thousands of roots but a few hundred signatures, so the roots are bucketed by
+    two polynomial hashes of their runs (tensor ops), every root is then checked
+    run by run against its bucket's first root, and only one signature per bucket
+    is built in Python. Should the check ever fail (a hash collision), the exact
+    Python loop decides.
+    """
+    n_roots = runs_per_root.numel()
+    owner = torch.repeat_interleave(torch.arange(n_roots), runs_per_root)
+    position = torch.arange(run_member.numel()) - root_first_run[owner]
+    value = run_member * 1_000_003 + run_len + 1
+    hashes = []
+    longest = int(position.max()) + 1 if position.numel() else 1
+    for base in (0x9E3779B97F4A7C15, 0x2545F4914F6CDD1D):  # odd multipliers, arithmetic mod 2**64
+        powers = [pow(base, j, 1 << 64) for j in range(longest)]
+        powers_t = torch.tensor([p - (1 << 64) if p >= 1 << 63 else p for p in powers], dtype=torch.long)
+        hashes.append(torch.zeros(n_roots, dtype=torch.long).index_add_(0, owner, value * powers_t[position]))
+    keys = torch.stack([hashes[0], hashes[1], runs_per_root], 1)
+    _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), n_roots, dtype=torch.long).scatter_reduce_(
+        0, inverse, torch.arange(n_roots), "amin")
+    rep = first[inverse]  # each root's bucket representative: the bucket's first root
+    rep_run = root_first_run[rep[owner]] + position
+    same = bool((runs_per_root == runs_per_root[rep]).all()) and bool(
+        ((run_member == run_member[rep_run]) & (run_len == run_len[rep_run])).all())
+    mem_l, len_l, nruns = run_member.tolist(), run_len.tolist(), runs_per_root.tolist()
+    buckets: dict[tuple, list[int]] = {}
+    if same:
+        starts = root_first_run.tolist()
+        order = torch.argsort(rep, stable=True)
+        reps, counts = torch.unique_consecutive(rep[order], return_counts=True)
+        # buckets in order of their first root, as the loop below makes them
+        for r, roots in zip(reps.tolist(), torch.split(order, counts.tolist()), strict=True):
+            a, n = starts[r], nruns[r]
+            buckets[tuple(zip(mem_l[a : a + n], len_l[a : a + n], strict=True))] = roots.tolist()
+        return buckets
+    pos = 0
+    for i, n in enumerate(nruns):
+        buckets.setdefault(tuple(zip(mem_l[pos : pos + n], len_l[pos : pos + n], strict=True)), []).append(i)
+        pos += n
+    return buckets
+
+
 def _group(trace: LabelTrace, model: nn.Module, frozen: dict[str, str]) -> DependencyGraph:
     roots = trace.components()
     state = dict(model.named_parameters()) | dict(model.named_buffers())
@@ -134,12 +180,7 @@ def _group(trace: LabelTrace, model: nn.Module, frozen: dict[str, str]) -> Depen
         run_root, run_member = run_key // n_mem, run_key % n_mem
         root_ids, runs_per_root = torch.unique_consecutive(run_root, return_counts=True)
         root_first_run = torch.cumsum(runs_per_root, 0) - runs_per_root
-        mem_l, len_l, nruns = run_member.tolist(), run_len.tolist(), runs_per_root.tolist()
-        buckets: dict[tuple, list[int]] = defaultdict(list)
-        pos = 0
-        for i, n in enumerate(nruns):
-            buckets[tuple(zip(mem_l[pos : pos + n], len_l[pos : pos + n], strict=True))].append(i)
-            pos += n
+        buckets = _buckets(run_member, run_len, runs_per_root, root_first_run)
         for signature, root_pos in buckets.items():
             if len(root_pos) < 2:
                 continue  # a single channel can never be removed (no zero-width layers)

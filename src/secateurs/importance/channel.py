@@ -40,15 +40,21 @@ def _reduce_over_other_dims(t: Tensor, dim: int, fn: Callable[[Tensor], Tensor])
     return fn(moved)
 
 
+def _norm_over_other_dims(t: Tensor, dim: int, order: int) -> Tensor:
+    """Per index of ``dim``, the ``order``-norm over every other dim (no moved copy of ``t``)."""
+    others = tuple(i for i in range(t.dim()) if i != dim)
+    return torch.linalg.vector_norm(t, order, dim=others) if others else t.abs()
+
+
 def _l1(group: Group, tensors: dict[str, Tensor], params: set[str], **_: Any) -> list[Tensor]:
     members = [m for m in group.members if m.tensor in params]
-    return _per_channel(group, tensors, lambda t, d: _reduce_over_other_dims(t, d, lambda x: x.abs().sum(1)),
+    return _per_channel(group, tensors, lambda t, d: _norm_over_other_dims(t, d, 1),
                         lambda s: s, members)
 
 
 def _l2(group: Group, tensors: dict[str, Tensor], params: set[str], **_: Any) -> list[Tensor]:
     members = [m for m in group.members if m.tensor in params]
-    return _per_channel(group, tensors, lambda t, d: _reduce_over_other_dims(t, d, lambda x: x.pow(2).sum(1)),
+    return _per_channel(group, tensors, lambda t, d: _norm_over_other_dims(t, d, 2).square(),
                         torch.sqrt, members)
 
 

@@ -199,9 +199,13 @@ def feasible_groups(model: nn.Module, graph: DependencyGraph, plan_of: Callable[
 
     When the rehearsal fails, the suspects are the groups with a tensor in the
     innermost module that raised (widening to outer modules until one is
-    found): usually one rehearsal per failing group. Among several suspects one
-    culprit at a time is found by bisection; suspects that fail only together
-    are all kept.
+    found), those with the most tensors in that module first: the code that
+    failed usually reads a size its own layers define (``x.split(self.width // 2)``,
+    ``C // self.num_heads``), and that width's group owns most of the module.
+    One culprit at a time is then found by a galloping search over growing
+    prefixes of the suspects, which costs one rehearsal when the first suspect
+    is the culprit and about 2·log2(i) when it is the i-th. Suspects that fail
+    only together are all kept.
     """
     members = {g.id: [m.tensor for m in g.members] for g in graph.groups}
     pending = list(ids)
@@ -212,9 +216,11 @@ def feasible_groups(model: nn.Module, graph: DependencyGraph, plan_of: Callable[
             break
         assert failure is not None
         suspects = _suspects(pending, members, failure.modules)
-        culprits = _bisect(model, plan_of, suspects, inputs, expected, failed) if len(suspects) > 1 else suspects
         if len(suspects) == 1:
             failed[suspects[0]] = failure.reason
+            culprits = suspects
+        else:
+            culprits = _find_culprit(model, plan_of, suspects, inputs, expected, failed)
         if not culprits:  # they fail only in combination: keep all of them
             culprits = suspects
             failed.update({gid: failure.reason for gid in suspects})
@@ -223,32 +229,45 @@ def feasible_groups(model: nn.Module, graph: DependencyGraph, plan_of: Callable[
 
 
 def _suspects(pending: list[int], members: dict[int, list[str]], modules: list[str]) -> list[int]:
+    """Groups with a tensor inside the innermost failing module, most tensors there first."""
     for module in reversed(modules):
         prefix = module + "." if module else ""
-        found = [gid for gid in pending if any(t.startswith(prefix) for t in members[gid])]
+        inside = {gid: sum(t.startswith(prefix) for t in members[gid]) for gid in pending}
+        found = [gid for gid in pending if inside[gid]]
         if found:
-            return found
+            return sorted(found, key=lambda gid: -inside[gid])  # stable: ties keep the graph's order
     return list(pending)
 
 
-def _bisect(model: nn.Module, plan_of: Callable[[set[int]], Plan], suspects: list[int], inputs: Any,
-            expected: Any, failed: dict[int, str]) -> list[int]:
+def _find_culprit(model: nn.Module, plan_of: Callable[[set[int]], Plan], suspects: list[int], inputs: Any,
+                  expected: Any, failed: dict[int, str]) -> list[int]:
     """One suspect whose plan fails on its own (recorded in ``failed``), or none.
 
-    Finding one culprit per call and letting the caller retry the rest costs about
-    log2(n) rehearsals per failing group instead of visiting every branch; a model
-    usually has few failing groups among many suspects.
+    Prefixes of 1, 2, 4... suspects are rehearsed until one fails; a bisection
+    over the prefix length then finds the shortest failing prefix, whose last
+    suspect is the culprit if it also fails alone.
     """
 
-    def search(subset: list[int], reason: str) -> list[int]:
-        if len(subset) == 1:
-            failed[subset[0]] = reason
-            return subset
-        mid = len(subset) // 2
-        for half in (subset[:mid], subset[mid:]):
-            _, failure = _attempt(model, plan_of(set(half)), inputs, expected)
-            if failure is not None:
-                return search(half, failure.reason)
-        return []  # the halves fail only together
+    def fails(k: int) -> str | None:
+        _, failure = _attempt(model, plan_of(set(suspects[:k])), inputs, expected)
+        return None if failure is None else failure.reason
 
-    return search(suspects, "")
+    passing, k = 0, 1
+    while (reason := fails(k)) is None:
+        if k == len(suspects):
+            return []  # even all of them pass: the failure needs groups outside the suspects
+        passing, k = k, min(2 * k, len(suspects))
+    while k - passing > 1:  # suspects[:passing] passes, suspects[:k] fails
+        mid = (passing + k) // 2
+        if (r := fails(mid)) is None:
+            passing = mid
+        else:
+            k, reason = mid, r
+    culprit = suspects[k - 1]
+    if k > 1:
+        _, failure = _attempt(model, plan_of({culprit}), inputs, expected)
+        if failure is None:
+            return []  # it fails only together with the suspects before it
+        reason = failure.reason
+    failed[culprit] = reason
+    return [culprit]

@@ -39,15 +39,19 @@ class Plan:
     remove: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     attrs: dict[str, dict[str, int]] = field(default_factory=dict)
     drop: list[str] = field(default_factory=list)
+    _normal: bool = field(default=False, repr=False, compare=False)  # made by normalized(), never edited since
 
     def add(self, tensor: str, dim: int, indices: Tensor | list[int]) -> None:
         values = indices.tolist() if isinstance(indices, Tensor) else list(indices)
         current = self.remove.setdefault(tensor, {}).setdefault(dim, [])
         current.extend(values)
+        self._normal = False
 
     def normalized(self) -> Plan:
+        if self._normal:
+            return self
         remove = {t: {d: sorted(set(ix)) for d, ix in dims.items() if ix} for t, dims in self.remove.items()}
-        return Plan(remove, {m: dict(a) for m, a in self.attrs.items()}, sorted(set(self.drop)))
+        return Plan(remove, {m: dict(a) for m, a in self.attrs.items()}, sorted(set(self.drop)), _normal=True)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -191,13 +195,15 @@ def _hf_conv1d_updater() -> None:
         _UPDATERS.append((cls, _conv1d))
 
 
-def _slots(model: nn.Module, name: str) -> tuple[nn.Module, str, list[tuple[nn.Module, str]]]:
+def _slots(model: nn.Module, name: str, modules: dict[str, nn.Module]) -> tuple[nn.Module, str, list[tuple[nn.Module, str]]]:
     """The module owning ``name`` and the raw tensor slots to slice (original + masks)."""
     mod_name, _, tname = name.rpartition(".")
-    try:
-        module = model.get_submodule(mod_name)
-    except AttributeError:
-        raise SecateursError(f"the plan names '{name}', which the model does not have: wrong architecture?") from None
+    module = modules.get(mod_name)
+    if module is None:
+        try:
+            module = model.get_submodule(mod_name)  # a module reachable under a second name
+        except AttributeError:
+            raise SecateursError(f"the plan names '{name}', which the model does not have: wrong architecture?") from None
     if parametrize.is_parametrized(module, tname):
         plist = module.parametrizations[tname]
         slots: list[tuple[nn.Module, str]] = [(plist, "original")]
@@ -265,8 +271,12 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
     changed: dict[int, tuple[nn.Module, dict[str, tuple[int, ...]]]] = {}
     done: set[tuple[int, int]] = set()
     resized: dict[int, nn.Parameter] = {}
+    modules = dict(model.named_modules())
+    located: dict[str, tuple[nn.Module, str]] = {}
+    kept: dict[tuple[int, tuple[int, ...]], Tensor] = {}  # the members of a group share their indices
     for name, dims in plan.remove.items():
-        module, tname, slots = _slots(model, name)
+        module, tname, slots = _slots(model, name, modules)
+        located[name] = (module, tname)
         old_shape = tuple(getattr(module, tname).shape)
         for dim, indices in dims.items():
             size = old_shape[dim]
@@ -274,9 +284,12 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
                 raise SecateursError(f"the plan removes index {indices[-1]} of {name} dim {dim}, which has {size}")
             if len(indices) >= size:
                 raise SecateursError(f"the plan would remove every index of {name} dim {dim}: keep at least one")
-            keep_mask = torch.ones(size, dtype=torch.bool)
-            keep_mask[indices] = False
-            keep = keep_mask.nonzero().flatten()
+            key = (size, tuple(indices))
+            keep = kept.get(key)
+            if keep is None:
+                keep_mask = torch.ones(size, dtype=torch.bool)
+                keep_mask[indices] = False
+                keep = kept[key] = keep_mask.nonzero().flatten()
             for owner, attr in slots:
                 key = (id(getattr(owner, attr)), dim)
                 if key in done:
@@ -299,7 +312,7 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
                 sizes.setdefault(old_value, set()).add(value)  # e.g. a head count, for the HF config
             setattr(module, attr, value)
     for name, dims in plan.remove.items():
-        module, tname, _ = _slots(model, name)
+        module, tname = located[name]
         new_shape = getattr(module, tname).shape
         for dim in dims:
             old = changed[id(module)][1][tname][dim]

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 import secateurs  # noqa: E402
 from _common import markdown_table, write_results  # noqa: E402
-from secateurs.analysis import measure_latency  # noqa: E402
+from secateurs.analysis import measure_latency, steady_allocator  # noqa: E402
 
 
 def torch_pruning_step(model: torch.nn.Module, probe: torch.Tensor, ratio: float) -> None:
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--prune-tries", type=int, default=3, help="prune time: best of this many fresh copies")
     parser.add_argument("--no-torch-pruning", action="store_true", help="skip the torch-pruning comparison")
     args = parser.parse_args()
+    steady_allocator()  # glibc malloc keeps freed memory: no page faults per activation, steady timings
     tools = [("secateurs", lambda m, probe, r: secateurs.prune_(m, secateurs.Channels(ratio=r), example_inputs=probe))]
     if importlib.util.find_spec("torch_pruning") is not None and not args.no_torch_pruning:
         tools.append(("torch-pruning", torch_pruning_step))
@@ -122,7 +123,10 @@ def main() -> None:
           f"{r['macs_reduction']:.2f}x", f"{r['latency_before_ms']:.0f} -> {r['latency_after_ms']:.0f}",
           f"{r['speedup']:.2f}x", f"{r['efficiency']:.2f}", f"{r['prune_seconds']:.2f}"] for r in rows],
     )
-    notes = (f"Latency: for each model, the dense model and every pruned one are timed in turn, {args.rounds} "
+    notes = ("The process first calls `secateurs.analysis.steady_allocator()`: with glibc's default thresholds "
+             "each large activation is mapped and unmapped on every forward, which made the dense MobileNetV2 vary "
+             "between 93 and 330 ms at batch 8 depending on earlier allocations. "
+             f"Latency: for each model, the dense model and every pruned one are timed in turn, {args.rounds} "
              f"rounds; each keeps its best round's median of {args.repeats} runs (after 2 warm-ups). torch's "
              "default 2 CPU threads, fp32, eager. An efficiency of 1.0 means the speedup equals the MACs reduction. "
              f"Prune time: best of {args.prune_tries} prunes of fresh copies, same for both tools. Both tools: "

@@ -1,3 +1,5 @@
+import platform
+
 import pytest
 import torch
 from torch import nn
@@ -79,3 +81,11 @@ def test_json_keys(cnn, digits_input):
     for key in ("params", "nonzero_params", "macs", "latency_ms", "size_bytes", "layers"):
         assert key in d
     assert {"name", "type", "shape", "params", "nonzero", "macs"} <= set(d["layers"][0])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="steady_allocator tunes glibc's malloc only")
+def test_steady_allocator_applies_on_glibc():
+    from secateurs.analysis import steady_allocator
+
+    assert steady_allocator() is True
+    assert steady_allocator() is True  # idempotent

@@ -675,11 +675,18 @@ COMMANDS = {"analyze": cmd_analyze, "prune": cmd_prune, "eval": cmd_eval, "finet
             "demo": cmd_demo}
 
 
+TIMING_COMMANDS = {"analyze", "prune", "demo"}  # the commands that measure latency
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["secateurs", *(sys.argv[1:] if argv is None else argv)])
     level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    if args.command in TIMING_COMMANDS:
+        from .analysis import steady_allocator
+
+        steady_allocator()  # steady latencies: no page faults per large activation
     try:
         return COMMANDS[args.command](args)
     except SecateursError as exc:

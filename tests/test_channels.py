@@ -385,6 +385,66 @@ def test_shape_only_rehearsal_still_catches_a_batchnorm_width_mismatch():
     assert rehearsal is not None and model[0].out_channels == 8  # the real model is untouched
 
 
+def test_shape_only_rehearsal_catches_linear_and_layer_norm_width_mismatches():
+    from secateurs.methods.rehearsal import rehearse
+    from secateurs.surgery import Plan
+
+    x = torch.randn(2, 5, 4)
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3))
+    rows_only = Plan(remove={"0.weight": {0: [0]}, "0.bias": {0: [0]}})  # the consumer keeps 8 input columns
+    rehearsal, why = rehearse(model, rows_only, x, (2, 5, 3))
+    assert rehearsal is None and "linear" in why
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    norm_left = Plan(remove={"0.weight": {0: [0]}, "0.bias": {0: [0]}, "2.weight": {1: [0]}})
+    rehearsal, why = rehearse(model, norm_left, x, (2, 5, 3))
+    assert rehearsal is None and "layer_norm" in why
+    whole = Plan(remove={"0.weight": {0: [0]}, "0.bias": {0: [0]}, "1.weight": {0: [0]}, "1.bias": {0: [0]},
+                         "2.weight": {1: [0]}}, attrs={"1": {}})
+    rehearsal, why = rehearse(model, whole, x, (2, 5, 3))
+    assert rehearsal is not None, why
+
+
+class _HiddenSplit(nn.Module):
+    """A CSP-style stage (timm's CrossStage): splits its expansion by a size computed from a stored width.
+
+    A stored size passed as is (``split(self.half)``) is linked to its group and
+    updated by surgery; ``self.expand_chs // 2`` is arithmetic the trace cannot see.
+    """
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.expand = nn.Conv2d(c, 2 * c, 1)
+        self.expand_chs = 2 * c
+        self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.out = nn.Conv2d(2 * c, c, 1)
+
+    def forward(self, x):
+        xa, xb = self.expand(x).split(self.expand_chs // 2, dim=1)
+        return self.out(torch.cat([torch.relu(self.a(xa)), torch.relu(self.b(xb))], 1))
+
+
+def test_groups_broken_by_hidden_sizes_are_found_quickly_and_kept_whole(monkeypatch):
+    from secateurs.methods import rehearsal
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _HiddenSplit(8), _HiddenSplit(8), _HiddenSplit(8),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 3, 10, 10)
+    calls = []
+    real_attempt = rehearsal._attempt
+    monkeypatch.setattr(rehearsal, "_attempt", lambda *a: calls.append(1) or real_attempt(*a))
+    before = model(x)
+    report = secateurs.prune_(model, Channels(ratio=0.5), example_inputs=x)
+    assert model(x).shape == before.shape
+    for i in (1, 2, 3):
+        assert model[i].expand.out_channels == 16  # kept whole, with the reason
+        why = [v for k, v in report.skipped.items() if f"{i}.expand.bias" in k]
+        assert len(why) == 1 and "not enough values to unpack" in why[0]
+        assert model[i].a.out_channels == 4 and model[i].b.out_channels == 4  # the rest was pruned
+    # one rehearsal to fail, one to confirm each culprit (the suspect owning most of the stage), one to pass
+    assert len(calls) <= 2 * 3 + 1, len(calls)
+
+
 def test_training_continues_after_pruning_while_an_old_graph_is_alive(cnn, digits_input):
     opt = torch.optim.SGD(cnn.parameters(), lr=0.01, momentum=0.9)
     for _ in range(2):

@@ -411,10 +411,18 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     def feasible_plan(ratio: float) -> tuple[Plan, dict[int, Tensor], dict[int, str]]:
         removed = plan_channels(graph, scores, config, ratio, shares(ratio) if shares is not None else None)
         candidates = [gid for gid, idx in removed.items() if idx.numel()]
-        ids, failed = feasible_groups(model, graph, lambda keep: plan_for(graph, removed, keep), candidates,
-                                      example_inputs, expected)
+        plans: dict[frozenset[int], Plan] = {}
+
+        def plan_of(keep: set[int]) -> Plan:  # the rehearsed plan is usually the one applied: build it once
+            key = frozenset(keep)
+            if key not in plans:
+                plans[key] = plan_for(graph, removed, keep)
+            return plans[key]
+
+        ids, failed = feasible_groups(model, graph, plan_of, candidates, example_inputs, expected)
+        plan = plan_of(ids)
         removed = {gid: (idx if gid in ids else idx[:0]) for gid, idx in removed.items()}
-        return plan_for(graph, removed), removed, failed
+        return plan, removed, failed
 
     latency_log = None
     if config.ratio is not None and shares is None:

@@ -93,7 +93,9 @@ def _layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = None, 
 def _same_shape(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     if any(isinstance(a, Tensor) for a in (*args, *kwargs.values())):
         raise _NotFast  # tensor bounds broadcast: let PyTorch check them
-    return x.new_empty(x.shape)  # contiguous: never stricter than the real strides
+    dtype = kwargs.get("dtype")  # softmax(x, dim, dtype=torch.float32)
+    # contiguous: never stricter than the real strides
+    return x.new_empty(x.shape, dtype=dtype if isinstance(dtype, torch.dtype) else x.dtype)
 
 
 class _NotFast(Exception):

@@ -2,7 +2,8 @@
 
 For each model and ratio: MACs and median CPU latency at batch 8 before and
 after pruning (random init, default settings), and the ratio of the measured
-speedup to the MACs reduction (goal: at least 0.85). If ``torch-pruning`` is
+speedup to the MACs reduction (goal: at least 0.85), both as pruned (eager) and
+deployed (BatchNorm folded, channels_last). If ``torch-pruning`` is
 installed (``pip install torch-pruning``; not a dependency of secateurs), it runs
 side by side on the same models and ratios with its default magnitude pruner.
 Run from the repository root:
@@ -26,6 +27,7 @@ import torch  # noqa: E402
 import secateurs  # noqa: E402
 from _common import markdown_table, write_results  # noqa: E402
 from secateurs.analysis import measure_latency, steady_allocator  # noqa: E402
+from secateurs.surgery.fold import fold_batchnorm_  # noqa: E402
 
 
 def torch_pruning_step(model: torch.nn.Module, probe: torch.Tensor, ratio: float) -> None:
@@ -61,18 +63,25 @@ def _prune(tool: str, base: torch.nn.Module, prune, name: str, ratio: float, pro
             "prune_seconds_all": times}, model
 
 
-def _latencies(models: list[torch.nn.Module], x: torch.Tensor, rounds: int, repeats: int) -> list[float]:
-    """Min over ``rounds`` of each model's median latency, the models interleaved in every round.
+def _latencies(runs: list[tuple[torch.nn.Module, torch.Tensor]], rounds: int, repeats: int) -> list[float]:
+    """Min over ``rounds`` of each (model, input)'s median latency, all interleaved in every round.
 
     On a shared machine the background load drifts over minutes; measuring the dense and
     pruned models side by side in each round, and keeping each one's best round, compares
     them under the same conditions instead of against one early dense number.
     """
-    best = [float("inf")] * len(models)
+    best = [float("inf")] * len(runs)
     for _ in range(rounds):
-        for i, model in enumerate(models):
+        for i, (model, x) in enumerate(runs):
             best[i] = min(best[i], measure_latency(model, x, warmup=2, repeats=repeats, max_seconds=60))
     return best
+
+
+def deployed(model: torch.nn.Module, probe: torch.Tensor) -> torch.nn.Module:
+    """The inference form ``secateurs export --fold-bn`` gives: BatchNorm folded, channels_last."""
+    out = copy.deepcopy(model).eval()
+    fold_batchnorm_(out, probe.expand(2, *probe.shape[1:]))
+    return out.to(memory_format=torch.channels_last)
 
 
 def main() -> None:
@@ -106,29 +115,41 @@ def main() -> None:
                 if model is not None:
                     row["_index"] = len(models)
                     models.append(model)
-        lats = _latencies(models, x, args.rounds, args.repeats)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        lats = _latencies([(m, x) for m in models] + [(deployed(m, probe), x_cl) for m in models],
+                          args.rounds, args.repeats)
+        n = len(models)
         for row in done:
             if "error" not in row:
-                lat = lats[row.pop("_index")]
-                row.update({"macs_before": macs0, "latency_before_ms": lats[0], "latency_after_ms": lat,
-                            "macs_reduction": macs0 / row["macs_after"], "speedup": lats[0] / lat})
+                i = row.pop("_index")
+                row.update({"macs_before": macs0, "latency_before_ms": lats[0], "latency_after_ms": lats[i],
+                            "macs_reduction": macs0 / row["macs_after"], "speedup": lats[0] / lats[i],
+                            "deployed_latency_before_ms": lats[n], "deployed_latency_after_ms": lats[n + i],
+                            "deployed_speedup": lats[n] / lats[n + i]})
                 row["efficiency"] = row["speedup"] / row["macs_reduction"]
+                row["deployed_efficiency"] = row["deployed_speedup"] / row["macs_reduction"]
             rows.append(row)
             print(row, flush=True)
     table = markdown_table(
-        ["tool", "model", "ratio", "MACs (1 image)", "MACs reduction", f"latency bs{args.batch} (ms)", "speedup",
-         "speedup / MACs reduction", "prune (s)"],
-        [[r["tool"], r["model"], r["ratio"], f"failed: {r['error']}", "", "", "", "", ""] if "error" in r else
+        ["tool", "model", "ratio", "MACs (1 image)", "MACs reduction", f"eager bs{args.batch} (ms)", "speedup",
+         "speedup / MACs reduction", f"deployed bs{args.batch} (ms)", "deployed speedup", "deployed / MACs reduction",
+         "prune (s)"],
+        [[r["tool"], r["model"], r["ratio"], f"failed: {r['error']}"] + [""] * 8 if "error" in r else
          [r["tool"], r["model"], r["ratio"], f"{r['macs_before'] / 1e9:.2f}G -> {r['macs_after'] / 1e9:.2f}G",
           f"{r['macs_reduction']:.2f}x", f"{r['latency_before_ms']:.0f} -> {r['latency_after_ms']:.0f}",
-          f"{r['speedup']:.2f}x", f"{r['efficiency']:.2f}", f"{r['prune_seconds']:.2f}"] for r in rows],
+          f"{r['speedup']:.2f}x", f"{r['efficiency']:.2f}",
+          f"{r['deployed_latency_before_ms']:.0f} -> {r['deployed_latency_after_ms']:.0f}",
+          f"{r['deployed_speedup']:.2f}x", f"{r['deployed_efficiency']:.2f}", f"{r['prune_seconds']:.2f}"]
+         for r in rows],
     )
     notes = ("The process first calls `secateurs.analysis.steady_allocator()`: with glibc's default thresholds "
              "each large activation is mapped and unmapped on every forward, which made the dense MobileNetV2 vary "
              "between 93 and 330 ms at batch 8 depending on earlier allocations. "
              f"Latency: for each model, the dense model and every pruned one are timed in turn, {args.rounds} "
              f"rounds; each keeps its best round's median of {args.repeats} runs (after 2 warm-ups). torch's "
-             "default 2 CPU threads, fp32, eager. An efficiency of 1.0 means the speedup equals the MACs reduction. "
+             "default 2 CPU threads, fp32. Eager: the modules as pruned. Deployed: the form `secateurs export --fold-bn` "
+             "gives, BatchNorm folded into the convs, weights and inputs channels_last (dense and pruned alike). "
+             "An efficiency of 1.0 means the speedup equals the MACs reduction. "
              f"Prune time: best of {args.prune_tries} prunes of fresh copies, same for both tools. Both tools: "
              "random init, uniform ratio, L2 magnitude (secateurs' default), classifier kept.")
     if len(tools) > 1:

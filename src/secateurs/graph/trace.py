@@ -115,7 +115,8 @@ class _Tracer(TorchFunctionMode):
 
     def couple(self, a: Tensor, b: Tensor) -> None:
         if a.numel() and b.numel():
-            a, b = torch.broadcast_tensors(a, b)
+            if a.shape != b.shape:
+                a, b = torch.broadcast_tensors(a, b)
             self.edges_a.append(a.reshape(-1).clone())
             self.edges_b.append(b.reshape(-1).clone())
 
@@ -164,7 +165,7 @@ class _Tracer(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self._current_func = _probe_func(func, args, kwargs)
-        name = resolve_name(func) or getattr(func, "__name__", repr(func))
+        name = _name_of(func) or getattr(func, "__name__", repr(func))
         if not _has_tensor(out):
             return out  # size(), dim(), dtype, shape: nothing to label
         rule = RULES.get(name)
@@ -1053,13 +1054,27 @@ def _flatten_output(out: Any) -> list[Any]:
     return [out]
 
 
+_NAMES: dict[Any, str] = {}
+
+
+def _name_of(func: Callable) -> str:
+    """``torch.overrides.resolve_name``, remembered: it enters a warnings filter on every call."""
+    try:
+        return _NAMES[func]
+    except KeyError:
+        name = _NAMES[func] = resolve_name(func) or ""
+        return name
+    except TypeError:  # an unhashable callable
+        return resolve_name(func) or ""
+
+
 def _probe_func(func: Callable, args: Sequence, kwargs: dict) -> Callable:
     """The callable replayed on label tensors, annotated with the -1 position of views."""
 
     def probe(*a: Any, **k: Any) -> Any:
         return func(*a, **k)
 
-    name = resolve_name(func) or ""
+    name = _name_of(func)
     if name.endswith((".view", ".reshape")) and len(args) > 1:
         sizes = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple, torch.Size)) else args[1:]
         sizes = list(sizes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import shlex
@@ -41,3 +42,14 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def deployed(model: torch.nn.Module, probe: torch.Tensor, device: torch.device | None = None,
+             dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A copy in the inference form ``secateurs export --fold-bn`` gives: BatchNorm folded into
+    its conv, channels_last, optionally moved to ``device``/``dtype``. ``probe``: one input on CPU."""
+    from secateurs.surgery.fold import fold_batchnorm_
+
+    out = copy.deepcopy(model).eval()
+    fold_batchnorm_(out, probe.expand(2, *probe.shape[1:]))
+    return out.to(device=device, dtype=dtype, memory_format=torch.channels_last)

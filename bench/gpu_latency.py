@@ -36,15 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import secateurs  # noqa: E402
-from _common import markdown_table, write_results  # noqa: E402
-from secateurs.surgery.fold import fold_batchnorm_  # noqa: E402
-
-
-def deploy(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Fold BatchNorm into its conv, then move to the device, dtype and channels_last, for inference."""
-    model = copy.deepcopy(model).eval()
-    fold_batchnorm_(model, torch.randn(2, 3, 224, 224))
-    return model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+from _common import deployed, markdown_table, write_results  # noqa: E402
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], Any], int], list[float]]:
@@ -142,7 +134,7 @@ def main() -> None:
         pruned = copy.deepcopy(dense)
         secateurs.prune_(pruned, secateurs.Channels(ratio=args.ratio, round_to=8), example_inputs=probe)
         macs = [secateurs.analyze(m, probe, latency=False, size=False).macs for m in (dense, pruned)]
-        models = {"dense": deploy(dense, device, dtype), "pruned": deploy(pruned, device, dtype)}
+        models = {"dense": deployed(dense, probe, device, dtype), "pruned": deployed(pruned, probe, device, dtype)}
         for batch in batches:
             x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype).contiguous(
                 memory_format=torch.channels_last)

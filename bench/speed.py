@@ -25,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import secateurs  # noqa: E402
-from _common import markdown_table, write_results  # noqa: E402
+from _common import deployed, markdown_table, write_results  # noqa: E402
 from secateurs.analysis import measure_latency, steady_allocator  # noqa: E402
-from secateurs.surgery.fold import fold_batchnorm_  # noqa: E402
 
 
 def torch_pruning_step(model: torch.nn.Module, probe: torch.Tensor, ratio: float) -> None:
@@ -75,13 +74,6 @@ def _latencies(runs: list[tuple[torch.nn.Module, torch.Tensor]], rounds: int, re
         for i, (model, x) in enumerate(runs):
             best[i] = min(best[i], measure_latency(model, x, warmup=2, repeats=repeats, max_seconds=60))
     return best
-
-
-def deployed(model: torch.nn.Module, probe: torch.Tensor) -> torch.nn.Module:
-    """The inference form ``secateurs export --fold-bn`` gives: BatchNorm folded, channels_last."""
-    out = copy.deepcopy(model).eval()
-    fold_batchnorm_(out, probe.expand(2, *probe.shape[1:]))
-    return out.to(memory_format=torch.channels_last)
 
 
 def main() -> None:

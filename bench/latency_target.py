@@ -67,8 +67,10 @@ def main() -> None:
           f"{r['search_ms']:.1f}", f"{r['remeasured_ms']:.1f}",
           "" if r["target_ms"] is None else ("yes" if r["remeasured_ms"] <= r["target_ms"] * 1.05 else "no"),
           f"{dense_ms / r['remeasured_ms']:.2f}x", f"{r['macs_ratio']:.3f}", f"{r['seconds']:.0f}"] for r in rows])
-    notes = (f"{args.model}, random init, batch {args.batch_size}, CPU; latency = the best of 3 medians of 15 runs. "
-             "'met' allows 5% for timing noise between the search's measurement and the re-measurement.")
+    notes = (f"{args.model}, random init, batch {args.batch_size}, CPU, with `steady_allocator()`; dense and "
+             "re-measured latency = the best of 3 medians of 15 runs; the search judges each candidate by the best "
+             "of 3 medians of up to 10 runs (3 s each). 'met' allows 5% for timing noise between the search's "
+             "measurement and the re-measurement.")
     write_results("latency_target", f"Latency targets on CPU ({args.model.split(':')[-1]})", table, rows, notes)
 
 

@@ -63,7 +63,9 @@ class Channels(Selection):
         target_latency: prune until one forward takes at most this many milliseconds,
             *measured* on ``device`` at ``latency_batch_size`` (the pruned candidates
             are built and timed for real). If even the most pruned candidate is slower
-            than the dense model, nothing is pruned.
+            than the dense model, nothing is pruned. On CPU this calls
+            :func:`secateurs.analysis.steady_allocator` first, so glibc's allocator
+            does not make some timings page-fault bound and others not.
         latency_batch_size: batch size for ``target_latency`` (default: the example inputs').
         device: where ``target_latency`` is measured (``cpu``, ``cuda``); on CUDA,
             ``round_to`` defaults to 8 (tensor-core friendly widths).
@@ -350,12 +352,14 @@ class _LatencyGoal:
     def __init__(self, model: nn.Module, config: Channels, example_inputs: Any) -> None:
         import copy
 
-        from ..analysis import measure_latency
+        from ..analysis import measure_latency, steady_allocator
 
         self.model, self.target = model, config.target_latency
         self.device = torch.device(config.device or "cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise SecateursError("target_latency on 'cuda' needs a CUDA GPU: measure on --device cpu")
+        if self.device.type == "cpu":
+            steady_allocator()
         x = example_inputs
         if config.latency_batch_size is not None and isinstance(x, Tensor):
             x = x[:1].expand(config.latency_batch_size, *x.shape[1:]).contiguous()
@@ -366,11 +370,15 @@ class _LatencyGoal:
                                     "trials": []}
 
     def _time(self, candidate: nn.Module) -> float:
-        """The middle of three medians: one lucky (or unlucky) burst cannot decide a candidate."""
+        """The best of three medians.
+
+        Interference from other processes only ever slows a run down, and on a
+        shared machine it comes in bursts of seconds that can spoil two medians
+        of three. With the allocator steady there are no lucky fast runs either,
+        so the fastest median is the closest to the model's own speed.
+        """
         candidate = candidate.to(self.device).eval()
-        medians = sorted(self._measure(candidate, self.inputs, warmup=2, repeats=10, max_seconds=3.0)
-                         for _ in range(3))
-        return medians[1]
+        return min(self._measure(candidate, self.inputs, warmup=2, repeats=10, max_seconds=3.0) for _ in range(3))
 
     def latency(self, plan: Plan) -> float:
         candidate = self._copy(self.model)

@@ -404,6 +404,27 @@ def test_shape_only_rehearsal_catches_linear_and_layer_norm_width_mismatches():
     assert rehearsal is not None, why
 
 
+def test_meta_copy_is_a_deep_copy_on_meta():
+    from secateurs.methods.rehearsal import meta_copy
+
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.LayerNorm(4))
+    model.sizes = [4, 4]  # a mutable attribute surgery could edit in place
+    model.register_buffer("scale", torch.ones(4), persistent=False)
+    model[1].register_forward_hook(lambda m, a, o: None)
+    copy_ = meta_copy(model)
+    assert copy_[0] is copy_[2] and copy_[0] is not shared  # shared stays shared, but is a new module
+    assert copy_.sizes == [4, 4] and copy_.sizes is not model.sizes
+    assert all(t.is_meta for t in list(copy_.parameters()) + list(copy_.buffers()))
+    assert copy_._non_persistent_buffers_set == {"scale"} and copy_._non_persistent_buffers_set is not \
+        model._non_persistent_buffers_set
+    assert len(copy_[1]._forward_hooks) == 1 and copy_[1]._forward_hooks is not model[1]._forward_hooks
+    copy_.sizes.append(2)
+    copy_[0].out_features = 3
+    assert model.sizes == [4, 4] and shared.out_features == 4 and not shared.weight.is_meta
+    assert copy_(torch.empty(2, 4, device="meta")).shape == (2, 4)
+
+
 class _HiddenSplit(nn.Module):
     """A CSP-style stage (timm's CrossStage): splits its expansion by a size computed from a stored width.
 

@@ -10,6 +10,7 @@ shapes change, the groups responsible are found and kept whole.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,48 @@ def meta_copy(model: nn.Module) -> nn.Module:
             continue
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return copy.deepcopy(model, memo)
+    return _clone(model, memo)
+
+
+_IMMUTABLE = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _clone(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(module, memo)``, minus the cost of deep-copying every module's empty hook dicts.
+
+    Rehearsals copy the whole model once or more per prune; ``deepcopy`` spends most
+    of that time on the dozen bookkeeping dicts each module carries. Here a module's
+    own dict is rebuilt: children cloned (shared modules stay shared), parameters and
+    buffers taken from ``memo``, empty containers made afresh, immutable values
+    shared, and everything else (configs, lists, non-empty hook dicts) deep-copied,
+    so surgery on the copy can never reach the original. Modules that customise
+    copying, or hold slots, go through ``deepcopy`` itself.
+    """
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    customised = (getattr(cls, "__deepcopy__", None) is not None or hasattr(cls, "__slots__")
+                  or cls.__reduce_ex__ is not object.__reduce_ex__ or cls.__reduce__ is not object.__reduce__
+                  or cls.__getstate__ is not nn.Module.__getstate__ or cls.__setstate__ is not nn.Module.__setstate__)
+    if customised:
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state: dict[str, Any] = {}
+    for key, value in module.__dict__.items():
+        if key == "_modules":
+            state[key] = {n: None if c is None else _clone(c, memo) for n, c in value.items()}
+        elif key in ("_parameters", "_buffers"):
+            state[key] = {n: None if t is None else memo[id(t)] if id(t) in memo else copy.deepcopy(t, memo)
+                          for n, t in value.items()}
+        elif isinstance(value, _IMMUTABLE) or (type(value) is tuple and all(isinstance(v, _IMMUTABLE) for v in value)):
+            state[key] = value
+        elif type(value) in (dict, set) and not value or type(value) is OrderedDict and not value:
+            state[key] = type(value)()
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__dict__.update(state)
+    return new
 
 
 def macs_of(model: nn.Module, inputs: Any) -> int:

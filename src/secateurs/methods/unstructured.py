@@ -19,6 +19,10 @@ from .report import PruneReport
 
 __all__ = ["Unstructured"]
 
+# The sparsities a sensitivity scan tries per layer; the allocation interpolates between them.
+ALLOCATION_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
+MAX_ALLOCATED = ALLOCATION_GRID[-1]
+
 
 @dataclass(kw_only=True)
 class Unstructured(Selection):
@@ -33,6 +37,12 @@ class Unstructured(Selection):
             all selected weights together, so layers end up with different sparsity.
         importance: ``"magnitude"`` (|w|) or ``"random"``.
         seed: seed for ``random`` importance.
+        allocate: ``"uniform"`` (as ``scope`` says) or ``"sensitivity"``: measure on
+            ``data`` how much each layer alone loses at each sparsity, then give
+            each layer its own sparsity so the selected weights reach ``sparsity``
+            in all with the least predicted loss (robust layers go further,
+            fragile ones stay denser).
+        calib_batches: batches of ``data`` each sensitivity trial is scored on.
 
     Example:
         >>> import torch, secateurs
@@ -49,6 +59,8 @@ class Unstructured(Selection):
     scope: Literal["layer", "global"] = "layer"
     importance: str = "magnitude"
     seed: int | None = None
+    allocate: Literal["uniform", "sensitivity"] = "uniform"
+    calib_batches: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +77,18 @@ class Unstructured(Selection):
                 raise SecateursError("threshold pruning compares |w|: use importance='magnitude'")
         if self.scope not in ("layer", "global"):
             raise SecateursError(f"scope must be 'layer' or 'global', got '{self.scope}'")
+        if self.allocate not in ("uniform", "sensitivity"):
+            raise SecateursError(f"unknown allocation '{self.allocate}': choose uniform or sensitivity")
+        if self.allocate == "sensitivity":
+            if self.sparsity is None:
+                raise SecateursError("allocate='sensitivity' spreads a sparsity target: give sparsity, not threshold")
+            if self.scope != "layer":
+                raise SecateursError("allocate='sensitivity' chooses each layer's sparsity itself: drop scope='global'")
+            if self.sparsity > MAX_ALLOCATED:
+                raise SecateursError(f"allocate='sensitivity' scans layers up to {MAX_ALLOCATED:.0%} sparsity: "
+                                     f"ask for at most {MAX_ALLOCATED}, got {self.sparsity}")
+        if self.calib_batches < 1:
+            raise SecateursError(f"calib_batches must be at least 1, got {self.calib_batches}")
         if self.importance not in ELEMENT_IMPORTANCE:
             raise SecateursError(
                 f"unknown importance '{self.importance}': choose one of {', '.join(ELEMENT_IMPORTANCE)}"
@@ -87,7 +111,11 @@ def apply_unstructured(
             t.name: element_scores(config.importance, t.weight, get_mask(t.module, t.tensor), gen)
             for t in targets
         }
-        if config.scope == "global":
+        if config.allocate == "sensitivity":
+            counts, scan = _sensitivity_counts(model, targets, config, data)
+            report.sensitivity = scan.to_dict()
+            keeps = {name: ~lowest_k(s, counts[name]) for name, s in scores.items()}
+        elif config.scope == "global":
             flat = torch.cat([s.reshape(-1).cpu() for s in scores.values()])
             drop_all = lowest_k(flat, round(config.sparsity * flat.numel()))
             keeps, offset = {}, 0
@@ -100,3 +128,32 @@ def apply_unstructured(
         mask = mask_tied_(model, t.module, keeps[t.name], t.tensor)
         report.layers.append(layer_report(t.name, mask))
     return report
+
+
+def _sensitivity_counts(model: nn.Module, targets: list[Any], config: Unstructured,
+                        data: Any) -> tuple[dict[str, int], Any]:
+    """How many weights each layer loses under sensitivity allocation, and the scan behind it.
+
+    The greedy walk of :func:`~secateurs.methods.sensitivity.allocation_order`
+    (least loss increase per weight removed first) runs until the removed
+    weights reach the target; its last step is cut short, so the total is
+    exactly ``round(sparsity * selected weights)``.
+    """
+    from .sensitivity import allocation_order, unstructured_curves
+
+    if data is None:
+        raise SecateursError("sensitivity allocation measures each layer on data: pass data= (CLI: --data)")
+    scan = unstructured_curves(model, targets, data, ratios=ALLOCATION_GRID, batches=config.calib_batches,
+                               importance=config.importance, seed=config.seed)
+    curves = scan.curves
+    need = round(config.sparsity * sum(c.size for c in curves))
+    counts = [0] * len(curves)
+    removed = 0
+    for k, i in allocation_order(curves, ""):
+        if removed >= need:
+            break
+        step = round(curves[k].ratios[i] * curves[k].size) - counts[k]
+        take = min(step, need - removed)
+        counts[k] += take
+        removed += take
+    return {t.name: n for t, n in zip(targets, counts, strict=True)}, scan

@@ -466,6 +466,64 @@ def test_groups_broken_by_hidden_sizes_are_found_quickly_and_kept_whole(monkeypa
     assert len(calls) <= 2 * 3 + 1, len(calls)
 
 
+class _AssertsWidth(nn.Module):
+    """Checks its input against a stored width in plain Python: no size is ever passed to a torch call."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv, self.width = nn.Conv2d(c, c, 3, padding=1), c
+
+    def forward(self, x):
+        if x.shape[1] != self.width:
+            raise ValueError(f"expected {self.width} channels, got {x.shape[1]}")
+        return torch.relu(self.conv(x))
+
+
+class _FunctionalGroupedConv(nn.Module):
+    """A depthwise conv written with F.conv2d and a stored group count (surgery cannot update it)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.weight, self.groups = nn.Parameter(torch.randn(c, 1, 3, 3)), c
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(x, self.weight, padding=1, groups=self.groups)
+
+
+def _count_rehearsals(monkeypatch) -> list[int]:
+    from secateurs.methods import rehearsal
+
+    calls: list[int] = []
+    real_attempt = rehearsal._attempt
+    monkeypatch.setattr(rehearsal, "_attempt", lambda *a: calls.append(1) or real_attempt(*a))
+    return calls
+
+
+def test_rehearsal_is_skipped_only_when_the_trace_saw_every_size(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, 10)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 8, 3, groups=8),
+                          nn.MaxPool2d(2), nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).eval()
+    graph = build_graph(plain, x)
+    assert not graph.needs_rehearsal and not graph.size_calls
+    calls = _count_rehearsals(monkeypatch)
+    secateurs.prune_(plain, Channels(ratio=0.5), example_inputs=x)
+    assert calls == [] and plain(x).shape == (2, 4) and plain[3].groups == plain[3].out_channels == 4
+
+    for hidden, call in ((_AssertsWidth(8), "torch.Tensor.shape.__get__"),
+                         (_FunctionalGroupedConv(8), "conv2d")):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), hidden, nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Linear(8, 4)).eval()
+        graph = build_graph(model, x)
+        assert graph.needs_rehearsal and any(call in name for name in graph.size_calls), graph.size_calls
+        calls.clear()
+        report = secateurs.prune_(model, Channels(ratio=0.5), example_inputs=x)
+        assert calls and model(x).shape == (2, 4)  # rehearsed, and the group feeding it kept whole
+        assert model[0].out_channels == 8 and any("kept whole" in why for why in report.skipped.values())
+        assert model[2].out_channels == 4  # the rest is pruned
+
+
 def test_training_continues_after_pruning_while_an_old_graph_is_alive(cnn, digits_input):
     opt = torch.optim.SGD(cnn.parameters(), lr=0.01, momentum=0.9)
     for _ in range(2):

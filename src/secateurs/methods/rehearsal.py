@@ -93,19 +93,46 @@ def to_meta(inputs: Any) -> Any:
     return inputs
 
 
+def _empty(x: Tensor, shape: Any = None, dtype: torch.dtype | None = None) -> Tensor:
+    """A new meta tensor (``torch.empty_like`` on a meta tensor costs about 40x more)."""
+    return torch.empty(x.shape if shape is None else shape, dtype=dtype or x.dtype, device="meta")
+
+
+def _conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
+          dilation: Any = 1, groups: int = 1) -> Tensor:
+    spatial = weight.dim() - 2
+    if not weight.is_meta or isinstance(padding, str) or x.dim() != weight.dim() or spatial < 1:
+        raise _NotFast  # unbatched input, padding='same': let PyTorch work it out
+
+    def per_dim(v: Any) -> list[int]:
+        return list(v) if isinstance(v, (list, tuple)) else [v] * spatial
+
+    stride, padding, dilation = per_dim(stride), per_dim(padding), per_dim(dilation)
+    if x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
+        raise RuntimeError(f"conv: input of shape {tuple(x.shape)} does not fit weight {tuple(weight.shape)} "
+                           f"with groups={groups}")
+    if bias is not None and bias.numel() != weight.shape[0]:
+        raise RuntimeError(f"conv: bias of {bias.numel()} elements for {weight.shape[0]} output channels")
+    out = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+           for i in range(spatial)]
+    if min(out) < 1:
+        raise RuntimeError(f"conv: input of shape {tuple(x.shape)} is too small for weight {tuple(weight.shape)}")
+    return _empty(x, (x.shape[0], weight.shape[0], *out))
+
+
 def _batch_norm(x: Tensor, running_mean: Tensor | None = None, running_var: Tensor | None = None,
                 weight: Tensor | None = None, bias: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
     channels = x.shape[1] if x.dim() > 1 else 0
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() != channels:
             raise RuntimeError(f"batch_norm: {name} should contain {channels} elements not {t.numel()}")
-    return torch.empty_like(x)
+    return _empty(x)
 
 
 def _unary(x: Tensor, *args: Any, inplace: bool = False, **kwargs: Any) -> Tensor:
     if len(args) >= 1 and isinstance(args[-1], bool):
         inplace = args[-1]  # F.relu(x, True), F.hardtanh(x, 0, 6, True)
-    return x if inplace else torch.empty_like(x)
+    return x if inplace else _empty(x)
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -117,7 +144,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     out = (weight.shape[0],) if weight.dim() == 2 else ()
     if bias is not None and tuple(bias.shape) not in ((), (1,), out):
         raise RuntimeError(f"linear: bias of shape {tuple(bias.shape)} does not match {out}")
-    return x.new_empty((*x.shape[:-1], *out))
+    return _empty(x, (*x.shape[:-1], *out))
 
 
 def _layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -128,7 +155,7 @@ def _layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = None, 
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != shape:
             raise RuntimeError(f"layer_norm: {name} of shape {tuple(t.shape)} is not {shape}")
-    return torch.empty_like(x)
+    return _empty(x)
 
 
 def _same_shape(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -136,7 +163,7 @@ def _same_shape(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         raise _NotFast  # tensor bounds broadcast: let PyTorch check them
     dtype = kwargs.get("dtype")  # softmax(x, dim, dtype=torch.float32)
     # contiguous: never stricter than the real strides
-    return x.new_empty(x.shape, dtype=dtype if isinstance(dtype, torch.dtype) else x.dtype)
+    return _empty(x, dtype=dtype if isinstance(dtype, torch.dtype) else None)
 
 
 class _NotFast(Exception):
@@ -146,7 +173,7 @@ class _NotFast(Exception):
 def _fast_kernels() -> dict[Any, Any]:
     F = torch.nn.functional
     fast: dict[Any, Any] = {F.batch_norm: _batch_norm, F.linear: _linear, torch._C._nn.linear: _linear,
-                            F.layer_norm: _layer_norm}
+                            F.layer_norm: _layer_norm, torch.conv1d: _conv, torch.conv2d: _conv, torch.conv3d: _conv}
     for fn in (F.normalize, F.softmax, F.log_softmax, torch.softmax, Tensor.softmax, torch.roll, Tensor.roll,
                torch.clamp, Tensor.clamp, Tensor.clamp_min, Tensor.clamp_max, F.dropout, Tensor.contiguous):
         fast[fn] = _same_shape
@@ -249,7 +276,12 @@ def feasible_groups(model: nn.Module, graph: DependencyGraph, plan_of: Callable[
     prefixes of the suspects, which costs one rehearsal when the first suspect
     is the culprit and about 2·log2(i) when it is the i-th. Suspects that fail
     only together are all kept.
+
+    When the trace found no call that could hold a size it cannot follow
+    (``graph.needs_rehearsal`` is false), every group is feasible as planned.
     """
+    if not graph.needs_rehearsal:
+        return set(ids), {}  # the trace saw every size the forward uses: nothing can fail
     members = {g.id: [m.tensor for m in g.members] for g in graph.groups}
     pending = list(ids)
     failed: dict[int, str] = {}

@@ -218,7 +218,10 @@ def _slots(model: nn.Module, name: str, modules: dict[str, nn.Module]) -> tuple[
 
 def _slice(owner: nn.Module, attr: str, dim: int, keep: Tensor, resized: dict[int, nn.Parameter]) -> None:
     t = getattr(owner, attr)
-    new = t.detach().index_select(dim, keep.to(t.device))
+    if t.is_meta:  # a rehearsal copy: only the shape matters (meta index_select is slow)
+        new = torch.empty((*t.shape[:dim], keep.numel(), *t.shape[dim + 1 :]), dtype=t.dtype, device="meta")
+    else:
+        new = t.detach().index_select(dim, keep.to(t.device))
     if isinstance(t, nn.Parameter):
         t.data = new
         t.grad = None

@@ -507,9 +507,17 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
 
 def _score_summary(scores: Tensor, removed: Tensor) -> dict[str, list[float]]:
     """Five-number summaries of kept and removed scores, relative to the group's mean."""
-    rel = scores.float() / (scores.float().mean().abs() + 1e-12)
-    gone = torch.zeros(len(rel), dtype=torch.bool)
-    gone[removed] = True
-    q = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
-    return {name: [round(v, 4) for v in torch.quantile(part, q).tolist()] if part.numel() else []
-            for name, part in (("kept", rel[~gone]), ("removed", rel[gone]))}
+    rel = (scores.float() / (scores.float().mean().abs() + 1e-12)).tolist()
+    gone = set(removed.tolist())
+    parts = {"kept": sorted(v for i, v in enumerate(rel) if i not in gone),
+             "removed": sorted(v for i, v in enumerate(rel) if i in gone)}
+    return {name: [round(_quantile(part, q), 4) for q in (0.0, 0.25, 0.5, 0.75, 1.0)] if part else []
+            for name, part in parts.items()}
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """``torch.quantile``'s linear interpolation, on a sorted list (a group has few channels)."""
+    pos = q * (len(ordered) - 1)
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)

@@ -49,6 +49,27 @@ def test_equivalence_on_a_net_with_residuals_concat_chunk_groups_and_shuffle():
     _equivalence(Mixed(group_stats=False), torch.randn(2, 3, 8, 8))
 
 
+def test_grouping_after_a_hash_collision_is_the_same(monkeypatch):
+    """Channel roots are bucketed by a hash; if the check after it fails, the exact loop decides."""
+    from secateurs.graph import groups
+
+    torch.manual_seed(0)
+    model, x = Mixed().eval(), torch.randn(2, 3, 8, 8)
+    expected = build_graph(model, x)
+    real_unique = torch.unique
+
+    def colliding(t, *args, **kwargs):  # every root in one bucket: the check must fail
+        out, inverse = real_unique(t, *args, **kwargs)
+        return out[:1], torch.zeros_like(inverse)
+
+    monkeypatch.setattr(groups.torch, "unique", colliding)
+    got = build_graph(model, x)
+    assert [(g.size, g.members, g.roots) for g in got.groups] == [
+        (g.size, g.members, g.roots) for g in expected.groups]
+    for a, b in zip(got.groups, expected.groups, strict=True):
+        assert all(torch.equal(a.indices[m], b.indices[m]) for m in a.members)
+
+
 def test_group_and_layer_norm_nets_prune_consistently():
     torch.manual_seed(0)
     model = Mixed().eval()
@@ -490,6 +511,16 @@ class _FunctionalGroupedConv(nn.Module):
         return torch.nn.functional.conv2d(x, self.weight, padding=1, groups=self.groups)
 
 
+class _SlicesHalf(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv, self.half = nn.Conv2d(c, c, 1), c // 2
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.cat([y[:, : self.half], y[:, self.half :]], 1)
+
+
 def _count_rehearsals(monkeypatch) -> list[int]:
     from secateurs.methods import rehearsal
 
@@ -510,6 +541,12 @@ def test_rehearsal_is_skipped_only_when_the_trace_saw_every_size(monkeypatch):
     calls = _count_rehearsals(monkeypatch)
     secateurs.prune_(plain, Channels(ratio=0.5), example_inputs=x)
     assert calls == [] and plain(x).shape == (2, 4) and plain[3].groups == plain[3].out_channels == 4
+    hooked = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                           nn.Linear(8, 4)).eval()
+    hooked[1].register_forward_hook(lambda m, a, out: out.unflatten(1, (2, 4)).flatten(1, 2))  # a plain layer's hook
+    assert build_graph(hooked, x).needs_rehearsal
+    sliced = nn.Sequential(nn.Conv2d(3, 8, 3), _SlicesHalf(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    assert build_graph(sliced.eval(), x).needs_rehearsal  # a width hidden in slice bounds
 
     for hidden, call in ((_AssertsWidth(8), "torch.Tensor.shape.__get__"),
                          (_FunctionalGroupedConv(8), "conv2d")):

@@ -22,7 +22,7 @@ Sizes the labels cannot see (a width kept in a module attribute and passed to
 a reshape, an assert on ``x.shape``) are caught by rehearsing every plan on a
 meta copy (``methods/rehearsal.py``). The trace records whether the forward
 could hold any: a call that reads a tensor's size, or that passes an integer
-above 1 and is not the own op of a plain ``torch.nn`` layer whose attributes
+other than -1, 0 and 1 and is not the own op of a plain ``torch.nn`` layer whose attributes
 surgery keeps up to date (a ``Conv2d``'s ``groups``, a pooling kernel). When
 there is none, and no call was unknown, the rehearsal proves nothing the
 trace has not, and is skipped.
@@ -85,10 +85,12 @@ class LabelTrace:
 
 
 class _Tracer(TorchFunctionMode):
-    def __init__(self, named_tensors: dict[int, str], module_stack: list[tuple[str, nn.Module]]) -> None:
+    def __init__(self, named_tensors: dict[int, str], module_stack: list[tuple[str, nn.Module]],
+                 own_ops: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.names = named_tensors
         self.module_stack = module_stack
+        self.own_ops = own_ops  # ids of the modules whose calls cannot hide a size (see _OWN_OPS)
         self.next_label = 1
         self.labels: dict[int, list[Tensor]] = {}
         self.keep: list[Tensor] = []  # keep traced tensors alive so ids are not reused
@@ -178,11 +180,12 @@ class _Tracer(TorchFunctionMode):
         out = func(*args, **kwargs)
         self._current_func = _probe_func(func, args, kwargs)
         name = _name_of(func) or getattr(func, "__name__", repr(func))
+        own_op = bool(self.module_stack) and id(self.module_stack[-1][1]) in self.own_ops
         if not _has_tensor(out):  # size(), dim(), dtype, shape: nothing to label
-            if name not in _SHAPE_FREE_QUERIES:
+            if name not in _SHAPE_FREE_QUERIES and not own_op:
                 self.size_calls[name] = self.size_calls.get(name, 0) + 1
             return out
-        if _passes_ints(args, kwargs) and not (self.module_stack and type(self.module_stack[-1][1]) in _OWN_OPS):
+        if not own_op and _passes_ints(args, kwargs):
             self.size_calls[name] = self.size_calls.get(name, 0) + 1
         rule = RULES.get(name)
         try:
@@ -208,8 +211,8 @@ _SHAPE_FREE_QUERIES = frozenset(f"torch.Tensor.{q}" for q in (
     "is_floating_point", "is_complex", "is_contiguous", "requires_grad.__get__", "is_cuda.__get__",
     "is_sparse.__get__", "is_quantized.__get__", "is_meta.__get__", "get_device"))
 
-# Plain torch.nn layers (exact types) whose integer arguments are either kept up to date by
-# surgery (conv groups) or do not describe a width (strides, kernel sizes, dims, ...).
+# Plain torch.nn layers (exact types, no hooks) whose integer arguments are either kept up to
+# date by surgery (conv groups) or do not describe a width (strides, kernel sizes, dims, ...).
 _OWN_OPS = frozenset({
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
     nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm,
@@ -223,12 +226,15 @@ _OWN_OPS = frozenset({
 
 
 def _passes_ints(args: Sequence, kwargs: dict) -> bool:
-    """Does a call get an integer above 1 (a size, perhaps), directly or in a list or tuple?"""
+    """Does a call get an integer other than -1, 0 and 1 (a size, perhaps), directly or in a
+    list, tuple or slice (``x[:, : self.half]``)?"""
     def has(value: Any) -> bool:
         if type(value) is int:
-            return value > 1
+            return not -1 <= value <= 1
         if isinstance(value, (list, tuple)):
             return any(has(v) for v in value)
+        if isinstance(value, slice):
+            return has(value.start) or has(value.stop) or has(value.step)
         return False
 
     return any(has(a) for a in args) or any(has(v) for v in kwargs.values())
@@ -1034,7 +1040,11 @@ def trace_labels(model: nn.Module, example_inputs: Any, *, frozen_tensors: Seque
     for name, t in list(model.named_parameters(remove_duplicate=True)) + list(model.named_buffers(remove_duplicate=True)):
         names.setdefault(id(t), name)
     stack: list[tuple[str, nn.Module]] = []
-    tracer = _Tracer(names, stack)
+    global_hooks = torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks
+    own_ops = frozenset() if global_hooks else frozenset(
+        id(m) for m in model.modules()
+        if type(m) in _OWN_OPS and not m._forward_hooks and not m._forward_pre_hooks)  # a user hook could do anything
+    tracer = _Tracer(names, stack, own_ops)
     def enter(name: str, module: nn.Module) -> None:
         stack.append((name, module))
 

@@ -70,6 +70,19 @@ def test_grouping_after_a_hash_collision_is_the_same(monkeypatch):
         assert all(torch.equal(a.indices[m], b.indices[m]) for m in a.members)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_equivalence_through_transposed_convolutions(groups):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.ConvTranspose2d(8, 8, 3, stride=2, output_padding=1, groups=groups), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.ConvTranspose2d(8, 8, 3, padding=1, groups=groups), nn.Conv2d(8, 2, 1))
+    graph = build_graph(model.eval(), torch.randn(2, 3, 9, 9))
+    assert not graph.unknown_calls and len(graph.groups) == 3
+    _equivalence(model, torch.randn(2, 3, 9, 9))
+    assert model[3].in_channels == 6 and model[3].out_channels == model[3].weight.shape[1] * groups
+    assert model[3].groups == groups and model[6].in_channels == model[3].out_channels
+
+
 def test_group_and_layer_norm_nets_prune_consistently():
     torch.manual_seed(0)
     model = Mixed().eval()
@@ -497,68 +510,59 @@ class _AssertsWidth(nn.Module):
     def forward(self, x):
         if x.shape[1] != self.width:
             raise ValueError(f"expected {self.width} channels, got {x.shape[1]}")
+        self.calls = getattr(self, "calls", 0) + 1  # state a forward leaves behind
         return torch.relu(self.conv(x))
 
 
-class _FunctionalGroupedConv(nn.Module):
-    """A depthwise conv written with F.conv2d and a stored group count (surgery cannot update it)."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.weight, self.groups = nn.Parameter(torch.randn(c, 1, 3, 3)), c
-
-    def forward(self, x):
-        return torch.nn.functional.conv2d(x, self.weight, padding=1, groups=self.groups)
+def _state(model: nn.Module) -> dict:
+    """Everything observable about a model: tensors (with identity), attributes and modules."""
+    return {name: (type(m), {k: v for k, v in vars(m).items() if not k.startswith("_")},
+                   {k: (id(t), t.shape, t.clone()) for k, t in [*m._parameters.items(), *m._buffers.items()]})
+            for name, m in model.named_modules()}
 
 
-class _SlicesHalf(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv, self.half = nn.Conv2d(c, c, 1), c // 2
+def _same_state(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for name in a:
+        (ta, va, ea), (tb, vb, eb) = a[name], b[name]
+        if ta is not tb or va != vb or ea.keys() != eb.keys():
+            return False
+        if any(ea[k][:2] != eb[k][:2] or not torch.equal(ea[k][2], eb[k][2]) for k in ea):
+            return False
+    return True
 
-    def forward(self, x):
-        y = self.conv(x)
-        return torch.cat([y[:, : self.half], y[:, self.half :]], 1)
 
-
-def _count_rehearsals(monkeypatch) -> list[int]:
+def test_plans_are_checked_on_the_model_itself_and_undone_exactly_when_they_fail(monkeypatch):
     from secateurs.methods import rehearsal
+    from secateurs.methods.channels import plan_channels, plan_for
 
-    calls: list[int] = []
-    real_attempt = rehearsal._attempt
-    monkeypatch.setattr(rehearsal, "_attempt", lambda *a: calls.append(1) or real_attempt(*a))
-    return calls
-
-
-def test_rehearsal_is_skipped_only_when_the_trace_saw_every_size(monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 10, 10)
+    copies, attempts = [], []
+    real_copy, real_attempt = rehearsal.meta_copy, rehearsal._attempt
+    monkeypatch.setattr(rehearsal, "meta_copy", lambda m: copies.append(1) or real_copy(m))
+    monkeypatch.setattr(rehearsal, "_attempt", lambda *a: attempts.append(1) or real_attempt(*a))
     plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 8, 3, groups=8),
-                          nn.MaxPool2d(2), nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(8, 4)).eval()
-    graph = build_graph(plain, x)
-    assert not graph.needs_rehearsal and not graph.size_calls
-    calls = _count_rehearsals(monkeypatch)
+                          nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
     secateurs.prune_(plain, Channels(ratio=0.5), example_inputs=x)
-    assert calls == [] and plain(x).shape == (2, 4) and plain[3].groups == plain[3].out_channels == 4
-    hooked = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                           nn.Linear(8, 4)).eval()
-    hooked[1].register_forward_hook(lambda m, a, out: out.unflatten(1, (2, 4)).flatten(1, 2))  # a plain layer's hook
-    assert build_graph(hooked, x).needs_rehearsal
-    sliced = nn.Sequential(nn.Conv2d(3, 8, 3), _SlicesHalf(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    assert build_graph(sliced.eval(), x).needs_rehearsal  # a width hidden in slice bounds
+    assert copies == [] and attempts == []  # one surgery, checked in place
+    assert plain(x).shape == (2, 4) and plain[3].groups == plain[3].out_channels == 4
+    assert all(not t.is_meta for t in [*plain.parameters(), *plain.buffers()])
 
-    for hidden, call in ((_AssertsWidth(8), "torch.Tensor.shape.__get__"),
-                         (_FunctionalGroupedConv(8), "conv2d")):
-        model = nn.Sequential(nn.Conv2d(3, 8, 3), hidden, nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1),
-                              nn.Flatten(), nn.Linear(8, 4)).eval()
-        graph = build_graph(model, x)
-        assert graph.needs_rehearsal and any(call in name for name in graph.size_calls), graph.size_calls
-        calls.clear()
-        report = secateurs.prune_(model, Channels(ratio=0.5), example_inputs=x)
-        assert calls and model(x).shape == (2, 4)  # rehearsed, and the group feeding it kept whole
-        assert model[0].out_channels == 8 and any("kept whole" in why for why in report.skipped.values())
-        assert model[2].out_channels == 4  # the rest is pruned
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _AssertsWidth(8), nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4)).eval()
+    model(x)
+    graph = build_graph(model, x)
+    config = Channels(ratio=0.5)
+    removed = plan_channels(graph, {g.id: torch.arange(g.size, dtype=torch.float) for g in graph.groups}, config, 0.5)
+    before = _state(model)
+    why = rehearsal.apply_checked_(model, plan_for(graph, removed), x, graph.output_shapes)
+    assert "expected 8 channels" in why
+    assert _same_state(_state(model), before)  # tensors, their identity, attributes, the forward's counter
+    report = secateurs.prune_(model, config, example_inputs=x)  # then rehearsed group by group
+    assert attempts and model(x).shape == (2, 4) and model[0].out_channels == 8 and model[2].out_channels == 4
+    assert any("kept whole" in why and "expected 8 channels" in why for why in report.skipped.values())
 
 
 def test_training_continues_after_pruning_while_an_old_graph_is_alive(cnn, digits_input):

@@ -71,12 +71,6 @@ class DependencyGraph:
     # (module name, attribute, label components of the dim whose size it holds)
     size_attributes: list[tuple[str, str, Tensor]] = field(default_factory=list)
     output_shapes: Any = None  # the model's output shapes on the traced inputs
-    size_calls: dict[str, int] = field(default_factory=dict)  # calls that may hold sizes the trace cannot see
-
-    @property
-    def needs_rehearsal(self) -> bool:
-        """Can the model's code hold a size the trace did not follow? (see ``graph/trace.py``)"""
-        return bool(self.size_calls or self.unknown_calls)
 
     def new_sizes(self, removed_roots: set[int]) -> dict[str, dict[str, int]]:
         """New values of size-holding attributes once the channels with these roots are gone."""
@@ -222,5 +216,4 @@ def _group(trace: LabelTrace, model: nn.Module, frozen: dict[str, str]) -> Depen
         frozen[name] = "coupled to the model's inputs/outputs or to an operation it cannot follow"
     links = [(m, a, roots[lab]) for m, a, lab in trace.attribute_links]
     return DependencyGraph(groups=groups, tensor_shapes=shapes, unknown_calls=trace.unknown_calls,
-                           frozen_tensors=frozen, size_attributes=links, output_shapes=trace.output_shapes,
-                           size_calls=trace.size_calls)
+                           frozen_tensors=frozen, size_attributes=links, output_shapes=trace.output_shapes)

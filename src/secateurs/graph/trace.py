@@ -17,15 +17,6 @@ removed together (an addition couples its operands index by index). When the
 forward is done, connected components of those couplings are the prunable
 channels; a component linked to label 0 is frozen (model inputs and outputs,
 ignored layers and calls we do not understand end up there, and are reported).
-
-Sizes the labels cannot see (a width kept in a module attribute and passed to
-a reshape, an assert on ``x.shape``) are caught by rehearsing every plan on a
-meta copy (``methods/rehearsal.py``). The trace records whether the forward
-could hold any: a call that reads a tensor's size, or that passes an integer
-other than -1, 0 and 1 and is not the own op of a plain ``torch.nn`` layer whose attributes
-surgery keeps up to date (a ``Conv2d``'s ``groups``, a pooling kernel). When
-there is none, and no call was unknown, the rehearsal proves nothing the
-trace has not, and is skipped.
 """
 
 from __future__ import annotations
@@ -58,8 +49,6 @@ class LabelTrace:
     unknown_calls: dict[str, int] = field(default_factory=dict)
     attribute_links: list[tuple[str, str, Tensor]] = field(default_factory=list)  # module, attr, labels
     output_shapes: Any = None  # shapes of the model's output on the example inputs
-    # calls that may read or pass sizes the labels cannot follow (see the module docs), with counts
-    size_calls: dict[str, int] = field(default_factory=dict)
 
     def components(self) -> Tensor:
         """Root label of each label's component (0 for frozen components)."""
@@ -85,12 +74,10 @@ class LabelTrace:
 
 
 class _Tracer(TorchFunctionMode):
-    def __init__(self, named_tensors: dict[int, str], module_stack: list[tuple[str, nn.Module]],
-                 own_ops: frozenset[int] = frozenset()) -> None:
+    def __init__(self, named_tensors: dict[int, str], module_stack: list[tuple[str, nn.Module]]) -> None:
         super().__init__()
         self.names = named_tensors
         self.module_stack = module_stack
-        self.own_ops = own_ops  # ids of the modules whose calls cannot hide a size (see _OWN_OPS)
         self.next_label = 1
         self.labels: dict[int, list[Tensor]] = {}
         self.keep: list[Tensor] = []  # keep traced tensors alive so ids are not reused
@@ -98,7 +85,6 @@ class _Tracer(TorchFunctionMode):
         self.edges_a: list[Tensor] = []
         self.edges_b: list[Tensor] = []
         self.unknown: dict[str, int] = {}
-        self.size_calls: dict[str, int] = {}
         self.links: list[tuple[str, str, Tensor]] = []
 
     # -- labels ---------------------------------------------------------------------------
@@ -180,13 +166,8 @@ class _Tracer(TorchFunctionMode):
         out = func(*args, **kwargs)
         self._current_func = _probe_func(func, args, kwargs)
         name = _name_of(func) or getattr(func, "__name__", repr(func))
-        own_op = bool(self.module_stack) and id(self.module_stack[-1][1]) in self.own_ops
-        if not _has_tensor(out):  # size(), dim(), dtype, shape: nothing to label
-            if name not in _SHAPE_FREE_QUERIES and not own_op:
-                self.size_calls[name] = self.size_calls.get(name, 0) + 1
-            return out
-        if not own_op and _passes_ints(args, kwargs):
-            self.size_calls[name] = self.size_calls.get(name, 0) + 1
+        if not _has_tensor(out):
+            return out  # size(), dim(), dtype, shape: nothing to label
         rule = RULES.get(name)
         try:
             if rule is None:
@@ -203,41 +184,6 @@ class _Tracer(TorchFunctionMode):
             for t in _tensors([out]):
                 self.frozen(t)
         return out
-
-
-# Queries whose answer cannot hold a width.
-_SHAPE_FREE_QUERIES = frozenset(f"torch.Tensor.{q}" for q in (
-    "dim", "ndim.__get__", "dtype.__get__", "device.__get__", "layout.__get__", "is_nested.__get__",
-    "is_floating_point", "is_complex", "is_contiguous", "requires_grad.__get__", "is_cuda.__get__",
-    "is_sparse.__get__", "is_quantized.__get__", "is_meta.__get__", "get_device"))
-
-# Plain torch.nn layers (exact types, no hooks) whose integer arguments are either kept up to
-# date by surgery (conv groups) or do not describe a width (strides, kernel sizes, dims, ...).
-_OWN_OPS = frozenset({
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid,
-    nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softmax, nn.LogSoftmax, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.Dropout3d, nn.Flatten, nn.Identity,
-})
-
-
-def _passes_ints(args: Sequence, kwargs: dict) -> bool:
-    """Does a call get an integer other than -1, 0 and 1 (a size, perhaps), directly or in a
-    list, tuple or slice (``x[:, : self.half]``)?"""
-    def has(value: Any) -> bool:
-        if type(value) is int:
-            return not -1 <= value <= 1
-        if isinstance(value, (list, tuple)):
-            return any(has(v) for v in value)
-        if isinstance(value, slice):
-            return has(value.start) or has(value.stop) or has(value.step)
-        return False
-
-    return any(has(a) for a in args) or any(has(v) for v in kwargs.values())
 
 
 _SIZED = (".view", ".reshape", ".expand", ".new_zeros", ".new_ones", ".new_empty", ".new_full", ".unflatten")
@@ -368,7 +314,7 @@ def _conv(transposed: bool) -> Callable:
     def rule(tr: _Tracer, args: Sequence, kwargs: dict, out: Tensor) -> None:
         x, w = args[0], _arg(args, kwargs, 1, "weight")
         bias = _arg(args, kwargs, 2, "bias")
-        groups = _arg(args, kwargs, 7 if transposed else 6, "groups", 1)
+        groups = _arg(args, kwargs, 6, "groups", 1)  # conv: (.., dilation, groups); transposed: (.., groups, dilation)
         lx, lw = tr.get(x), tr.get(w)
         batched = x.dim() == w.dim()
         cdim = 1 if batched else 0
@@ -1040,11 +986,7 @@ def trace_labels(model: nn.Module, example_inputs: Any, *, frozen_tensors: Seque
     for name, t in list(model.named_parameters(remove_duplicate=True)) + list(model.named_buffers(remove_duplicate=True)):
         names.setdefault(id(t), name)
     stack: list[tuple[str, nn.Module]] = []
-    global_hooks = torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks
-    own_ops = frozenset() if global_hooks else frozenset(
-        id(m) for m in model.modules()
-        if type(m) in _OWN_OPS and not m._forward_hooks and not m._forward_pre_hooks)  # a user hook could do anything
-    tracer = _Tracer(names, stack, own_ops)
+    tracer = _Tracer(names, stack)
     def enter(name: str, module: nn.Module) -> None:
         stack.append((name, module))
 
@@ -1099,7 +1041,6 @@ def trace_labels(model: nn.Module, example_inputs: Any, *, frozen_tensors: Seque
         unknown_calls=tracer.unknown,
         attribute_links=tracer.links,
         output_shapes=shapes,
-        size_calls=tracer.size_calls,
     )
 
 

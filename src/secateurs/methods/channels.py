@@ -25,7 +25,7 @@ from ..surgery.compensate import compensate_
 from ..train.recalibrate import recalibrate_bn_
 from .common import config_to_dict, make_generator
 from .registry import register_method
-from .rehearsal import feasible_groups, macs_of, meta_copy, rehearse, to_meta
+from .rehearsal import apply_checked_, feasible_groups, macs_of, meta_copy, rehearse, to_meta
 from .report import LayerReport, PruneReport
 
 __all__ = ["Channels", "channel_steps", "merge_step_reports", "plan_channels"]
@@ -183,8 +183,9 @@ def _stats(model: nn.Module, config: Channels, data: Any) -> dict[str, Tensor] |
 
 
 def _scores(model: nn.Module, graph: DependencyGraph, config: Channels, stats: dict[str, Tensor] | None) -> dict[int, Tensor]:
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    params = {n for n, _ in model.named_parameters()}
+    named_params = dict(model.named_parameters())
+    tensors = named_params | dict(model.named_buffers())
+    params = set(named_params)
     norm_scales = {
         f"{n}.weight" for n, m in model.named_modules()
         if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)) and getattr(m, "weight", None) is not None
@@ -419,7 +420,16 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     expected = graph.output_shapes  # what every rehearsal must still produce
     shares = _sensitivity_shares(model, graph, scores, config, data, example_inputs, expected)
 
+    # With a plain ratio the plan is applied to the model itself and checked there (on meta
+    # twins of its tensors); only if that fails is it undone and rehearsed group by group.
+    # Targets try many plans, compensation needs the unpruned model, and a transformers
+    # config lives outside the modules: those always rehearse on a meta copy first.
+    apply_directly = (config.ratio is not None and not config.compensate
+                      and getattr(model, "config", None) is None)
+    applied = False
+
     def feasible_plan(ratio: float) -> tuple[Plan, dict[int, Tensor], dict[int, str]]:
+        nonlocal applied
         removed = plan_channels(graph, scores, config, ratio, shares(ratio) if shares is not None else None)
         candidates = [gid for gid, idx in removed.items() if idx.numel()]
         plans: dict[frozenset[int], Plan] = {}
@@ -430,6 +440,10 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
                 plans[key] = plan_for(graph, removed, keep)
             return plans[key]
 
+        if apply_directly and not plan_of(set(candidates)).drop:
+            applied = apply_checked_(model, plan_of(set(candidates)), example_inputs, expected) == ""
+            if applied:
+                return plan_of(set(candidates)), removed, {}
         ids, failed = feasible_groups(model, graph, plan_of, candidates, example_inputs, expected)
         plan = plan_of(ids)
         removed = {gid: (idx if gid in ids else idx[:0]) for gid, idx in removed.items()}
@@ -473,7 +487,8 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
         ratio, plan, removed, failed = best
         latency_log = getattr(meets, "log", None)
     compensated = compensate_(model, plan, means.means(), means.followers) if means is not None else []
-    apply_plan_(model, plan)
+    if not applied:
+        apply_plan_(model, plan)
     if config.recalibrate_bn:
         recalibrate_bn_(model, data, config.calib_batches)
     report = PruneReport(method=config.method, config=config_to_dict(config))
@@ -507,11 +522,14 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
 
 def _score_summary(scores: Tensor, removed: Tensor) -> dict[str, list[float]]:
     """Five-number summaries of kept and removed scores, relative to the group's mean."""
-    rel = (scores.float() / (scores.float().mean().abs() + 1e-12)).tolist()
-    gone = set(removed.tolist())
-    parts = {"kept": sorted(v for i, v in enumerate(rel) if i not in gone),
-             "removed": sorted(v for i, v in enumerate(rel) if i in gone)}
-    return {name: [round(_quantile(part, q), 4) for q in (0.0, 0.25, 0.5, 0.75, 1.0)] if part else []
+    values = scores.float().tolist()  # plain Python: a group has few channels, tensor ops cost more
+    scale = abs(sum(values) / len(values)) + 1e-12
+    gone = [False] * len(values)
+    for i in removed.tolist():
+        gone[i] = True
+    parts = {"kept": sorted([v for v, g in zip(values, gone, strict=True) if not g]),
+             "removed": sorted([v for v, g in zip(values, gone, strict=True) if g])}
+    return {name: [round(_quantile(part, q) / scale, 4) for q in (0.0, 0.25, 0.5, 0.75, 1.0)] if part else []
             for name, part in parts.items()}
 
 

@@ -22,7 +22,7 @@ from ..selection import call_model
 from ..surgery import Plan, apply_plan_
 from ..utils import first_line, output_shapes
 
-__all__ = ["feasible_groups", "macs_of", "meta_copy", "output_shapes", "rehearse", "to_meta"]
+__all__ = ["apply_checked_", "feasible_groups", "macs_of", "meta_copy", "output_shapes", "rehearse", "to_meta"]
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -254,6 +254,71 @@ def _attempt(model: nn.Module, plan: Plan, inputs: Any, expected: Any) -> tuple[
     return rehearsal, None
 
 
+class _ModelState:
+    """What surgery can change in a model whose whole state lives in its modules: every
+    module's attributes, tensors and children, and its parameters' data (resized in place)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+                        for m in model.modules()]
+        self.params = [(p, p.data, p.grad) for p in model.parameters()]
+
+    def restore(self) -> None:
+        for module, attrs, params, buffers, children in self.modules:
+            module.__dict__.clear()
+            module.__dict__.update(attrs)  # the same _parameters/_buffers/_modules dicts as before...
+            for now, then in ((module._parameters, params), (module._buffers, buffers), (module._modules, children)):
+                now.clear()  # ...with their entries put back
+                now.update(then)
+        for p, data, grad in self.params:
+            p.data, p.grad = data, grad
+
+
+def _swap_to_meta(model: nn.Module) -> None:
+    """Replace every parameter and buffer by a meta twin (tied tensors stay tied)."""
+    twins: dict[int, Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is None:
+                    continue
+                twin = twins.get(id(t))
+                if twin is None:
+                    meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                    twin = twins[id(t)] = (nn.Parameter(meta, requires_grad=t.requires_grad)
+                                           if isinstance(t, nn.Parameter) else meta)
+                table[name] = twin
+
+
+def apply_checked_(model: nn.Module, plan: Plan, inputs: Any, expected: Any) -> str:
+    """Apply ``plan`` to ``model`` itself, then check the forward on meta twins of its tensors.
+
+    The cheap path when the plan is expected to work: no meta copy of the model and
+    no second surgery. If the forward fails or the output shapes change, the model
+    is put back exactly as it was and the reason is returned (``""`` on success).
+    Not for models with state outside their modules (a transformers config).
+    """
+    before = _ModelState(model)
+    try:
+        apply_plan_(model, plan)
+        after = _ModelState(model)
+        try:
+            _swap_to_meta(model)
+            out, _ = _run(model, inputs)
+        finally:
+            after.restore()  # real tensors, training flags, and nothing the meta forward cached
+    except _RehearsalError as err:
+        before.restore()
+        return err.failure.reason
+    except BaseException:
+        before.restore()
+        raise
+    if output_shapes(out) != expected:
+        before.restore()
+        return "the output shape would change"
+    return ""
+
+
 def rehearse(model: nn.Module, plan: Plan, inputs: Any, expected: Any) -> tuple[nn.Module | None, str]:
     """Apply ``plan`` to a meta copy; return it if the forward still gives the ``expected`` output shapes.
 
@@ -276,12 +341,7 @@ def feasible_groups(model: nn.Module, graph: DependencyGraph, plan_of: Callable[
     prefixes of the suspects, which costs one rehearsal when the first suspect
     is the culprit and about 2·log2(i) when it is the i-th. Suspects that fail
     only together are all kept.
-
-    When the trace found no call that could hold a size it cannot follow
-    (``graph.needs_rehearsal`` is false), every group is feasible as planned.
     """
-    if not graph.needs_rehearsal:
-        return set(ids), {}  # the trace saw every size the forward uses: nothing can fail
     members = {g.id: [m.tensor for m in g.members] for g in graph.groups}
     pending = list(ids)
     failed: dict[int, str] = {}

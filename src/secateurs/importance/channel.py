@@ -46,16 +46,45 @@ def _norm_over_other_dims(t: Tensor, dim: int, order: int) -> Tensor:
     return torch.linalg.vector_norm(t, order, dim=others) if others else t.abs()
 
 
-def _l1(group: Group, tensors: dict[str, Tensor], params: set[str], **_: Any) -> list[Tensor]:
-    members = [m for m in group.members if m.tensor in params]
-    return _per_channel(group, tensors, lambda t, d: _norm_over_other_dims(t, d, 1),
-                        lambda s: s, members)
+def _power_sums(name: str, t: Tensor, dim: int, order: int, cache: dict | None) -> Tensor:
+    """Per index of ``dim``, the sum of ``|t|**order`` over every other dim.
+
+    With a ``cache`` (shared by all groups of one scoring), a weight is read once
+    for both of its channel dims: the kernel dims are summed away first, and the
+    (out, in) table gives the sums along either dim. A layer's output channels
+    and its input channels are usually in different groups.
+    """
+    t = t.detach().float()
+    if cache is None or t.dim() < 2 or dim > 1:
+        return _norm_over_other_dims(t, dim, order) ** order
+    table = cache.get((name, order))
+    if table is None:
+        powered = t.abs() if order == 1 else t.square()
+        table = cache[(name, order)] = powered.sum(tuple(range(2, t.dim()))) if t.dim() > 2 else powered
+    return table.sum(1 - dim)
 
 
-def _l2(group: Group, tensors: dict[str, Tensor], params: set[str], **_: Any) -> list[Tensor]:
-    members = [m for m in group.members if m.tensor in params]
-    return _per_channel(group, tensors, lambda t, d: _norm_over_other_dims(t, d, 2).square(),
-                        torch.sqrt, members)
+def _norms(group: Group, tensors: dict[str, Tensor], params: set[str], order: int,
+           cache: dict | None) -> list[Tensor]:
+    """Per member, the ``order``-norm of every slice each channel owns (its k indices together)."""
+    out = []
+    for member in group.members:
+        t = tensors.get(member.tensor) if member.tensor in params else None
+        if t is None:
+            continue
+        summed = _power_sums(member.tensor, t, member.dim, order, cache).cpu()[group.indices[member]].sum(1)
+        out.append(summed if order == 1 else summed.sqrt())
+    return out
+
+
+def _l1(group: Group, tensors: dict[str, Tensor], params: set[str], cache: dict | None = None,
+        **_: Any) -> list[Tensor]:
+    return _norms(group, tensors, params, 1, cache)
+
+
+def _l2(group: Group, tensors: dict[str, Tensor], params: set[str], cache: dict | None = None,
+        **_: Any) -> list[Tensor]:
+    return _norms(group, tensors, params, 2, cache)
 
 
 def _bn(group: Group, tensors: dict[str, Tensor], params: set[str], norm_scales: set[str], **kw: Any) -> list[Tensor]:
@@ -125,6 +154,7 @@ def channel_scores(
     reduction: str = "mean",
     generator: torch.Generator | None = None,
     stats: dict[str, Tensor] | None = None,
+    cache: dict | None = None,
 ) -> Tensor:
     """Importance of each channel of ``group`` (length ``group.size``).
 
@@ -138,6 +168,8 @@ def channel_scores(
         params: names that are parameters (buffers such as running stats do not vote).
         norm_scales: names of normalisation-layer scales (for ``bn``).
         reduction: how per-tensor scores combine: ``mean``, ``max`` or ``sum``.
+        cache: one dict shared across the groups of a model (scoring every group of a
+            big model then reads each weight once for its two channel dims).
     """
     try:
         fn = CHANNEL_IMPORTANCE[name]
@@ -148,7 +180,7 @@ def channel_scores(
             f"{', '.join(CHANNEL_IMPORTANCE)}; reduction one of {', '.join(REDUCTIONS)}"
         ) from None
     per_member = fn(group, tensors, params=params, norm_scales=norm_scales,
-                    generator=generator or torch.Generator().manual_seed(0), stats=stats)
+                    generator=generator or torch.Generator().manual_seed(0), stats=stats, cache=cache)
     if not per_member:
         return torch.zeros(group.size)
     return reduce(torch.stack(per_member))

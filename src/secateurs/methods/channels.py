@@ -191,9 +191,10 @@ def _scores(model: nn.Module, graph: DependencyGraph, config: Channels, stats: d
         if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)) and getattr(m, "weight", None) is not None
     }
     gen = make_generator(config.seed)
+    cache: dict = {}
     return {
         g.id: channel_scores(config.importance, g, tensors, params=params, norm_scales=norm_scales,
-                             reduction=config.reduction, generator=gen, stats=stats)
+                             reduction=config.reduction, generator=gen, stats=stats, cache=cache)
         for g in graph.groups
     }
 

@@ -549,6 +549,10 @@ def test_plans_are_checked_on_the_model_itself_and_undone_exactly_when_they_fail
     assert copies == [] and attempts == []  # one surgery, checked in place
     assert plain(x).shape == (2, 4) and plain[3].groups == plain[3].out_channels == 4
     assert all(not t.is_meta for t in [*plain.parameters(), *plain.buffers()])
+    monkeypatch.setattr(secateurs.methods.channels, "IN_PLACE_MAX_BYTES", 0)  # as for a big model
+    secateurs.prune_(plain, Channels(ratio=0.5), example_inputs=x)
+    assert copies and attempts and plain[3].out_channels == 2  # rehearsed on a meta copy, then applied
+    monkeypatch.setattr(secateurs.methods.channels, "IN_PLACE_MAX_BYTES", 2**30)
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3), _AssertsWidth(8), nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(8, 4)).eval()

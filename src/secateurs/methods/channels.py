@@ -421,12 +421,15 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     expected = graph.output_shapes  # what every rehearsal must still produce
     shares = _sensitivity_shares(model, graph, scores, config, data, example_inputs, expected)
 
-    # With a plain ratio the plan is applied to the model itself and checked there (on meta
-    # twins of its tensors); only if that fails is it undone and rehearsed group by group.
-    # Targets try many plans, compensation needs the unpruned model, and a transformers
-    # config lives outside the modules: those always rehearse on a meta copy first.
+    # A small model with a plain ratio gets its plan applied in place and checked there (on
+    # meta twins of its tensors), undone and rehearsed group by group only if that fails:
+    # that saves the meta copy, whose fixed cost dominates for small models. The undo keeps
+    # the old tensors alive until the check passes, so big models (memory, and fresh pages
+    # for every new tensor) rehearse on a meta copy first. So do targets (many plans),
+    # compensation (needs the unpruned model) and transformers models (state in a config).
     apply_directly = (config.ratio is not None and not config.compensate
-                      and getattr(model, "config", None) is None)
+                      and getattr(model, "config", None) is None
+                      and _tensor_bytes(model) <= IN_PLACE_MAX_BYTES)
     applied = False
 
     def feasible_plan(ratio: float) -> tuple[Plan, dict[int, Tensor], dict[int, str]]:
@@ -519,6 +522,13 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     report.importance = {"criterion": config.importance, "groups": {
         g.describe(): _score_summary(scores[g.id], removed[g.id]) for g in graph.groups}}
     return report
+
+
+IN_PLACE_MAX_BYTES = 64 * 2**20
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def _score_summary(scores: Tensor, removed: Tensor) -> dict[str, list[float]]:

@@ -49,18 +49,19 @@ def _norm_over_other_dims(t: Tensor, dim: int, order: int) -> Tensor:
 def _power_sums(name: str, t: Tensor, dim: int, order: int, cache: dict | None) -> Tensor:
     """Per index of ``dim``, the sum of ``|t|**order`` over every other dim.
 
-    With a ``cache`` (shared by all groups of one scoring), a weight is read once
-    for both of its channel dims: the kernel dims are summed away first, and the
-    (out, in) table gives the sums along either dim. A layer's output channels
-    and its input channels are usually in different groups.
+    With a ``cache`` (shared by all groups of one scoring), a conv weight with a
+    kernel is read once for both of its channel dims: the kernel dims are reduced
+    first into a small (out, in) table (no full-size temporary), which gives the
+    sums along either dim. A layer's output and input channels are usually in
+    different groups.
     """
     t = t.detach().float()
-    if cache is None or t.dim() < 2 or dim > 1:
+    if cache is None or t.dim() < 3 or dim > 1 or t[0, 0].numel() < 4:
         return _norm_over_other_dims(t, dim, order) ** order
     table = cache.get((name, order))
     if table is None:
-        powered = t.abs() if order == 1 else t.square()
-        table = cache[(name, order)] = powered.sum(tuple(range(2, t.dim()))) if t.dim() > 2 else powered
+        table = torch.linalg.vector_norm(t, order, dim=tuple(range(2, t.dim()))) ** order
+        cache[(name, order)] = table
     return table.sum(1 - dim)
 
 

@@ -165,11 +165,10 @@ def _group(trace: LabelTrace, model: nn.Module, frozen: dict[str, str]) -> Depen
     groups: list[Group] = []
     live_count: list[int] = []
     if dims:
-        sizes = [lab.numel() for _, _, lab in dims]
+        sizes = torch.tensor([lab.numel() for _, _, lab in dims])
         all_roots = roots[torch.cat([lab for _, _, lab in dims])]
-        dim_of = torch.repeat_interleave(torch.arange(len(dims)), torch.tensor(sizes))
-        position = torch.arange(all_roots.numel()) - torch.repeat_interleave(
-            torch.cumsum(torch.tensor(sizes), 0) - torch.tensor(sizes), torch.tensor(sizes))
+        dim_of = torch.repeat_interleave(torch.arange(len(dims)), sizes)
+        position = torch.arange(all_roots.numel()) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
         live = all_roots != 0
         live_count = torch.bincount(dim_of[live], minlength=len(dims)).tolist()
         # members: the dims with at least one live (prunable) label, numbered in trace order

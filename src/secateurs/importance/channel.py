@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SecateursError
-from ..graph import Group
+from ..graph import Group, Member
 
 __all__ = ["CHANNEL_IMPORTANCE", "NEEDS_DATA", "REDUCTIONS", "channel_scores"]
 
@@ -20,7 +20,7 @@ REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def _per_channel(group: Group, tensors: dict[str, Tensor], per_index: Callable[[Tensor, int], Tensor],
+def _per_channel(group: Group, tensors: dict[str, Tensor], per_index: Callable[[Tensor, Member], Tensor],
                  combine: Callable[[Tensor], Tensor], members: list | None = None) -> list[Tensor]:
     """One score vector (length ``group.size``) per member."""
     out = []
@@ -28,7 +28,7 @@ def _per_channel(group: Group, tensors: dict[str, Tensor], per_index: Callable[[
         t = tensors.get(member.tensor)
         if t is None:
             continue
-        values = per_index(t.detach().float(), member.dim)  # one value per index of the dim
+        values = per_index(t.detach().float(), member)  # one value per index of the member's dim
         rows = group.indices[member]  # (size, k)
         summed = values.cpu()[rows].sum(1)
         out.append(combine(summed))
@@ -55,7 +55,6 @@ def _power_sums(name: str, t: Tensor, dim: int, order: int, cache: dict | None) 
     sums along either dim. A layer's output and input channels are usually in
     different groups.
     """
-    t = t.detach().float()
     if cache is None or t.dim() < 3 or dim > 1 or t[0, 0].numel() < 4:
         return _norm_over_other_dims(t, dim, order) ** order
     table = cache.get((name, order))
@@ -65,34 +64,23 @@ def _power_sums(name: str, t: Tensor, dim: int, order: int, cache: dict | None) 
     return table.sum(1 - dim)
 
 
-def _norms(group: Group, tensors: dict[str, Tensor], params: set[str], order: int,
-           cache: dict | None) -> list[Tensor]:
-    """Per member, the ``order``-norm of every slice each channel owns (its k indices together)."""
-    out = []
-    for member in group.members:
-        t = tensors.get(member.tensor) if member.tensor in params else None
-        if t is None:
-            continue
-        summed = _power_sums(member.tensor, t, member.dim, order, cache).cpu()[group.indices[member]].sum(1)
-        out.append(summed if order == 1 else summed.sqrt())
-    return out
-
-
 def _l1(group: Group, tensors: dict[str, Tensor], params: set[str], cache: dict | None = None,
         **_: Any) -> list[Tensor]:
-    return _norms(group, tensors, params, 1, cache)
+    members = [m for m in group.members if m.tensor in params]
+    return _per_channel(group, tensors, lambda t, m: _power_sums(m.tensor, t, m.dim, 1, cache), lambda s: s, members)
 
 
 def _l2(group: Group, tensors: dict[str, Tensor], params: set[str], cache: dict | None = None,
         **_: Any) -> list[Tensor]:
-    return _norms(group, tensors, params, 2, cache)
+    members = [m for m in group.members if m.tensor in params]
+    return _per_channel(group, tensors, lambda t, m: _power_sums(m.tensor, t, m.dim, 2, cache), torch.sqrt, members)
 
 
 def _bn(group: Group, tensors: dict[str, Tensor], params: set[str], norm_scales: set[str], **kw: Any) -> list[Tensor]:
     members = [m for m in group.members if m.tensor in norm_scales]
     if not members:  # no normalisation layer in this group: fall back to weight magnitude
         return _l2(group, tensors, params, **kw)
-    return _per_channel(group, tensors, lambda t, d: t.abs(), lambda s: s, members)
+    return _per_channel(group, tensors, lambda t, m: t.abs(), lambda s: s, members)
 
 
 def _fpgm(group: Group, tensors: dict[str, Tensor], params: set[str], **kw: Any) -> list[Tensor]:
@@ -115,7 +103,7 @@ def _taylor(group: Group, tensors: dict[str, Tensor], params: set[str], stats: d
     if not stats:
         raise SecateursError("taylor importance needs gradients from data: pass data= (CLI: --data)")
     members = [m for m in group.members if m.tensor in stats]
-    return _per_channel(group, stats, lambda t, d: _reduce_over_other_dims(t, d, lambda x: x.sum(1)),
+    return _per_channel(group, stats, lambda t, m: _reduce_over_other_dims(t, m.dim, lambda x: x.sum(1)),
                         lambda s: s, members) or _l2(group, tensors, params, **kw)
 
 
@@ -125,7 +113,7 @@ def _activation(group: Group, tensors: dict[str, Tensor], params: set[str], stat
     if not stats:
         raise SecateursError("activation importance needs data: pass data= (CLI: --data)")
     members = [m for m in group.members if m.dim == 0 and m.tensor in stats]
-    return _per_channel(group, stats, lambda t, d: t, lambda s: s, members) or _l2(group, tensors, params, **kw)
+    return _per_channel(group, stats, lambda t, m: t, lambda s: s, members) or _l2(group, tensors, params, **kw)
 
 
 def _random(group: Group, tensors: dict[str, Tensor], params: set[str], generator: torch.Generator, **_: Any) -> list[Tensor]:

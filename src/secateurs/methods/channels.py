@@ -30,6 +30,10 @@ from .report import LayerReport, PruneReport
 
 __all__ = ["Channels", "channel_steps", "merge_step_reports", "plan_channels"]
 
+# Models up to this many bytes of tensors get their plan applied in place and checked there
+# (see _prune_once); bigger ones rehearse on a meta copy first.
+IN_PLACE_MAX_BYTES = 64 * 2**20
+
 
 @dataclass(kw_only=True)
 class Channels(Selection):
@@ -522,9 +526,6 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     report.importance = {"criterion": config.importance, "groups": {
         g.describe(): _score_summary(scores[g.id], removed[g.id]) for g in graph.groups}}
     return report
-
-
-IN_PLACE_MAX_BYTES = 64 * 2**20
 
 
 def _tensor_bytes(model: nn.Module) -> int:

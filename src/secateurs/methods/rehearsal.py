@@ -33,14 +33,18 @@ from ..utils import first_line, output_shapes
 __all__ = ["apply_checked_", "feasible_groups", "macs_of", "meta_copy", "output_shapes", "rehearse", "to_meta"]
 
 
+def _meta_twin(t: Tensor) -> Tensor:
+    """``t``'s shape and dtype on the meta device, a ``Parameter`` if ``t`` is one."""
+    meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+
+
 def meta_copy(model: nn.Module) -> nn.Module:
     """A copy whose tensors live on the meta device: surgery rehearsals cost no memory."""
     memo: dict[int, Any] = {}
     for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in memo:
-            continue
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        if id(t) not in memo:
+            memo[id(t)] = _meta_twin(t)
     return _clone(model, memo)
 
 
@@ -250,16 +254,20 @@ class _RehearsalError(Exception):
         self.failure = _Failure(reason, modules)
 
 
+def _check(model: nn.Module, inputs: Any, expected: Any) -> _Failure | None:
+    """Run the (meta) forward; why it fails or changes the ``expected`` output shapes, if it does."""
+    try:
+        out, _ = _run(model, inputs)
+    except _RehearsalError as err:
+        return err.failure
+    return None if output_shapes(out) == expected else _Failure("the output shape would change", [])
+
+
 def _attempt(model: nn.Module, plan: Plan, inputs: Any, expected: Any) -> tuple[nn.Module | None, _Failure | None]:
     rehearsal = meta_copy(model)
     apply_plan_(rehearsal, plan)
-    try:
-        out, _ = _run(rehearsal, inputs)
-    except _RehearsalError as err:
-        return None, err.failure
-    if output_shapes(out) != expected:
-        return None, _Failure("the output shape would change", [])
-    return rehearsal, None
+    failure = _check(rehearsal, inputs, expected)
+    return (None, failure) if failure is not None else (rehearsal, None)
 
 
 class _ModelState:
@@ -288,14 +296,10 @@ def _swap_to_meta(model: nn.Module) -> None:
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for name, t in table.items():
-                if t is None:
-                    continue
-                twin = twins.get(id(t))
-                if twin is None:
-                    meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
-                    twin = twins[id(t)] = (nn.Parameter(meta, requires_grad=t.requires_grad)
-                                           if isinstance(t, nn.Parameter) else meta)
-                table[name] = twin
+                if t is not None:
+                    if id(t) not in twins:
+                        twins[id(t)] = _meta_twin(t)
+                    table[name] = twins[id(t)]
 
 
 def apply_checked_(model: nn.Module, plan: Plan, inputs: Any, expected: Any) -> str:
@@ -312,18 +316,15 @@ def apply_checked_(model: nn.Module, plan: Plan, inputs: Any, expected: Any) -> 
         after = _ModelState(model)
         try:
             _swap_to_meta(model)
-            out, _ = _run(model, inputs)
+            failure = _check(model, inputs, expected)
         finally:
             after.restore()  # real tensors, training flags, and nothing the meta forward cached
-    except _RehearsalError as err:
-        before.restore()
-        return err.failure.reason
     except BaseException:
         before.restore()
         raise
-    if output_shapes(out) != expected:
+    if failure is not None:
         before.restore()
-        return "the output shape would change"
+        return failure.reason
     return ""
 
 

@@ -7,8 +7,9 @@ strategy (how many channels each group loses) -> plan -> surgery.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -310,7 +311,7 @@ def merge_step_reports(reports: list[PruneReport], config: Channels) -> PruneRep
 
 
 def _sensitivity_shares(model: nn.Module, graph: DependencyGraph, scores: dict[int, Tensor], config: Channels,
-                        data: Any, example_inputs: Any, expected: Any) -> Any:
+                        data: Any, example_inputs: Any, expected: Any, dense_macs: Callable[[], int]) -> Any:
     """For ``allocate='sensitivity'``: a map from a fraction of the greedy steps to per-group ratios."""
     if config.allocate != "sensitivity":
         return None
@@ -319,11 +320,10 @@ def _sensitivity_shares(model: nn.Module, graph: DependencyGraph, scores: dict[i
     if data is None:
         raise SecateursError("sensitivity allocation measures each group on data: pass data= (CLI: --data)")
     meta_inputs = to_meta(example_inputs)
-    base = macs_of(meta_copy(model), meta_inputs)
 
     def saved(group: Group, idx: Tensor) -> int:
         rehearsal, _ = rehearse(model, plan_for(graph, {group.id: idx}), example_inputs, expected)
-        return base - macs_of(rehearsal, meta_inputs) if rehearsal is not None else 0
+        return dense_macs() - macs_of(rehearsal, meta_inputs) if rehearsal is not None else 0
 
     grid = [r for r in DEFAULT_RATIOS if r <= config.max_ratio + 1e-9]
     # MACs (and latency, which MACs stand in for) targets price each step by the MACs it saves;
@@ -343,10 +343,10 @@ def _sensitivity_shares(model: nn.Module, graph: DependencyGraph, scores: dict[i
 class _MacsGoal:
     """Does a plan keep at most ``target_macs`` of the model's MACs? (counted on a meta rehearsal)"""
 
-    def __init__(self, model: nn.Module, config: Channels, example_inputs: Any, expected: Any) -> None:
+    def __init__(self, model: nn.Module, config: Channels, example_inputs: Any, expected: Any, base: int) -> None:
         self.model, self.config, self.inputs, self.expected = model, config, example_inputs, expected
         self.meta_inputs = to_meta(example_inputs)
-        self.base = macs_of(meta_copy(model), self.meta_inputs)
+        self.base = base  # the dense model's MACs
         self.log = None
 
     def __call__(self, plan: Plan) -> bool:
@@ -423,7 +423,9 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
         raise SecateursError("no prunable channel group found: every layer is coupled to the inputs/outputs or ignored")
     scores = _scores(model, graph, config, stats)
     expected = graph.output_shapes  # what every rehearsal must still produce
-    shares = _sensitivity_shares(model, graph, scores, config, data, example_inputs, expected)
+    # the dense MACs, counted once on a meta copy: both the allocation and a MACs target need them
+    dense_macs = functools.cache(lambda: macs_of(meta_copy(model), to_meta(example_inputs)))
+    shares = _sensitivity_shares(model, graph, scores, config, data, example_inputs, expected, dense_macs)
 
     # A small model with a plain ratio gets its plan applied in place and checked there (on
     # meta twins of its tensors), undone and rehearsed group by group only if that fails:
@@ -471,7 +473,7 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
         ratio = lo
         plan, removed, failed = feasible_plan(ratio)
     else:
-        meets = (_MacsGoal(model, config, example_inputs, expected) if config.target_macs is not None
+        meets = (_MacsGoal(model, config, example_inputs, expected, dense_macs()) if config.target_macs is not None
                  else _LatencyGoal(model, config, example_inputs))
         lo, hi = 0.0, config.max_ratio if shares is None else 1.0
         best = None

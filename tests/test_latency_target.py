@@ -71,6 +71,35 @@ def test_latency_target_with_sensitivity_allocation(monkeypatch):
     assert model[0].out_features != model[2].out_features  # each group got its own share
 
 
+def test_latency_target_in_steps(monkeypatch):
+    """Each step meets a geometric share of the way; the last meets the target itself."""
+    from secateurs.methods.channels import channel_steps
+
+    _fake_clock(monkeypatch, 1e-4)
+    model = _wide_mlp()
+    dense = 1e-4 * sum(p.numel() for p in model.parameters())
+    x = torch.randn(8, 256)
+    goals, achieved = [], []
+    for step in channel_steps(model, secateurs.Channels(target_latency=0.3 * dense, steps=3), x):
+        goals.append(step.target_latency)
+        achieved.append(secateurs.prune_(model, step, example_inputs=x).config["latency_ms"]["achieved"])
+    assert goals == pytest.approx([dense * 0.3 ** (1 / 3), dense * 0.3 ** (2 / 3), 0.3 * dense])
+    assert all(a <= g for a, g in zip(achieved, goals, strict=True))
+    assert achieved[0] > 0.5 * dense  # the first step does not jump to the target
+    assert 1e-4 * sum(p.numel() for p in model.parameters()) <= 0.3 * dense
+
+
+def test_latency_target_steps_through_prune(monkeypatch):
+    _fake_clock(monkeypatch, 1e-4)
+    model = _wide_mlp()
+    dense = 1e-4 * sum(p.numel() for p in model.parameters())
+    report = secateurs.prune_(model, secateurs.Channels(target_latency=0.4 * dense, steps=2),
+                              example_inputs=torch.randn(8, 256))
+    assert len(report.config["steps_detail"]) == 2
+    assert report.config["latency_ms"]["achieved"] <= 0.4 * dense  # the last step's measurement is kept
+    assert 0.3 * dense < 1e-4 * sum(p.numel() for p in model.parameters()) <= 0.4 * dense
+
+
 def test_latency_target_errors():
     with pytest.raises(SecateursError, match="exactly one of"):
         secateurs.Channels(ratio=0.5, target_latency=3.0)

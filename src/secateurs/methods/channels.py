@@ -60,7 +60,8 @@ class Channels(Selection):
         recalibrate_bn: after surgery, re-estimate every BatchNorm's running
             statistics on ``data`` (no gradients, weights unchanged).
         steps: reach the target in this many prune steps, re-scoring channels on the
-            already-pruned model each time (fine-tune between steps with the trainer).
+            already-pruned model each time (fine-tune between steps with the trainer);
+            a latency target is approached through geometric intermediate targets.
         allocate: ``uniform`` (the same ratio for every group, or ``global_ranking``) or
             ``sensitivity``: measure on ``data`` how much each group alone can lose
             and give the cut to the groups where it costs the least loss per MAC
@@ -128,8 +129,6 @@ class Channels(Selection):
             raise SecateursError(f"unknown reduction '{self.reduction}': choose one of {', '.join(REDUCTIONS)}")
         if self.steps < 1:
             raise SecateursError(f"steps must be at least 1, got {self.steps}")
-        if self.target_latency is not None and self.steps > 1:
-            raise SecateursError("target_latency is met in one measured search: use steps=1")
         if self.allocate not in ("uniform", "sensitivity"):
             raise SecateursError(f"unknown allocation '{self.allocate}': choose uniform or sensitivity")
         if self.allocate == "sensitivity" and self.global_ranking:
@@ -285,11 +284,16 @@ def channel_steps(model: nn.Module, config: Channels, example_inputs: Any) -> It
     """One single-step config per step of ``config.steps``, each computed on the model as it is by then.
 
     Steps are equal geometric shares: each keeps the same fraction of what is
-    left (channels for ``ratio``, MACs for ``target_macs``), so the caller may
-    prune and fine-tune alternately between them.
+    left (channels for ``ratio``, MACs for ``target_macs``, milliseconds for
+    ``target_latency``, measured on the dense model before the first step), so
+    the caller may prune and fine-tune alternately between them.
     """
-    if config.target_latency is not None:  # one measured search (steps > 1 is refused by the config)
-        yield dataclasses.replace(config, steps=1)
+    if config.target_latency is not None:
+        dense = _LatencyGoal(model, config, example_inputs).dense if config.steps > 1 else config.target_latency
+        shrink = min(1.0, config.target_latency / dense)  # a target the dense model meets is every step's target
+        for step in range(1, config.steps + 1):
+            goal = config.target_latency if step == config.steps else dense * shrink ** (step / config.steps)
+            yield dataclasses.replace(config, target_latency=goal, steps=1)
         return
     base_macs = macs_of(meta_copy(model), to_meta(example_inputs)) if config.target_macs is not None else None
     for step in range(1, config.steps + 1):
@@ -304,7 +308,9 @@ def channel_steps(model: nn.Module, config: Channels, example_inputs: Any) -> It
 def merge_step_reports(reports: list[PruneReport], config: Channels) -> PruneReport:
     """The last step's report, carrying the whole config and every step's plan."""
     final = reports[-1]
-    final.config = config_to_dict(config)
+    # what the last step measured (latency) stays; each step's achieved ratio is in steps_detail
+    skip = {f.name for f in dataclasses.fields(config)} | {"achieved_ratio"}
+    final.config = config_to_dict(config) | {k: v for k, v in final.config.items() if k not in skip}
     final.config["steps_detail"] = [r.config.get("achieved_ratio") for r in reports]
     final.plan = {"steps": [r.plan for r in reports]}
     return final

@@ -56,8 +56,8 @@ def prune_and_finetune_(
 
     Args:
         model: the model, pruned and trained in place.
-        config: a :class:`~secateurs.Channels` config (ratio or MACs target, split into
-            equal geometric steps) or an :class:`~secateurs.Unstructured` sparsity
+        config: a :class:`~secateurs.Channels` config (ratio, MACs or latency target, split
+            into equal geometric steps) or an :class:`~secateurs.Unstructured` sparsity
             (reached along the cubic AGP curve).
         steps: number of prune steps (each followed by ``finetune_config.epochs`` epochs).
         train, val: labelled data for fine-tuning and per-step evaluation.
@@ -79,8 +79,9 @@ def prune_and_finetune_(
         result = finetune(model, train, val=val, teacher=teacher,
                           config=dataclasses.replace(finetune_config, seed=finetune_config.seed + k,
                                                      checkpoint_dir=step_dir))
-        entry = {"step": k, **{key: v for key, v in step_config.__dict__.items() if key in ("ratio", "target_macs",
-                                                                                          "sparsity")}}
+        targets = ("ratio", "target_macs", "target_latency", "sparsity")
+        entry = {"step": k, **{key: getattr(step_config, key) for key in targets
+                               if getattr(step_config, key, None) is not None}}
         entry.update(result.final)
         history.append(entry)
         log.info("step %d/%d: %s", k, steps, "  ".join(f"{key} {v:.4g}" for key, v in entry.items()

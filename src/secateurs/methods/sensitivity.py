@@ -18,6 +18,7 @@ fragile groups (e.g. MobileNetV2's narrow bottlenecks) keep their channels.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import heapq
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 
 from ..errors import SecateursError
 from ..graph import DependencyGraph
+from ..importance.replay import PrefixReplay
 from ..importance.stats import ReferenceBatches, split_batch, task_loss
 from ..progress import Progress
 from ..selection import call_model
@@ -82,13 +84,37 @@ class SensitivityResult:
 
 
 class _Scorer(ReferenceBatches):
-    """Scores a model on fixed batches against the dense model's outputs."""
+    """Scores a model on fixed batches against the dense model's outputs.
 
-    def __init__(self, model: nn.Module, data: Sequence[Any], batches: int) -> None:
+    Used as a context manager: with ``replay``, trials re-use the dense run's
+    module outputs up to the changed layer (:class:`~secateurs.importance.replay.PrefixReplay`).
+    """
+
+    def __init__(self, model: nn.Module, data: Sequence[Any], batches: int, replay: bool = True) -> None:
         super().__init__(model, data, batches, "sensitivity analysis")
         self.labelled = all(split_batch(b)[1] is not None for b in self.batches)
         ref = first_tensor(getattr(self.reference[0], "logits", self.reference[0]))
         self.classifier = ref is not None and ref.dim() == 2 and ref.shape[1] > 1
+        self.replay = PrefixReplay(model) if replay else None
+
+    def __enter__(self) -> _Scorer:
+        if self.replay is not None:
+            self.replay.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.replay is not None:
+            self.replay.__exit__(*exc)
+
+    def dense(self) -> dict[str, float]:
+        """The dense model's scores (recorded for the trials' replay)."""
+        with self.replay.recording() if self.replay is not None else contextlib.nullcontext():
+            return self()
+
+    def trial(self, changed: Sequence[Tensor]) -> dict[str, float]:
+        """The scores with only the ``changed`` tensors differing from the dense model."""
+        with self.replay.trial(changed) if self.replay is not None else contextlib.nullcontext():
+            return self()
 
     def __call__(self) -> dict[str, float]:
         loss = acc = agree = 0.0
@@ -160,6 +186,7 @@ def channel_curves(
     batches: int = 4,
     macs_saved: Any = None,
     progress: bool | None = None,
+    replay: bool = True,
 ) -> SensitivityResult:
     """One curve per channel group: the group alone loses its lowest-scoring channels at each ratio.
 
@@ -172,15 +199,29 @@ def channel_curves(
         batches: how many batches of ``data`` to score on.
         macs_saved: optional ``fn(group, removed_positions) -> int`` recording what each trial saves.
         progress: show a progress bar on stderr.
+        replay: answer the modules a trial leaves unchanged from the dense run's record
+            (exact for inference-mode modules; see :mod:`secateurs.importance.replay`).
     """
-    scorer = _Scorer(model, data, batches)
-    params = _stored_tensors(model)
-    result = SensitivityResult(method="channel", metric=scorer.metric, baseline=scorer(), batches=len(scorer.batches))
+    with _Scorer(model, data, batches, replay) as scorer:
+        result, trials = _channel_curves(scorer, graph, scores, ratios, progress)
+    if macs_saved is not None:  # after the scan: counting MACs copies the model, which must be itself again
+        for curve in result.curves:
+            curve.macs_saved = [int(macs_saved(g, idx)) if idx.numel() else 0 for g, idx in trials[curve.group]]
+    return result
+
+
+def _channel_curves(scorer: _Scorer, graph: DependencyGraph, scores: dict[int, Tensor], ratios: Sequence[float],
+                    progress: bool | None) -> tuple[SensitivityResult, dict[int, list[tuple[Any, Tensor]]]]:
+    """The scan, and each group's trials (the channels each one removed, the dense point first)."""
+    trials: dict[int, list[tuple[Any, Tensor]]] = {}
+    params = _stored_tensors(scorer.model)
+    result = SensitivityResult(method="channel", metric=scorer.metric, baseline=scorer.dense(),
+                               batches=len(scorer.batches))
     bar = Progress(len(graph.groups) * len(ratios), "sensitivity", enabled=progress)
     for g in graph.groups:
         order = torch.argsort(scores[g.id], stable=True)
-        curve = Curve(name=g.describe(), size=g.size, ratios=[0.0], loss=[], group=g.id,
-                      macs_saved=[0] if macs_saved is not None else None)
+        curve = Curve(name=g.describe(), size=g.size, ratios=[0.0], loss=[], group=g.id)
+        trials[g.id] = [(g, order[:0])]
         _record(curve, result.baseline)
         members = [(params[m.tensor], m.dim, g.indices[m]) for m in g.members if m.tensor in params]
         for ratio, drop in zip(ratios, drop_counts(g.size, ratios), strict=True):
@@ -191,18 +232,17 @@ def channel_curves(
                 for p, dim, i in saved:
                     p.index_fill_(dim, i.to(p.device), 0)
             try:
-                _record(curve, scorer())
+                _record(curve, scorer.trial([p for p, _, _ in saved]))
             finally:
                 with torch.no_grad():
                     for (p, dim, i), b in zip(saved, backup, strict=True):
                         p.index_copy_(dim, i.to(p.device), b)
             curve.ratios.append(float(ratio))
-            if macs_saved is not None:
-                curve.macs_saved.append(int(macs_saved(g, idx)) if drop else 0)
+            trials[g.id].append((g, idx))
             bar.update()
         result.curves.append(curve)
     bar.close()
-    return result
+    return result, trials
 
 
 def unstructured_curves(
@@ -215,14 +255,23 @@ def unstructured_curves(
     importance: str = "magnitude",
     seed: int | None = None,
     progress: bool | None = None,
+    replay: bool = True,
 ) -> SensitivityResult:
-    """One curve per layer: that layer alone loses its lowest-scoring weights at each ratio."""
+    """One curve per layer: that layer alone loses its lowest-scoring weights at each ratio.
+
+    ``replay``: as in :func:`channel_curves`.
+    """
+    with _Scorer(model, data, batches, replay) as scorer:
+        return _unstructured_curves(scorer, targets, ratios, importance, seed, progress)
+
+
+def _unstructured_curves(scorer: _Scorer, targets: Sequence[Any], ratios: Sequence[float], importance: str,
+                         seed: int | None, progress: bool | None) -> SensitivityResult:
     from ..importance.elementwise import element_scores
     from ..masks import get_mask
     from .common import lowest_k, make_generator
 
-    scorer = _Scorer(model, data, batches)
-    result = SensitivityResult(method="unstructured", metric=scorer.metric, baseline=scorer(),
+    result = SensitivityResult(method="unstructured", metric=scorer.metric, baseline=scorer.dense(),
                                batches=len(scorer.batches))
     bar = Progress(len(targets) * len(ratios), "sensitivity", enabled=progress)
     gen = make_generator(seed)
@@ -237,7 +286,7 @@ def unstructured_curves(
             with torch.no_grad():
                 weight.masked_fill_(drop.to(weight.device), 0)
             try:
-                _record(curve, scorer())
+                _record(curve, scorer.trial([weight]))
             finally:
                 with torch.no_grad():
                     weight.copy_(original)
@@ -294,6 +343,7 @@ def sensitivity(
     batches: int = 4,
     config: Any = None,
     progress: bool | None = None,
+    replay: bool = True,
 ) -> SensitivityResult:
     """Scan every prunable unit of ``model`` alone at each ratio (see the module docs).
 
@@ -308,6 +358,9 @@ def sensitivity(
         config: a :class:`~secateurs.Channels` / :class:`~secateurs.Unstructured` config
             whose selection (``ignore``, ``include``, ``filter_fn``) applies.
         progress: progress bar on stderr.
+        replay: trials re-use the dense run's outputs of the modules they leave
+            unchanged (exact; :mod:`secateurs.importance.replay`). False runs every
+            trial's forward in full.
 
     Example:
         >>> import torch, secateurs
@@ -335,7 +388,7 @@ def sensitivity(
             raise SecateursError("no prunable channel group found: nothing to scan")
         stats = _stats(model, dataclasses.replace(cfg, calib_batches=len(data)), data)
         return channel_curves(model, graph, _scores(model, graph, cfg, stats), data, ratios=ratios, batches=batches,
-                              progress=progress)
+                              progress=progress, replay=replay)
     if method == "unstructured":
         from ..selection import select_targets
         from .unstructured import Unstructured
@@ -343,5 +396,5 @@ def sensitivity(
         cfg = config if config is not None else Unstructured(sparsity=0.5, importance=importance or "magnitude")
         targets, _ = select_targets(model, cfg, example_inputs=example_inputs)
         return unstructured_curves(model, targets, data, ratios=ratios, batches=batches, importance=cfg.importance,
-                                   seed=cfg.seed, progress=progress)
+                                   seed=cfg.seed, progress=progress, replay=replay)
     raise SecateursError(f"sensitivity scans method 'channel' or 'unstructured', not '{method}'")

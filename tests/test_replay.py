@@ -1,0 +1,116 @@
+"""Prefix replay: sensitivity trials re-use the dense run's module outputs, with exactly the same results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from secateurs.importance.replay import PrefixReplay
+from secateurs.methods.sensitivity import sensitivity
+
+
+class _Mutating(nn.Module):
+    """Works in place on a submodule's output, reuses one ReLU, branches on values, reads a weight it does not own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.big = nn.Conv2d(8, 8, 3, padding=1)
+        self.small = nn.Conv2d(8, 8, 1)
+        self.embed = nn.Linear(8, 8)
+        self.head = _Head()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.a(x)
+        y += self.b(x)  # in place on a's output
+        y = self.relu(y)
+        y = self.big(y) if float(y.detach().mean()) > 0.05 else self.small(y)  # the path depends on the values
+        y = self.relu(y).mean((2, 3))
+        return self.head(y, self.embed.weight)
+
+
+class _Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(8, 5)
+
+    def forward(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.out(y @ weight)  # a weight of another module, passed as an argument
+
+
+def _data(n: int = 3) -> list:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 5, (6,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("method", ["unstructured", "channel"])
+def test_replay_gives_exactly_the_results_of_full_forwards(method):
+    torch.manual_seed(0)
+    model = _Mutating().eval()
+    kwargs = dict(method=method, ratios=[0.3, 0.7, 0.95], batches=3, example_inputs=torch.randn(1, 3, 8, 8))
+    fast = sensitivity(model, _data(), **kwargs)
+    slow = sensitivity(model, _data(), replay=False, **kwargs)
+    assert [c.name for c in fast.curves] == [c.name for c in slow.curves]
+    for f, s in zip(fast.curves, slow.curves, strict=True):
+        assert f.loss == s.loss and f.accuracy == s.accuracy and f.agreement == s.agreement
+    assert any(len(set(c.loss)) > 1 for c in fast.curves)  # the trials did change the model
+
+
+def test_replay_skips_the_prefix_and_survives_in_place_code():
+    torch.manual_seed(0)
+    model = _Mutating().eval()
+    x = torch.randn(4, 3, 8, 8)
+    saved = model.b.weight.detach().clone()
+    with PrefixReplay(model) as replay, torch.no_grad():
+        with replay.recording():
+            dense = model(x)
+        for _ in range(2):  # twice: the first trial's in-place code must not have spoilt the record
+            with replay.trial([model.b.weight]):
+                model.b.weight.mul_(0.0)
+                trial = model(x)
+                model.b.weight.add_(torch.randn_like(model.b.weight))
+            with replay.trial([model.b.weight]):
+                again = model(x)
+            expected = model(x)  # outside a trial: a plain forward
+            assert torch.equal(again, expected)
+        assert replay.skipped > 0
+        model.b.weight.copy_(saved)  # the dense model again: only the head changes
+        model.head.out.weight.mul_(2.0)
+        with replay.trial([model.head.out.weight]):
+            trial = model(x)
+        assert torch.equal(trial, model(x))
+    assert not torch.equal(trial, dense)
+    with torch.no_grad():
+        model.head.out.weight.div_(2.0)
+        assert torch.equal(model(x), dense)
+    assert "forward" not in model.stem.__dict__  # the wrappers are gone
+
+
+def test_a_weight_passed_as_an_argument_is_noticed():
+    torch.manual_seed(0)
+    model = _Mutating().eval()
+    x = torch.randn(4, 3, 8, 8)
+    with PrefixReplay(model) as replay, torch.no_grad():
+        with replay.recording():
+            model(x)
+        with replay.trial([model.embed.weight]):  # owned by embed, which is never called
+            model.embed.weight.mul_(-1.0)
+            out = model(x)
+    assert torch.equal(out, model(x))
+
+
+def test_no_budget_means_no_replay():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    x = torch.randn(3, 4)
+    with PrefixReplay(model, budget_bytes=0) as replay, torch.no_grad():
+        with replay.recording():
+            model(x)
+        with replay.trial([model[2].weight]):
+            model(x)
+    assert replay.skipped == 0

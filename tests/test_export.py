@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -92,8 +93,12 @@ def test_export_formats_run_with_the_same_outputs(fmt, suffix, tmp_path):
     assert result.folded and result.max_abs_diff <= result.tolerance
     assert secateurs.get_mask(model.features[3]) is not None  # the caller's model is untouched
     batch5 = torch.randn(5, 1, 8, 8)  # the batch dimension is dynamic
-    torch.testing.assert_close(run_exported(path, (batch5,)), model(batch5).detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run_exported(path, (batch5,), trust_pickle=True), model(batch5).detach(),
+                               rtol=1e-4, atol=1e-4)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any other file, not mkstemp's 0600
 
 
 @needs("onnx")
@@ -140,3 +145,21 @@ def test_cli_export_and_analyze_the_file(tmp_path, capsys):
     assert 0 <= stats["params"] - (sum(p.numel() for p in model.parameters()) - folded) <= 16
     assert main(["export", str(saved), "--format", "onnx", "--out", str(out)]) == 2  # exists, no --overwrite
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_pickled_exports_need_trust_and_corrupt_files_fail_cleanly(tmp_path, capsys):
+    torch.manual_seed(0)
+    model, x = DigitsCNN().eval(), torch.randn(2, 1, 8, 8)
+    pt2 = tmp_path / "m.pt2"
+    export_model(model, x, pt2, format="pt2")
+    with pytest.raises(SecateursError, match="--trust-pickle"):
+        run_exported(pt2, (x,))
+    assert main(["analyze", str(pt2), "--json"]) == 2  # refused before anything is unpickled
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert main(["analyze", str(pt2), "--trust-pickle", "--json"]) == 0  # the archive records its input shape
+    assert json.loads(capsys.readouterr().out)["input_shape"] == [2, 1, 8, 8]
+    for name in ("junk.onnx", "junk.ts", "junk.pt2"):
+        (tmp_path / name).write_bytes(b"not a model at all")
+        assert main(["analyze", str(tmp_path / name), "--trust-pickle", "--input-shape", "1,1,8,8"]) == 2
+        err = capsys.readouterr().err
+        assert "cannot read" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

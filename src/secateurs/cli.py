@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="params, nonzeros, MACs, latency, saved size, per-layer table")
     _add_model_args(a)
     a.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    a.epilog = "MODEL may also be an exported .onnx, .ts or .pt2 file: its size, parameters and latency are measured."
+    a.epilog = ("MODEL may also be an exported .onnx, .ts or .pt2 file: its size, parameters and latency are measured "
+                "(.ts and .pt2 files unpickle a whole model: they need --trust-pickle).")
 
     p = sub.add_parser("prune", help="prune a model and save it with a before/after report")
     _add_model_args(p)
@@ -590,19 +591,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _analyze_exported(args: argparse.Namespace) -> int:
-    from .io.export import analyze_exported, exported_input_dtype, exported_input_shape
+    from .io.export import analyze_exported
     from .io.inputs import parse_shape
 
-    path = Path(args.model)
-    if not path.is_file():
-        raise SecateursError(f"exported file '{path}' does not exist: check the path")
-    shape = parse_shape(args.input_shape) if args.input_shape else exported_input_shape(path)
-    if shape is None:
-        raise SecateursError(f"'{path.name}' does not record its input shape: pass --input-shape")
-    import torch
+    inputs = None
+    if args.input_shape:
+        import torch
 
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(args.seed)).to(exported_input_dtype(path))
-    stats = analyze_exported(path, (x,))
+        inputs = (torch.randn(*parse_shape(args.input_shape), generator=torch.Generator().manual_seed(args.seed)),)
+    stats = analyze_exported(args.model, inputs, trust_pickle=args.trust_pickle, seed=args.seed)
     if args.json:
         _emit_json(stats)
     else:

@@ -47,12 +47,16 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
 
 def _finish_files(root: Path) -> None:
     """Flush every file to disk and give it the permissions a plain ``open`` would."""
-    mode = 0o666 & ~_umask()
     for p in root.rglob("*"):
         if p.is_file():
-            os.chmod(p, mode)
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+            finish_file(p)
+
+
+def finish_file(path: Path) -> None:
+    """Flush a file to disk and give it the permissions a plain ``open`` would (``mkstemp`` makes it private)."""
+    os.chmod(path, 0o666 & ~_umask())
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _umask() -> int:
@@ -111,6 +115,8 @@ def write_files_atomically(files: dict[Path, bytes]) -> None:
             path = Path(path)
             if not path.parent.is_dir():
                 raise SecateursError(f"directory '{path.parent}' does not exist: create it first")
+            if path.is_dir():
+                raise SecateursError(f"'{path}' is a directory: give a file name (e.g. '{path / 'out'}{path.suffix}')")
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
             staged.append((Path(tmp), path))
             with os.fdopen(fd, "wb") as f:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from ..selection import call_model
 from ..surgery.fold import fold_batchnorm_
 from ..utils import eval_mode, first_line, first_tensor
 from .arch import require
+from .atomic import finish_file
 
 __all__ = ["EXPORT_FORMATS", "ExportResult", "analyze_exported", "export_model", "exported_input_dtype",
            "exported_input_shape", "run_exported"]
@@ -72,23 +75,78 @@ def _write(model: nn.Module, inputs: tuple[Any, ...], fmt: str, path: Path) -> N
         torch.export.save(program, str(path))
 
 
-def run_exported(path: str | os.PathLike[str], inputs: tuple[Any, ...]) -> Tensor:
-    """Run an exported file on ``inputs`` with its own runtime; returns the first output."""
-    path = Path(path)
-    suffix = path.suffix
-    if suffix == ".onnx":
-        ort = require("onnxruntime", "onnx")
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
-        return torch.from_numpy(session.run(None, feeds)[0])
+class _Exported:
+    """An exported file opened in its own runtime: ``run(inputs)``, stored ``params``, ``input_dtype``."""
+
+    def __init__(self, path: Path, *, trust_pickle: bool, device: torch.device | None = None) -> None:
+        self.path = path
+        suffix = path.suffix
+        if suffix not in EXPORT_FORMATS.values():
+            raise SecateursError(f"unknown export file type '{suffix}': expected one of "
+                                 f"{', '.join(EXPORT_FORMATS.values())}")
+        if not path.is_file():
+            raise SecateursError(f"exported file '{path}' does not exist: check the path")
+        if suffix != ".onnx" and not trust_pickle:
+            raise SecateursError(f"loading '{path.name}' unpickles a whole model, which can run code: "
+                                 "pass --trust-pickle (trust_pickle=True) if you trust the file")
+        kind = {".onnx": "an ONNX", ".ts": "a TorchScript", ".pt2": "a torch.export"}[suffix]
+        try:
+            if suffix != ".onnx" and not zipfile.is_zipfile(path):  # (torch.export.load would log a traceback)
+                raise ValueError("not a zip archive")
+            self._open(suffix, device or torch.device("cpu"))
+        except SecateursError:
+            raise
+        except Exception as exc:
+            raise SecateursError(f"cannot read '{path}' as {kind} file ({first_line(exc)}): "
+                                 "is it complete, and written by secateurs export?") from None
+
+    def _open(self, suffix: str, device: torch.device) -> None:
+        if suffix == ".onnx":
+            onnx = require("onnx", "onnx")
+            from onnx import numpy_helper
+
+            ort = require("onnxruntime", "onnx")
+            graph = onnx.load(str(self.path)).graph
+            self.params = sum(int(numpy_helper.to_array(i).size) for i in graph.initializer)
+            initializers = {i.name for i in graph.initializer}
+            inputs = [i for i in graph.input if i.name not in initializers]
+            half = bool(inputs) and inputs[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+            self.input_dtype = torch.float16 if half else torch.float32
+            self.input_shape = ([d.dim_value if d.HasField("dim_value") else 1  # a symbolic batch becomes 1
+                                 for d in inputs[0].type.tensor_type.shape.dim] if len(inputs) == 1 else None)
+            session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+
+            def run(inputs: tuple[Any, ...]) -> Tensor:
+                feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
+                return torch.from_numpy(session.run(None, feeds)[0])
+        else:
+            self.input_shape = None
+            if suffix == ".ts":
+                module = torch.jit.load(str(self.path), map_location=device)
+            else:
+                program = torch.export.load(str(self.path))
+                args, _ = getattr(program, "example_inputs", None) or ((), {})
+                if len(args) == 1 and isinstance(args[0], Tensor):
+                    self.input_shape = list(args[0].shape)
+                module = program.module().to(device)
+            state = module.state_dict()
+            self.params = sum(t.numel() for t in state.values())
+            first = next(iter(state.values()), None)
+            self.input_dtype = torch.float16 if first is not None and first.dtype == torch.float16 else torch.float32
+
+            def run(inputs: tuple[Any, ...]) -> Tensor:
+                with torch.no_grad():
+                    return first_tensor(module(*inputs))
+        self.run = run
+
+
+def run_exported(path: str | os.PathLike[str], inputs: tuple[Any, ...], *, trust_pickle: bool = False) -> Tensor:
+    """Run an exported file on ``inputs`` with its own runtime; returns the first output.
+
+    TorchScript and ``torch.export`` files unpickle a whole model: they need ``trust_pickle``.
+    """
     device = next((t.device for t in inputs if isinstance(t, Tensor)), torch.device("cpu"))
-    if suffix == ".ts":
-        with torch.no_grad():
-            return first_tensor(torch.jit.load(str(path), map_location=device)(*inputs))
-    if suffix == ".pt2":
-        with torch.no_grad():
-            return first_tensor(torch.export.load(str(path)).module().to(device)(*inputs))
-    raise SecateursError(f"unknown export file type '{suffix}': expected one of {', '.join(EXPORT_FORMATS.values())}")
+    return _Exported(Path(path), trust_pickle=trust_pickle, device=device).run(inputs)
 
 
 def export_model(
@@ -139,9 +197,10 @@ def export_model(
     if half:
         work = work.half().to(device)
         inputs = tuple(t.half().to(device) if isinstance(t, Tensor) and t.is_floating_point() else t for t in inputs)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # the file is written under its own name in a private folder beside the target (a torch.export
+    # archive names its top folder after the file), then renamed into place
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = staging / path.name
     try:
         with torch.no_grad(), eval_mode(work):
             try:
@@ -151,7 +210,7 @@ def export_model(
             except Exception as exc:
                 raise SecateursError(f"{format} export failed ({first_line(exc)}): try another --format") from None
         try:
-            got = run_exported(tmp, inputs).float().cpu()
+            got = run_exported(tmp, inputs, trust_pickle=True).float().cpu()  # the file just written
         except Exception as exc:
             raise SecateursError(f"the exported {format} file does not run ({first_line(exc)}): "
                                  "try another --format") from None
@@ -161,63 +220,46 @@ def export_model(
         if not diff <= tolerance:
             raise SecateursError(f"the exported {format} file's outputs differ from the model's by {diff:.3g} "
                                  f"(tolerance {tolerance:.3g}): do not deploy it; try without --half/--fold-bn")
+        finish_file(tmp)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(path=str(path), format=format, size_bytes=path.stat().st_size, max_abs_diff=diff,
                         tolerance=tolerance, folded=folded, half=half)
 
 
-def exported_input_dtype(path: str | os.PathLike[str]) -> torch.dtype:
+def exported_input_dtype(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> torch.dtype:
     """float16 for a ``--half`` export, else float32 (read from the ONNX graph or the weights)."""
-    path = Path(path)
-    if path.suffix == ".onnx":
-        onnx = require("onnx", "onnx")
-        graph = onnx.load(str(path), load_external_data=False).graph
-        initializers = {i.name for i in graph.initializer}
-        inputs = [i for i in graph.input if i.name not in initializers]
-        half = inputs and inputs[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
-        return torch.float16 if half else torch.float32
-    module = torch.jit.load(str(path), map_location="cpu") if path.suffix == ".ts" else \
-        torch.export.load(str(path)).module()
-    first = next(iter(module.state_dict().values()), None)
-    return torch.float16 if first is not None and first.dtype == torch.float16 else torch.float32
+    return _Exported(Path(path), trust_pickle=trust_pickle).input_dtype
 
 
-def exported_input_shape(path: str | os.PathLike[str]) -> list[int] | None:
-    """The input shape an ONNX file declares (a symbolic batch becomes 1); None for other formats."""
-    if Path(path).suffix != ".onnx":
-        return None
-    onnx = require("onnx", "onnx")
-    graph = onnx.load(str(path), load_external_data=False).graph
-    initializers = {i.name for i in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        return None
-    return [d.dim_value if d.HasField("dim_value") else 1 for d in inputs[0].type.tensor_type.shape.dim]
+def exported_input_shape(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> list[int] | None:
+    """The input shape the file records (ONNX: its declared input, a symbolic batch becoming 1;
+    ``torch.export``: its example inputs); None for TorchScript or several inputs."""
+    return _Exported(Path(path), trust_pickle=trust_pickle).input_shape
 
 
-def analyze_exported(path: str | os.PathLike[str], inputs: tuple[Any, ...], *, repeats: int = 20) -> dict[str, Any]:
-    """File size, stored parameters and median latency of an exported file in its own runtime."""
+def analyze_exported(path: str | os.PathLike[str], inputs: tuple[Any, ...] | None = None, *, repeats: int = 20,
+                     trust_pickle: bool = False, seed: int = 0) -> dict[str, Any]:
+    """File size, stored parameters and median latency of an exported file in its own runtime.
+
+    ``inputs`` default to random ones of the shape the file records (TorchScript files need them),
+    in the file's own dtype. TorchScript and ``torch.export`` files need ``trust_pickle``.
+    """
     import statistics
     import time
 
     path = Path(path)
-    if path.suffix == ".onnx":
-        onnx = require("onnx", "onnx")
-        from onnx import numpy_helper
-
-        ort = require("onnxruntime", "onnx")
-        graph = onnx.load(str(path)).graph
-        params = sum(int(numpy_helper.to_array(i).size) for i in graph.initializer)
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
-        run = lambda: session.run(None, feeds)  # noqa: E731
-    else:
-        module = torch.jit.load(str(path), map_location="cpu") if path.suffix == ".ts" else \
-            torch.export.load(str(path)).module()
-        params = sum(t.numel() for t in module.state_dict().values())
-        run = lambda: module(*inputs)  # noqa: E731
+    exported = _Exported(path, trust_pickle=trust_pickle)
+    if inputs is None:
+        shape = exported.input_shape
+        if shape is None:
+            raise SecateursError(f"'{path.name}' does not record its input shape: pass --input-shape")
+        inputs = (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)),)
+    inputs = tuple(t.to(exported.input_dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+                   for t in inputs)
+    params = exported.params
+    run = lambda: exported.run(inputs)  # noqa: E731
     times = []
     with torch.no_grad():
         try:

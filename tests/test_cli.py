@@ -95,6 +95,8 @@ ERRORS = [
     (["prune", CNN, "--method", "unstructured", "--threshold", "nan"], "finite"),
     (["analyze", "torch.nn:Linear"], "needs no arguments"),
     (["analyze", "./no/such/dir"], "does not exist"),
+    (["prune", CNN, "--method", "channel", "--target-latency", "5", "--device", "bogus"], "unknown device"),
+    (["sensitivity", CNN, "--data", "digits", "--out", "no/such/dir/s.json"], "does not exist"),
 ]
 
 
@@ -108,6 +110,38 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(argv, fragment, tmp_
     assert err.count("\n") == 1 and err.startswith("secateurs: error:") and fragment in err
     assert "Traceback" not in err and out == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_of_another_shape_and_unreadable_images(tmp_path, capsys):
+    from PIL import Image
+
+    torch.save(DigitsCNN(num_classes=5).state_dict(), tmp_path / "w5.pt")
+    code, _, err = run(["analyze", CNN, *SHAPE, "--weights", str(tmp_path / "w5.pt"), "--no-latency"], capsys)
+    assert code == 2 and "do not fit the architecture" in err and "size mismatch" in err
+    for cls in ("a", "b"):
+        (tmp_path / "img" / cls).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(tmp_path / "img" / cls / "ok.png")
+    (tmp_path / "img" / "b" / "broken.jpg").write_text("not an image")
+    code, _, err = run(["sensitivity", CNN, *SHAPE, "--data", f"imagefolder:{tmp_path / 'img'}",
+                        "--out", str(tmp_path / "s.json")], capsys)
+    assert code == 2 and "broken.jpg" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--batches"])
+def test_sizes_and_counts_must_be_positive(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sensitivity", CNN, "--data", "digits", "--out", "s.json", flag, "0"])
+    assert exit_info.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_sensitivity_never_writes_over_the_model(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    assert run(["prune", CNN, *SHAPE, "--method", "nm", "--out", str(model_dir)], capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    code, _, err = run(["sensitivity", str(model_dir), "--data", "digits", "--out", str(model_dir / "secateurs.json"),
+                        "--overwrite"], capsys)
+    assert code == 2 and "input model" in err
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
 
 
 def test_corrupt_safetensors_model(tmp_path, capsys):

@@ -59,9 +59,38 @@ def test_report_page_is_self_contained_with_decodable_charts(reports):
     assert "Sensitivity" not in channel
 
 
-def test_report_command_errors(tmp_path, capsys):
+def test_report_command_errors(tmp_path, capsys, reports):
     assert main(["report", str(tmp_path)]) == 2
     assert "has no report.json" in capsys.readouterr().err
+    model = reports / "channel"
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    for name in ("secateurs.json", "model.safetensors", "report.json"):  # never over the model's own files
+        assert main(["report", str(model), "--out", str(model / name), "--overwrite"]) == 2
+        assert "model's own files" in capsys.readouterr().err
+    not_a_scan = ["report", str(model), "--out", str(tmp_path / "r.html"), "--sensitivity", str(model / "report.json")]
+    assert main(not_a_scan) == 2
+    assert "not a sensitivity scan" in capsys.readouterr().err
+    (tmp_path / "dir.html").mkdir()
+    assert main(["report", str(model), "--out", str(tmp_path / "dir.html"), "--overwrite"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == files
+
+
+def test_layer_pruning_report_follows_the_renumbered_blocks(tmp_path):
+    from secateurs.surgery.layers import name_after_drop
+
+    assert name_after_drop("stage3.2.conv1", ["stage2.0", "stage3.0", "stage3.1"]) == "stage3.0.conv1"
+    assert name_after_drop("stage3.1.conv1", ["stage3.1"]) is None
+    assert name_after_drop("head.fc", ["stage3.1"]) == "head.fc"
+    out = tmp_path / "layers"
+    assert main(["prune", "secateurs.zoo:SmallResNet", "--input-shape", "1,1,8,8", "--method", "layer",
+                 "--layers", "3", "--no-latency", "--report", "--out", str(out)]) == 0
+    result = json.loads((out / "report.json").read_text())
+    dropped = result["pruning"]["plan"]["drop"]
+    page = (out / "report.html").read_text()
+    rows = dict(re.findall(r"<tr><td>([\w.]+)</td><td>[\dx]+</td><td>(removed|[\dx]+)</td>", page))
+    removed = {name for name, after in rows.items() if after == "removed"}
+    assert removed and removed == {n for n in rows if any(n.startswith(d + ".") for d in dropped)}
 
 
 def test_report_json_records_the_command(reports):

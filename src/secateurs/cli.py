@@ -31,6 +31,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (sizes and counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME, hf:PATH, a secateurs "
                    "directory, a .pt/.pth/.safetensors file with --arch, or package.module:factory")
@@ -51,12 +62,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_training_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """Flags of :class:`secateurs.train.FinetuneConfig`, shared by ``finetune`` and ``prune --finetune-epochs``."""
     if not prefix:
-        p.add_argument("--epochs", type=int, default=4, help="passes over the training data")
+        p.add_argument("--epochs", type=_positive_int, default=4, help="passes over the training data")
     p.add_argument("--lr", type=float, help="peak learning rate of the cosine schedule (default 0.05 SGD, 1e-3 AdamW)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="on weights, not biases or norm scales")
     if not prefix:
-        p.add_argument("--batch-size", type=int, default=64, help="per process")
+        p.add_argument("--batch-size", type=_positive_int, default=64, help="per process")
     p.add_argument("--teacher", metavar="MODEL", help="distil from this model (same spec forms as MODEL"
                    + (", or dense: the model before pruning)" if prefix else ")"))
     p.add_argument("--kd-weight", type=float, help="share of the loss from distillation (default 0.5 with --teacher)")
@@ -98,34 +109,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nm", metavar="N:M", help="N:M pattern, e.g. 2:4 (method nm)")
     p.add_argument("--ratio", type=float, help="fraction of channels to remove (method channel)")
     p.add_argument("--target-macs", type=float, help="keep this fraction of MACs (method channel)")
-    p.add_argument("--layers", type=int, metavar="K", help="remove K blocks (method layer)")
+    p.add_argument("--layers", type=_positive_int, metavar="K", help="remove K blocks (method layer)")
     p.add_argument("--max-loss-increase", type=float, metavar="X",
                    help="remove blocks while the loss on --data grows by at most X (method layer)")
-    p.add_argument("--round-to", type=int, help="keep channel counts a multiple of N (method channel)")
+    p.add_argument("--round-to", type=_positive_int, help="keep channel counts a multiple of N (method channel)")
     p.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank channels across all layers (method channel)")
     p.add_argument("--max-ratio", type=float, help="most any layer may lose with --global/--target-macs")
     p.add_argument("--target-latency", type=float, metavar="MS",
                    help="prune until one forward takes at most MS milliseconds, measured on --device (method channel)")
-    p.add_argument("--latency-batch-size", type=int, metavar="B", help="batch size for --target-latency")
+    p.add_argument("--latency-batch-size", type=_positive_int, metavar="B", help="batch size for --target-latency")
     p.add_argument("--allocate", choices=["uniform", "sensitivity"],
                    help="sensitivity: measure each channel group (method channel) or layer (method unstructured) alone on "
                    "--data, and cut where it costs least")
     p.add_argument("--data", "--calib", metavar="DATA", help="calibration batches for data-driven criteria: digits, mnist5k, "
                    "imagefolder:PATH, or for language models pydoc or text:FILE")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence (text --data)")
-    p.add_argument("--calib-batches", type=int,
+    p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per calibration sequence (text --data)")
+    p.add_argument("--calib-batches", type=_positive_int,
                    help="how many batches of --data to use (method channel; unstructured with --allocate)")
     p.add_argument("--compensate", action="store_true",
                    help="fold removed channels' mean contribution into the next layer (method channel, needs --data)")
     p.add_argument("--recalibrate-bn", action="store_true",
                    help="re-estimate BatchNorm statistics after pruning (method channel, needs --data)")
-    p.add_argument("--steps", type=int, help="reach the target in this many re-scored steps (method channel)")
-    p.add_argument("--batch-size", type=int, help="batch size for --data (default 32 images, 4 text sequences)")
-    p.add_argument("--finetune-epochs", type=int, metavar="E",
+    p.add_argument("--steps", type=_positive_int, help="reach the target in this many re-scored steps (method channel)")
+    p.add_argument("--batch-size", type=_positive_int, help="batch size for --data (default 32 images, 4 text sequences)")
+    p.add_argument("--finetune-epochs", type=_positive_int, metavar="E",
                    help="fine-tune E epochs on --data (labelled images) after each of the --steps prune steps")
     _add_training_args(p, prefix="ft")
-    p.add_argument("--calib-samples", type=int, metavar="N",
+    p.add_argument("--calib-samples", type=_positive_int, metavar="N",
                    help="calibration sequences/images in all (sets the number of --data batches)")
     p.add_argument("--ignore", metavar="NAME[,NAME]", help="modules to leave alone (names, prefixes, globs)")
     p.add_argument("--include", metavar="NAME[,NAME]", help="prune only these modules")
@@ -139,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--data", metavar="DATA", help="labelled images: digits, mnist5k or imagefolder:PATH "
                         "(its val/ split)")
     target.add_argument("--ppl", metavar="TEXT", help="perplexity on the held-out part of pydoc or text:FILE")
-    e.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (--ppl)")
-    e.add_argument("--batch-size", type=int, help="batch size (default 64 images, 4 sequences)")
-    e.add_argument("--max-batches", type=int, help="evaluate at most this many batches")
+    e.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sequence (--ppl)")
+    e.add_argument("--batch-size", type=_positive_int, help="batch size (default 64 images, 4 sequences)")
+    e.add_argument("--max-batches", type=_positive_int, help="evaluate at most this many batches")
 
     f = sub.add_parser("finetune", help="recover accuracy: train on labelled images, with distillation, "
                        "sparsity regularisers or gradual pruning; runs under torchrun")
@@ -170,9 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "language models pydoc or text:FILE")
     sv.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="fractions to remove")
     sv.add_argument("--importance", help="which channels/weights go first (default l2 / magnitude)")
-    sv.add_argument("--batches", type=int, default=4, help="batches of --data scored per trial")
-    sv.add_argument("--batch-size", type=int, help="default 64 images, 4 text sequences")
-    sv.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (text --data)")
+    sv.add_argument("--batches", type=_positive_int, default=4, help="batches of --data scored per trial")
+    sv.add_argument("--batch-size", type=_positive_int, help="default 64 images, 4 text sequences")
+    sv.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sequence (text --data)")
     sv.add_argument("--ignore", metavar="NAME[,NAME]", help="modules to leave out of the scan")
     sv.add_argument("--out", required=True, metavar="FILE.json",
                     help="write the curves here, with FILE.csv and FILE.png beside it")
@@ -189,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train small CNNs on bundled digits, prune them several ways, compare")
     d.add_argument("--out", metavar="DIR", help="keep the pruned models in DIR")
     d.add_argument("--overwrite", action="store_true", help="replace non-empty model folders in --out")
-    d.add_argument("--epochs", type=int, default=30, help="training epochs of the dense model")
+    d.add_argument("--epochs", type=_positive_int, default=30, help="training epochs of the dense model")
     d.add_argument("--recover-epochs", type=int, default=5,
                    help="recovery epochs after pruning (fine-tuning with distillation from the dense model)")
     d.add_argument("--no-cache", action="store_true", help="retrain instead of using the cached model")
@@ -534,11 +545,16 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".json":
         raise SecateursError(f"--out must name a .json file, got '{out.name}'")
+    _check_out_not_input(args)
     targets = [out, out.with_suffix(".csv"), out.with_suffix(".png")]
+    if not out.parent.is_dir():
+        raise SecateursError(f"directory '{out.parent}' does not exist: create it first")
+    if any(t.is_dir() for t in targets):
+        raise SecateursError(f"'{next(t for t in targets if t.is_dir())}' is a directory: choose another --out")
     if not args.overwrite and any(t.exists() for t in targets):
         raise SecateursError(f"'{out}' (or its .csv/.png) exists: choose another --out or pass --overwrite")
     try:
-        ratios = [float(r) for r in args.ratios.split(",")]
+        ratios = sorted({float(r) for r in args.ratios.split(",")})
     except ValueError:
         raise SecateursError(f"--ratios must be comma-separated fractions, got '{args.ratios}'") from None
     model, x = _load(args)

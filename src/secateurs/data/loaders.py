@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 
 from ..errors import SecateursError
 from ..io.arch import require
+from ..utils import first_line
 from .bundled import DATASETS, load_dataset
 
 __all__ = ["DATA_HELP", "batches", "dataset"]
@@ -81,6 +82,13 @@ def _image_folder(root: Path, split: str, input_shape: Sequence[int] | None, lim
     except (FileNotFoundError, RuntimeError) as exc:
         raise SecateursError(f"cannot read images from '{folder}' ({exc}): expected one subfolder per class") from None
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit]
-    xs, ys = zip(*(ds[int(i)] for i in order), strict=True)
+    samples = []
+    for i in order.tolist():
+        try:
+            samples.append(ds[i])
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            raise SecateursError(f"cannot read image '{ds.samples[i][0]}' ({first_line(exc)}): "
+                                 "remove or replace the file") from None
+    xs, ys = zip(*samples, strict=True)
     x = (torch.stack(xs) - _MEAN) / _STD
     return _fit(x, input_shape), torch.tensor(ys)

@@ -63,7 +63,12 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
 
 def _load_weights_into(model: nn.Module, path: str | os.PathLike[str]) -> None:
     state = load_state_dict_file(path)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same names, other shapes (e.g. another number of classes)
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), first_line(exc))
+        raise SecateursError(f"weights in '{path}' do not fit the architecture ({detail}): "
+                             "check --arch and its options (e.g. the number of classes)") from None
     if result.missing_keys or result.unexpected_keys:
         raise SecateursError(
             f"weights in '{path}' do not match the architecture: {len(result.missing_keys)} missing "

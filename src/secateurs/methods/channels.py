@@ -115,6 +115,13 @@ class Channels(Selection):
                                  "target_latency")
         if self.target_latency is not None and not self.target_latency > 0:
             raise SecateursError(f"target_latency must be a positive number of milliseconds, got {self.target_latency}")
+        if self.latency_batch_size is not None and self.latency_batch_size < 1:
+            raise SecateursError(f"latency_batch_size must be at least 1, got {self.latency_batch_size}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise SecateursError(f"unknown device '{self.device}': use cpu, cuda or cuda:N") from None
         if self.ratio is not None and not (0.0 <= self.ratio < 1.0):
             raise SecateursError(f"ratio must be in [0, 1), got {self.ratio}: e.g. 0.5 removes half the channels")
         if self.target_macs is not None and not (0.0 < self.target_macs <= 1.0):

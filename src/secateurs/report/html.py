@@ -66,10 +66,20 @@ def _summary(before: dict[str, Any], after: dict[str, Any], extra: list[list[Any
     return _table(["", "before", "after", "after/before"], rows), chart
 
 
-def _layers(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """Per-layer width and density charts (layers missing after pruning count as removed)."""
+def _layers(before: dict[str, Any], after: dict[str, Any], dropped: list[str] | None = None) -> list[str]:
+    """Per-layer width and density charts (layers missing after pruning count as removed).
+
+    ``dropped``: blocks removed by layer pruning; the layers after them in their container were renumbered.
+    """
+    from ..surgery.layers import name_after_drop
+
     b_layers = {layer["name"]: layer for layer in before.get("layers", [])}
-    a_layers = {layer["name"]: layer for layer in after.get("layers", [])}
+    by_name = {layer["name"]: layer for layer in after.get("layers", [])}
+    a_layers = {}
+    for n in b_layers:
+        now = name_after_drop(n, dropped) if dropped else n
+        if now is not None and now in by_name:
+            a_layers[n] = by_name[now]
     names = [n for n in b_layers if b_layers[n].get("shape")]
     if not names:
         return []
@@ -165,7 +175,9 @@ def render_report(result: dict[str, Any], *, sensitivity: dict[str, Any] | None 
         parts += ["<h2>Summary</h2>", table]
         if chart:
             parts.append(_img(chart, "after/before ratios"))
-        layer_parts = _layers(result.get("before", {}), result.get("after", {}))
+        plan = result.get("pruning", {}).get("plan") or {}
+        layer_parts = _layers(result.get("before", {}), result.get("after", {}),
+                              plan.get("drop") if isinstance(plan, dict) else None)
         if layer_parts:
             parts += ["<h2>Layers</h2>", *layer_parts]
         plan_parts = _plan(result.get("pruning", {}))
@@ -193,7 +205,15 @@ def write_report(model_dir: str | Path, out: str | Path | None = None, *,
         scan = json.loads(Path(sensitivity).read_text()) if sensitivity else None
     except (OSError, json.JSONDecodeError) as exc:
         raise SecateursError(f"cannot read the report data ({exc}): re-run the command that wrote it") from None
+    if not isinstance(result, dict):
+        raise SecateursError(f"'{source}' is not a secateurs report: re-run the command that wrote the folder")
+    if scan is not None and not (isinstance(scan, dict) and isinstance(scan.get("curves"), list)
+                                 and "metric" in scan):
+        raise SecateursError(f"'{sensitivity}' is not a sensitivity scan: pass the .json written by "
+                             "secateurs sensitivity")
     target = Path(out) if out else model_dir / REPORT_NAME
+    if (target.exists() and target.resolve().parent == model_dir.resolve() and target.name != REPORT_NAME):
+        raise SecateursError(f"'{target}' is one of the model's own files: write the report elsewhere")
     if target.exists() and not overwrite:
         raise SecateursError(f"'{target}' exists: choose another --out or pass --overwrite")
     write_files_atomically({target: render_report(result, sensitivity=scan).encode()})

@@ -19,6 +19,28 @@ __all__ = ["drop_modules_"]
 CONTAINERS = (nn.Sequential, nn.ModuleList)
 
 
+def name_after_drop(name: str, paths: list[str]) -> str | None:
+    """The name module ``name`` has after :func:`drop_modules_` (``paths``): None if it went with them.
+
+    Index-named containers renumber their later entries; everything else keeps its name.
+    """
+    dropped = set(paths)
+    old: list[str] = []
+    new: list[str] = []
+    for part in name.split("."):
+        parent = ".".join(old)
+        if (f"{parent}.{part}" if parent else part) in dropped:
+            return None
+        siblings = [p.rpartition(".")[2] for p in dropped if p.rpartition(".")[0] == parent]
+        if part.isdigit() and siblings and all(s.isdigit() for s in siblings):
+            part_new = str(int(part) - sum(int(s) < int(part) for s in siblings))
+        else:
+            part_new = part
+        old.append(part)
+        new.append(part_new)
+    return ".".join(new)
+
+
 def drop_modules_(model: nn.Module, paths: list[str]) -> None:
     """Delete the modules at ``paths`` (names before any deletion) from their containers.
 

@@ -1,5 +1,6 @@
 """Structured channel pruning: graph, surgery, strategy, save/load, CLI."""
 
+import copy
 import json
 
 import pytest
@@ -154,6 +155,21 @@ def test_global_ranking_and_target_macs(cnn, digits_input):
     assert 0 < report.config["achieved_ratio"] < 0.9
     sizes = [layer.numel - layer.zeros for layer in report.layers]
     assert all(s >= 1 for s in sizes)
+
+
+def test_reports_say_what_happened(cnn, digits_input):
+    """achieved_ratio counts the channels really removed; a report of several steps spans all of them."""
+    before = [layer.numel for layer in secateurs.prune_(
+        copy.deepcopy(cnn), Channels(ratio=0.0), example_inputs=digits_input).layers]
+    nothing = secateurs.prune_(copy.deepcopy(cnn), Channels(ratio=0.5, round_to=1000), example_inputs=digits_input)
+    assert nothing.config["achieved_ratio"] == 0.0 and nothing.zeros == 0
+    report = secateurs.prune_(cnn, Channels(ratio=0.5, steps=2), example_inputs=digits_input)
+    assert [layer.numel for layer in report.layers] == before  # widths before the first step
+    assert [layer.numel - layer.zeros for layer in report.layers] == [
+        cnn.features[0].out_channels, cnn.features[3].out_channels, cnn.features[7].out_channels,
+        cnn.classifier[0].out_features]  # and after the last
+    assert report.config["achieved_ratio"] == pytest.approx(0.5, abs=0.02)
+    assert len(report.config["steps_detail"]) == 2 and all(0.2 < r < 0.4 for r in report.config["steps_detail"])
 
 
 def test_ignore_keeps_a_layer_whole(cnn, digits_input):

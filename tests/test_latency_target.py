@@ -105,3 +105,16 @@ def test_latency_target_errors():
         secateurs.Channels(ratio=0.5, target_latency=3.0)
     with pytest.raises(SecateursError, match="positive number"):
         secateurs.Channels(target_latency=-1.0)
+
+
+def test_an_unreachable_target_is_reported(monkeypatch, caplog):
+    _fake_clock(monkeypatch, 1e-4)
+    model = _wide_mlp()
+    report = secateurs.prune_(model, secateurs.Channels(target_latency=1e-9), example_inputs=torch.randn(8, 256))
+    assert report.config["target_met"] is False and "out of reach" in caplog.text
+    caplog.clear()
+    report = secateurs.prune_(_wide_mlp(), secateurs.Channels(target_macs=1e-4), example_inputs=torch.randn(8, 256))
+    assert report.config["target_met"] is False and "out of reach" in caplog.text and "--max-ratio" in caplog.text
+    assert 1e-4 < report.config["achieved_macs"] < 0.2
+    reached = secateurs.prune_(_wide_mlp(), secateurs.Channels(target_macs=0.5), example_inputs=torch.randn(8, 256))
+    assert reached.config["target_met"] is True and 0.4 < reached.config["achieved_macs"] <= 0.5

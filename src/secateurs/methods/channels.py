@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from .common import config_to_dict, make_generator
 from .registry import register_method
 from .rehearsal import apply_checked_, feasible_groups, macs_of, meta_copy, rehearse, to_meta
 from .report import LayerReport, PruneReport
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Channels", "channel_steps", "merge_step_reports", "plan_channels"]
 
@@ -313,12 +316,26 @@ def channel_steps(model: nn.Module, config: Channels, example_inputs: Any) -> It
 
 
 def merge_step_reports(reports: list[PruneReport], config: Channels) -> PruneReport:
-    """The last step's report, carrying the whole config and every step's plan."""
+    """One report for all the steps: the whole config, every step's plan, each group's widths from first to last.
+
+    The last step's measurements (latency) stay; ``steps_detail`` holds each step's own achieved ratio.
+    """
     final = reports[-1]
-    # what the last step measured (latency) stays; each step's achieved ratio is in steps_detail
+    detail = [r.config.get("achieved_ratio") for r in reports]
     skip = {f.name for f in dataclasses.fields(config)} | {"achieved_ratio"}
     final.config = config_to_dict(config) | {k: v for k, v in final.config.items() if k not in skip}
-    final.config["steps_detail"] = [r.config.get("achieved_ratio") for r in reports]
+    final.config["steps_detail"] = detail
+    def key(name: str) -> str:  # a group's tensors; its name also holds its (shrinking) width and step-local id
+        return name.partition(" channels: ")[2] or name
+
+    first = reports[0].layers  # channels before the first step
+    kept = {key(layer.name): layer.numel for layer in first}
+    for report in reports:
+        for layer in report.layers:
+            kept[key(layer.name)] = layer.numel - layer.zeros
+    final.layers = [LayerReport(name=layer.name, shape=[layer.numel], numel=layer.numel,
+                                zeros=layer.numel - kept[key(layer.name)]) for layer in first]
+    final.config["achieved_ratio"] = final.sparsity  # the share of all channels removed
     final.plan = {"steps": [r.plan for r in reports]}
     return final
 
@@ -362,10 +379,13 @@ class _MacsGoal:
         self.base = base  # the dense model's MACs
         self.log = None
 
-    def __call__(self, plan: Plan) -> bool:
+    def fraction(self, plan: Plan) -> float:
+        """The share of the dense MACs the model keeps under ``plan``."""
         rehearsal, _ = rehearse(self.model, plan, self.inputs, self.expected)
-        macs = macs_of(rehearsal, self.meta_inputs) if rehearsal is not None else self.base
-        return macs <= self.config.target_macs * self.base
+        return (macs_of(rehearsal, self.meta_inputs) if rehearsal is not None else self.base) / max(self.base, 1)
+
+    def __call__(self, plan: Plan) -> bool:
+        return self.fraction(plan) <= self.config.target_macs
 
 
 class _LatencyGoal:
@@ -472,7 +492,7 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
         removed = {gid: (idx if gid in ids else idx[:0]) for gid, idx in removed.items()}
         return plan, removed, failed
 
-    latency_log = None
+    latency_log, target_met, achieved_macs = None, True, None
     if config.ratio is not None and shares is None:
         ratio = config.ratio
         plan, removed, failed = feasible_plan(ratio)
@@ -499,6 +519,7 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
                     meets.log["achieved"] = meets.log["trials"][-1]
             else:
                 lo = mid
+        target_met = best is not None
         if best is None:  # the target is out of reach: prune as much as allowed
             best = (hi, *feasible_plan(hi))
             if config.target_latency is not None:
@@ -509,17 +530,31 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
                     meets.log["achieved"] = meets.dense
         ratio, plan, removed, failed = best
         latency_log = getattr(meets, "log", None)
+        if config.target_macs is not None:
+            achieved_macs = meets.fraction(plan)
+        if not target_met:
+            got = (f"{latency_log['achieved']:.3g} ms" if config.target_latency is not None
+                   else f"{achieved_macs:.3g} of the MACs")
+            want = (f"{config.target_latency:.3g} ms" if config.target_latency is not None
+                    else f"{config.target_macs:.3g} of the MACs")
+            log.warning("target %s is out of reach: pruned as far as allowed, to %s (max_ratio %.2f%s)", want, got,
+                        config.max_ratio, "; raise --max-ratio to go further" if shares is None else "")
     compensated = compensate_(model, plan, means.means(), means.followers) if means is not None else []
     if not applied:
         apply_plan_(model, plan)
     if config.recalibrate_bn:
         recalibrate_bn_(model, data, config.calib_batches)
     report = PruneReport(method=config.method, config=config_to_dict(config))
-    # the share of all channels removed (with sensitivity allocation, ratio is a fraction of greedy steps)
+    # the share of all channels removed: rounding (round_to, grouped convs), groups kept whole and
+    # sensitivity allocation all make it differ from the ratio asked for
     report.config["achieved_ratio"] = (sum(int(v.numel()) for v in removed.values())
-                                       / max(1, sum(g.size for g in graph.groups)) if shares is not None else ratio)
+                                       / max(1, sum(g.size for g in graph.groups)))
+    if config.ratio is None:
+        report.config["target_met"] = target_met
     if config.ratio is None and latency_log:
         report.config["latency_ms"] = latency_log
+    if achieved_macs is not None:
+        report.config["achieved_macs"] = achieved_macs
     if means is not None:
         report.config["compensated_layers"] = len(compensated)
     for g in graph.groups:

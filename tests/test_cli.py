@@ -168,6 +168,15 @@ def test_out_must_not_be_the_input_or_non_empty(tmp_path, capsys):
     assert code == 2 and "--overwrite" in err and (other / "x").exists()
 
 
+def test_quiet_also_after_the_command(tmp_path, capsys):
+    code, out, err = run(["prune", CNN, *SHAPE, "--method", "channel", "--ratio", "0.5", "--no-latency", "--json",
+                          "--out", str(tmp_path / "p"), "-q"], capsys)
+    assert code == 0 and err == "" and json.loads(out)["pruning"]["method"] == "channel"
+    code, _, err = run(["prune", CNN, *SHAPE, "--method", "channel", "--ratio", "0.5", "--latency-batch-size", "4",
+                        "--out", str(tmp_path / "q")], capsys)
+    assert code == 2 and "--target-latency" in err
+
+
 def test_argparse_errors_are_one_line_exit_2():
     proc = subprocess.run([sys.executable, "-m", "secateurs.cli", "prune", CNN, "--method", "bogus"],
                           capture_output=True, text=True)

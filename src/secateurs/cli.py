@@ -89,7 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="secateurs", description="Prune PyTorch models for real.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # the same switches after the command name (secateurs prune ... -q); SUPPRESS keeps the one given before
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors on stderr")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)  # type: ignore[method-assign]
 
     a = sub.add_parser("analyze", help="params, nonzeros, MACs, latency, saved size, per-layer table")
     _add_model_args(a)
@@ -698,6 +704,10 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = shlex.join(["secateurs", *(sys.argv[1:] if argv is None else argv)])
     level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    if args.quiet:  # only errors: not the libraries' warnings either (tracer, deprecations)
+        import warnings
+
+        warnings.simplefilter("ignore")
     if args.command in TIMING_COMMANDS:
         from .analysis import steady_allocator
 

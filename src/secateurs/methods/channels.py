@@ -118,6 +118,9 @@ class Channels(Selection):
                                  "target_latency")
         if self.target_latency is not None and not self.target_latency > 0:
             raise SecateursError(f"target_latency must be a positive number of milliseconds, got {self.target_latency}")
+        if self.latency_batch_size is not None and self.target_latency is None:
+            raise SecateursError("latency_batch_size is the batch a target_latency is measured at: give target_latency "
+                                 "(CLI: --target-latency)")
         if self.latency_batch_size is not None and self.latency_batch_size < 1:
             raise SecateursError(f"latency_batch_size must be at least 1, got {self.latency_batch_size}")
         if self.device is not None:

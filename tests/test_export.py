@@ -59,24 +59,28 @@ def test_fold_skips_a_norm_that_does_not_read_a_conv_output():
     assert foldable_pairs(model, torch.randn(1, 3, 8, 8)) == []
 
 
-def test_fold_refuses_a_shared_conv_output_and_restores_the_model():
+def test_fold_leaves_a_shared_conv_output_alone_and_folds_the_rest():
     class Bypass(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.conv = nn.Conv2d(3, 3, 1)
             self.bn = nn.BatchNorm2d(3)
+            self.conv2 = nn.Conv2d(3, 3, 1)
+            self.bn2 = nn.BatchNorm2d(3)
 
         def forward(self, x):
             y = self.conv(x)
-            return self.bn(y) + y  # y is used twice: folding would change the bypass
+            y = self.bn(y) + y  # y is used twice: folding would change the bypass
+            return self.bn2(self.conv2(y))
 
     model = _randomize_bn(Bypass())
     x = torch.randn(2, 3, 4, 4)
     before = model(x).detach()
-    with pytest.raises(SecateursError, match="export without --fold-bn"):
-        fold_batchnorm_(model, x)
-    assert isinstance(model.bn, nn.BatchNorm2d)
-    torch.testing.assert_close(model(x), before)
+    conv_weight = model.conv.weight.detach().clone()
+    assert fold_batchnorm_(model, x) == [("conv2", "bn2")]
+    assert isinstance(model.bn, nn.BatchNorm2d) and isinstance(model.bn2, nn.Identity)
+    assert torch.equal(model.conv.weight, conv_weight)  # the unfoldable pair is as it was
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
 
 
 @needs("onnx")

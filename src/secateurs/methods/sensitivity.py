@@ -324,11 +324,21 @@ def allocation_order(curves: Sequence[Curve], cost_key: str = "macs_saved") -> l
 
 
 def allocate(curves: Sequence[Curve], fraction: float, order: list[tuple[int, int]] | None = None) -> dict[int, float]:
-    """Per-group removal ratios after taking the first ``fraction`` of the greedy steps."""
+    """Per-group removal ratios after taking the first ``fraction`` of the greedy steps.
+
+    The step the fraction ends inside is taken in part (its group's ratio interpolated
+    between the grid points), so a target is met closely rather than overshot by a whole step.
+    """
     order = order if order is not None else allocation_order(curves)
     chosen = {c.group: 0.0 for c in curves}
-    for k, i in order[: round(fraction * len(order))]:
+    position = min(max(fraction, 0.0), 1.0) * len(order)
+    whole = math.floor(position)
+    for k, i in order[:whole]:
         chosen[curves[k].group] = curves[k].ratios[i]
+    if whole < len(order) and position > whole:
+        k, i = order[whole]
+        c = curves[k]
+        chosen[c.group] = c.ratios[i - 1] + (position - whole) * (c.ratios[i] - c.ratios[i - 1])
     return chosen
 
 

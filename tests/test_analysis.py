@@ -48,6 +48,13 @@ def test_attention_matmuls_count():
     assert stats.nonzero_macs == stats.macs
 
 
+def test_size_is_the_saved_file_size(cnn, digits_input, tmp_path):
+    secateurs.prune_(cnn, secateurs.Unstructured(sparsity=0.5))
+    secateurs.save(cnn, tmp_path / "m")
+    stats = secateurs.analyze(secateurs.load(tmp_path / "m"), digits_input, latency=False)
+    assert stats.size_bytes == (tmp_path / "m" / "model.safetensors").stat().st_size
+
+
 def test_nonzero_counts_follow_pruning(cnn, digits_input):
     dense = secateurs.analyze(cnn, digits_input, latency=False)
     secateurs.prune_(cnn, secateurs.Unstructured(sparsity=0.5))

@@ -132,13 +132,16 @@ def unpack_state(
     return state, masks
 
 
+WEIGHTS_METADATA = {"format": "pt"}  # the safetensors header's metadata (what transformers expects)
+
+
 def serialized_size(model: nn.Module) -> int:
     """Bytes the model's weights take in a secateurs save (without writing a file)."""
     from safetensors.torch import save as st_save
 
     state, masks = effective_state_dict(model)
     tensors, _, _ = pack_state(state, masks)
-    return len(st_save(tensors))
+    return len(st_save(tensors, metadata=WEIGHTS_METADATA))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -205,7 +208,7 @@ def save(
         "history": history,
     }
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS), metadata=WEIGHTS_METADATA)
         (tmp / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=2))
         size = (tmp / WEIGHTS).stat().st_size
         for fname, data in (extra_files or {}).items():

@@ -97,6 +97,7 @@ def test_latency_target_steps_through_prune(monkeypatch):
                               example_inputs=torch.randn(8, 256))
     assert len(report.config["steps_detail"]) == 2
     assert report.config["latency_ms"]["achieved"] <= 0.4 * dense  # the last step's measurement is kept
+    assert report.config["latency_ms"]["dense"] == pytest.approx(dense)  # and the dense model's, before step 1
     assert 0.3 * dense < 1e-4 * sum(p.numel() for p in model.parameters()) <= 0.4 * dense
 
 

@@ -451,6 +451,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if report.skipped:
         print("left dense: " + ", ".join(f"{k} ({v})" for k, v in report.skipped.items()))
     print(before_after_table({"before": before, "after": after}))
+    timed = report.config.get("latency_ms")
+    if timed:  # the target was measured at its own batch size, which the table above may not use
+        batch = report.config.get("latency_batch_size") or list(x.shape)[0]
+        print(f"latency target {timed['target']:.3g} ms (batch {batch}, {timed['device']}): dense "
+              f"{timed['dense']:.3g} ms -> {timed['achieved']:.3g} ms"
+              + ("" if report.config.get("target_met", True) else "  (out of reach)"))
     if steps:
         print("fine-tuned after each step, held-out accuracy: "
               + " -> ".join(f"{s['accuracy']:.4f}" for s in steps))

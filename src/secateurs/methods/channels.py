@@ -328,6 +328,8 @@ def merge_step_reports(reports: list[PruneReport], config: Channels) -> PruneRep
     skip = {f.name for f in dataclasses.fields(config)} | {"achieved_ratio"}
     final.config = config_to_dict(config) | {k: v for k, v in final.config.items() if k not in skip}
     final.config["steps_detail"] = detail
+    if "latency_ms" in final.config and "latency_ms" in reports[0].config:  # measured before the first step
+        final.config["latency_ms"] = final.config["latency_ms"] | {"dense": reports[0].config["latency_ms"]["dense"]}
     def key(name: str) -> str:  # a group's tensors; its name also holds its (shrinking) width and step-local id
         return name.partition(" channels: ")[2] or name
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+import secateurs
+from conftest import needs
 from secateurs.importance.replay import PrefixReplay
 from secateurs.methods.sensitivity import sensitivity
 
@@ -114,3 +116,25 @@ def test_no_budget_means_no_replay():
         with replay.trial([model[2].weight]):
             model(x)
     assert replay.skipped == 0
+
+
+@needs("transformers")
+def test_language_model_scan_replays_whole_decoder_layers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    data = [torch.randint(0, 64, (2, 12)) for _ in range(2)]
+    fast = sensitivity(model, data, method="unstructured", ratios=[0.5, 0.9], batches=2,
+                       config=secateurs.Unstructured(sparsity=0.5, include=["model.layers.3"]))
+    slow = sensitivity(model, data, method="unstructured", ratios=[0.5, 0.9], batches=2, replay=False,
+                       config=secateurs.Unstructured(sparsity=0.5, include=["model.layers.3"]))
+    assert [c.loss for c in fast.curves] == [c.loss for c in slow.curves] and len(fast.curves) == 7
+    assert any(c.loss[2] != c.loss[0] for c in fast.curves)
+    with PrefixReplay(model) as replay, torch.no_grad():  # the cache is off: decoder layers are answered whole
+        with replay.recording():
+            model(data[0], use_cache=False)
+        layers = [c for c in replay.runs[0].calls if type(c.module).__name__ == "LlamaDecoderLayer"]
+        assert len(layers) == 4 and all(c.usable for c in layers)

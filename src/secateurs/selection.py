@@ -139,13 +139,13 @@ def find_output_layer(model: nn.Module, example_inputs: Any = None) -> str | Non
     return last
 
 
-def call_model(model: nn.Module, example_inputs: Any) -> Any:
-    """Run ``model`` on example inputs given as a tensor, a tuple, or a dict of kwargs."""
+def call_model(model: nn.Module, example_inputs: Any, **options: Any) -> Any:
+    """Run ``model`` on example inputs given as a tensor, a tuple, or a dict of kwargs (plus ``options``)."""
     if isinstance(example_inputs, dict):
-        return model(**example_inputs)
+        return model(**example_inputs, **options)
     if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
+        return model(*example_inputs, **options)
+    return model(example_inputs, **options)
 
 
 def observe(model: nn.Module, example_inputs: Any, hooks: list[Any]) -> Any:

@@ -96,6 +96,8 @@ class _Scorer(ReferenceBatches):
         ref = first_tensor(getattr(self.reference[0], "logits", self.reference[0]))
         self.classifier = ref is not None and ref.dim() == 2 and ref.shape[1] > 1
         self.replay = PrefixReplay(model) if replay else None
+        # a language model's KV cache is state the layers share (and replay cannot compare): none is needed here
+        self.options = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", False) else {}
 
     def __enter__(self) -> _Scorer:
         if self.replay is not None:
@@ -122,7 +124,7 @@ class _Scorer(ReferenceBatches):
         with torch.no_grad(), eval_mode(self.model):
             for batch, ref in zip(self.batches, self.reference, strict=True):
                 x, y = split_batch(batch)
-                out = call_model(self.model, x)
+                out = call_model(self.model, x, **self.options)
                 loss += float(task_loss(out, batch, ref))
                 logits = first_tensor(getattr(out, "logits", out))
                 if self.classifier:

@@ -330,6 +330,7 @@ def merge_step_reports(reports: list[PruneReport], config: Channels) -> PruneRep
     final.config["steps_detail"] = detail
     if "latency_ms" in final.config and "latency_ms" in reports[0].config:  # measured before the first step
         final.config["latency_ms"] = final.config["latency_ms"] | {"dense": reports[0].config["latency_ms"]["dense"]}
+
     def key(name: str) -> str:  # a group's tensors; its name also holds its (shrinking) width and step-local id
         return name.partition(" channels: ")[2] or name
 

@@ -138,3 +138,95 @@ def test_language_model_scan_replays_whole_decoder_layers():
             model(data[0], use_cache=False)
         layers = [c for c in replay.runs[0].calls if type(c.module).__name__ == "LlamaDecoderLayer"]
         assert len(layers) == 4 and all(c.usable for c in layers)
+
+
+class _Carry(nn.Module):
+    """Carries something from one forward to the next, ahead of the pruned layer, in one of four ways."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 8)
+        self.register_buffer("running", torch.ones(8))
+        self.scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> list:
+        h = self.a(x)
+        if self.kind == "attribute":
+            self.scale = float(h.detach().abs().mean())  # read by the parent
+        elif self.kind == "buffer":  # through .data: no version bump
+            self.running.data.mul_(0.5).add_(0.5 * h.detach().abs().mean(0))
+            h = h / self.running
+        elif self.kind == "random":
+            h = h + 0.1 * torch.randn_like(h)  # later draws depend on this one having happened
+        return [h, self.b(h)]
+
+
+class _Model(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.carry = _Carry(kind)
+        self.noise = nn.Linear(8, 8)
+        self.last = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(1)  # the same draws in every forward, as long as every module runs
+        feats = self.carry(x)
+        feats[-1] = feats[-1] * 2  # the caller changes the list a module returned
+        y = (feats[0] + feats[-1]) * self.carry.scale
+        y = y + 0.1 * torch.randn_like(y)
+        return self.last(torch.relu(self.noise(y)))
+
+
+@pytest.mark.parametrize("kind", ["list", "attribute", "buffer", "random"])
+def test_state_carried_between_forwards_is_not_replayed(kind):
+    torch.manual_seed(0)
+    model = _Model(kind).eval()
+    data = [(torch.randn(5, 6), torch.randint(0, 3, (5,))) for _ in range(2)]
+    kwargs = dict(method="unstructured", ratios=[0.5, 0.9], batches=2,
+                  config=secateurs.Unstructured(sparsity=0.5, include=["last", "noise"]))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = sensitivity(model, data, **kwargs)
+    model.load_state_dict(state)
+    slow = sensitivity(model, data, replay=False, **kwargs)
+    assert [c.loss for c in fast.curves] == [c.loss for c in slow.curves]
+
+
+def test_unusual_tensors_are_run_not_recorded():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    x, mask = torch.randn(2, 5, 8), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        dense = model(x, src_key_padding_mask=mask)
+        with PrefixReplay(model) as replay:  # the fast path hands nested tensors to the layers
+            with replay.recording():
+                model(x, src_key_padding_mask=mask)
+            with replay.trial([model.layers[1].linear2.weight]):
+                again = model(x, src_key_padding_mask=mask)
+    assert torch.equal(again, dense)
+    with torch.inference_mode():
+        y = torch.randn(3, 4)
+    small = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).eval()
+    with PrefixReplay(small) as replay, torch.no_grad():
+        with replay.recording():
+            small(y)  # inference tensors have no version counter: not recorded
+        with replay.trial([small[1].weight]):
+            small(y)
+    assert replay.skipped == 0
+
+
+def test_equality_is_bitwise_and_changed_tensors_are_found_by_memory():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), nn.Linear(3, 3)).eval()
+    zero, negative_zero = torch.zeros(2, 3), -torch.zeros(2, 3)
+    with PrefixReplay(model) as replay, torch.no_grad():
+        with replay.recording():
+            model(zero)
+        with replay.trial([model[1].weight]):
+            model(negative_zero)  # equal by ==, not bit for bit: run
+        assert replay.skipped == 0
+        with replay.trial([model[1].weight.detach()]):  # the parameter's memory: still blocks the layer
+            model[1].weight.mul_(2.0)
+            out = model(zero)
+    assert torch.equal(out, model(zero))

@@ -12,7 +12,12 @@ from typing import Any
 
 import torch
 
+from secateurs.analysis import steady_allocator
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# Every benchmark times models: glibc's allocator must not make some timings page-fault bound.
+steady_allocator()
 
 
 def environment() -> dict[str, Any]:

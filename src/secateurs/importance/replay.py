@@ -100,23 +100,25 @@ def _plain(value: Any) -> bool:
     return False
 
 
+def _rebuild(value: Any, leaf: Any) -> Any:
+    """The same structure in new tuples, lists and dicts, with ``leaf`` applied to each tensor."""
+    if isinstance(value, Tensor):
+        return leaf(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rebuild(v, leaf) for v in value)
+    if isinstance(value, dict):
+        return {k: _rebuild(v, leaf) for k, v in value.items()}
+    return value
+
+
 def _snapshot(value: Any) -> Any:
     """New containers around the same tensors: the caller may change its own lists and dicts afterwards."""
-    if isinstance(value, (tuple, list)):
-        return type(value)(_snapshot(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _snapshot(v) for k, v in value.items()}
-    return value
+    return _rebuild(value, lambda t: t)
 
 
 def _copy(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_copy(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    return value
+    """New containers around copies of the tensors: an answer the caller may change in place."""
+    return _rebuild(value, Tensor.clone)
 
 
 def _storage(t: Tensor) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import Tensor, nn
@@ -49,6 +49,17 @@ def first_tensor(args: Any, kwargs: dict | None = None) -> Tensor | None:
             if isinstance(value, Tensor):
                 return value
     return None
+
+
+def map_tensors(value: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """The same structure in new tuples, lists and dicts, with ``fn`` applied to each tensor."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return value
 
 
 def output_shapes(out: Any) -> Any:

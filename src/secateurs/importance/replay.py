@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..utils import map_tensors
+
 __all__ = ["PrefixReplay"]
 
 # Activations the record keeps at most (the dense run's outputs, shared with the model's own).
@@ -100,25 +102,14 @@ def _plain(value: Any) -> bool:
     return False
 
 
-def _rebuild(value: Any, leaf: Any) -> Any:
-    """The same structure in new tuples, lists and dicts, with ``leaf`` applied to each tensor."""
-    if isinstance(value, Tensor):
-        return leaf(value)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_rebuild(v, leaf) for v in value)
-    if isinstance(value, dict):
-        return {k: _rebuild(v, leaf) for k, v in value.items()}
-    return value
-
-
 def _snapshot(value: Any) -> Any:
     """New containers around the same tensors: the caller may change its own lists and dicts afterwards."""
-    return _rebuild(value, lambda t: t)
+    return map_tensors(value, lambda t: t)
 
 
 def _copy(value: Any) -> Any:
     """New containers around copies of the tensors: an answer the caller may change in place."""
-    return _rebuild(value, Tensor.clone)
+    return map_tensors(value, Tensor.clone)
 
 
 def _storage(t: Tensor) -> int:

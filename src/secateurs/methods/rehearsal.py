@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..graph import DependencyGraph
 from ..selection import call_model
 from ..surgery import Plan, apply_plan_
-from ..utils import first_line, output_shapes
+from ..utils import first_line, map_tensors, output_shapes
 
 __all__ = ["apply_checked_", "feasible_groups", "macs_of", "meta_copy", "output_shapes", "rehearse", "to_meta"]
 
@@ -95,14 +95,12 @@ def macs_of(model: nn.Module, inputs: Any) -> int:
     return _count_macs(model, inputs)[0]
 
 
+def _meta(t: Tensor) -> Tensor:
+    return torch.empty_like(t, device="meta") if t.is_floating_point() else t.to("meta")
+
+
 def to_meta(inputs: Any) -> Any:
-    if isinstance(inputs, Tensor):
-        return torch.empty_like(inputs, device="meta") if inputs.is_floating_point() else inputs.to("meta")
-    if isinstance(inputs, dict):
-        return {k: to_meta(v) for k, v in inputs.items()}
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(to_meta(v) for v in inputs)
-    return inputs
+    return map_tensors(inputs, _meta)
 
 
 def _empty(x: Tensor, shape: Any = None, dtype: torch.dtype | None = None) -> Tensor:

@@ -37,7 +37,7 @@ from ..importance.stats import split_batch
 from ..masks import effective_state_dict, load_effective_state_, masked_tensors, plain_name
 from ..progress import Progress
 from ..selection import call_model
-from ..utils import eval_mode, first_line
+from ..utils import eval_mode, first_line, map_tensors
 from .regularize import REGULARIZERS, make_regularizer
 from .schedule import AGP, GradualPruner
 
@@ -218,13 +218,7 @@ def _loader(dataset: Dataset, options: dict[str, Any], config: FinetuneConfig, s
 
 
 def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
 
 
 def _logits(out: Any) -> Tensor:

@@ -254,7 +254,7 @@ def test_multihead_attention_narrows_every_head_and_stays_equivalent(tmp_path):
     assert model.att.embed_dim == 12 and model.att.num_heads == 4 and model.att.head_dim == 3
     assert model.att.in_proj_weight.shape == (36, 12) and model.att.out_proj.weight.shape == (12, 12)
     secateurs.save(model, tmp_path / "m")
-    assert_same_model(secateurs.load(tmp_path / "m"), model, x)
+    assert_same_model(secateurs.load(tmp_path / "m", trust_code=True), model, x)
 
 
 @needs("torchvision")

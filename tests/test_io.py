@@ -55,7 +55,7 @@ def test_finalized_sparse_model_is_still_stored_compactly(mlp, tmp_path):
     secateurs.finalize_(mlp)
     size = secateurs.save(mlp, tmp_path / "final")
     assert size < 0.3 * dense
-    loaded = secateurs.load(tmp_path / "final")
+    loaded = secateurs.load(tmp_path / "final", trust_code=True)
     assert secateurs.get_mask(loaded.fc1) is None  # finalized: no live masks come back
     x = torch.randn(3, 32)
     assert_same_model(loaded, mlp, x)
@@ -91,7 +91,7 @@ def test_tied_weights_are_pruned_once_stored_once_and_retied(tmp_path, importanc
     secateurs.save(model, tmp_path / "t")
     manifest = json.loads((tmp_path / "t" / MANIFEST).read_text())
     assert manifest["aliases"] == {"b.weight": "a.weight"}
-    loaded = secateurs.load(tmp_path / "t")
+    loaded = secateurs.load(tmp_path / "t", trust_code=True)
     assert loaded.a.parametrizations.weight.original is loaded.b.parametrizations.weight.original
     assert_same_model(loaded, model, torch.randn(3, 16))
     assert len(list(loaded.parameters())) == len(list(model.parameters()))
@@ -158,7 +158,7 @@ def test_existing_non_empty_directory_is_refused_and_untouched(mlp, tmp_path):
     secateurs.save(mlp, tmp_path / "saved", arch="tests.conftest:MLP")
     secateurs.prune_(mlp, secateurs.Unstructured(sparsity=0.5))
     secateurs.save(mlp, tmp_path / "saved", arch="tests.conftest:MLP", overwrite=True)
-    assert secateurs.get_mask(secateurs.load(tmp_path / "saved").fc1) is not None
+    assert secateurs.get_mask(secateurs.load(tmp_path / "saved", trust_code=True).fc1) is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "saved"]  # no temp dirs left behind
 
 
@@ -187,7 +187,7 @@ def test_corrupt_or_truncated_weights_are_a_clear_error(mlp, tmp_path):
     weights = tmp_path / "m" / WEIGHTS
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(SecateursError, match="corrupt or truncated"):
-        secateurs.load(tmp_path / "m")
+        secateurs.load(tmp_path / "m", trust_code=True)  # a test-local class: code
 
 
 def test_not_a_saved_model(tmp_path):

@@ -7,9 +7,12 @@ Conv/Linear modules. MACs = FLOPs / 2 for the forward pass.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,7 +25,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import SecateursError
 from .masks import effective_parameters, finalize_, masked_tensors
 from .selection import call_model, weight_names
-from .utils import eval_mode, first_line
+from .utils import describe_names, eval_mode, first_line, nonfinite_parameters
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LayerStats", "ModelStats", "analyze", "measure_latency", "steady_allocator"]
 
@@ -95,10 +100,31 @@ def _extra_formulas() -> dict[Any, Any]:
     return extra
 
 
+@contextlib.contextmanager
+def _no_grad_parameters(model: nn.Module) -> Iterator[None]:
+    """Turn ``requires_grad`` off on every parameter for the block, then restore it.
+
+    FlopCounterMode tracks modules with autograd hooks on every module input
+    that requires grad. Under ``no_grad`` a view of a parameter (timm's PiT
+    expands its ``cls_token`` and hands it to the next block) still requires
+    grad but has no grad function, and registering the hook fails with an
+    AssertionError inside autograd. With no parameter requiring grad there is
+    nothing to hook, and counting needs no gradients anyway.
+    """
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, requires_grad in saved:
+            p.requires_grad_(requires_grad)
+
+
 def _count_macs(model: nn.Module, inputs: Any) -> tuple[int, dict[str, int]]:
     counter = FlopCounterMode(display=False, depth=None, custom_mapping=_extra_formulas())
     try:
-        with torch.no_grad(), eval_mode(model), counter:
+        with torch.no_grad(), _no_grad_parameters(model), eval_mode(model), counter:
             call_model(model, inputs)
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         shape = list(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
@@ -200,6 +226,10 @@ def analyze(
     """
     from .io.checkpoint import serialized_size  # io builds on analysis, not the reverse
 
+    bad = nonfinite_parameters(model)
+    if bad:
+        log.warning("weights of %s contain NaN/inf: the model's outputs (and latency) may be meaningless; "
+                    "fix the model before pruning it", describe_names(bad))
     total_macs, per_module = _count_macs(model, example_inputs)
     effective = dict(effective_parameters(model))
     nonzeros = {name: int(t.count_nonzero()) for name, t in effective.items()}

@@ -7,6 +7,7 @@ status 2; nothing is written in that case.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,10 +19,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import SecateursError
+from .io.atomic import output_lock
 
 __all__ = ["main", "build_parser"]
 
 EXIT_BAD_INPUT = 2
+EXIT_BUG = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,7 +55,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="allow unpickling a whole model from a torch file (runs code: trusted files only); "
                    "with --arch, that spec is recorded to rebuild it")
     p.add_argument("--trust-code", action="store_true",
-                   help="let a saved model folder call the factory function its manifest names")
+                   help="let a saved model folder import and run the code its manifest names (a module:factory "
+                   "outside secateurs' zoo, torchvision, timm and transformers, or unusual constructor options); "
+                   "trusted folders only")
     p.add_argument("--input-shape", metavar="SHAPE", help="example input shape, e.g. 1,3,224,224 "
                    "(images default to 224x224, language models get token ids)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -147,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore", metavar="NAME[,NAME]", help="modules to leave alone (names, prefixes, globs)")
     p.add_argument("--include", metavar="NAME[,NAME]", help="prune only these modules")
     p.add_argument("--prune-output-layer", action="store_true", help="also prune the final layer")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="prune even if some weights are NaN or inf (refused by default)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
     p.add_argument("--report", action="store_true", help="also write report.html (charts) into --out")
 
@@ -270,6 +277,8 @@ def _method_config(args: argparse.Namespace) -> Any:
     if args.nm is not None:
         given["n"], given["m"] = parse_nm(args.nm)
     given.update({k: True for k in _SWITCHES if getattr(args, k)})
+    if getattr(args, "allow_nonfinite", False):
+        given["allow_nonfinite"] = True
     if args.layers is not None:
         if args.method != "layer":
             raise SecateursError(f"--layers does not apply to --method {args.method}")
@@ -293,17 +302,62 @@ def _method_config(args: argparse.Namespace) -> Any:
     return cls(**given)
 
 
+def _inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """Every file or folder the run reads, with the flag that names it."""
+    from .data.specs import data_path
+
+    model = getattr(args, "model", None)  # `report` reads a folder (dir) instead
+    given = [("the input model", model[3:] if model and model.startswith("hf:") else model),
+             ("the input model's weights (--weights)", getattr(args, "weights", None)),
+             ("--sensitivity", getattr(args, "sensitivity", None)),
+             ("the model folder (the model's own files)", getattr(args, "dir", None))]
+    if getattr(args, "teacher", None) not in (None, "dense"):
+        given.append(("--teacher", args.teacher[3:] if args.teacher.startswith("hf:") else args.teacher))
+    for flag in ("data", "ppl"):
+        spec = getattr(args, flag, None)
+        if spec is not None and data_path(spec) is not None:
+            given.append((f"--{flag}", str(data_path(spec))))
+    return [(what, Path(p)) for what, p in given if p is not None and Path(p).exists()]
+
+
+def _check_outputs(args: argparse.Namespace, outputs: dict[str, Path]) -> None:
+    """Refuse outputs that are, contain or sit inside an input, or each other: nothing read may be written."""
+    inputs = _inputs(args)
+    named = list(outputs.items())
+    for i, (flag, out) in enumerate(named):
+        dst = out.resolve()
+        others = inputs + [(other_flag, p) for other_flag, p in named[i + 1:]]
+        for what, given in others:
+            src = given.resolve()
+            if dst == src or src in dst.parents or dst in src.parents:
+                raise SecateursError(f"{flag} '{out}' would overwrite or sit inside {what} '{given}': "
+                                     "choose another path")
+
+
 def _check_out_not_input(args: argparse.Namespace) -> None:
-    dst = Path(args.out).resolve()
-    model_path = args.model[3:] if args.model.startswith("hf:") else args.model
-    for given in (model_path, args.weights):
-        if given is None or not Path(given).exists():
-            continue
-        src = Path(given).resolve()
-        if dst == src or src in dst.parents or dst in src.parents:
-            raise SecateursError(
-                f"--out '{args.out}' would overwrite the input model '{given}': choose another directory"
-            )
+    _check_outputs(args, {"--out": Path(args.out)})
+
+
+def _checkpoint_dir(args: argparse.Namespace) -> Path:
+    """``finetune``'s checkpoint folder: --checkpoint-dir, or OUT.ckpt beside --out."""
+    if args.checkpoint_dir:
+        return Path(args.checkpoint_dir)
+    return Path(args.out).with_name(Path(args.out).name + ".ckpt")
+
+
+def _check_checkpoint_dir(ckpt: Path) -> None:
+    """A checkpoint folder may exist only with checkpoints of ours in it (they are overwritten)."""
+    from .train.trainer import CHECKPOINT
+
+    if ckpt.exists() and not ckpt.is_dir():
+        raise SecateursError(f"checkpoint folder '{ckpt}' is a file: choose another --checkpoint-dir")
+    if ckpt.is_dir():
+        foreign = sorted(e.name for e in ckpt.iterdir()
+                         if e.is_symlink() or not e.is_file()
+                         or not (e.name == CHECKPOINT or e.name.startswith(f".{CHECKPOINT}.tmp-")))
+        if foreign:
+            raise SecateursError(f"checkpoint folder '{ckpt}' holds files secateurs did not write "
+                                 f"({', '.join(foreign[:3])}): choose another --checkpoint-dir (or --out)")
 
 
 def _batch_size(args: argparse.Namespace) -> int:
@@ -384,8 +438,10 @@ def _html_report(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, 
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report.html import write_report
+    from .report.html import REPORT_NAME, write_report
 
+    if args.out is not None and Path(args.out).resolve() != (Path(args.dir) / REPORT_NAME).resolve():
+        _check_outputs(args, {"--out": Path(args.out)})  # DIR/report.html is the folder's own page
     path = write_report(args.dir, args.out, sensitivity=args.sensitivity,
                         overwrite=args.overwrite or args.out is None)  # DIR/report.html is ours to refresh
     print(path)
@@ -397,14 +453,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .io.atomic import check_output_dir
     from .io.checkpoint import save
     from .methods import prune_
+    from .methods.registry import check_finite
     from .report import before_after_table
 
     config = _method_config(args)
     _check_out_not_input(args)
     check_output_dir(Path(args.out), args.overwrite)  # fail before the slow part
+    if args.data is not None:
+        from .data.specs import check_data_spec
+
+        check_data_spec(args.data)
     _check_report_deps(args)
     start = time.perf_counter()
     model, x = _load(args)
+    check_finite(model, config)  # before analyze warns about the same weights
     before = analyze(model, x, latency=not args.no_latency).to_dict()
     data = _calibration(args, config, x) if args.data is not None else None
     if args.finetune_epochs:
@@ -464,6 +526,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .data.specs import check_data_spec
+
+    check_data_spec(args.ppl, images=False) if args.ppl is not None else check_data_spec(args.data, text=False)
     model, x = _load(args)
     result: dict[str, Any] = {"model": args.model}
     if args.ppl is not None:
@@ -511,17 +576,20 @@ def _teacher(args: argparse.Namespace) -> Any:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    import shutil
-
     from .data import dataset
+    from .data.specs import check_data_spec
     from .io.atomic import check_output_dir
     from .io.checkpoint import save
     from .train import evaluate_dataset, finetune
+    from .train.trainer import CHECKPOINT
 
-    _check_out_not_input(args)
+    ckpt = _checkpoint_dir(args)
+    _check_outputs(args, {"--out": Path(args.out), "--checkpoint-dir" if args.checkpoint_dir else "the checkpoint "
+                          "folder (--checkpoint-dir)": ckpt})
     check_output_dir(Path(args.out), args.overwrite)
+    _check_checkpoint_dir(ckpt)
+    check_data_spec(args.data, text=False)
     _check_report_deps(args)
-    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.out).with_name(Path(args.out).name + ".ckpt")
     config = _finetune_config(args, checkpoint_dir=str(ckpt), resume=args.resume)
     model, x = _load(args)
     teacher = _teacher(args)
@@ -538,8 +606,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     save(model, args.out, report=summary, input_shape=list(x.shape), overwrite=args.overwrite,
          extra_files={"report.json": json.dumps(summary, indent=2, default=str).encode(),
                       **_html_report(args, summary)})
-    if not args.checkpoint_dir:
-        shutil.rmtree(ckpt, ignore_errors=True)
+    if not args.checkpoint_dir:  # only what we wrote: the checkpoint, then the folder if that leaves it empty
+        (ckpt / CHECKPOINT).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            ckpt.rmdir()
     summary["out"] = args.out
     if args.json:
         _emit_json(summary)
@@ -569,6 +639,9 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         ratios = sorted({float(r) for r in args.ratios.split(",")})
     except ValueError:
         raise SecateursError(f"--ratios must be comma-separated fractions, got '{args.ratios}'") from None
+    from .data.specs import check_data_spec
+
+    check_data_spec(args.data)
     model, x = _load(args)
     data = _calibration(args, argparse.Namespace(calib_batches=args.batches), x)
     from .methods import config_class
@@ -719,13 +792,50 @@ def main(argv: list[str] | None = None) -> int:
 
         steady_allocator()  # steady latencies: no page faults per large activation
     try:
-        return COMMANDS[args.command](args)
+        with contextlib.ExitStack() as locks:
+            for path in _outputs(args):
+                locks.enter_context(output_lock(path))
+            return COMMANDS[args.command](args)
     except SecateursError as exc:
-        print(f"secateurs: error: {exc}", file=sys.stderr)
+        print(f"secateurs: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("secateurs: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("secateurs: error: out of memory: use a smaller --input-shape/--batch-size, or a machine with more "
+              "memory", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # a bug of ours: still one line, the traceback with -v
+        logging.getLogger(__name__).debug("traceback", exc_info=True)
+        print(f"secateurs: error: unexpected {type(exc).__name__} ({_one_line(str(exc) or '-')}): this is a bug; "
+              "rerun with -v to see the traceback and please report it", file=sys.stderr)
+        return EXIT_BUG
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _outputs(args: argparse.Namespace) -> list[Path]:
+    """What the command writes, locked for the whole run so a second run on the same path fails at once.
+
+    Under torchrun only rank 0 writes, so only it locks.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return []
+    if args.command in ("prune", "finetune"):  # folders: missing parents are created
+        return [Path(args.out), *([_checkpoint_dir(args)] if args.command == "finetune" else [])]
+    if args.command in ("export", "sensitivity", "report"):  # files: their folder must exist
+        from .report.html import REPORT_NAME
+
+        out = Path(args.out) if args.out else Path(args.dir) / REPORT_NAME
+        if not args.out and not out.parent.is_dir():
+            return []  # write_report says the folder is not a model folder
+        if not out.parent.is_dir():
+            raise SecateursError(f"directory '{out.parent}' does not exist: create it first")
+        return [out]
+    return []
 
 
 if __name__ == "__main__":

@@ -86,12 +86,16 @@ class Selection:
         include: if given, only modules matching one of these names are pruned.
         filter_fn: optional predicate ``(module, name) -> bool``; False skips it.
         prune_output_layer: also prune the model's final (output) layer.
+        allow_nonfinite: prune even if some parameters hold NaN or inf. Off by
+            default: scores computed from them are meaningless, so the model is
+            refused (CLI: ``--allow-nonfinite``).
     """
 
     ignore: Sequence[str] = ()
     include: Sequence[str] | None = None
     filter_fn: FilterFn | None = field(default=None, repr=False, compare=False)
     prune_output_layer: bool = False
+    allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.ignore, str):

@@ -6,9 +6,10 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["eval_mode", "first_line", "first_tensor", "output_shapes"]
+__all__ = ["describe_names", "eval_mode", "first_line", "first_tensor", "nonfinite_parameters", "output_shapes"]
 
 
 @contextlib.contextmanager
@@ -29,6 +30,18 @@ def eval_mode(model: nn.Module, training: bool = False) -> Iterator[nn.Module]:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters holding a NaN or an infinity (meta tensors are skipped)."""
+    return [name for name, p in model.named_parameters()
+            if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all())]
+
+
+def describe_names(names: list[str], limit: int = 3) -> str:
+    """``'a', 'b' and 2 more``: a short list of names for a one-line message."""
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def first_tensor(args: Any, kwargs: dict | None = None) -> Tensor | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,10 +83,21 @@ def _image_folder(root: Path, split: str, input_shape: Sequence[int] | None, lim
     except (FileNotFoundError, RuntimeError) as exc:
         raise SecateursError(f"cannot read images from '{folder}' ({exc}): expected one subfolder per class") from None
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:limit]
+    from PIL import Image  # torchvision's ImageFolder reads with PIL
+
     samples = []
     for i in order.tolist():
         try:
-            samples.append(ds[i])
+            with warnings.catch_warnings():
+                # PIL only warns between MAX_IMAGE_PIXELS and twice that, then decodes it all anyway
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                samples.append(ds[i])
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise SecateursError(f"image '{ds.samples[i][0]}' is too large to decode ({first_line(exc)}): "
+                                 "remove or shrink the file") from None
+        except MemoryError:
+            raise SecateursError(f"image '{ds.samples[i][0]}' is too large to decode (out of memory): "
+                                 "remove or shrink the file") from None
         except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
             raise SecateursError(f"cannot read image '{ds.samples[i][0]}' ({first_line(exc)}): "
                                  "remove or replace the file") from None

@@ -20,9 +20,10 @@ from torch import nn
 
 from ..errors import SecateursError
 from ..utils import first_line
+from .policy import check_kwargs, check_source
 
 __all__ = [
-    "SOURCE_ATTR", "attach_source", "build", "build_pruned", "check_rebuildable", "describe", "parse_arch", "require", "source_of",
+    "BuildError", "SOURCE_ATTR", "attach_source", "build", "build_pruned", "check_rebuildable", "describe", "parse_arch", "require", "source_of",
 ]
 
 SOURCE_ATTR = "_secateurs_source"
@@ -112,32 +113,38 @@ def _resolve(target: str) -> Any:
     return obj
 
 
+class BuildError(SecateursError):
+    """The architecture's own constructor failed (on the meta device that may only mean it needs real tensors)."""
+
+
+def _torchvision_model(tv: Any, name: str, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        builder = tv.get_model_builder(name)
+    except ValueError:
+        raise SecateursError(f"torchvision has no model '{name}': see torchvision.models.list_models()") from None
+    # detection and segmentation builders fetch backbone weights unless told not to
+    no_download = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
+    return builder(**({"weights": None} | no_download | kwargs))
+
+
 def build(source: dict[str, Any], *, trust_code: bool = True) -> nn.Module:
     """Build a freshly initialised model from a source dict.
 
     Args:
         source: the recipe (see the module docstring).
-        trust_code: allow a ``factory`` that is a plain function. A manifest
-            from someone else could name any importable function (``os:system``),
-            so :func:`secateurs.load` passes False unless told otherwise; classes
-            that subclass ``nn.Module`` are always allowed.
+        trust_code: allow any ``factory`` and any constructor keywords. A manifest
+            from someone else could name any importable module (``os:system``), so
+            :func:`secateurs.load` passes False unless told otherwise: then only the
+            builders :mod:`secateurs.io.policy` allows are imported and called.
     """
-    if not isinstance(source, dict):
-        raise SecateursError("the architecture record in the manifest is malformed: re-save the model")
-    kind = source.get("kind")
+    check_source(source, trust_code=trust_code)
+    kind = source["kind"]
     kwargs = source.get("kwargs", {})
     if not isinstance(kwargs, dict):
         raise SecateursError("the architecture kwargs in the manifest are malformed: re-save the model")
     try:
         if kind == "torchvision":
-            tv = require("torchvision.models", "vision")
-            name = source["name"]
-            try:
-                model = tv.get_model(name, weights=None, **kwargs)
-            except ValueError:
-                raise SecateursError(
-                    f"torchvision has no model '{name}': see torchvision.models.list_models()"
-                ) from None
+            model = _torchvision_model(require("torchvision.models", "vision"), source["name"], kwargs)
         elif kind == "timm":
             timm = require("timm", "vision")
             name = source["name"]
@@ -147,14 +154,13 @@ def build(source: dict[str, Any], *, trust_code: bool = True) -> nn.Module:
         elif kind == "factory":
             target = source["target"]
             fn = _resolve(target)
-            is_module_class = isinstance(fn, type) and issubclass(fn, nn.Module)
-            if not is_module_class and not trust_code:
-                raise SecateursError(
-                    f"the model folder asks to run the function '{target}' to rebuild the model: "
-                    "load it with trust_code=True (CLI: --trust-code) only if you trust where it came from"
-                )
             if not callable(fn):
                 raise SecateursError(f"'{target}' is not callable: point at a factory function or class")
+            if not trust_code:
+                if not (isinstance(fn, type) and issubclass(fn, nn.Module)):
+                    raise SecateursError(f"'{target}' is not a model class: load it with trust_code=True "
+                                         "(CLI: --trust-code) only if you trust where it came from")
+                check_kwargs(source, kwargs, allowed=set(inspect.signature(fn).parameters))
             try:
                 model = fn(**kwargs)
             except TypeError as exc:
@@ -163,30 +169,64 @@ def build(source: dict[str, Any], *, trust_code: bool = True) -> nn.Module:
                 ) from None
             if not isinstance(model, nn.Module):
                 raise SecateursError(f"'{target}' returned {type(model).__name__}, not a torch.nn.Module")
-        elif kind == "hf":
-            transformers = require("transformers", "hf")
-            cfg = dict(source["config"])
-            cls = getattr(transformers, source["class"], None)
-            if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-                raise SecateursError(
-                    f"transformers has no model class {source['class']}: install the version the model was saved with"
-                )
-            config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-            model = cls(config)
         else:
-            raise SecateursError(f"unknown architecture kind '{kind}' in manifest: re-save the model")
+            model = _hf_model(source)
+    except SecateursError:
+        raise
     except KeyError as exc:
         raise SecateursError(f"the architecture record lacks {exc}: re-save the model") from None
+    except Exception as exc:  # the builder refused its options (a wrong type, an impossible size)
+        raise BuildError(f"building {describe(source)} failed ({first_line(exc)}): check its options "
+                             "(or re-save the model)") from exc
     return attach_source(model, source)
 
 
-def build_pruned(source: dict[str, Any], structure: list[dict[str, Any]], *, trust_code: bool = True) -> nn.Module:
-    """Build the architecture, then replay the structural pruning plans on it."""
-    from ..surgery import Plan, apply_plan_
+def _hf_model(source: dict[str, Any]) -> nn.Module:
+    transformers = require("transformers", "hf")
+    cfg = dict(source["config"])
+    cls = getattr(transformers, source["class"], None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise SecateursError(
+            f"transformers has no model class {source['class']}: install the version the model was saved with"
+        )
+    model_type = cfg.pop("model_type", None)
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SecateursError(f"transformers cannot make a {model_type!r} config from the manifest "
+                             f"({first_line(exc)}): install the version the model was saved with") from None
+    wanted = getattr(cls, "config_class", None)
+    if isinstance(wanted, type) and not isinstance(config, wanted):
+        raise SecateursError(f"{source['class']} takes a {wanted.__name__}, but the manifest's config is a "
+                             f"{type(config).__name__}: re-save the model")
+    return cls(config)
 
+
+def build_pruned(source: dict[str, Any], structure: list[Any], *, trust_code: bool = True) -> nn.Module:
+    """Build the architecture, then replay the structural pruning plans on it.
+
+    Args:
+        source: the recipe (see the module docstring).
+        structure: the plans, as :class:`~secateurs.surgery.Plan` or their dict form
+            (checked before anything is built).
+        trust_code: see :func:`build`.
+    """
+    from ..surgery import STRUCTURE_ATTR, Plan, apply_plan_
+
+    plans = [plan if isinstance(plan, Plan) else Plan.from_dict(plan) for plan in structure]
     model = build(source, trust_code=trust_code)
-    for plan in structure:
-        apply_plan_(model, Plan.from_dict(plan))
+    for i, plan in enumerate(plans):
+        if plan.is_empty():
+            continue
+        try:
+            apply_plan_(model, plan)
+        except SecateursError as exc:
+            raise SecateursError(f"structural plan {i + 1} in the manifest does not fit the architecture ({exc}): "
+                                 "re-save the model") from None
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            raise SecateursError(f"structural plan {i + 1} in the manifest does not fit the architecture "
+                                 f"({first_line(exc)}): re-save the model") from None
+    setattr(model, STRUCTURE_ATTR, [plan.to_dict() for plan in plans if not plan.is_empty()])
     return model
 
 

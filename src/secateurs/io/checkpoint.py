@@ -16,6 +16,7 @@ reload still keeps pruned weights at zero.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +27,12 @@ from torch import Tensor, nn
 
 from ..errors import SecateursError
 from ..masks import effective_state_dict, mask_tied_
-from ..surgery import STRUCTURE_ATTR
+from ..surgery import STRUCTURE_ATTR, Plan
 from ..utils import first_line
-from .arch import attach_source, build_pruned, check_rebuildable, source_of
+from .arch import BuildError, attach_source, build_pruned, check_rebuildable, describe, source_of
 from .atomic import atomic_dir
-from .inputs import INPUT_ATTR
+from .inputs import INPUT_ATTR, MAX_INPUT_ELEMENTS
+from .policy import check_depth, check_source
 
 __all__ = ["MANIFEST", "WEIGHTS", "save", "load", "read_manifest", "pack_state", "unpack_state",
            "is_saved_model", "serialized_size"]
@@ -206,9 +208,14 @@ def save(
         "tensors": layout,
         "aliases": aliases,
         "history": history,
+        "files": sorted({WEIGHTS, MANIFEST, *(extra_files or {})}),  # what --overwrite may replace
     }
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata=WEIGHTS_METADATA)
+        try:
+            save_file(tensors, str(tmp / WEIGHTS), metadata=WEIGHTS_METADATA)
+        except Exception as exc:  # safetensors reports a full disk as its own SafetensorError
+            raise SecateursError(f"cannot write the weights to '{path}' ({first_line(exc)}): "
+                                 "check the free disk space, or choose another --out") from None
         (tmp / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=2))
         size = (tmp / WEIGHTS).stat().st_size
         for fname, data in (extra_files or {}).items():
@@ -229,76 +236,202 @@ def is_saved_model(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check a saved model's manifest."""
-    mpath = Path(path) / MANIFEST
-    if not mpath.is_file():
-        raise SecateursError(f"'{path}' is not a secateurs model directory (no {MANIFEST})")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SecateursError(f"{mpath} is not valid JSON ({first_line(exc)}): re-save the model") from None
+MAX_MANIFEST_BYTES = 64 * 2**20  # histories of large models take a few MB
+_INPUT_KINDS = (None, "float", "tokens")
+
+
+def _regular_file(folder: Path, name: Any, what: str) -> Path:
+    """``folder/name``, refusing anything but a plain file name of a regular file inside ``folder``."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise SecateursError(f"the manifest in '{folder}' names the {what} {str(name)[:80]!r}, which is not a file "
+                             "name inside the folder: re-save the model")
+    path = folder / name
+    if path.is_symlink():
+        raise SecateursError(f"the {what} '{path}' is a symlink: copy the real file into the folder "
+                             "(a model folder must not read files outside itself)")
+    if not path.is_file():
+        raise SecateursError(f"{what} '{path}' is missing: re-save the model")
+    return path
+
+
+def _check_manifest(manifest: Any, mpath: Path) -> None:
+    check_depth(manifest)
     if (
         not isinstance(manifest, dict)
         or manifest.get("format") != "secateurs"
         or not isinstance(manifest.get("tensors"), dict)
         or not isinstance(manifest.get("source"), dict)
         or not isinstance(manifest.get("aliases", {}), dict)
-        or not isinstance(manifest.get("format_version"), int)
+        or not isinstance(manifest.get("structure", []), list)
+        or not isinstance(manifest.get("history", []), list)
+        or type(manifest.get("format_version")) is not int
     ):
         raise SecateursError(f"{mpath} is not a valid secateurs manifest: re-save the model")
     if manifest["format_version"] > FORMAT_VERSION:
         raise SecateursError(
-            f"{path} was saved by a newer secateurs (format {manifest['format_version']}): upgrade secateurs"
+            f"{mpath.parent} was saved by a newer secateurs (format {manifest['format_version']}): upgrade secateurs"
         )
+    for name, entry in manifest["tensors"].items():
+        if not (
+            isinstance(entry, dict)
+            and entry.get("format") in ("dense", "bitmask")
+            and isinstance(entry.get("dtype"), str)
+            and isinstance(entry.get("shape"), list)
+            and all(type(d) is int and d >= 0 for d in entry["shape"])
+        ):
+            raise SecateursError(f"{mpath} describes tensor {name[:80]!r} wrongly: re-save the model")
+    if not all(isinstance(k, str) and isinstance(v, str) and v in manifest["tensors"]
+               for k, v in manifest.get("aliases", {}).items()):
+        raise SecateursError(f"{mpath} has aliases to tensors it does not store: re-save the model")
+    check_input_record(manifest.get("input"), f"{mpath}: ")
+
+
+def check_input_record(record: Any, where: str = "") -> None:
+    """Refuse a recorded example input that is not ``{"shape": [positive ints], "kind": float|tokens}``."""
+    if record is None:
+        return
+    shape = record.get("shape") if isinstance(record, dict) else None
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or not all(type(d) is int and d > 0 for d in shape)
+        or math.prod(shape) > MAX_INPUT_ELEMENTS
+        or record.get("kind") not in _INPUT_KINDS
+    ):
+        raise SecateursError(f"{where}the recorded example input {str(record)[:80]} is not a shape of positive "
+                             f"sizes (at most {MAX_INPUT_ELEMENTS} elements) of kind float or tokens: "
+                             "re-save the model, or pass --input-shape")
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check a saved model's manifest (bounded in size and depth; every field typed)."""
+    folder = Path(path)
+    mpath = folder / MANIFEST
+    if not mpath.exists() and not mpath.is_symlink():
+        raise SecateursError(f"'{path}' is not a secateurs model directory (no {MANIFEST})")
+    mpath = _regular_file(folder, MANIFEST, "manifest")
+    size = mpath.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise SecateursError(f"{mpath} is {size / 2**20:.0f} MiB, more than any secateurs manifest "
+                             f"({MAX_MANIFEST_BYTES // 2**20} MiB): it was not written by secateurs")
+    try:
+        manifest = json.loads(mpath.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SecateursError(f"{mpath} is not valid JSON ({first_line(exc)}): re-save the model") from None
+    except RecursionError:
+        raise SecateursError(f"{mpath} is nested too deeply to be a secateurs manifest: re-save the model") from None
+    _check_manifest(manifest, mpath)
     return manifest
+
+
+def _expected_tensors(layout: dict[str, Any]) -> dict[str, tuple[str, list[int]]]:
+    """What the weights file must hold, by name: ``(dtype, shape)``."""
+    want: dict[str, tuple[str, list[int]]] = {}
+    for name, entry in layout.items():
+        if entry["format"] == "dense":
+            want[name] = (entry["dtype"], entry["shape"])
+        else:
+            want[f"{name}::bits"] = ("uint8", [(math.prod(entry["shape"]) + 7) // 8])
+            want[f"{name}::values"] = (entry["dtype"], [-1])  # as many as the mask keeps
+    return want
+
+
+def _read_weights(wpath: Path, layout: dict[str, Any]) -> dict[str, Tensor]:
+    """The weights file's tensors, after checking its header against the manifest (nothing read before)."""
+    from safetensors import safe_open
+
+    want = _expected_tensors(layout)
+    try:
+        with safe_open(str(wpath), framework="pt") as f:
+            names = set(f.keys())
+            if names != set(want):
+                odd = sorted(names ^ set(want))[:2]
+                raise SecateursError(f"weights file {wpath} does not match its manifest (differs at {odd}): "
+                                     "re-save the model")
+            for name, (dtype, shape) in want.items():
+                info = f.get_slice(name)
+                got_dtype = _SAFETENSORS_DTYPES.get(info.get_dtype(), info.get_dtype())
+                got_shape = list(info.get_shape())
+                if got_dtype != dtype or (shape != got_shape and not (shape == [-1] and len(got_shape) == 1)):
+                    raise SecateursError(
+                        f"tensor '{name}' in {wpath} is {got_dtype} {got_shape}, but the manifest says {dtype} "
+                        f"{shape}: the file was changed after saving; re-save the model")
+            return {name: f.get_tensor(name) for name in want}
+    except SecateursError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise SecateursError(
+            f"weights file {wpath} is corrupt or truncated ({first_line(exc)}): re-save the model"
+        ) from None
+
+
+# safetensors' header names -> torch's
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32",
+                       "U64": "uint64"}
+
+
+def _signature(state: dict[str, Tensor]) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Shape and whether it holds floating-point numbers, per tensor name."""
+    return {k: (tuple(v.shape), v.is_floating_point()) for k, v in state.items()}
+
+
+def _meta_signature(source: dict[str, Any], plans: list[Plan], trust_code: bool) -> dict[str, Any]:
+    """The rebuilt architecture's tensors, from a build on the meta device (no memory spent)."""
+    with torch.device("meta"):
+        model = build_pruned(source, plans, trust_code=trust_code)
+    return _signature(model.state_dict())
 
 
 def load(path: str | os.PathLike[str], *, trust_code: bool = False) -> nn.Module:
     """Rebuild a model saved by :func:`save`, without unpickling anything.
 
-    The architecture is rebuilt from the manifest, weights come from
-    safetensors, tied weights are tied again and live masks are re-applied.
+    The folder is treated as data: the manifest is checked, the architecture it
+    names must be one :mod:`secateurs.io.policy` allows (or ``trust_code``), it is
+    first built on the meta device and compared with the weights file, and only
+    then built for real. Weights come from safetensors, tied weights are tied
+    again and live masks are re-applied.
 
     Args:
         path: the saved directory.
-        trust_code: allow the manifest to name a factory *function* (rather
-            than an ``nn.Module`` class) to rebuild the model. Only for folders
-            you trust: the function is imported and called.
+        trust_code: allow the manifest to name any factory (a function or a class
+            outside secateurs' zoo, torchvision, timm and transformers) and any
+            constructor keywords. Only for folders you trust: the code is imported
+            and called.
 
     Returns:
         The model, in eval mode.
     """
-    from safetensors.torch import load_file
-
-    manifest = read_manifest(path)
-    wpath = Path(path) / str(manifest.get("weights", WEIGHTS))
-    if not wpath.is_file():
-        raise SecateursError(f"weights file {wpath} is missing: re-save the model")
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    layout = manifest["tensors"]
+    wpath = _regular_file(folder, manifest.get("weights", WEIGHTS), "weights file")
+    plans = [plan for plan in map(Plan.from_dict, manifest.get("structure", [])) if not plan.is_empty()]
+    stored = {k: (tuple(e["shape"]), e["dtype"] in _FLOAT_NAMES) for k, e in layout.items()}
+    expected = stored | {k: stored[v] for k, v in manifest.get("aliases", {}).items()}
+    source = manifest["source"]
+    check_source(source, trust_code=trust_code)  # before anything is imported
     try:
-        tensors = load_file(str(wpath))
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise SecateursError(
-            f"weights file {wpath} is corrupt or truncated ({first_line(exc)}): re-save the model"
-        ) from None
+        rebuilt = _meta_signature(source, plans, trust_code)
+    except SecateursError as exc:
+        if not isinstance(exc, BuildError):
+            raise
+        rebuilt = _unchecked(source, trust_code, exc)
+    except Exception as exc:
+        rebuilt = _unchecked(source, trust_code, exc)
+    if rebuilt is not None:
+        _mismatch(rebuilt, expected)
+    tensors = _read_weights(wpath, layout)
     try:
-        state, masks = unpack_state(tensors, manifest["tensors"], manifest.get("aliases", {}))
+        state, masks = unpack_state(tensors, layout, manifest.get("aliases", {}))
     except (KeyError, TypeError, RuntimeError) as exc:
         raise SecateursError(
             f"weights file {wpath} does not match its manifest ({first_line(exc)}): re-save the model"
         ) from None
-    structure = manifest.get("structure", [])
-    if not isinstance(structure, list):
-        raise SecateursError(f"the manifest in {path} has a malformed structure list: re-save the model")
-    model = build_pruned(manifest["source"], structure, trust_code=trust_code)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != found:
-        diff = sorted(set(expected) ^ set(found)) or [k for k in expected if expected[k] != found[k]]
-        raise SecateursError(
-            f"saved weights do not fit the rebuilt architecture (they differ at {diff[:3]}): "
-            "the architecture's code changed since saving"
-        )
+    model = build_pruned(manifest["source"], plans, trust_code=trust_code)
+    if rebuilt is None:
+        _mismatch(_signature(model.state_dict()), expected)
     model.load_state_dict(state, strict=True, assign=True)
     _retie(model, manifest.get("aliases", {}))
     for name, mask in masks.items():
@@ -309,6 +442,28 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False) -> nn.Module
     if manifest.get("input"):
         setattr(model, INPUT_ATTR, manifest["input"])
     return model.eval()
+
+
+def _unchecked(source: dict[str, Any], trust_code: bool, exc: BaseException) -> None:
+    """Some constructors cannot run on meta tensors (torchvision's RegNets): build for real, unless the
+    folder chose the sizes (constructor options, a transformers config) and the user did not opt in."""
+    if not trust_code and (source.get("kwargs") or source.get("kind") == "hf"):
+        raise SecateursError(f"cannot check the sizes the model folder asks for before building {describe(source)} "
+                             f"({first_line(exc)}): load it with trust_code=True (CLI: --trust-code) only if you "
+                             "trust where it came from") from None
+
+
+def _mismatch(have: dict[str, Any], want: dict[str, Any]) -> None:
+    """Refuse weights whose names, shapes or kind of numbers (float or not) differ from the architecture's."""
+    if have != want:
+        diff = sorted(set(have) ^ set(want)) or [f"{k}: {want[k]} for {have[k]}" for k in have if have[k] != want[k]]
+        raise SecateursError(
+            f"saved weights do not fit the rebuilt architecture (they differ at {diff[:3]}; (shape, floating)): "
+            "the architecture's code changed since saving, or the manifest was edited"
+        )
+
+
+_FLOAT_NAMES = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
 
 
 def _retie(model: nn.Module, aliases: dict[str, str]) -> None:

@@ -9,9 +9,9 @@ the example inputs. Files are written atomically (temporary file + rename).
 from __future__ import annotations
 
 import copy
+import io
 import os
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,7 @@ from ..selection import call_model
 from ..surgery.fold import fold_batchnorm_
 from ..utils import eval_mode, first_line, first_tensor
 from .arch import require
-from .atomic import finish_file
+from .atomic import clean_stale, finish_file, make_temp_dir, output_lock
 
 __all__ = ["EXPORT_FORMATS", "ExportResult", "analyze_exported", "export_model", "exported_input_dtype",
            "exported_input_shape", "run_exported"]
@@ -67,7 +67,9 @@ def _write(model: nn.Module, inputs: tuple[Any, ...], fmt: str, path: Path) -> N
                           dynamic_axes={n: {0: "batch"} for n in [*names, "output"]}, dynamo=False)
     elif fmt == "torchscript":
         traced = torch.jit.trace(model, inputs, check_trace=False)
-        traced.save(str(path))
+        buffer = io.BytesIO()  # C++ aborts the process when the disk is full: let Python write the bytes
+        torch.jit.save(traced, buffer)
+        path.write_bytes(buffer.getvalue())
     else:
         batch = torch.export.Dim("batch", min=1, max=4096)
         shapes = tuple({0: batch} if isinstance(t, Tensor) and t.dim() > 0 else None for t in inputs)
@@ -199,13 +201,24 @@ def export_model(
         inputs = tuple(t.half().to(device) if isinstance(t, Tensor) and t.is_floating_point() else t for t in inputs)
     # the file is written under its own name in a private folder beside the target (a torch.export
     # archive names its top folder after the file), then renamed into place
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    with output_lock(path):
+        clean_stale(path)
+        try:
+            staging = make_temp_dir(path)
+        except OSError as exc:
+            raise SecateursError(f"cannot write to '{path.parent}' ({first_line(exc)}): choose a writable --out") from None
+        return _write_checked(work, inputs, format, path, staging, reference, folded=folded, half=half)
+
+
+def _write_checked(work: nn.Module, inputs: tuple[Any, ...], format: str, path: Path, staging: Path,
+                   reference: Tensor, *, folded: list[Any], half: bool) -> ExportResult:
+    """Write the file in ``staging``, run it, compare with ``reference``, then move it to ``path``."""
     tmp = staging / path.name
     try:
         with torch.no_grad(), eval_mode(work):
             try:
                 _write(work, inputs, format, tmp)
-            except SecateursError:
+            except (SecateursError, OSError):
                 raise
             except Exception as exc:
                 raise SecateursError(f"{format} export failed ({first_line(exc)}): try another --format") from None
@@ -222,6 +235,9 @@ def export_model(
                                  f"(tolerance {tolerance:.3g}): do not deploy it; try without --half/--fold-bn")
         finish_file(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise SecateursError(f"cannot write '{path}' ({first_line(exc)}): check the free disk space, "
+                             "or choose another --out") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(path=str(path), format=format, size_bytes=path.stat().st_size, max_abs_diff=diff,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -9,11 +10,24 @@ from torch import Tensor, nn
 
 from ..errors import SecateursError
 from ..selection import declared_module
+from ..utils import first_line
 
 __all__ = ["parse_shape", "default_input", "example_inputs"]
 
 INPUT_ATTR = "_secateurs_input"
 DEFAULT_TOKENS = 128
+# 1 GiB of float32: far above any input needed to trace, time or calibrate a model, and a shape
+# like 100000,1,1000,1000 otherwise ends in the allocator's traceback (or the OOM killer)
+MAX_INPUT_ELEMENTS = 2**28
+
+
+def _check_size(dims: tuple[int, ...]) -> None:
+    count = math.prod(dims)
+    if count > MAX_INPUT_ELEMENTS:
+        raise SecateursError(
+            f"an example input of shape {','.join(map(str, dims))} has {count:,} elements, more than the "
+            f"{MAX_INPUT_ELEMENTS:,} allowed: pass a smaller --input-shape (batch 1 is enough to trace a model)"
+        )
 
 
 def parse_shape(text: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
@@ -28,6 +42,7 @@ def parse_shape(text: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
         raise SecateursError(
             f"input shape must be comma-separated positive integers like 1,3,224,224, got '{text}'"
         )
+    _check_size(dims)
     return dims
 
 
@@ -102,13 +117,20 @@ def example_inputs(
         shape, kind = default_input(model)
     else:
         shape, kind = parse_shape(input_shape), _kind_for(model)
+    shape = parse_shape(shape)  # a recorded shape comes from a manifest: check it like a typed one
     gen = torch.Generator().manual_seed(seed)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    if kind == "tokens":
-        vocab = _vocab_size(model)
-        if vocab is None:
-            vocab = next(m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding))
-        return torch.randint(0, vocab, shape, generator=gen).to(device)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    try:
+        if kind == "tokens":
+            vocab = _vocab_size(model)
+            if vocab is None:
+                vocab = next(m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding))
+            return torch.randint(0, vocab, shape, generator=gen).to(device)
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    except (RuntimeError, MemoryError) as exc:  # out of memory (host or device) for the input alone
+        raise SecateursError(
+            f"cannot allocate an example input of shape {','.join(map(str, shape))} on {device} "
+            f"({first_line(exc)}): pass a smaller --input-shape"
+        ) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -14,6 +15,8 @@ from ..errors import SecateursError
 from ..utils import first_line
 from .arch import attach_source, build, parse_arch, require
 from .checkpoint import is_saved_model, load
+
+log = logging.getLogger(__name__)
 
 __all__ = ["load_model", "load_state_dict_file", "load_tokenizer", "SPEC_HELP"]
 
@@ -63,6 +66,22 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
 
 def _load_weights_into(model: nn.Module, path: str | os.PathLike[str]) -> None:
     state = load_state_dict_file(path)
+
+    def kind(dtype: torch.dtype) -> str:
+        return "complex" if dtype.is_complex else "floating-point" if dtype.is_floating_point else "integer"
+
+    # load_state_dict copies int64 into a float32 parameter (or drops the imaginary part) without a word:
+    # a tensor of another kind is a damaged or foreign file, not weights to convert
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and kind(v.dtype) != kind(own[k].dtype)]
+    if wrong:
+        first = wrong[0]
+        raise SecateursError(
+            f"weights in '{path}' store '{first}' as {str(state[first].dtype).removeprefix('torch.')}, but the "
+            f"architecture's is {kind(own[first].dtype)} ({str(own[first].dtype).removeprefix('torch.')})"
+            + (f", and {len(wrong) - 1} more tensors differ in kind" if len(wrong) > 1 else "")
+            + ": convert the file's tensors to the parameters' dtypes, or check --arch"
+        )
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # same names, other shapes (e.g. another number of classes)
@@ -93,7 +112,40 @@ def load_tokenizer(spec: str) -> Any:
                          f"or a folder pruned from one; '{spec}' has none")
 
 
-def _load_hf(target: str) -> nn.Module:
+def _hf_class(transformers: Any, path: Path, trust_code: bool) -> Any:
+    """The model class a transformers folder's config.json names, checked before anything is loaded."""
+    import json
+
+    from .policy import check_depth, check_hf_config
+
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise SecateursError(f"'{path}' is not a transformers model folder (no config.json): check the path")
+    try:
+        config = json.loads(cfg_path.read_bytes())
+        check_depth(config)
+    except (ValueError, RecursionError) as exc:
+        raise SecateursError(f"'{cfg_path}' is not a valid config ({first_line(exc)}): check the folder") from None
+    if not trust_code:
+        check_hf_config(config, f"'{cfg_path}'", remote_code_ok=True)
+    archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise SecateursError(f"'{cfg_path}' has a malformed 'architectures' list: check the folder")
+    cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
+    if cls is None and archs:
+        raise SecateursError(f"'{cfg_path}' names the architecture {archs[0]}, which this transformers "
+                             f"({transformers.__version__}) does not have: upgrade transformers (models that need "
+                             "their own code are not loaded)")
+    if cls is None:
+        log.warning("'%s' names no architecture: loading it as the base model (AutoModel), without a task head",
+                    cfg_path)
+        return transformers.AutoModel
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise SecateursError(f"'{cfg_path}' names {archs[0]}, which is not a transformers model class")
+    return cls
+
+
+def _load_hf(target: str, trust_code: bool = False) -> nn.Module:
     transformers = require("transformers", "hf")
     path = Path(target)
     if path.suffix == ".gguf":
@@ -106,19 +158,21 @@ def _load_hf(target: str) -> nn.Module:
             )
         except (OSError, ValueError) as exc:
             raise SecateursError(f"cannot load GGUF '{path}' ({first_line(exc)})") from None
+        except Exception as exc:
+            # the GGUF reader parses with struct and numpy: a cut or damaged file fails with whatever it
+            # hit first (struct.error, IndexError, KeyError, ...)
+            raise SecateursError(f"cannot read GGUF '{path}' ({first_line(exc)}): the file is truncated or "
+                                 "damaged; download or convert it again") from None
     else:
-        if not (path / "config.json").is_file():
-            raise SecateursError(
-                f"'{path}' is not a transformers model folder (no config.json): check the path"
-            )
+        cls = _hf_class(transformers, path, trust_code)
         try:
-            config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-            archs = getattr(config, "architectures", None) or []
-            cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
-            cls = cls or transformers.AutoModel
             model = cls.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise SecateursError(f"cannot load transformers model '{path}' ({first_line(exc)})") from None
+        except pickle.UnpicklingError:
+            raise SecateursError(f"the weights in '{path}' hold pickled Python objects, not just tensors: "
+                                 "convert them to safetensors with a tool you trust") from None
+        except Exception as exc:  # transformers and safetensors raise many types for damaged folders
+            raise SecateursError(f"cannot load transformers model '{path}' ({first_line(exc)}): "
+                                 "check that the folder's files are complete") from None
     source = {"kind": "hf", "class": type(model).__name__, "config": model.config.to_dict()}
     return attach_source(model.eval(), source)
 
@@ -178,12 +232,12 @@ def load_model(
         raise SecateursError(f"empty model spec: {SPEC_HELP}")
     path = Path(spec)
     if spec.startswith("hf:"):
-        model = _load_hf(spec[3:])
+        model = _load_hf(spec[3:], trust_code)
     elif path.is_dir():
         if is_saved_model(path):
             model = load(path, trust_code=trust_code)
         elif (path / "config.json").is_file():
-            model = _load_hf(spec)
+            model = _load_hf(spec, trust_code)
         else:
             raise SecateursError(f"directory '{spec}' is neither a secateurs model nor a transformers folder")
     elif path.suffix in STATE_DICT_SUFFIXES or path.suffix == ".gguf":

@@ -222,6 +222,23 @@ def _round_to(config: Channels) -> int:
     return 8 if config.target_latency is not None and (config.device or "cpu").startswith("cuda") else 1
 
 
+def _warn_rounded_away(graph: DependencyGraph, config: Channels, removed: dict[int, Tensor],
+                       failed: dict[int, str]) -> None:
+    """Say so when ``round_to`` kept groups whole that ``ratio`` would have cut (silent otherwise)."""
+    round_to = _round_to(config)
+    if round_to <= 1 or not config.ratio:
+        return
+    whole = [g for g in graph.groups if g.id not in failed and not removed[g.id].numel()
+             and _keep_count(g.size, config.ratio, 1) < g.size]
+    if not whole:
+        return
+    cut = sum(int(v.numel()) for v in removed.values())
+    total = sum(g.size for g in graph.groups)
+    log.warning("round_to %d kept %d of %d channel groups whole (too few channels for a multiple of %d), so %.1f%% "
+                "of the channels were removed instead of %.1f%%: lower --round-to", round_to, len(whole),
+                len(graph.groups), round_to, 100 * cut / max(1, total), 100 * config.ratio)
+
+
 def plan_channels(graph: DependencyGraph, scores: dict[int, Tensor], config: Channels, ratio: float,
                   per_group: dict[int, float] | None = None) -> dict[int, Tensor]:
     """Decide which channels go: group id -> positions of its channels to remove.
@@ -543,8 +560,11 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
                    else f"{achieved_macs:.3g} of the MACs")
             want = (f"{config.target_latency:.3g} ms" if config.target_latency is not None
                     else f"{config.target_macs:.3g} of the MACs")
-            log.warning("target %s is out of reach: pruned as far as allowed, to %s (max_ratio %.2f%s)", want, got,
-                        config.max_ratio, "; raise --max-ratio to go further" if shares is None else "")
+            hints = (["raise --max-ratio"] if shares is None else []) + (["lower --round-to"] if _round_to(config) > 1
+                                                                         else [])
+            log.warning("target %s is out of reach: pruned as far as allowed, to %s (max_ratio %.2f, round_to %d)%s",
+                        want, got, config.max_ratio, _round_to(config),
+                        f"; {' or '.join(hints)} to go further" if hints else "")
     compensated = compensate_(model, plan, means.means(), means.followers) if means is not None else []
     if not applied:
         apply_plan_(model, plan)
@@ -555,6 +575,8 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     # sensitivity allocation all make it differ from the ratio asked for
     report.config["achieved_ratio"] = (sum(int(v.numel()) for v in removed.values())
                                        / max(1, sum(g.size for g in graph.groups)))
+    if config.ratio is not None and shares is None:
+        _warn_rounded_away(graph, config, removed, failed)
     if config.ratio is None:
         report.config["target_met"] = target_met
     if config.ratio is None and latency_log:
@@ -572,8 +594,9 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
         report.skipped[by_id[gid].describe()] = f"kept whole: pruning it breaks the forward ({reason})"
     if getattr(model, CONFIG_STALE_ATTR, False):
         report.skipped["config"] = ("the transformers config cannot describe the pruned shapes (e.g. fewer heads at "
-                                    "the same hidden size): save with secateurs.save; save_pretrained output would "
-                                    "not reload with stock from_pretrained")
+                                    "the same hidden size, or a hidden size the head count does not divide): save "
+                                    "with secateurs.save, or keep widths a multiple of the head count with round_to "
+                                    "(--round-to); save_pretrained output would not reload with stock from_pretrained")
     for call, count in graph.unknown_calls.items():
         report.skipped[f"call {call}"] = f"not understood ({count}x): tensors through it were kept"
     report.plan = plan.to_dict()

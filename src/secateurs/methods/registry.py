@@ -10,9 +10,10 @@ from typing import Any, Protocol, TypeVar
 from torch import nn
 
 from ..errors import SecateursError
+from ..utils import describe_names, nonfinite_parameters
 from .report import PruneReport
 
-__all__ = ["register_method", "prune_", "method_names", "config_class"]
+__all__ = ["register_method", "prune_", "method_names", "config_class", "check_finite"]
 
 
 class Method(Protocol):
@@ -62,6 +63,20 @@ def config_class(name: str) -> type:
         ) from None
 
 
+def check_finite(model: nn.Module, config: Any) -> None:
+    """Refuse a model with NaN or inf in its parameters unless ``config.allow_nonfinite``.
+
+    Every criterion ranks by these values: NaN sorts arbitrarily and inf always
+    stays, so the cut would be meaningless. :func:`prune_` calls this first.
+    """
+    if getattr(config, "allow_nonfinite", False):
+        return
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise SecateursError(f"weights of {describe_names(bad)} contain NaN/inf: fix the model or pass "
+                             "allow_nonfinite=True (CLI: --allow-nonfinite)")
+
+
 def prune_(model: nn.Module, config: Any, *, example_inputs: Any = None, data: Any = None) -> PruneReport:
     """Prune ``model`` in place as ``config`` says and return a report.
 
@@ -89,6 +104,7 @@ def prune_(model: nn.Module, config: Any, *, example_inputs: Any = None, data: A
             f"{type(config).__name__} is not a pruning config: use one of "
             f"{', '.join(c.__name__ for c in _BY_TYPE)}"
         )
+    check_finite(model, config)
     start = time.perf_counter()
     report = fn(model, config, example_inputs=example_inputs, data=data)
     report.seconds = time.perf_counter() - start

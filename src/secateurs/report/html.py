@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SecateursError
+from ..utils import first_line
 from .plots import bars_png, history_png, scatter_png, sensitivity_png, widths_png
 from .table import human_bytes, human_count
 
@@ -32,6 +33,101 @@ pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 0.85em; 
 img { max-width: 100%; display: block; margin: 0.5em 0; }
 .muted { color: #666; font-size: 0.9em; }
 """
+
+
+class _Malformed(Exception):
+    """A field of report.json with the wrong type (``str(exc)`` says which)."""
+
+
+_NUMBER = "a number"
+
+
+def _check(value: Any, expected: str, where: str, *, optional: bool = False) -> Any:
+    """``value`` if it has the JSON type ``expected`` names; else raise :class:`_Malformed`."""
+    if value is None and optional:
+        return value
+    kinds = {"an object": dict, "a list": list, "a string": str, _NUMBER: (int, float)}
+    if not isinstance(value, kinds[expected]) or (expected == _NUMBER and isinstance(value, bool)):
+        got = "null" if value is None else type(value).__name__.replace("dict", "object").replace("str", "string")
+        raise _Malformed(f'"{where}" should be {expected}, got {got}')
+    return value
+
+
+def _check_stats(stats: Any, where: str) -> None:
+    """``before`` / ``after`` of a prune report: analyze's numbers and per-layer rows."""
+    _check(stats, "an object", where)
+    for key in ("params", "nonzero_params", "macs", "nonzero_macs", "latency_ms", "size_bytes"):
+        _check(stats.get(key), _NUMBER, f"{where}.{key}", optional=True)
+    for i, layer in enumerate(_check(stats.get("layers", []), "a list", f"{where}.layers")):
+        at = f"{where}.layers[{i}]"
+        _check(layer, "an object", at)
+        _check(layer.get("name"), "a string", f"{at}.name")
+        for j, dim in enumerate(_check(layer.get("shape"), "a list", f"{at}.shape", optional=True) or []):
+            _check(dim, _NUMBER, f"{at}.shape[{j}]")
+        for key in ("params", "nonzero"):
+            _check(layer.get(key), _NUMBER, f"{at}.{key}")
+
+
+def _check_scan(scan: Any, where: str) -> None:
+    """A sensitivity scan as :func:`sensitivity_png` reads it."""
+    _check(scan, "an object", where)
+    metric = _check(scan.get("metric"), "a string", f"{where}.metric")
+    _check(scan.get("method"), "a string", f"{where}.method")
+    for i, curve in enumerate(_check(scan.get("curves"), "a list", f"{where}.curves")):
+        at = f"{where}.curves[{i}]"
+        _check(curve, "an object", at)
+        _check(curve.get("name"), "a string", f"{at}.name")
+        series = [("ratios", curve.get("ratios"))]
+        series.append((metric, curve[metric]) if curve.get(metric) else ("loss", curve.get("loss")))
+        for key, values in series:
+            if not _check(values, "a list", f"{at}.{key}"):
+                raise _Malformed(f'"{at}.{key}" is empty')
+            for j, v in enumerate(values):
+                _check(v, _NUMBER, f"{at}.{key}[{j}]")
+
+
+def _check_report(result: Any) -> None:
+    """Every field :func:`render_report` reads, with the type it needs (report.json may have been edited)."""
+    _check(result, "an object", "the whole file")
+    if result.get("method", "?") == "finetune":
+        for part in ("before", "final"):
+            values = _check(result.get(part, {}), "an object", part)
+            for key in ("accuracy", "loss"):
+                _check(values.get(key), _NUMBER, f"{part}.{key}", optional=key not in values)
+        for i, epoch in enumerate(_check(result.get("history") or [], "a list", "history")):
+            _check(epoch, "an object", f"history[{i}]")
+            for key, value in epoch.items():
+                if key == "epoch" or key.endswith(("_loss", "_accuracy")):
+                    _check(value, _NUMBER, f"history[{i}].{key}")
+    else:
+        _check_stats(result.get("before", {}), "before")
+        _check_stats(result.get("after", {}), "after")
+        for i, step in enumerate(_check(result.get("finetune_steps") or [], "a list", "finetune_steps")):
+            _check(_check(step, "an object", f"finetune_steps[{i}]").get("accuracy"), _NUMBER,
+                   f"finetune_steps[{i}].accuracy", optional=True)
+    pruning = _check(result.get("pruning", {}), "an object", "pruning")
+    plan = pruning.get("plan")
+    if isinstance(plan, dict):
+        for i, name in enumerate(_check(plan.get("drop") or [], "a list", "pruning.plan.drop")):
+            _check(name, "a string", f"pruning.plan.drop[{i}]")
+    for i, layer in enumerate(_check(pruning.get("layers", []), "a list", "pruning.layers")):
+        at = f"pruning.layers[{i}]"
+        _check(_check(layer, "an object", at).get("name"), "a string", f"{at}.name")
+        for key in ("numel", "zeros", "sparsity"):
+            _check(layer.get(key), _NUMBER, f"{at}.{key}")
+    importance = _check(pruning.get("importance"), "an object", "pruning.importance", optional=True) or {}
+    for name, group in (_check(importance.get("groups"), "an object", "pruning.importance.groups",
+                               optional=True) or {}).items():
+        at = f"pruning.importance.groups.{name}"
+        _check(group, "an object", at)
+        for key, length in (("kept", 3), ("removed", 5)):  # quantiles: min, q1, median, q3, max
+            values = _check(group.get(key), "a list", f"{at}.{key}")
+            if values and (len(values) < length or not all(isinstance(v, (int, float)) for v in values)):
+                raise _Malformed(f'"{at}.{key}" should be five numbers (quantiles)')
+    _check(pruning.get("skipped"), "an object", "pruning.skipped", optional=True)
+    if pruning.get("sensitivity"):
+        _check_scan(pruning["sensitivity"], "pruning.sensitivity")
+    _check(result.get("seconds"), _NUMBER, "seconds", optional=True)
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -203,18 +299,32 @@ def write_report(model_dir: str | Path, out: str | Path | None = None, *,
     try:
         result = json.loads(source.read_text())
         scan = json.loads(Path(sensitivity).read_text()) if sensitivity else None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SecateursError(f"cannot read the report data ({exc}): re-run the command that wrote it") from None
-    if not isinstance(result, dict):
-        raise SecateursError(f"'{source}' is not a secateurs report: re-run the command that wrote the folder")
-    if scan is not None and not (isinstance(scan, dict) and isinstance(scan.get("curves"), list)
-                                 and "metric" in scan):
-        raise SecateursError(f"'{sensitivity}' is not a sensitivity scan: pass the .json written by "
-                             "secateurs sensitivity")
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
+        raise SecateursError(f"cannot read the report data ({first_line(exc)}): re-run the command that wrote it"
+                             ) from None
+    try:
+        _check_report(result)
+    except _Malformed as exc:
+        raise SecateursError(f"'{source}' is not a secateurs report ({exc}): re-run the command that wrote "
+                             "the folder") from None
+    try:
+        if scan is not None:
+            _check_scan(scan, "the scan")
+    except _Malformed as exc:
+        raise SecateursError(f"'{sensitivity}' is not a sensitivity scan ({exc}): pass the .json written by "
+                             "secateurs sensitivity") from None
     target = Path(out) if out else model_dir / REPORT_NAME
     if (target.exists() and target.resolve().parent == model_dir.resolve() and target.name != REPORT_NAME):
         raise SecateursError(f"'{target}' is one of the model's own files: write the report elsewhere")
     if target.exists() and not overwrite:
         raise SecateursError(f"'{target}' exists: choose another --out or pass --overwrite")
-    write_files_atomically({target: render_report(result, sensitivity=scan).encode()})
+    try:
+        page = render_report(result, sensitivity=scan)
+    except SecateursError:
+        raise
+    except (TypeError, KeyError, ValueError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as exc:
+        # values of the right types that still cannot be drawn (the checks above cover what we write)
+        raise SecateursError(f"cannot render '{source}' ({type(exc).__name__}: {first_line(exc)}): re-run the "
+                             "command that wrote the folder") from None
+    write_files_atomically({target: page.encode()})
     return target

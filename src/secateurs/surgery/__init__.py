@@ -63,17 +63,34 @@ class Plan:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
+    def from_dict(cls, data: Any) -> Plan:
+        """Read a plan back from :meth:`to_dict`'s form, checking every type (manifests are untrusted)."""
         try:
-            remove = {t: {int(d): [int(i) for i in ix] for d, ix in dims.items()} for t, dims in data["remove"].items()}
-            attrs = {m: {str(a): int(v) for a, v in av.items()} for m, av in data.get("attrs", {}).items()}
-            drop = [str(name) for name in data.get("drop", [])]
-            return cls(remove, attrs, drop)
+            remove = {t: {int(d): _ints(ix) for d, ix in _named(dims).items()} for t, dims in _named(data["remove"]).items()}
+            attrs = {m: dict(_named(av)) for m, av in _named(data.get("attrs", {})).items()}
+            if not all(type(v) is int for av in attrs.values() for v in av.values()):
+                raise TypeError
+            drop = data.get("drop", [])
+            if not isinstance(drop, list) or not all(isinstance(name, str) for name in drop):
+                raise TypeError
+            return cls(remove, attrs, list(drop))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise SecateursError("a structural pruning plan in the manifest is malformed: re-save the model") from None
 
     def is_empty(self) -> bool:
         return not self.drop and not any(ix for dims in self.remove.values() for ix in dims.values())
+
+
+def _ints(values: Any) -> list[int]:
+    if not isinstance(values, list) or not all(type(v) is int for v in values):
+        raise TypeError
+    return values
+
+
+def _named(mapping: Any) -> dict[str, Any]:
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping):
+        raise TypeError
+    return mapping
 
 
 Updater = Callable[[nn.Module, dict[str, tuple[int, ...]]], None]
@@ -290,7 +307,7 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
             same_cut = (size, tuple(indices))
             keep = kept.get(same_cut)
             if keep is None:
-                keep_mask = torch.ones(size, dtype=torch.bool)
+                keep_mask = torch.ones(size, dtype=torch.bool, device="cpu")  # also under torch.device("meta")
                 keep_mask[indices] = False
                 keep = kept[same_cut] = keep_mask.nonzero().flatten()
             for owner, attr in slots:
@@ -310,8 +327,12 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
     for mod_name, attrs in plan.attrs.items():
         module = model.get_submodule(mod_name)
         for attr, value in attrs.items():
-            old_value = getattr(module, attr, None)
-            if type(old_value) is int and old_value != value:
+            old_value = vars(module).get(attr)
+            if attr.startswith("_") or type(old_value) is not int or value < 1:
+                # a plan only resizes: it never adds attributes or replaces methods (manifests are untrusted)
+                raise SecateursError(f"the plan sets {mod_name}.{attr} = {value}, which is not a size attribute "
+                                     "of that module")
+            if old_value != value:
                 sizes.setdefault(old_value, set()).add(value)  # e.g. a head count, for the HF config
             setattr(module, attr, value)
     for name, dims in plan.remove.items():

@@ -68,7 +68,11 @@ def update_hf_config_(model: nn.Module, changes: dict[int, set[int]]) -> dict[st
     want = _shapes(model)
 
     def mismatches(candidate: dict[str, int]) -> int | None:
-        return _mismatches(model, config.__class__.from_dict({**base, **candidate}), want)
+        try:
+            proposed = config.__class__.from_dict({**base, **candidate})
+        except Exception:  # a config its own validation rejects (a width the head count does not divide)
+            return None
+        return _mismatches(model, proposed, want)
 
     chosen = _choose(strong, weak, mismatches)
     if chosen is not None:

@@ -144,3 +144,36 @@ def test_unwritable_location_is_one_clear_error(tmp_path):
                 pass
     finally:
         ro.chmod(0o700)
+
+
+def _cli_with_file_size_limit(args, cwd, limit_bytes):
+    """Run the CLI in a child whose writes beyond ``limit_bytes`` fail with EFBIG, as on a full disk."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, "-m", "secateurs.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          preexec_fn=limit, env=env, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs preexec_fn and RLIMIT_FSIZE (POSIX)")
+@pytest.mark.parametrize("command", [
+    ["prune", "secateurs.zoo:DigitsCNN", "--input-shape", "1,1,8,8", "--method", "unstructured", "--sparsity", "0.5",
+     "--no-latency", "--out", "out"],
+    ["export", "secateurs.zoo:DigitsCNN", "--input-shape", "1,1,8,8", "--format", "torchscript", "--out", "out.ts"],
+    ["export", "secateurs.zoo:DigitsCNN", "--input-shape", "1,1,8,8", "--format", "onnx", "--out", "out.onnx"],
+], ids=["prune", "torchscript", "onnx"])
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, command):
+    if command[-1] == "out.onnx":
+        pytest.importorskip("onnx")
+    result = _cli_with_file_size_limit(command, tmp_path, 64 * 1024)  # the model's weights take 430 KiB
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("secateurs: error:") and "Traceback" not in result.stderr
+    assert "File too large" in lines[0]  # the write failed, and the message says which
+    assert os.listdir(tmp_path) == []  # no output, no temporary file or folder, no lock

@@ -12,6 +12,7 @@ import copy
 import io
 import os
 import shutil
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,9 +67,11 @@ def _write(model: nn.Module, inputs: tuple[Any, ...], fmt: str, path: Path) -> N
         torch.onnx.export(model, inputs, str(path), input_names=names, output_names=["output"],
                           dynamic_axes={n: {0: "batch"} for n in [*names, "output"]}, dynamo=False)
     elif fmt == "torchscript":
-        traced = torch.jit.trace(model, inputs, check_trace=False)
-        buffer = io.BytesIO()  # C++ aborts the process when the disk is full: let Python write the bytes
-        torch.jit.save(traced, buffer)
+        with warnings.catch_warnings():  # "deprecated": the user asked for TorchScript by name
+            warnings.simplefilter("ignore", FutureWarning)
+            traced = torch.jit.trace(model, inputs, check_trace=False)
+            buffer = io.BytesIO()  # C++ aborts the process when the disk is full: let Python write the bytes
+            torch.jit.save(traced, buffer)
         path.write_bytes(buffer.getvalue())
     else:
         batch = torch.export.Dim("batch", min=1, max=4096)

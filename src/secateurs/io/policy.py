@@ -37,8 +37,8 @@ MAX_LIST = 64
 # keyword names that load something from elsewhere (files, the network, caches, weights);
 # matched on whole words of the snake_case name, so ``drop_path_rate`` stays allowed
 _FORBIDDEN_WORDS = {"weights", "pretrained", "checkpoint", "file", "filename", "url", "download", "cache", "hub",
-                    "repo", "remote", "overlay", "dir", "path", "paths", "token", "revision"}
-_FORBIDDEN_LAST = {"path", "file", "dir", "url"}  # drop_path_rate is a rate; checkpoint_path is a path
+                    "repo", "remote", "overlay", "dir", "token", "revision"}
+_FORBIDDEN_LAST = {"path", "paths"}  # drop_path_rate is a rate; checkpoint_path is a path
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 # attention implementations that only use installed code (a "repo/name" value fetches kernels from the Hub)
 _SAFE_ATTENTION = {None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"}
@@ -92,7 +92,7 @@ def check_kwargs(source: dict[str, Any], kwargs: Any, allowed: set[str] | None =
         if not isinstance(key, str) or not key.isidentifier():
             raise SecateursError(f"the architecture kwargs in the manifest have a bad name {key!r}: re-save the model")
         words = key.lower().split("_")
-        if (set(words) - {"path"}) & _FORBIDDEN_WORDS or words[-1] in _FORBIDDEN_LAST:
+        if set(words) & _FORBIDDEN_WORDS or words[-1] in _FORBIDDEN_LAST:
             raise _refuse(source, f"with {key}={value!r} (it could read files or download weights)")
         if allowed is not None and key not in allowed:
             raise _refuse(source, f"with {key}={value!r}, which its constructor does not take")

@@ -69,28 +69,33 @@ def test_a_failure_while_writing_keeps_the_old_model(tmp_path):
 
 def test_leftovers_of_killed_runs_are_cleaned_and_reported(tmp_path, caplog):
     _saved(tmp_path / "m", width=8)
-    partial = tmp_path / ".m.tmp-abc123"  # killed while writing
+    partial = tmp_path / ".m.tmp-abc12345"  # killed while writing
     partial.mkdir()
     (partial / PARTIAL).touch()
     (partial / "model.safetensors").write_bytes(b"half")
-    swapped = tmp_path / ".m.tmp-def456"  # killed after the exchange: the old model
+    swapped = tmp_path / ".m.tmp-def45678"  # killed after the exchange: the old model
     swapped.mkdir()
     (swapped / MARKER).write_text("{}")
     stray_file = tmp_path / ".m.tmp-k3j4h5g6"  # a temporary file of write_files_atomically
     stray_file.write_bytes(b"x")
-    unrelated = tmp_path / ".m.tmp-mine"  # not ours: no marker, no manifest
+    unrelated = tmp_path / ".m.tmp-mine1234"  # not ours: no marker, no manifest
     unrelated.mkdir()
     (unrelated / "notes.txt").write_text("keep")
+    named_like_ours = tmp_path / ".m.tmp-my backup"  # a model, but not a name tempfile makes
+    _saved(named_like_ours)
+    alive = tmp_path / f".m.old-{os.getpid()}"  # a backup whose process still runs is not stale
+    _saved(alive)
     with caplog.at_level(logging.WARNING, logger="secateurs.io.atomic"):
         secateurs.save(DigitsCNN(width=4), tmp_path / "m", arch=_arch(4), overwrite=True)
-    assert sorted(os.listdir(tmp_path)) == [".m.tmp-mine", "m"]
+    assert sorted(os.listdir(tmp_path)) == sorted([alive.name, ".m.tmp-mine1234", ".m.tmp-my backup", "m"])
     assert (unrelated / "notes.txt").read_text() == "keep"
     assert sum("interrupted run" in r.getMessage() for r in caplog.records) == 3
 
 
 def test_a_backup_left_by_the_two_rename_fallback_is_restored(tmp_path, caplog):
     old = _saved(tmp_path / "m", width=8)
-    os.rename(tmp_path / "m", tmp_path / ".m.old-4242")  # killed between the two renames
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    os.rename(tmp_path / "m", tmp_path / f".m.old-{gone.stdout.strip()}")  # killed between the two renames
     with caplog.at_level(logging.WARNING, logger="secateurs.io.atomic"), pytest.raises(SecateursError, match="--overwrite"):
         secateurs.save(DigitsCNN(width=4), tmp_path / "m", arch=_arch(4))  # refused: the restored model is there again
     assert "restored" in caplog.text
@@ -124,6 +129,19 @@ def test_the_lock_is_exclusive_across_processes_and_reentrant_within_one(tmp_pat
     with output_lock(target), output_lock(target):  # the holder died: the lock is free again
         assert (tmp_path / ".out.lock").exists()
     assert not (tmp_path / ".out.lock").exists()
+
+
+def test_lock_never_writes_through_a_symlink_or_hard_link(tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("user data")
+    (tmp_path / ".out.lock").symlink_to(precious)
+    with pytest.raises(SecateursError, match="symlink"), output_lock(tmp_path / "out"):
+        pass
+    (tmp_path / ".out.lock").unlink()
+    os.link(precious, tmp_path / ".out.lock")
+    with pytest.raises(SecateursError, match="not a lock file of ours"), output_lock(tmp_path / "out"):
+        pass
+    assert precious.read_text() == "user data"
 
 
 def test_lock_creates_missing_parents_and_removes_them_when_unused(tmp_path):

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shlex
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any, NoReturn
 
 from .errors import SecateursError
 from .io.atomic import output_lock
+from .utils import first_line, launch_rank
 
 __all__ = ["main", "build_parser"]
 
@@ -334,10 +334,6 @@ def _check_outputs(args: argparse.Namespace, outputs: dict[str, Path]) -> None:
                                      "choose another path")
 
 
-def _check_out_not_input(args: argparse.Namespace) -> None:
-    _check_outputs(args, {"--out": Path(args.out)})
-
-
 def _checkpoint_dir(args: argparse.Namespace) -> Path:
     """``finetune``'s checkpoint folder: --checkpoint-dir, or OUT.ckpt beside --out."""
     if args.checkpoint_dir:
@@ -345,19 +341,27 @@ def _checkpoint_dir(args: argparse.Namespace) -> Path:
     return Path(args.out).with_name(Path(args.out).name + ".ckpt")
 
 
-def _check_checkpoint_dir(ckpt: Path) -> None:
-    """A checkpoint folder may exist only with checkpoints of ours in it (they are overwritten)."""
+def _check_checkpoint_dir(ckpt: Path, resume: bool) -> None:
+    """An existing checkpoint folder may hold only a checkpoint, and only one we are asked to resume from.
+
+    A ``last.pt`` is written over every epoch and removed at the end: unless ``--resume``
+    loads it (and so checks it is ours), it could be anybody's file.
+    """
     from .train.trainer import CHECKPOINT
 
-    if ckpt.exists() and not ckpt.is_dir():
-        raise SecateursError(f"checkpoint folder '{ckpt}' is a file: choose another --checkpoint-dir")
-    if ckpt.is_dir():
-        foreign = sorted(e.name for e in ckpt.iterdir()
-                         if e.is_symlink() or not e.is_file()
-                         or not (e.name == CHECKPOINT or e.name.startswith(f".{CHECKPOINT}.tmp-")))
-        if foreign:
-            raise SecateursError(f"checkpoint folder '{ckpt}' holds files secateurs did not write "
-                                 f"({', '.join(foreign[:3])}): choose another --checkpoint-dir (or --out)")
+    if ckpt.is_symlink() or ckpt.exists() and not ckpt.is_dir():
+        raise SecateursError(f"checkpoint folder '{ckpt}' is a file or a symlink: choose another --checkpoint-dir")
+    if not ckpt.is_dir():
+        return
+    foreign = sorted(e.name for e in ckpt.iterdir()
+                     if e.is_symlink() or not e.is_file()
+                     or not (e.name == CHECKPOINT or e.name.startswith(f".{CHECKPOINT}.tmp-")))
+    if foreign:
+        raise SecateursError(f"checkpoint folder '{ckpt}' holds files secateurs did not write "
+                             f"({', '.join(foreign[:3])}): choose another --checkpoint-dir (or --out)")
+    if (ckpt / CHECKPOINT).exists() and not resume:
+        raise SecateursError(f"'{ckpt / CHECKPOINT}' exists: pass --resume to continue from it, or remove it "
+                             "to start over")
 
 
 def _batch_size(args: argparse.Namespace) -> int:
@@ -393,9 +397,13 @@ def _tokenizer_files(spec: str) -> dict[str, bytes]:
         tokenizer = load_tokenizer(spec)
     except SecateursError:
         return {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        return {f.name: f.read_bytes() for f in Path(tmp).iterdir() if f.is_file()}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            return {f.name: f.read_bytes() for f in Path(tmp).iterdir() if f.is_file()}
+    except Exception as exc:  # a tokenizer that loads may still fail to save (odd template names)
+        logging.getLogger(__name__).warning("the tokenizer of %s is not copied (%s)", spec, first_line(exc))
+        return {}
 
 
 def _prune_and_finetune(args: argparse.Namespace, config: Any, model: Any, x: Any, calib: Any) -> tuple[Any, Any]:
@@ -438,10 +446,8 @@ def _html_report(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, 
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report.html import REPORT_NAME, write_report
+    from .report.html import write_report
 
-    if args.out is not None and Path(args.out).resolve() != (Path(args.dir) / REPORT_NAME).resolve():
-        _check_outputs(args, {"--out": Path(args.out)})  # DIR/report.html is the folder's own page
     path = write_report(args.dir, args.out, sensitivity=args.sensitivity,
                         overwrite=args.overwrite or args.out is None)  # DIR/report.html is ours to refresh
     print(path)
@@ -457,7 +463,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .report import before_after_table
 
     config = _method_config(args)
-    _check_out_not_input(args)
     check_output_dir(Path(args.out), args.overwrite)  # fail before the slow part
     if args.data is not None:
         from .data.specs import check_data_spec
@@ -466,6 +471,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _check_report_deps(args)
     start = time.perf_counter()
     model, x = _load(args)
+    tokenizer_files = _tokenizer_files(args.model)  # before the slow part: it may fail
     check_finite(model, config)  # before analyze warns about the same weights
     before = analyze(model, x, latency=not args.no_latency).to_dict()
     data = _calibration(args, config, x) if args.data is not None else None
@@ -490,7 +496,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "command": args.command_line,
     }
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if launch_rank() != 0:
         return 0  # under torchrun only rank 0 writes
 
     def report_json(size: int) -> bytes:
@@ -504,7 +510,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report=report.to_dict(),
         input_shape=list(x.shape),
         overwrite=args.overwrite,
-        extra_files={"report.json": report_json, **_tokenizer_files(args.model), **_html_report(args, result)},
+        extra_files={"report.json": report_json, **tokenizer_files, **_html_report(args, result)},
     )
     if args.json:
         _emit_json(result)
@@ -584,10 +590,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .train.trainer import CHECKPOINT
 
     ckpt = _checkpoint_dir(args)
-    _check_outputs(args, {"--out": Path(args.out), "--checkpoint-dir" if args.checkpoint_dir else "the checkpoint "
-                          "folder (--checkpoint-dir)": ckpt})
     check_output_dir(Path(args.out), args.overwrite)
-    _check_checkpoint_dir(ckpt)
+    _check_checkpoint_dir(ckpt, args.resume)
+    made_ckpt = not ckpt.exists()
     check_data_spec(args.data, text=False)
     _check_report_deps(args)
     config = _finetune_config(args, checkpoint_dir=str(ckpt), resume=args.resume)
@@ -606,10 +611,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     save(model, args.out, report=summary, input_shape=list(x.shape), overwrite=args.overwrite,
          extra_files={"report.json": json.dumps(summary, indent=2, default=str).encode(),
                       **_html_report(args, summary)})
-    if not args.checkpoint_dir:  # only what we wrote: the checkpoint, then the folder if that leaves it empty
+    if not args.checkpoint_dir:  # only what we wrote: the checkpoint, then the folder if this run made it
         (ckpt / CHECKPOINT).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            ckpt.rmdir()
+        if made_ckpt:
+            with contextlib.suppress(OSError):
+                ckpt.rmdir()
     summary["out"] = args.out
     if args.json:
         _emit_json(summary)
@@ -627,7 +633,6 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".json":
         raise SecateursError(f"--out must name a .json file, got '{out.name}'")
-    _check_out_not_input(args)
     targets = [out, out.with_suffix(".csv"), out.with_suffix(".png")]
     if not out.parent.is_dir():
         raise SecateursError(f"directory '{out.parent}' does not exist: create it first")
@@ -679,7 +684,6 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .io.export import export_model
 
-    _check_out_not_input(args)
     model, x = _load(args)
     result = export_model(model, x, args.out, format=args.format, fold_bn=args.fold_bn, half=args.half,
                           overwrite=args.overwrite).to_dict()
@@ -792,9 +796,12 @@ def main(argv: list[str] | None = None) -> int:
 
         steady_allocator()  # steady latencies: no page faults per large activation
     try:
+        outputs = _outputs(args)
+        _check_outputs(args, outputs)  # before anything is created, even a lock file
         with contextlib.ExitStack() as locks:
-            for path in _outputs(args):
-                locks.enter_context(output_lock(path))
+            if launch_rank() == 0:  # under torchrun only rank 0 writes, so only it locks
+                for path in outputs.values():
+                    locks.enter_context(output_lock(path))
             return COMMANDS[args.command](args)
     except SecateursError as exc:
         print(f"secateurs: error: {_one_line(str(exc))}", file=sys.stderr)
@@ -817,25 +824,31 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _outputs(args: argparse.Namespace) -> list[Path]:
-    """What the command writes, locked for the whole run so a second run on the same path fails at once.
-
-    Under torchrun only rank 0 writes, so only it locks.
-    """
-    if int(os.environ.get("RANK", "0")) != 0:
-        return []
+def _outputs(args: argparse.Namespace) -> dict[str, Path]:
+    """What the command writes, by the flag that names it (checked against the inputs, then locked)."""
     if args.command in ("prune", "finetune"):  # folders: missing parents are created
-        return [Path(args.out), *([_checkpoint_dir(args)] if args.command == "finetune" else [])]
-    if args.command in ("export", "sensitivity", "report"):  # files: their folder must exist
-        from .report.html import REPORT_NAME
-
-        out = Path(args.out) if args.out else Path(args.dir) / REPORT_NAME
-        if not args.out and not out.parent.is_dir():
-            return []  # write_report says the folder is not a model folder
+        outputs = {"--out": Path(args.out)}
+        if args.command == "finetune":
+            outputs["--checkpoint-dir" if args.checkpoint_dir else "the checkpoint folder (--checkpoint-dir)"] = \
+                _checkpoint_dir(args)
+        return outputs
+    if args.command in ("export", "sensitivity"):  # files: their folder must exist
+        out = Path(args.out)
         if not out.parent.is_dir():
             raise SecateursError(f"directory '{out.parent}' does not exist: create it first")
-        return [out]
-    return []
+        if args.command == "export":
+            return {"--out": out}
+        return {"--out": out, "--out's .csv": out.with_suffix(".csv"), "--out's .png": out.with_suffix(".png")}
+    if args.command == "report":
+        from .report.html import REPORT_NAME
+
+        own = Path(args.dir) / REPORT_NAME  # the folder's own page: ours to refresh
+        if args.out is None or Path(args.out).resolve() == own.resolve():
+            return {}
+        if not Path(args.out).parent.is_dir():
+            raise SecateursError(f"directory '{Path(args.out).parent}' does not exist: create it first")
+        return {"--out": Path(args.out)}
+    return {}
 
 
 if __name__ == "__main__":

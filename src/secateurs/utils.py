@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["describe_names", "eval_mode", "first_line", "first_tensor", "nonfinite_parameters", "output_shapes"]
+__all__ = ["describe_names", "eval_mode", "first_line", "launch_env", "launch_rank", "first_tensor", "nonfinite_parameters", "output_shapes"]
 
 
 @contextlib.contextmanager
@@ -25,6 +25,27 @@ def eval_mode(model: nn.Module, training: bool = False) -> Iterator[nn.Module]:
     finally:
         for m, training_before in modes:
             m.training = training_before
+
+
+def launch_env(name: str, default: int) -> int:
+    """An integer torchrun sets (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), or a clear error."""
+    import os
+
+    from .errors import SecateursError
+
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise SecateursError(f"environment variable {name}={text[:40]!r} is not a whole number: "
+                             "unset it, or launch with torchrun") from None
+
+
+def launch_rank() -> int:
+    """This process's rank under torchrun (0 when not launched by it: WORLD_SIZE unset or 1)."""
+    return launch_env("RANK", 0) if launch_env("WORLD_SIZE", 1) > 1 else 0
 
 
 def first_line(exc: BaseException) -> str:

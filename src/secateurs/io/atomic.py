@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +73,8 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
     files a user put there.
     """
     resolved = path.resolve()
+    if path.is_symlink():
+        raise SecateursError(f"output path '{path}' is a symlink: give the real path ('{resolved}')")
     if path.exists() and not path.is_dir():
         raise SecateursError(f"output path '{path}' is a file: choose a directory for the model")
     if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
@@ -163,7 +166,13 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     try:
         key.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            # never through a symlink, and never a file that is also reachable elsewhere (a hard link):
+            # the pid written below would overwrite somebody's data
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                         0o666 & ~_umask())
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                raise SecateursError(f"'{lock}' is not a lock file of ours (a link or special file): remove it")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -172,16 +181,20 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
                                      f"{f' (pid {holder})' if holder.isdigit() else ''}: wait for it to finish "
                                      "or choose another output") from None
             with contextlib.suppress(FileNotFoundError):
-                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                if os.lstat(lock).st_ino == info.st_ino:
                     break  # not a file the previous holder unlinked before we locked it
             os.close(fd)
             fd = -1
+        if info.st_size > 32:
+            raise SecateursError(f"'{lock}' is not a lock file of ours (it holds data): remove it")
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
     except OSError as exc:
         if fd >= 0:
             os.close(fd)
         _remove_empty(created)
+        if exc.errno == errno.ELOOP:
+            raise SecateursError(f"'{lock}' is a symlink, not a lock file of ours: remove it") from None
         raise SecateursError(f"cannot write to '{path}' ({first_line(exc)}): choose a writable location") from None
     except BaseException:
         if fd >= 0:
@@ -207,34 +220,53 @@ def _remove_empty(folders: list[Path]) -> None:
 
 # ---- leftovers of interrupted runs --------------------------------------------------------------
 
-_TEMP_FILE = re.compile(r"[a-z0-9_]{8}")  # tempfile's random part
+_RANDOM = re.compile(r"[a-z0-9_]{8}")  # tempfile's random part
+
+
+def _dead(pid_text: str) -> bool:
+    """Whether ``pid_text`` names a process that no longer runs (a backup's owner)."""
+    if not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
 
 
 def clean_stale(path: Path) -> None:
     """Restore or remove what an interrupted run of ours left beside ``path``, and say so.
 
     Call only while holding :func:`output_lock` on ``path``: then nobody else is
-    writing these. Recognised: ``.NAME.tmp-*`` folders holding our partial marker or a
-    manifest, ``.NAME.tmp-XXXXXXXX`` files, and ``.NAME.old-PID`` backups (restored
-    when ``path`` itself is missing).
+    writing these. Recognised, by exact name and content: ``.NAME.tmp-XXXXXXXX``
+    folders (tempfile's 8 random characters) holding our partial marker or a
+    manifest, ``.NAME.tmp-XXXXXXXX`` files, and ``.NAME.old-PID`` backups holding a
+    manifest whose process is gone (restored when ``path`` itself is missing).
     """
     parent = path.parent
     if not parent.is_dir():
         return
     tmp_prefix, old_prefix = f".{path.name}.tmp-", f".{path.name}.old-"
     for entry in sorted(parent.iterdir()):
-        if entry.is_symlink() or not entry.name.startswith((tmp_prefix, old_prefix)):
+        if entry.is_symlink():
+            continue
+        name = entry.name
+        is_tmp = name.startswith(tmp_prefix) and _RANDOM.fullmatch(name[len(tmp_prefix):]) is not None
+        is_old = name.startswith(old_prefix) and _dead(name[len(old_prefix):])
+        if not (is_tmp or is_old):
             continue
         ours_dir = entry.is_dir() and ((entry / PARTIAL).is_file() or (entry / MARKER).is_file())
-        if entry.name.startswith(old_prefix) and ours_dir:
+        if is_old and ours_dir and (entry / MARKER).is_file():
             if not path.exists():
                 os.rename(entry, path)
-                log.warning("restored '%s' from '%s', left by an interrupted run", path, entry.name)
+                log.warning("restored '%s' from '%s', left by an interrupted run", path, name)
                 continue
             shutil.rmtree(entry, ignore_errors=True)
-        elif ours_dir:
+        elif is_tmp and ours_dir:
             shutil.rmtree(entry, ignore_errors=True)
-        elif entry.is_file() and _TEMP_FILE.fullmatch(entry.name[len(tmp_prefix):]):
+        elif is_tmp and entry.is_file():
             entry.unlink(missing_ok=True)
         else:
             continue

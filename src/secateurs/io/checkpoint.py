@@ -15,9 +15,11 @@ reload still keeps pruned weights at zero.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from ..utils import first_line
 from .arch import BuildError, attach_source, build_pruned, check_rebuildable, describe, source_of
 from .atomic import atomic_dir
 from .inputs import INPUT_ATTR, MAX_INPUT_ELEMENTS
-from .policy import check_depth, check_source
+from .policy import check_depth, check_source, module_budget, module_budget_for, offline
 
 __all__ = ["MANIFEST", "WEIGHTS", "save", "load", "read_manifest", "pack_state", "unpack_state",
            "is_saved_model", "serialized_size"]
@@ -316,7 +318,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
                              f"({MAX_MANIFEST_BYTES // 2**20} MiB): it was not written by secateurs")
     try:
         manifest = json.loads(mpath.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # bad JSON, bad UTF-8, an integer of thousands of digits
         raise SecateursError(f"{mpath} is not valid JSON ({first_line(exc)}): re-save the model") from None
     except RecursionError:
         raise SecateursError(f"{mpath} is nested too deeply to be a secateurs manifest: re-save the model") from None
@@ -379,7 +381,8 @@ def _signature(state: dict[str, Tensor]) -> dict[str, tuple[tuple[int, ...], boo
 
 def _meta_signature(source: dict[str, Any], plans: list[Plan], trust_code: bool) -> dict[str, Any]:
     """The rebuilt architecture's tensors, from a build on the meta device (no memory spent)."""
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a check of ours: the constructor's warnings come with the real build
         model = build_pruned(source, plans, trust_code=trust_code)
     return _signature(model.state_dict())
 
@@ -412,24 +415,33 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False) -> nn.Module
     expected = stored | {k: stored[v] for k, v in manifest.get("aliases", {}).items()}
     source = manifest["source"]
     check_source(source, trust_code=trust_code)  # before anything is imported
-    try:
-        rebuilt = _meta_signature(source, plans, trust_code)
-    except SecateursError as exc:
-        if not isinstance(exc, BuildError):
-            raise
-        rebuilt = _unchecked(source, trust_code, exc)
-    except Exception as exc:
-        rebuilt = _unchecked(source, trust_code, exc)
-    if rebuilt is not None:
-        _mismatch(rebuilt, expected)
-    tensors = _read_weights(wpath, layout)
-    try:
-        state, masks = unpack_state(tensors, layout, manifest.get("aliases", {}))
-    except (KeyError, TypeError, RuntimeError) as exc:
-        raise SecateursError(
-            f"weights file {wpath} does not match its manifest ({first_line(exc)}): re-save the model"
-        ) from None
-    model = build_pruned(manifest["source"], plans, trust_code=trust_code)
+
+    def budget() -> contextlib.AbstractContextManager[None]:  # per build: each counts its own modules
+        if trust_code:
+            return contextlib.nullcontext()
+        return module_budget(module_budget_for(len(layout)), f"the model folder '{folder}'")
+
+    with contextlib.nullcontext() if trust_code else offline():
+        try:
+            with budget():
+                rebuilt = _meta_signature(source, plans, trust_code)
+        except SecateursError as exc:
+            if not isinstance(exc, BuildError):
+                raise
+            rebuilt = _unchecked(source, trust_code, exc)
+        except Exception as exc:
+            rebuilt = _unchecked(source, trust_code, exc)
+        if rebuilt is not None:
+            _mismatch(rebuilt, expected)
+        tensors = _read_weights(wpath, layout)
+        try:
+            state, masks = unpack_state(tensors, layout, manifest.get("aliases", {}))
+        except (KeyError, TypeError, RuntimeError) as exc:
+            raise SecateursError(
+                f"weights file {wpath} does not match its manifest ({first_line(exc)}): re-save the model"
+            ) from None
+        with budget():
+            model = build_pruned(source, plans, trust_code=trust_code)
     if rebuilt is None:
         _mismatch(_signature(model.state_dict()), expected)
     model.load_state_dict(state, strict=True, assign=True)

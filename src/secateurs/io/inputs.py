@@ -125,7 +125,10 @@ def example_inputs(
         if kind == "tokens":
             vocab = _vocab_size(model)
             if vocab is None:
-                vocab = next(m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding))
+                vocab = next((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), None)
+            if vocab is None:
+                raise SecateursError(f"token ids were asked for, but {type(model).__name__} has no embedding to "
+                                     "take them: pass --input-shape for its real input")
             return torch.randint(0, vocab, shape, generator=gen).to(device)
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)

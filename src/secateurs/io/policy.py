@@ -22,12 +22,16 @@ allocates anything.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import SecateursError
 
-__all__ = ["MAX_DEPTH", "check_depth", "check_hf_config", "check_kwargs", "check_source", "ZOO_MODULE"]
+__all__ = ["MAX_DEPTH", "check_depth", "check_hf_config", "check_kwargs", "check_source", "module_budget", "offline",
+           "ZOO_MODULE"]
 
 ZOO_MODULE = "secateurs.zoo"
 MAX_DEPTH = 64  # a manifest is a few levels deep; 100,000 levels only crash parsers
@@ -41,6 +45,8 @@ _FORBIDDEN_WORDS = {"weights", "pretrained", "checkpoint", "file", "filename", "
 _FORBIDDEN_LAST = {"path", "paths"}  # drop_path_rate is a rate; checkpoint_path is a path
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 # attention implementations that only use installed code (a "repo/name" value fetches kernels from the Hub)
+# config keys whose string values name something to load (timm_wrapper's "architecture", DETR's "backbone")
+_NAMES_SOMETHING = re.compile(r"architecture|backbone|model|name|path|file|repo|url|checkpoint|hub|dir", re.IGNORECASE)
 _SAFE_ATTENTION = {None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"}
 
 
@@ -112,7 +118,15 @@ def _check_name(source: dict[str, Any], field: str) -> str:
 
 
 def check_hf_config(config: Any, what: str, *, remote_code_ok: bool = False) -> None:
-    """Refuse a transformers config (a dict) that asks for remote code or kernels from the Hub.
+    """Refuse a transformers config (a dict) that would fetch or read anything while the model is built.
+
+    Refused anywhere in the config (sub-configs too): remote code (``auto_map``),
+    attention kernels from the Hub, a truthy ``*pretrained*`` flag (DETR-style
+    configs build a pretrained timm backbone), a path, URL or hub reference (``/``,
+    ``\\``, ``:``) under a key that names a model, backbone, file or the like (wrappers
+    such as ``timm_wrapper`` hand ``hf-hub:`` or ``local-dir:`` names to timm), and ``model_args`` that
+    :func:`check_kwargs` would refuse. Keys starting with ``_`` are metadata
+    (``_name_or_path``) that building never reads.
 
     Args:
         config: the config's dict form.
@@ -122,18 +136,33 @@ def check_hf_config(config: Any, what: str, *, remote_code_ok: bool = False) -> 
     """
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise SecateursError(f"the transformers config of {what} is malformed (no model_type): re-save the model")
-    stack = [config]
+
+    def refuse(detail: str) -> SecateursError:
+        return SecateursError(f"{what} asks for {detail}: load it with trust_code=True (CLI: --trust-code) only if "
+                              "you trust where it came from")
+
+    stack: list[Any] = [config]
     while stack:
         item = stack.pop()
-        for key, value in item.items():
+        pairs = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, value in pairs:
+            key = str(key)
+            if key.startswith("_") and key != "_attn_implementation":
+                continue
             if key in ("auto_map", "trust_remote_code") and value and not remote_code_ok:
-                raise SecateursError(f"{what} asks for remote code ({key}): load it with trust_code=True "
-                                     "(CLI: --trust-code) only if you trust where it came from")
-            if "attn_implementation" in key and value not in _SAFE_ATTENTION:
-                raise SecateursError(f"{what} asks for the attention implementation {str(value)[:60]!r}, which may "
-                                     "fetch and run kernels: load it with trust_code=True (CLI: --trust-code) only "
-                                     "if you trust where it came from, or set it to sdpa")
-            if isinstance(value, dict):
+                raise refuse(f"remote code ({key})")
+            if "attn_implementation" in key and not (value is None or isinstance(value, str)
+                                                    and value in _SAFE_ATTENTION):
+                raise refuse(f"the attention implementation {str(value)[:60]!r}, which may fetch and run kernels")
+            if "pretrained" in key.lower() and value:
+                raise refuse(f"pretrained weights ({key}={str(value)[:40]!r}), which would be downloaded")
+            if key == "model_args" and isinstance(value, dict):  # timm_wrapper's options for timm.create_model
+                check_kwargs({"kind": "timm", "name": str(item.get("architecture", "?"))[:60]}, value)
+            if key == "auto_map":
+                continue  # class names for remote code, which is never asked for here
+            if isinstance(value, str) and _NAMES_SOMETHING.search(key) and re.search(r"[/\\:]", value):
+                raise refuse(f"{key}={value[:60]!r}, which names a file, URL or hub model")
+            if isinstance(value, (dict, list)):
                 stack.append(value)
 
 
@@ -167,3 +196,62 @@ def check_source(source: Any, *, trust_code: bool) -> None:
     else:
         _check_name(source, "class")
         check_hf_config(source.get("config"), "the model folder's transformers config")
+
+
+def module_budget_for(tensors: int | None) -> int:
+    """How many submodules a model with ``tensors`` stored tensors may construct.
+
+    Every layer type we know has fewer than two modules per stored tensor; the
+    factor 16 leaves room for parameter-free modules and for blocks a layer
+    pruning removed after the build. Unknown: a generous fixed bound.
+    """
+    return 200_000 if tensors is None else 16 * tensors + 1_000
+
+
+@contextlib.contextmanager
+def module_budget(limit: int, what: str) -> Iterator[None]:
+    """Stop a constructor that registers more than ``limit`` submodules.
+
+    A config or constructor option can ask for millions of layers; even on the
+    meta device their Python objects alone take gigabytes before any size check
+    could compare them with the weights.
+    """
+    import torch
+
+    count = 0
+
+    def count_one(module: Any, name: str, submodule: Any) -> None:
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise SecateursError(f"{what} builds more than {limit:,} modules, far more than its weights hold: "
+                                 "it was edited or is not a model; load it with trust_code=True (CLI: "
+                                 "--trust-code) only if you trust where it came from")
+
+    handle = torch.nn.modules.module.register_module_module_registration_hook(count_one)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """No Hub access while the block runs (defence in depth: the policy already refuses what would fetch)."""
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = None
+    with contextlib.suppress(ImportError):
+        from huggingface_hub import constants
+    old_flag = getattr(constants, "HF_HUB_OFFLINE", None)
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = old_flag
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous

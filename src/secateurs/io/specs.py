@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -15,6 +16,7 @@ from ..errors import SecateursError
 from ..utils import first_line
 from .arch import attach_source, build, parse_arch, require
 from .checkpoint import is_saved_model, load
+from .policy import module_budget, module_budget_for, offline
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +103,14 @@ def load_tokenizer(spec: str) -> Any:
     transformers = require("transformers", "hf")
     target = Path(spec[3:] if spec.startswith("hf:") else spec)
     try:
-        if target.suffix == ".gguf" and target.is_file():
-            return transformers.AutoTokenizer.from_pretrained(str(target.parent), gguf_file=target.name,
-                                                              local_files_only=True)
-        if (target / "config.json").is_file() or (target / "tokenizer_config.json").is_file():
-            return transformers.AutoTokenizer.from_pretrained(str(target), local_files_only=True)
-    except (OSError, ValueError) as exc:
+        with offline():  # never custom tokenizer code, never the Hub (transformers would otherwise ask on a tty)
+            if target.suffix == ".gguf" and target.is_file():
+                return transformers.AutoTokenizer.from_pretrained(str(target.parent), gguf_file=target.name,
+                                                                  local_files_only=True, trust_remote_code=False)
+            if (target / "config.json").is_file() or (target / "tokenizer_config.json").is_file():
+                return transformers.AutoTokenizer.from_pretrained(str(target), local_files_only=True,
+                                                                  trust_remote_code=False)
+    except Exception as exc:  # a damaged tokenizer_config.json fails with any error type
         raise SecateursError(f"cannot load the tokenizer of '{spec}' ({first_line(exc)})") from None
     raise SecateursError(f"text data needs the model's tokenizer: give the model as hf:FOLDER, a .gguf file, "
                          f"or a folder pruned from one; '{spec}' has none")
@@ -145,17 +149,65 @@ def _hf_class(transformers: Any, path: Path, trust_code: bool) -> Any:
     return cls
 
 
+def _hf_weight_files(path: Path) -> int | None:
+    """Check that a transformers folder's weights are plain files inside it; return how many tensors they hold.
+
+    Symlinks are accepted only in the Hugging Face cache's own layout
+    (``snapshots/REV/file`` -> ``../../blobs/HASH``). None: the count is unknown (pickle files).
+    """
+    import json
+
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    names: set[str] = set()
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_bytes()).get("weight_map")
+        except (ValueError, AttributeError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise SecateursError(f"'{index}' is not a valid index (no weight_map of file names): check the folder")
+        names = set(weight_map.values())
+    names |= {p.name for p in path.glob("*.safetensors")}
+    cache_blobs = (path.parent.parent / "blobs").resolve() if path.parent.name == "snapshots" else None
+    count = 0
+    for name in sorted(names):
+        file = path / name
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise SecateursError(f"the folder '{path}' names the weights file {name[:80]!r}, which is not a file "
+                                 "name inside it: check the folder")
+        if file.is_symlink() and (cache_blobs is None or cache_blobs not in file.resolve().parents):
+            raise SecateursError(f"the weights file '{file}' is a symlink: copy the real file into the folder "
+                                 "(a model folder must not read files outside itself)")
+        if not file.is_file():
+            raise SecateursError(f"the weights file '{file}' is missing: check the folder")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                count += len(list(f.keys()))
+        except Exception as exc:  # safetensors' own error types for damaged files
+            raise SecateursError(f"the weights file '{file}' is damaged ({first_line(exc)}): check the folder") from None
+    return count or None
+
+
 def _load_hf(target: str, trust_code: bool = False) -> nn.Module:
     transformers = require("transformers", "hf")
     path = Path(target)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise SecateursError(f"GGUF file '{path}' does not exist: check the path")
-        require("gguf", "hf")
+        gguf = require("gguf", "hf")
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, local_files_only=True
-            )
+            tensors: int | None = len(gguf.GGUFReader(str(path)).tensors)
+        except Exception:  # damaged: transformers' own reader says how, below
+            tensors = None
+        try:
+            with offline(), module_budget(module_budget_for(tensors), f"the GGUF file '{path}'"):
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    str(path.parent), gguf_file=path.name, local_files_only=True, trust_remote_code=False
+                )
+        except SecateursError:
+            raise
         except (OSError, ValueError) as exc:
             raise SecateursError(f"cannot load GGUF '{path}' ({first_line(exc)})") from None
         except Exception as exc:
@@ -165,8 +217,15 @@ def _load_hf(target: str, trust_code: bool = False) -> nn.Module:
                                  "damaged; download or convert it again") from None
     else:
         cls = _hf_class(transformers, path, trust_code)
+        guard = contextlib.ExitStack()
+        if not trust_code:
+            guard.enter_context(offline())
+            guard.enter_context(module_budget(module_budget_for(_hf_weight_files(path)), f"the folder '{path}'"))
         try:
-            model = cls.from_pretrained(str(path), local_files_only=True)
+            with guard:
+                model = cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_code)
+        except SecateursError:
+            raise
         except pickle.UnpicklingError:
             raise SecateursError(f"the weights in '{path}' hold pickled Python objects, not just tensors: "
                                  "convert them to safetensors with a tool you trust") from None

@@ -328,10 +328,11 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
         module = model.get_submodule(mod_name)
         for attr, value in attrs.items():
             old_value = vars(module).get(attr)
-            if attr.startswith("_") or type(old_value) is not int or value < 1:
-                # a plan only resizes: it never adds attributes or replaces methods (manifests are untrusted)
-                raise SecateursError(f"the plan sets {mod_name}.{attr} = {value}, which is not a size attribute "
-                                     "of that module")
+            if attr.startswith("_") or type(old_value) is not int or not 1 <= value <= old_value:
+                # a plan only shrinks sizes: it never adds attributes, replaces methods or grows a layer
+                # (manifests are untrusted)
+                raise SecateursError(f"the plan sets {mod_name}.{attr} = {value}, which is not a smaller value of "
+                                     "a size attribute of that module")
             if old_value != value:
                 sizes.setdefault(old_value, set()).add(value)  # e.g. a head count, for the HF config
             setattr(module, attr, value)

@@ -37,7 +37,7 @@ from ..importance.stats import split_batch
 from ..masks import effective_state_dict, load_effective_state_, masked_tensors, plain_name
 from ..progress import Progress
 from ..selection import call_model
-from ..utils import eval_mode, first_line, map_tensors
+from ..utils import eval_mode, first_line, launch_env, map_tensors
 from .regularize import REGULARIZERS, make_regularizer
 from .schedule import AGP, GradualPruner
 
@@ -168,10 +168,10 @@ class _World:
 
 def _join_world(device_hint: str | None) -> _World:
     """Join torchrun's process group when launched by it (WORLD_SIZE > 1)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = launch_env("WORLD_SIZE", 1)
     if size <= 1 or not dist.is_available():
         return _World()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = launch_env("LOCAL_RANK", 0)
     created = False
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and (device_hint is None or device_hint.startswith("cuda"))

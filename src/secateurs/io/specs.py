@@ -273,8 +273,9 @@ def load_model(
         trust_pickle: allow unpickling a whole model from a torch file. Only for
             files you trust: unpickling runs arbitrary code. With ``arch``, that
             spec is recorded as the recipe to rebuild the model when saving it.
-        trust_code: let a saved secateurs folder call the factory function its
-            manifest names (see :func:`secateurs.load`).
+        trust_code: let a model folder run code it names: a secateurs manifest's
+            factory outside the allow-list of :mod:`secateurs.io.policy` (see
+            :func:`secateurs.load`), a transformers folder's remote code or Hub kernels.
 
     Returns:
         The model (torchvision/timm/factory models in their constructed mode,

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -31,6 +32,24 @@ WEIGHTS = "model.safetensors"
 
 
 # ---- model folders ---------------------------------------------------------------------------------
+
+@pytest.fixture(name="model_dir")
+def model_dir_fixture(tmp_path: Path) -> Path:
+    """A saved DigitsCNN folder to edit (import this fixture into a test module to use it)."""
+    return saved_model(tmp_path / "m")
+
+
+@pytest.fixture(name="no_network")
+def no_network_fixture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any connection attempt fails loudly: a download would be a hole."""
+
+    def forbidden(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the test forbids network access: a download was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", forbidden)
+    monkeypatch.setattr(socket.socket, "connect_ex", forbidden)
+    monkeypatch.setattr(socket, "getaddrinfo", forbidden)
+
 
 def saved_model(path: Path, *, seed: int = 0, **save_kwargs: Any) -> Path:
     """A valid secateurs folder holding a seeded DigitsCNN (input 1x1x8x8 recorded)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 import uuid
@@ -16,12 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from security_helpers import (
+from security_helpers import (  # noqa: F401 - fixtures, used by name
     MANIFEST,
     WEIGHTS,
     assert_one_line_error,
     assert_refusal,
     edit_manifest,
+    model_dir_fixture,
+    no_network_fixture,
     outcome_of,
     read_manifest,
     refused,
@@ -33,11 +34,6 @@ from security_helpers import (
 import secateurs
 from conftest import needs
 from secateurs.zoo import DigitsCNN
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    return saved_model(tmp_path / "m")
 
 
 def set_source(folder: Path, source: dict) -> None:
@@ -141,16 +137,6 @@ def test_stdlib_targets_with_import_side_effects_are_refused_unimported(
 
 
 # ---- A3: kwargs that reach downloads, files or huge allocations ------------------------------------
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def forbidden(*args, **kwargs):
-        raise RuntimeError("the test forbids network access: a download was attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", forbidden)
-    monkeypatch.setattr(socket.socket, "connect_ex", forbidden)
-    monkeypatch.setattr(socket, "getaddrinfo", forbidden)
-
 
 @needs("torchvision")
 @pytest.mark.usefixtures("no_network")

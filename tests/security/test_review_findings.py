@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 import torch
-from security_helpers import (
+from security_helpers import (  # noqa: F401 - fixtures, used by name
     assert_one_line_error,
     edit_manifest,
+    model_dir_fixture,
+    no_network_fixture,
     refused,
     run_cli,
     saved_model,
@@ -25,20 +25,6 @@ from test_cli_table import tiny_llama_folder
 import secateurs
 from conftest import needs
 from secateurs.zoo import DigitsCNN
-
-
-@pytest.fixture
-def model_dir(tmp_path: Path) -> Path:
-    return saved_model(tmp_path / "m")
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a network connection was attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", forbidden)
-
 
 # ---- configs that make a transformers constructor fetch or read ------------------------------------
 
@@ -247,3 +233,69 @@ def test_the_offline_guard_restores_the_environment():
     with offline():
         assert os.environ["HF_HUB_OFFLINE"] == "1"
     assert os.environ.get("HF_HUB_OFFLINE") == before
+
+
+# ---- second review ----------------------------------------------------------------------------------
+
+@needs("transformers")
+def test_a_config_far_larger_than_the_weight_files_is_refused_before_allocating(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    folder = tiny_llama_folder(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 2_000_000, "hidden_size": 1024,
+                                                    "num_attention_heads": 8, "num_key_value_heads": 8}))
+    save_file({"model.norm.weight": torch.ones(1024)}, str(folder / "model.safetensors"))
+    code, _, err = run_cli(["analyze", f"hf:{folder}", "--input-shape", "1,8", "--no-latency"], capsys)
+    assert_one_line_error(code, err, "asks for")
+
+
+@needs("transformers")
+def test_pickle_free_bin_weights_outside_the_folder_are_refused(tmp_path, capsys):
+    folder = tiny_llama_folder(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    torch.save({"model.embed_tokens.weight": torch.zeros(32, 8)}, outside / "secret.bin")
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../outside/secret.bin"}}))
+    code, _, err = run_cli(["analyze", f"hf:{folder}", "--no-latency"], capsys)
+    assert_one_line_error(code, err, "not a file name inside it")
+    (folder / "pytorch_model.bin.index.json").unlink()
+    (folder / "pytorch_model.bin").symlink_to(outside / "secret.bin")
+    code, _, err = run_cli(["analyze", f"hf:{folder}", "--no-latency"], capsys)
+    assert_one_line_error(code, err, "symlink")
+
+
+@needs("transformers")
+def test_a_fake_hub_cache_whose_blobs_is_a_link_does_not_open_the_symlink_door(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    rev = tmp_path / "evil" / "snapshots" / "rev"
+    rev.parent.mkdir(parents=True)
+    tiny_llama_folder(tmp_path).rename(rev)
+    (tmp_path / "evil" / "blobs").symlink_to("/")
+    save_file({"model.embed_tokens.weight": torch.zeros(32, 8)}, str(tmp_path / "real.safetensors"))
+    (rev / "model.safetensors").symlink_to(tmp_path / "real.safetensors")
+    code, _, err = run_cli(["analyze", f"hf:{rev}", "--no-latency"], capsys)
+    assert_one_line_error(code, err, "symlink")
+
+
+@needs("torchvision")
+def test_an_image_folder_with_a_symlink_loop_is_refused_at_once(tmp_path, capsys):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        Image.new("L", (8, 8)).save(tmp_path / "imgs" / cls / "x.png")
+    (tmp_path / "imgs" / "a" / "up").symlink_to("..")
+    with __import__("security_helpers").time_limit(30):
+        code, _, err = run_cli(["eval", "secateurs.zoo:DigitsCNN", "--data", f"imagefolder:{tmp_path / 'imgs'}",
+                                "--input-shape", "1,1,8,8"], capsys)
+    assert_one_line_error(code, err, "symlinked folder")
+
+
+def test_a_weights_file_with_non_string_keys_is_one_line(tmp_path, capsys):
+    torch.save({1: torch.ones(1)}, tmp_path / "w.pt")
+    code, _, err = run_cli(["analyze", "secateurs.zoo:DigitsCNN", "--weights", tmp_path / "w.pt",
+                            "--input-shape", "1,1,8,8", "--no-latency"], capsys)
+    assert_one_line_error(code, err, "state dict")

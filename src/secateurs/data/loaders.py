@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,6 +70,17 @@ def batches(
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
 
 
+def _refuse_linked_folders(folder: Path) -> None:
+    """torchvision's ImageFolder follows symlinked folders: a link to a parent loops for ever, and links
+    lead outside the folder. Refuse them up front (linked image files are fine)."""
+    for top, dirs, _ in os.walk(folder):
+        for name in dirs:
+            if os.path.islink(os.path.join(top, name)):
+                raise SecateursError(f"image folder '{folder}' holds a symlinked folder "
+                                     f"'{os.path.join(top, name)}': copy it in instead (a link can loop or lead "
+                                     "outside the folder)")
+
+
 def _image_folder(root: Path, split: str, input_shape: Sequence[int] | None, limit: int, seed: int) -> tuple[Tensor, Tensor]:
     datasets = require("torchvision.datasets", "vision")
     transforms = require("torchvision.transforms", "vision")
@@ -78,6 +90,7 @@ def _image_folder(root: Path, split: str, input_shape: Sequence[int] | None, lim
     folder = sub if sub.is_dir() else root
     h, w = (input_shape[-2], input_shape[-1]) if input_shape and len(input_shape) == 4 else (224, 224)
     tf = transforms.Compose([transforms.Resize(max(h, w)), transforms.CenterCrop((h, w)), transforms.ToTensor()])
+    _refuse_linked_folders(folder)
     try:
         ds = datasets.ImageFolder(str(folder), transform=tf)
     except (FileNotFoundError, RuntimeError) as exc:

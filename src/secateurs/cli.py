@@ -472,6 +472,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, x = _load(args)
     tokenizer_files = _tokenizer_files(args.model)  # before the slow part: it may fail
+    if config.method == "layer" and args.data is None and config.importance is None and tokenizer_files \
+            and not x.is_floating_point():
+        args.data = "pydoc"  # a language model's layers are chosen on text, never on weight norms alone
+        logging.getLogger(__name__).info("choosing layers on calibration text: --data pydoc (pass --data to "
+                                         "choose another, or --importance magnitude to use weights alone)")
     check_finite(model, config)  # before analyze warns about the same weights
     before = analyze(model, x, latency=not args.no_latency).to_dict()
     data = _calibration(args, config, x) if args.data is not None else None

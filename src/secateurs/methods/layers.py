@@ -19,7 +19,7 @@ from ..errors import SecateursError
 from ..graph.blocks import Block, find_blocks, first_tensor
 from ..importance.layer import LAYER_IMPORTANCE, angular_distance, block_influence, magnitude
 from ..importance.stats import ReferenceBatches, split_batch, task_loss
-from ..selection import Selection, _matches, call_model
+from ..selection import Selection, _matches, call_model, declared_module
 from ..surgery import Plan, apply_plan_
 from ..utils import eval_mode, first_line
 from .common import config_to_dict
@@ -47,7 +47,9 @@ class Layers(Selection):
             blocks and the output of its last; removes one contiguous run per
             stage, Gromov et al.), ``loss`` (loss increase when the block alone
             is skipped) or ``magnitude`` (weights only). Default: ``block_influence``
-            with data, ``magnitude`` without.
+            with data, ``magnitude`` without; a language model without data is
+            refused (weight norms choose its layers badly) unless ``magnitude``
+            is asked for by name.
         calib_batches: batches of ``data`` used for scoring and loss checks.
         allow_empty_stage: allow removing every block of a stage (a run of
             same-shape blocks); by default each stage keeps one.
@@ -303,6 +305,13 @@ def _window(chooser: _Chooser, names: list[str], angular: dict[tuple[int, int], 
 def apply_layers(model: nn.Module, config: Layers, *, example_inputs: Any = None, data: Any = None) -> PruneReport:
     if example_inputs is None:
         raise SecateursError("layer pruning runs the model to find its blocks: pass example_inputs (CLI: --input-shape)")
+    if data is None and config.importance is None and isinstance(declared_module(model, "get_input_embeddings"),
+                                                                 nn.Embedding):
+        # weight norms say little about which decoder layers a language model can lose: on SmolLM2-135M,
+        # dropping the 2 "least important" ones this way took perplexity from 16.7 to about 867,000
+        raise SecateursError("layers of a language model are chosen on calibration text: pass data= (CLI: --data "
+                             "pydoc or text:FILE; the CLI uses pydoc when the model has a tokenizer), or "
+                             "importance='magnitude' (CLI: --importance magnitude) to choose by weights alone")
     importance = config.importance or ("block_influence" if data is not None else "magnitude")
     if data is None and (importance != "magnitude" or config.max_loss_increase is not None):
         raise SecateursError(f"importance '{importance}' and loss targets are measured on data: pass data= "

@@ -240,9 +240,9 @@ def clean_stale(path: Path) -> None:
     """Restore or remove what an interrupted run of ours left beside ``path``, and say so.
 
     Call only while holding :func:`output_lock` on ``path``: then nobody else is
-    writing these. Recognised, by exact name and content: ``.NAME.tmp-XXXXXXXX``
+    writing these. Recognised, by exact name and content: ``.NAME.tmp-<8 random characters>``
     folders (tempfile's 8 random characters) holding our partial marker or a
-    manifest, ``.NAME.tmp-XXXXXXXX`` files, and ``.NAME.old-PID`` backups holding a
+    manifest, ``.NAME.tmp-<8 random characters>`` files, and ``.NAME.old-PID`` backups holding a
     manifest whose process is gone (restored when ``path`` itself is missing).
     """
     parent = path.parent

@@ -638,9 +638,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".json":
         raise SecateursError(f"--out must name a .json file, got '{out.name}'")
-    targets = [out, out.with_suffix(".csv"), out.with_suffix(".png")]
-    if not out.parent.is_dir():
-        raise SecateursError(f"directory '{out.parent}' does not exist: create it first")
+    targets = [out, out.with_suffix(".csv"), out.with_suffix(".png")]  # main has checked and locked them
     if any(t.is_dir() for t in targets):
         raise SecateursError(f"'{next(t for t in targets if t.is_dir())}' is a directory: choose another --out")
     if not args.overwrite and any(t.exists() for t in targets):

@@ -189,18 +189,15 @@ def output_lock(path: str | os.PathLike[str]) -> Iterator[None]:
             raise SecateursError(f"'{lock}' is not a lock file of ours (it holds data): remove it")
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
-    except OSError as exc:
+    except BaseException as exc:
         if fd >= 0:
             os.close(fd)
         _remove_empty(created)
+        if not isinstance(exc, OSError):
+            raise
         if exc.errno == errno.ELOOP:
             raise SecateursError(f"'{lock}' is a symlink, not a lock file of ours: remove it") from None
         raise SecateursError(f"cannot write to '{path}' ({first_line(exc)}): choose a writable location") from None
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        _remove_empty(created)
-        raise
     _held[str(key)] = 1
     try:
         yield
@@ -232,7 +229,7 @@ def _dead(pid_text: str) -> bool:
     except ProcessLookupError:
         return True
     except OSError:  # exists, owned by someone else
-        return False
+        pass
     return False
 
 

@@ -34,7 +34,14 @@ from ..utils import first_line
 from .arch import BuildError, attach_source, build_pruned, check_rebuildable, describe, source_of
 from .atomic import atomic_dir
 from .inputs import INPUT_ATTR, MAX_INPUT_ELEMENTS
-from .policy import check_depth, check_source, module_budget, module_budget_for, offline
+from .policy import (
+    check_depth,
+    check_source,
+    is_plain_file_name,
+    module_budget,
+    module_budget_for,
+    offline,
+)
 
 __all__ = ["MANIFEST", "WEIGHTS", "save", "load", "read_manifest", "pack_state", "unpack_state",
            "is_saved_model", "serialized_size"]
@@ -244,7 +251,7 @@ _INPUT_KINDS = (None, "float", "tokens")
 
 def _regular_file(folder: Path, name: Any, what: str) -> Path:
     """``folder/name``, refusing anything but a plain file name of a regular file inside ``folder``."""
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+    if not is_plain_file_name(name):
         raise SecateursError(f"the manifest in '{folder}' names the {what} {str(name)[:80]!r}, which is not a file "
                              "name inside the folder: re-save the model")
     path = folder / name

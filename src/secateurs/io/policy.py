@@ -30,7 +30,8 @@ from typing import Any
 
 from ..errors import SecateursError
 
-__all__ = ["MAX_DEPTH", "check_depth", "check_hf_config", "check_kwargs", "check_source", "module_budget", "offline",
+__all__ = ["MAX_DEPTH", "check_depth", "check_hf_config", "check_kwargs", "check_source", "is_plain_file_name",
+           "module_budget", "offline",
            "ZOO_MODULE"]
 
 ZOO_MODULE = "secateurs.zoo"
@@ -70,6 +71,11 @@ def check_depth(obj: Any, limit: int = MAX_DEPTH) -> None:
                                      "by secateurs; re-save the model")
             children = item.values() if isinstance(item, dict) else item
             stack.extend((child, depth + 1) for child in children)
+
+
+def is_plain_file_name(name: Any) -> bool:
+    """A file name that stays inside the folder it is joined to (no separators, no ``.``/``..``, no NUL)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
 def _plain(value: Any) -> bool:

@@ -19,7 +19,7 @@ from ..errors import SecateursError
 from ..utils import first_line
 from .arch import attach_source, build, parse_arch, require
 from .checkpoint import is_saved_model, load
-from .policy import module_budget, module_budget_for, offline
+from .policy import is_plain_file_name, module_budget, module_budget_for, offline
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def _hf_stored_elements(path: Path) -> int:
     total = 0
     for name in sorted(names):
         file = path / name
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
+        if not is_plain_file_name(name):
             raise SecateursError(f"the folder '{path}' names the weights file {name[:80]!r}, which is not a file "
                                  "name inside it: check the folder")
         if not file.is_file():

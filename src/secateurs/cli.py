@@ -24,6 +24,7 @@ from .utils import first_line, launch_rank
 __all__ = ["main", "build_parser"]
 
 EXIT_BAD_INPUT = 2
+TEXT_LR = 1e-4  # finetune's default AdamW learning rate on text
 EXIT_BUG = 1
 
 
@@ -64,15 +65,42 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for example inputs and random choices")
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _byte_size(text: str) -> int:
+    """argparse type: a size such as 5GB, 500MB, 2GiB or a number of bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) * _SIZE_UNITS[unit] < 1:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB or 2GiB, got '{text}'")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def _add_save_args(p: argparse.ArgumentParser) -> None:
+    """How ``--out`` is written (``prune`` and ``finetune``)."""
+    p.add_argument("--save-format", choices=["auto", "transformers", "secateurs"], default="auto",
+                   help="auto: a standard transformers folder (config.json, safetensors shards) for transformers "
+                   "models, secateurs' own layout (sparse tensors stored compactly) for others")
+    p.add_argument("--max-shard-size", type=_byte_size, metavar="SIZE",
+                   help="largest safetensors shard of a transformers folder, e.g. 5GB (default: transformers')")
+
+
 def _add_training_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """Flags of :class:`secateurs.train.FinetuneConfig`, shared by ``finetune`` and ``prune --finetune-epochs``."""
     if not prefix:
-        p.add_argument("--epochs", type=_positive_int, default=4, help="passes over the training data")
-    p.add_argument("--lr", type=float, help="peak learning rate of the cosine schedule (default 0.05 SGD, 1e-3 AdamW)")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+        p.add_argument("--epochs", type=_positive_int, help="passes over the training data (default 4, or as many "
+                       "as --max-steps/--max-tokens need; with both, whichever ends first)")
+    p.add_argument("--lr", type=float, help="peak learning rate of the cosine schedule (default 0.05 SGD, 1e-3 AdamW; "
+                   f"{TEXT_LR:g} AdamW on text)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"],
+                   help="default: sgd for images, adamw for text (language models)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="on weights, not biases or norm scales")
     if not prefix:
-        p.add_argument("--batch-size", type=_positive_int, default=64, help="per process")
+        p.add_argument("--batch-size", type=_positive_int, help="per process (default 64 images, 4 text sequences)")
     p.add_argument("--teacher", metavar="MODEL", help="distil from this model (same spec forms as MODEL"
                    + (", or dense: the model before pruning)" if prefix else ")"))
     p.add_argument("--kd-weight", type=float, help="share of the loss from distillation (default 0.5 with --teacher)")
@@ -85,7 +113,20 @@ def _add_training_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
                        help="gradual magnitude pruning (AGP cubic schedule) to this unstructured sparsity")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="mixed precision (default: on for CUDA)")
+                   help="mixed precision (default: on for CUDA, or with --amp-dtype)")
+    p.add_argument("--amp-dtype", choices=["bf16", "fp16"],
+                   help="autocast type (default fp16 with loss scaling on CUDA, bf16 on CPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory (transformers models)")
+    if not prefix:
+        p.add_argument("--max-steps", type=_positive_int, metavar="N",
+                       help="stop after N optimizer steps (the LR schedule spans them)")
+        p.add_argument("--max-tokens", type=_positive_int, metavar="N",
+                       help="stop once N training tokens are seen, all processes together (text --data)")
+        p.add_argument("--eval-every", type=_positive_int, metavar="N",
+                       help="also evaluate on the held-out split every N optimizer steps")
+        p.add_argument("--fsdp", action="store_true", help="shard the model across torchrun's processes (FSDP2), "
+                       "for models that do not fit one device")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=method_names())
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the pruned model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _add_save_args(p)
     p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in [0, 1)")
     p.add_argument("--threshold", type=float, help="zero weights with |w| <= T (unstructured)")
     p.add_argument("--scope", choices=["layer", "global"], help="rank per layer or globally")
@@ -124,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-loss-increase", type=float, metavar="X",
                    help="remove blocks while the loss on --data grows by at most X (method layer)")
     p.add_argument("--round-to", type=_positive_int, help="keep channel counts a multiple of N (method channel)")
+    p.add_argument("--width", metavar="KINDS",
+                   help="transformers models: prune only these widths, each at --ratio or its own, e.g. heads,ffn or "
+                   "heads=0.25,ffn=0.3,hidden=0.1 (kinds: hidden, heads, ffn; method channel)")
     p.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank channels across all layers (method channel)")
     p.add_argument("--max-ratio", type=float, help="most any layer may lose with --global/--target-macs")
@@ -167,13 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive_int, help="batch size (default 64 images, 4 sequences)")
     e.add_argument("--max-batches", type=_positive_int, help="evaluate at most this many batches")
 
-    f = sub.add_parser("finetune", help="recover accuracy: train on labelled images, with distillation, "
-                       "sparsity regularisers or gradual pruning; runs under torchrun")
+    f = sub.add_parser("finetune", help="recover accuracy or perplexity: train on labelled images or on text, "
+                       "with distillation, sparsity regularisers or gradual pruning; runs under torchrun")
     _add_model_args(f)
     f.add_argument("--data", required=True, metavar="DATA", help="labelled images: digits, mnist5k or "
-                   "imagefolder:PATH (train/ and val/ inside)")
+                   "imagefolder:PATH (train/ and val/ inside); or for language models pydoc or text:FILE "
+                   "(the last tenth held out for perplexity)")
+    f.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sequence (text --data)")
     f.add_argument("--out", required=True, metavar="DIR", help="directory for the trained model")
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _add_save_args(f)
     _add_training_args(f)
     f.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint after every epoch here "
                    "(default: OUT.ckpt, removed once the model is saved)")
@@ -264,7 +312,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 _SWITCHES = ("prune_output_layer", "global_ranking", "compensate", "recalibrate_bn")
 _CONFIG_FLAGS = ("sparsity", "threshold", "scope", "importance", "ignore", "include", "ratio", "target_macs",
                  "round_to", "max_ratio", "calib_batches", "steps", "max_loss_increase", "allocate",
-                 "target_latency", "latency_batch_size")
+                 "target_latency", "latency_batch_size", "width")
 
 
 def _method_config(args: argparse.Namespace) -> Any:
@@ -457,7 +505,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from .analysis import analyze
     from .io.atomic import check_output_dir
-    from .io.checkpoint import save
+    from .io.checkpoint import check_layout, save
     from .methods import prune_
     from .methods.registry import check_finite
     from .report import before_after_table
@@ -471,6 +519,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _check_report_deps(args)
     start = time.perf_counter()
     model, x = _load(args)
+    check_layout(model, args.save_format)
     tokenizer_files = _tokenizer_files(args.model)  # before the slow part: it may fail
     if config.method == "layer" and args.data is None and config.importance is None and tokenizer_files \
             and not x.is_floating_point():
@@ -516,6 +565,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         input_shape=list(x.shape),
         overwrite=args.overwrite,
         extra_files={"report.json": report_json, **tokenizer_files, **_html_report(args, result)},
+        layout=args.save_format,
+        max_shard_size=args.max_shard_size,
     )
     if args.json:
         _emit_json(result)
@@ -543,11 +594,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, x = _load(args)
     result: dict[str, Any] = {"model": args.model}
     if args.ppl is not None:
-        from .data.text import perplexity, token_batches
+        from .data.text import masked_batches, perplexity, token_batches
         from .io.specs import load_tokenizer
 
-        held_out = token_batches(args.ppl, load_tokenizer(args.model), seq_len=args.seq_len,
+        tokenizer = load_tokenizer(args.model)
+        held_out = token_batches(args.ppl, tokenizer, seq_len=args.seq_len,
                                  batch_size=args.batch_size or 4, max_batches=args.max_batches, split="test")
+        can_generate = getattr(model, "can_generate", None)
+        if callable(can_generate) and not can_generate() and getattr(model, "get_output_embeddings", None) \
+                and model.get_output_embeddings() is not None:
+            held_out = masked_batches(held_out, tokenizer, seed=args.seed)  # a masked LM fills in masked tokens
         result.update(text=args.ppl, sequences=sum(len(b["input_ids"]) for b in held_out), seq_len=args.seq_len,
                       perplexity=perplexity(model, held_out))
     else:
@@ -570,11 +626,20 @@ def _finetune_config(args: argparse.Namespace, **overrides: Any) -> Any:
     kd = args.kd_weight if args.kd_weight is not None else (0.5 if args.teacher else 0.0)
     if kd > 0 and not args.teacher:
         raise SecateursError("--kd-weight distils from a teacher: also pass --teacher MODEL")
-    fields = dict(epochs=getattr(args, "epochs", 1), lr=args.lr, optimizer=args.optimizer,
-                  weight_decay=args.weight_decay, batch_size=args.batch_size or 64, kd_weight=kd,
+    from .data.text import is_text_spec
+
+    # a pretrained language model recovers with AdamW at a small rate; SGD at 0.05 would wreck it
+    text = getattr(args, "data", None) is not None and is_text_spec(args.data)
+    optimizer = args.optimizer or ("adamw" if text else "sgd")
+    lr = args.lr if args.lr is not None or not (text and optimizer == "adamw") else TEXT_LR
+    fields = dict(epochs=getattr(args, "epochs", 1), lr=lr, optimizer=optimizer,
+                  weight_decay=args.weight_decay, batch_size=args.batch_size, kd_weight=kd,
                   kd_temperature=args.kd_temperature, regularize=args.regularize, reg_strength=args.reg_strength,
                   reg_growth=args.reg_growth, gradual_sparsity=getattr(args, "gradual_sparsity", None),
-                  amp=args.amp, device=args.device, seed=args.seed, progress=not args.quiet)
+                  amp=args.amp, amp_dtype=args.amp_dtype, gradient_checkpointing=args.gradient_checkpointing,
+                  max_steps=getattr(args, "max_steps", None), max_tokens=getattr(args, "max_tokens", None),
+                  eval_every=getattr(args, "eval_every", None), fsdp=getattr(args, "fsdp", False),
+                  device=args.device, seed=args.seed, progress=not args.quiet)
     return FinetuneConfig(**(fields | overrides))
 
 
@@ -586,36 +651,87 @@ def _teacher(args: argparse.Namespace) -> Any:
     return load_model(args.teacher, trust_pickle=args.trust_pickle, trust_code=args.trust_code).eval()
 
 
+def _text_data(args: argparse.Namespace, model: Any) -> tuple[Any, Any, dict[str, bytes]]:
+    """``finetune``'s training and held-out sequences of a text --data, and the tokenizer's files to save.
+
+    The tokenizer is the model's own, or the teacher's when the model's folder has none.
+    """
+    from .data.text import MaskedTokens, TokenSequences, token_batches
+    from .io.specs import load_tokenizer
+
+    source = args.model
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except SecateursError:
+        if not args.teacher or args.teacher == "dense":
+            raise
+        try:
+            tokenizer, source = load_tokenizer(args.teacher), args.teacher
+        except SecateursError:
+            raise SecateursError(f"text data needs a tokenizer, and neither '{args.model}' nor the teacher "
+                                 f"'{args.teacher}' has one: give the model as hf:FOLDER, a .gguf file, or a folder "
+                                 "pruned from one") from None
+    size = args.batch_size or 4
+    train, val = (TokenSequences(token_batches(args.data, tokenizer, seq_len=args.seq_len, batch_size=size,
+                                               split=split)) for split in ("train", "test"))
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and not can_generate():  # a masked LM learns to fill in masked tokens
+        masking = dict(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), seed=args.seed,
+                       special_ids=tokenizer.all_special_ids)
+        train, val = MaskedTokens(train, **masking), MaskedTokens(val, **masking)
+    return train, val, _tokenizer_files(source)
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .data import dataset
     from .data.specs import check_data_spec
+    from .data.text import is_text_spec
     from .io.atomic import check_output_dir
     from .io.checkpoint import save
     from .train import evaluate_dataset, finetune
     from .train.trainer import CHECKPOINT
+    from .utils import launch_env
 
     ckpt = _checkpoint_dir(args)
     check_output_dir(Path(args.out), args.overwrite)
     _check_checkpoint_dir(ckpt, args.resume)
     made_ckpt = not ckpt.exists()
-    check_data_spec(args.data, text=False)
+    check_data_spec(args.data)
+    text = is_text_spec(args.data)
+    if args.fsdp and launch_env("WORLD_SIZE", 1) <= 1:
+        raise SecateursError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N "
+                             "-m secateurs.cli finetune ... (N of at least 2), or drop --fsdp")
+    if args.max_tokens is not None and not text:
+        raise SecateursError(f"--max-tokens counts text tokens, and --data {args.data} is images: use --max-steps")
     _check_report_deps(args)
     config = _finetune_config(args, checkpoint_dir=str(ckpt), resume=args.resume)
     model, x = _load(args)
     teacher = _teacher(args)
-    train = dataset(args.data, split="train", input_shape=list(x.shape), seed=args.seed)
-    val = dataset(args.data, split="test", input_shape=list(x.shape), seed=args.seed)
+    tokenizer_files: dict[str, bytes] = {}
+    if text:
+        train, val, tokenizer_files = _text_data(args, model)
+    else:
+        if not x.is_floating_point():
+            raise SecateursError(f"'{args.model}' is a language model (it reads token ids) and --data {args.data} "
+                                 "is labelled images: use --data pydoc or text:FILE")
+        train = dataset(args.data, split="train", input_shape=list(x.shape), seed=args.seed)
+        val = dataset(args.data, split="test", input_shape=list(x.shape), seed=args.seed)
     start = time.perf_counter()
-    before = evaluate_dataset(model, val)
+    # text: the trainer scores the held-out split before its first step, on the training device (and shards)
+    before = None if text else evaluate_dataset(model, val)
     result = finetune(model, train, val=val, teacher=teacher, config=config)
-    summary = {"method": "finetune", "config": dataclasses.asdict(config) | {"teacher": args.teacher, "data": args.data},
+    if before is None:
+        before = {k[4:]: v for k, v in result.evals[0].items() if k.startswith("val_")}
+    extra = {"teacher": args.teacher, "data": args.data, **({"seq_len": args.seq_len} if text else {})}
+    summary = {"method": "finetune", "config": dataclasses.asdict(config) | extra,
                "before": before, **result.to_dict(), "seconds": time.perf_counter() - start}
     if not result.is_main:
         return 0  # under torchrun only rank 0 writes
     summary["command"] = args.command_line
     save(model, args.out, report=summary, input_shape=list(x.shape), overwrite=args.overwrite,
          extra_files={"report.json": json.dumps(summary, indent=2, default=str).encode(),
-                      **_html_report(args, summary)})
+                      **tokenizer_files, **_html_report(args, summary)},
+         layout=args.save_format, max_shard_size=args.max_shard_size)
     if not args.checkpoint_dir:  # only what we wrote: the checkpoint, then the folder if this run made it
         (ckpt / CHECKPOINT).unlink(missing_ok=True)
         if made_ckpt:
@@ -625,9 +741,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(summary)
         return 0
-    print(f"{args.model} -> {args.out}  ({len(result.history)} epochs, {summary['seconds']:.1f} s)")
-    print(f"accuracy {before['accuracy']:.4f} -> {result.final['accuracy']:.4f}  "
-          f"loss {before['loss']:.4f} -> {result.final['loss']:.4f}  on {result.final['examples']} held-out images")
+    steps = result.history[-1]["step"] if result.history else 0
+    print(f"{args.model} -> {args.out}  ({len(result.history)} epochs, {steps} steps, {summary['seconds']:.1f} s)")
+    final = result.final
+    if text:
+        print(f"perplexity {before['perplexity']:.2f} -> {final['perplexity']:.2f}  "
+              f"loss {before['loss']:.4f} -> {final['loss']:.4f}  on {final['tokens']} held-out tokens")
+    else:
+        print(f"accuracy {before['accuracy']:.4f} -> {final['accuracy']:.4f}  "
+              f"loss {before['loss']:.4f} -> {final['loss']:.4f}  on {final['examples']} held-out images")
     return 0
 
 

@@ -10,7 +10,10 @@ the masks in and removes every trace of the bookkeeping.
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +34,7 @@ __all__ = [
     "weight_key",
     "load_effective_state_",
     "plain_name",
+    "bake_on_save_pretrained",
 ]
 
 
@@ -244,3 +248,30 @@ def load_effective_state_(model: nn.Module, state: dict[str, Tensor], masks: dic
     with torch.no_grad():
         for key, value in targets.items():
             value.copy_(state[key])
+
+
+def _save_pretrained_baked(self: nn.Module, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+    """``save_pretrained`` that writes the masked weights under their plain names (see below)."""
+    if kwargs.get("state_dict") is None and not args and next(masked_tensors(self), None) is not None:
+        kwargs["state_dict"] = effective_state_dict(self)[0]
+    return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+
+
+_save_pretrained_baked.__name__ = "save_pretrained"  # pickle re-binds a bound method by its name
+
+
+def bake_on_save_pretrained(model: nn.Module) -> nn.Module:
+    """Make ``model.save_pretrained`` write masked weights with the masks applied.
+
+    Stock transformers would save a masked weight as ``parametrizations.weight.original``
+    and ``...mask`` keys, which its ``from_pretrained`` ignores: it re-initialises
+    those weights at random with only a warning. On a transformers model this
+    installs an instance-level ``save_pretrained`` that passes the effective state
+    dict (plain names, pruned entries zero) instead; the model keeps its masks.
+    Other models are returned unchanged. ``copy.deepcopy`` rebinds it to the copy.
+    """
+    transformers = sys.modules.get("transformers")
+    if transformers is not None and isinstance(model, transformers.PreTrainedModel) \
+            and "save_pretrained" not in vars(model):
+        model.save_pretrained = types.MethodType(_save_pretrained_baked, model)
+    return model

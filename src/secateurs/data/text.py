@@ -4,19 +4,29 @@
 (``pydoc_data.topics``, about 460 kB, part of every Python install);
 ``text:FILE`` is any UTF-8 file. The first 90% of the characters are for
 calibration, the last 10% are held out for evaluation.
+
+For training, :class:`TokenSequences` turns token batches into a dataset of
+sequences (one item each, so it can be shuffled and sharded across
+processes), and :class:`MaskedTokens` masks them BERT-style for masked
+language models.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from ..errors import SecateursError
 
-__all__ = ["TEXT_HELP", "is_text_spec", "perplexity", "read_text", "token_batches"]
+__all__ = ["IGNORE_INDEX", "TEXT_HELP", "MaskedTokens", "TokenSequences", "is_text_spec", "perplexity", "read_text",
+           "token_batches"]
+
+IGNORE_INDEX = -100  # a label that no loss counts (torch's cross_entropy default, and transformers')
 
 TEXT_HELP = "pydoc (Python's documentation prose, no download) or text:FILE"
 
@@ -57,8 +67,13 @@ def token_batches(spec: str, tokenizer: Any, *, seq_len: int = 128, batch_size: 
     return out[:max_batches] if max_batches else out
 
 
-def perplexity(model: torch.nn.Module, batches: list[dict[str, Tensor]]) -> float:
-    """exp of the mean next-token cross-entropy over every predicted token."""
+def perplexity(model: torch.nn.Module, batches: Sequence[dict[str, Tensor]]) -> float:
+    """exp of the mean cross-entropy over every predicted token.
+
+    Batches with ``labels`` (masked tokens, see :class:`MaskedTokens`) score the
+    positions whose label is not ``IGNORE_INDEX`` (a masked LM's perplexity);
+    plain ``input_ids`` score each next token (a causal LM's).
+    """
     import torch.nn.functional as F
 
     from ..utils import eval_mode
@@ -67,7 +82,133 @@ def perplexity(model: torch.nn.Module, batches: list[dict[str, Tensor]]) -> floa
     with torch.no_grad(), eval_mode(model):
         for batch in batches:
             ids = batch["input_ids"]
-            logits = model(input_ids=ids).logits[:, :-1].float()
+            logits = getattr(model(input_ids=ids), "logits", None)
+            if logits is None:
+                raise SecateursError(f"perplexity needs a language model that predicts tokens (a ...ForCausalLM or "
+                                     f"...ForMaskedLM); {type(model).__name__} has no language-model head")
+            if "labels" in batch:
+                labels = batch["labels"]
+                total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                               ignore_index=IGNORE_INDEX, reduction="sum"))
+                count += int((labels != IGNORE_INDEX).sum())
+                continue
+            logits = logits[:, :-1].float()
             total += float(F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
             count += ids[:, 1:].numel()
-    return float(torch.exp(torch.tensor(total / count)))
+    return float(torch.exp(torch.tensor(total / max(count, 1))))
+
+
+def masked_batches(batches: list[dict[str, Tensor]], tokenizer: Any, *, seed: int = 0) -> list[dict[str, Tensor]]:
+    """``batches`` with BERT-style masked tokens and their ``labels`` (seeded), for a masked LM's perplexity."""
+    if tokenizer.mask_token_id is None:
+        raise SecateursError("this tokenizer has no mask token, so a masked language model cannot be scored with it")
+    items = MaskedTokens(TokenSequences(batches), mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+                         seed=seed, special_ids=tokenizer.all_special_ids)
+    out, start = [], 0
+    for batch in batches:
+        rows = [items[i] for i in range(start, start + len(batch["input_ids"]))]
+        start += len(rows)
+        out.append({key: torch.stack([row[key] for row in rows]) for key in rows[0]})
+    return out
+
+
+class TokenSequences(Dataset):
+    """Token batches as a dataset of single sequences: ``{"input_ids": (seq_len,)}`` per item.
+
+    Args:
+        batches: ``{"input_ids": (batch, seq_len)}`` dicts, e.g. from :func:`token_batches`
+            (other keys of the same shape, such as ``attention_mask``, are kept).
+
+    ``batch_size`` is the size of the first batch: the trainer re-batches with
+    it unless told otherwise.
+
+    Example:
+        >>> import torch
+        >>> data = TokenSequences([{"input_ids": torch.arange(12).view(3, 4)}, {"input_ids": torch.arange(4)[None]}])
+        >>> len(data), data[3]["input_ids"].tolist(), data.batch_size
+        (4, [0, 1, 2, 3], 3)
+    """
+
+    def __init__(self, batches: Sequence[dict[str, Tensor]]) -> None:
+        if not batches:
+            raise SecateursError("no token batches: the text is empty (use a longer text or a smaller --seq-len)")
+        keys = [k for k, v in batches[0].items() if isinstance(v, Tensor) and v.dim() == 2]
+        if "input_ids" not in keys:
+            raise SecateursError("token batches must hold 'input_ids' of shape (batch, seq_len)")
+        self.columns = {k: torch.cat([b[k] for b in batches]) for k in keys}
+        self.batch_size = len(batches[0]["input_ids"])
+
+    def __len__(self) -> int:
+        return len(self.columns["input_ids"])
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {k: v[i] for k, v in self.columns.items()}
+
+
+class MaskedTokens(Dataset):
+    """BERT-style masking for masked language models, seeded by (seed, epoch, item).
+
+    Each token is picked with ``probability`` (at least one per sequence); a
+    picked token becomes ``mask_token_id`` 80% of the time, a random token 10%,
+    and stays itself 10%. ``labels`` hold the original id where a token was
+    picked and :data:`IGNORE_INDEX` elsewhere, so the loss counts only those.
+
+    The masking of item ``i`` depends only on ``(seed, epoch, i)``: a resumed
+    run, or the same data sharded over several processes, masks alike. The
+    trainer calls :meth:`set_epoch` so that every epoch masks afresh.
+
+    Args:
+        data: sequences (:class:`TokenSequences`) or token batches for one.
+        mask_token_id: the tokenizer's mask token (``tokenizer.mask_token_id``).
+        vocab_size: random replacements are drawn from ``range(vocab_size)``.
+        probability: share of tokens picked (0.15 in BERT).
+        seed: seeds the masking.
+        special_ids: token ids never picked (e.g. ``tokenizer.all_special_ids``).
+
+    Example:
+        >>> import torch
+        >>> data = MaskedTokens(TokenSequences([{"input_ids": torch.arange(5, 105).view(1, 100)}]),
+        ...                     mask_token_id=1, vocab_size=200)
+        >>> item = data[0]
+        >>> picked = item["labels"] != IGNORE_INDEX
+        >>> 5 <= int(picked.sum()) <= 30, bool((item["input_ids"][~picked] == torch.arange(5, 105)[~picked]).all())
+        (True, True)
+    """
+
+    def __init__(self, data: TokenSequences | Sequence[dict[str, Tensor]], *, mask_token_id: int, vocab_size: int,
+                 probability: float = 0.15, seed: int = 0, special_ids: Sequence[int] = ()) -> None:
+        if mask_token_id is None:
+            raise SecateursError("masked language modelling needs a mask token, and this tokenizer has none")
+        if not 0.0 < probability < 1.0:
+            raise SecateursError(f"the masking probability must be in (0, 1), got {probability}")
+        self.data = data if isinstance(data, TokenSequences) else TokenSequences(data)
+        self.batch_size = self.data.batch_size
+        self.mask_token_id, self.vocab_size, self.probability = int(mask_token_id), int(vocab_size), probability
+        self.seed, self.epoch = seed, 0
+        self.special_ids = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        item = self.data[i]
+        ids = item["input_ids"]
+        # one generator per item: the masking of an item does not depend on which process draws it, or when
+        gen = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) % 2**63)
+        can = ~torch.isin(ids, self.special_ids)
+        if "attention_mask" in item:
+            can &= item["attention_mask"].bool()
+        picked = (torch.rand(ids.shape, generator=gen) < self.probability) & can
+        if not picked.any() and can.any():  # a sequence with nothing to predict would give no loss
+            picked[can.nonzero()[torch.randint(int(can.sum()), (1,), generator=gen)]] = True
+        roll = torch.rand(ids.shape, generator=gen)
+        masked = ids.clone()
+        masked[picked & (roll < 0.8)] = self.mask_token_id
+        swap = picked & (roll >= 0.8) & (roll < 0.9)
+        masked[swap] = torch.randint(self.vocab_size, (int(swap.sum()),), generator=gen)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[picked] = ids[picked]
+        return {**item, "input_ids": masked, "labels": labels}

@@ -140,7 +140,12 @@ class _Tracer(TorchFunctionMode):
         labels = self.labels.get(id(out))
         if labels is None:
             return
+        given = {s for s in sizes if isinstance(s, int) and s != -1}
         for e, size in enumerate(sizes):
+            if size == -1 and out.shape[e] in given:
+                # view(b, t, -1, self.head_dim) with 8 heads of 8: an attribute equal to the head count
+                # may as well be the head width given beside it; linking it would shrink it with the heads
+                continue
             self.link_size(out.shape[e] if size == -1 else size, labels[e])
 
     def link_size(self, size: Any, labels: Tensor) -> None:

@@ -116,6 +116,29 @@ def _activation(group: Group, tensors: dict[str, Tensor], params: set[str], stat
     return _per_channel(group, stats, lambda t, m: t, lambda s: s, members) or _l2(group, tensors, params, **kw)
 
 
+def _minitron(group: Group, tensors: dict[str, Tensor], params: set[str], stats: dict[str, Tensor] | None = None,
+              **kw: Any) -> list[Tensor]:
+    """Mean |input activation| of each channel where layers read it (Minitron): summed over a channel's indices.
+
+    ``stats`` come from :class:`~secateurs.importance.stats.InputActivationStats`:
+    one vector per weight, shaped to broadcast along its input dim. Only members
+    that are a weight's input dim vote (an FFN neuron by the down projection's
+    input, a head by its output projection's, a hidden channel by every projection
+    and LM head that reads it); a group no such layer reads falls back to ``l2``.
+    """
+    if not stats:
+        raise SecateursError("minitron importance needs data: pass data= (CLI: --data)")
+
+    def reads(m: Member) -> bool:
+        s, t = stats.get(m.tensor), tensors.get(m.tensor)
+        return (s is not None and t is not None and s.dim() == t.dim() and s.shape[m.dim] == t.shape[m.dim]
+                and s.numel() == t.shape[m.dim])
+
+    members = [m for m in group.members if reads(m)]
+    return _per_channel(group, stats, lambda t, m: t.reshape(-1), lambda s: s, members) or _l2(group, tensors, params,
+                                                                                            **kw)
+
+
 def _random(group: Group, tensors: dict[str, Tensor], params: set[str], generator: torch.Generator, **_: Any) -> list[Tensor]:
     return [torch.rand(group.size, generator=generator)]
 
@@ -128,9 +151,10 @@ CHANNEL_IMPORTANCE: dict[str, Callable[..., list[Tensor]]] = {
     "random": _random,
     "taylor": _taylor,
     "activation": _activation,
+    "minitron": _minitron,
 }
 
-NEEDS_DATA = {"taylor", "activation"}
+NEEDS_DATA = {"taylor", "activation", "minitron"}
 
 
 def channel_scores(
@@ -150,8 +174,10 @@ def channel_scores(
     Args:
         name: ``l1``, ``l2`` (norms of every parameter slice the channel owns),
             ``bn`` (|scale| of its normalisation layers), ``fpgm``, ``random``,
-            ``taylor`` (|w * grad|, needs ``stats`` from :class:`TaylorStats`) or
-            ``activation`` (mean |output|, needs ``stats`` from :class:`ActivationStats`).
+            ``taylor`` (|w * grad|, needs ``stats`` from :class:`TaylorStats`),
+            ``activation`` (mean |output|, needs ``stats`` from :class:`ActivationStats`) or
+            ``minitron`` (mean |input| where layers read the channel, needs ``stats`` from
+            :class:`InputActivationStats`).
         stats: calibration statistics by tensor name for the data-driven criteria.
         tensors: the model's parameters and buffers by name.
         params: names that are parameters (buffers such as running stats do not vote).

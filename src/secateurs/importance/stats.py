@@ -13,12 +13,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..errors import SecateursError
 from ..selection import call_model
 from ..utils import eval_mode, first_tensor
 
-__all__ = ["ReferenceBatches", "TaylorStats", "ActivationStats", "InputMeans", "forward_batches", "split_batch", "task_loss"]
+__all__ = ["ReferenceBatches", "TaylorStats", "ActivationStats", "InputActivationStats", "InputMeans", "forward_batches",
+           "split_batch", "task_loss"]
 
 
 def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
@@ -159,6 +161,72 @@ class ActivationStats:
 
     def per_channel(self) -> dict[str, Tensor]:
         return {k: v / max(self.batches, 1) for k, v in self.sums.items()}
+
+
+class InputActivationStats:
+    """Mean |input| per input feature of every ``nn.Linear`` (and transformers' ``Conv1D``).
+
+    The statistic behind Minitron's width importance: a layer's input feature is
+    a channel of whatever produced it (an FFN neuron entering the down projection,
+    a head's attention output entering the output projection, a normalised hidden
+    channel entering the q/k/v/gate/up projections and the LM head). Statistics are
+    keyed by the weight's parameter name (a tied weight under its first name) and
+    shaped to broadcast against it along its input dim: ``(1, in)`` for
+    ``nn.Linear``, ``(in, 1)`` for ``Conv1D``, whose weight is stored ``(in, out)``.
+    A layer called several times per forward averages over its calls.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.sums: dict[str, Tensor] = {}
+        self.calls: dict[str, int] = {}
+        self.input_dim: dict[str, int] = {}
+        self.batches = 0
+
+    def run(self, data: Iterable[Any], max_batches: int) -> InputActivationStats:
+        import sys
+
+        hf = sys.modules.get("transformers.pytorch_utils")
+        conv1d = getattr(hf, "Conv1D", None)
+        first_name = {}
+        for name, p in self.model.named_parameters():
+            first_name.setdefault(id(p), name)
+        hooks = []
+        for mod_name, module in self.model.named_modules():
+            transposed = conv1d is not None and isinstance(module, conv1d)
+            if not (isinstance(module, nn.Linear) or transposed):
+                continue
+            if parametrize.is_parametrized(module, "weight"):
+                key = f"{mod_name}.weight" if mod_name else "weight"  # masked: the plain name, as the graph has it
+            elif id(module.weight) in first_name:
+                key = first_name[id(module.weight)]
+            else:
+                continue
+            self.input_dim[key] = 0 if transposed else 1
+            hooks.append(module.register_forward_hook(self._hook(key)))
+        self.batches += forward_batches(self.model, data, max_batches, hooks)
+        if not self.batches:
+            raise SecateursError("minitron importance needs at least one batch of data: pass data= (CLI: --data)")
+        return self
+
+    def _hook(self, key: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            x = inputs[0] if inputs else None
+            if not isinstance(x, Tensor) or x.dim() < 1:
+                return
+            value = x.detach().abs().float().reshape(-1, x.shape[-1]).mean(0)
+            self.sums[key] = self.sums.get(key, 0) + value
+            self.calls[key] = self.calls.get(key, 0) + 1
+
+        return hook
+
+    def per_channel(self) -> dict[str, Tensor]:
+        """Weight name -> mean |input| per input feature, shaped to broadcast along the weight's input dim."""
+        out = {}
+        for key, total in self.sums.items():
+            mean = total / self.calls[key]
+            out[key] = mean.unsqueeze(0) if self.input_dim[key] == 1 else mean.unsqueeze(1)
+        return out
 
 
 def _compensable(module: nn.Module) -> bool:

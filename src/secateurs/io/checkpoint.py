@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -28,11 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SecateursError
-from ..masks import effective_state_dict, mask_tied_
+from ..masks import bake_on_save_pretrained, effective_state_dict, mask_tied_
 from ..surgery import STRUCTURE_ATTR, Plan
 from ..utils import first_line
 from .arch import BuildError, attach_source, build_pruned, check_rebuildable, describe, source_of
-from .atomic import atomic_dir
+from .atomic import PARTIAL, atomic_dir
 from .inputs import INPUT_ATTR, MAX_INPUT_ELEMENTS
 from .policy import (
     check_depth,
@@ -43,13 +45,16 @@ from .policy import (
     offline,
 )
 
-__all__ = ["MANIFEST", "WEIGHTS", "save", "load", "read_manifest", "pack_state", "unpack_state",
+__all__ = ["MANIFEST", "WEIGHTS", "check_layout", "save", "load", "read_manifest", "pack_state", "unpack_state",
            "is_saved_model", "serialized_size"]
 
 MANIFEST = "secateurs.json"
 WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: secateurs layout; 2 adds the transformers layout (older secateurs cannot read it)
+LAYOUTS = ("auto", "transformers", "secateurs")
 HISTORY_ATTR = "_secateurs_history"
+
+log = logging.getLogger(__name__)
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -169,8 +174,20 @@ def save(
     overwrite: bool = False,
     extra_files: dict[str, bytes | Callable[[int], bytes]] | None = None,
     compact: bool = True,
+    layout: str = "auto",
+    max_shard_size: int | str | None = None,
 ) -> int:
     """Save ``model`` to directory ``path`` without pickle; return the weights' size in bytes.
+
+    A transformers model whose config describes its (pruned) shapes is written
+    as a standard transformers folder: ``config.json``, ``generation_config.json``
+    and safetensors shards (with ``model.safetensors.index.json`` when there are
+    several) in the model's own dtype, masks baked in, so stock
+    ``from_pretrained`` loads it without secateurs. The manifest (``secateurs.json``,
+    with the pruning history and which weights carry masks) sits beside it;
+    :func:`load` restores the masks from it. Any other model, or ``layout="secateurs"``,
+    gets secateurs' own layout: one safetensors file whose sparse tensors are
+    stored as a bitmask plus the kept values (smaller on disk).
 
     Args:
         model: the (possibly pruned, possibly masked) model. It is not modified.
@@ -183,7 +200,13 @@ def save(
         input_shape: example input shape to record (used by later commands).
         extra_files: more files to write into the directory in the same atomic step;
             a callable value is called with the weights' size in bytes.
-        compact: store sparse tensors as bitmask + values when that is smaller.
+        compact: store sparse tensors as bitmask + values when that is smaller
+            (secateurs layout).
+        layout: ``auto`` (transformers for transformers models whose config fits,
+            secateurs otherwise), ``transformers`` (refused when the config cannot
+            describe the model) or ``secateurs``.
+        max_shard_size: the largest weights file of a transformers folder, in bytes
+            or as ``"5GB"`` (default: transformers' own).
 
     Example:
         >>> import tempfile, torch, secateurs
@@ -197,6 +220,9 @@ def save(
     """
     from safetensors.torch import save_file
 
+    if _chosen_layout(model, layout) == "transformers":
+        return _save_transformers(model, path, report=report, input_shape=input_shape, overwrite=overwrite,
+                                  extra_files=extra_files, max_shard_size=max_shard_size)
     source = source_of(model, arch)
     check_rebuildable(model, source)
     state, masks = effective_state_dict(model)
@@ -207,7 +233,8 @@ def save(
     recorded_input = getattr(model, INPUT_ATTR, None)
     manifest = {
         "format": "secateurs",
-        "format_version": FORMAT_VERSION,
+        "format_version": 1,
+        "layout": "secateurs",
         "secateurs_version": _version(),
         "torch_version": torch.__version__,
         "source": source,
@@ -228,6 +255,87 @@ def save(
         (tmp / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=2))
         size = (tmp / WEIGHTS).stat().st_size
         for fname, data in (extra_files or {}).items():
+            (tmp / fname).write_bytes(data(size) if callable(data) else data)
+    return size
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def check_layout(model: nn.Module, layout: str) -> None:
+    """Refuse a ``layout`` for :func:`save` that cannot apply to ``model`` whatever pruning does to it."""
+    if layout not in LAYOUTS:
+        raise SecateursError(f"unknown layout '{layout}': choose one of {', '.join(LAYOUTS)}")
+    if layout == "transformers" and not _is_transformers_model(model):
+        raise SecateursError(f"{type(model).__name__} is not a transformers model: save it with layout='secateurs' "
+                             "(CLI: --save-format secateurs)")
+
+
+def _chosen_layout(model: nn.Module, layout: str) -> str:
+    """``transformers`` or ``secateurs``: what :func:`save` writes for ``layout`` (see there)."""
+    from ..surgery.hf import config_misfits
+
+    check_layout(model, layout)
+    if layout == "secateurs" or not _is_transformers_model(model):
+        return "secateurs"
+    misfit = config_misfits(model)
+    if not misfit:
+        return "transformers"
+    why = (f"the model's config does not describe its pruned shapes (a config rebuilds {misfit}), so stock "
+           "from_pretrained could not load it")
+    if layout == "transformers":
+        raise SecateursError(f"{why}: prune with widths every layer shares (the default for transformers models), "
+                             "or save with layout='secateurs' (CLI: --save-format secateurs) and load with secateurs")
+    log.warning("%s: saving in secateurs' own layout, which secateurs.load reads (prune with widths every layer "
+                "shares for a transformers folder)", why)
+    return "secateurs"
+
+
+def _save_transformers(model: nn.Module, path: str | os.PathLike[str], *, report: dict[str, Any] | None,
+                       input_shape: Any, overwrite: bool, extra_files: dict[str, Any] | None,
+                       max_shard_size: int | str | None) -> int:
+    """A standard transformers folder with the manifest beside it (see :func:`save`)."""
+    from .specs import quiet_transformers
+
+    state, masks = effective_state_dict(model)
+    history = list(getattr(model, HISTORY_ATTR, []))
+    if report is not None:
+        history.append(report)
+    recorded_input = getattr(model, INPUT_ATTR, None)
+    tensors = {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "format": "dense",
+                      "masked": name in masks} for name, t in state.items()}
+    options = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        try:
+            with quiet_transformers():
+                # the class's own method: an instance-level one (masks.bake_on_save_pretrained) adds nothing here
+                type(model).save_pretrained(model, str(tmp), state_dict=dict(state), **options)
+        except (OSError, ValueError, RuntimeError) as exc:  # a full disk; a shard size transformers rejects
+            raise SecateursError(f"cannot write the transformers folder '{path}' ({first_line(exc)}): check the "
+                                 "free disk space and --max-shard-size") from None
+        written = sorted(p.name for p in tmp.iterdir() if p.name != PARTIAL)
+        size = sum((tmp / name).stat().st_size for name in written if name.endswith(".safetensors"))
+        manifest = {
+            "format": "secateurs",
+            "format_version": FORMAT_VERSION,
+            "layout": "transformers",
+            "secateurs_version": _version(),
+            "torch_version": torch.__version__,
+            "source": {"kind": "hf", "class": type(model).__name__, "config": model.config.to_dict()},
+            "structure": [],  # the config describes the pruned shapes
+            "input": {"shape": list(input_shape)} if input_shape is not None else recorded_input,
+            "weights": [name for name in written if name.endswith(".safetensors")],
+            "tensors": tensors,
+            "aliases": {},
+            "history": history,
+            "files": sorted({*written, MANIFEST, *(extra_files or {})}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=2))
+        for fname, data in (extra_files or {}).items():
+            if fname in written:  # a tokenizer's own generation or config file must not replace the model's
+                continue
             (tmp / fname).write_bytes(data(size) if callable(data) else data)
     return size
 
@@ -280,6 +388,9 @@ def _check_manifest(manifest: Any, mpath: Path) -> None:
         raise SecateursError(
             f"{mpath.parent} was saved by a newer secateurs (format {manifest['format_version']}): upgrade secateurs"
         )
+    if manifest.get("layout", "secateurs") not in ("secateurs", "transformers"):
+        raise SecateursError(f"{mpath} names an unknown layout {str(manifest.get('layout'))[:40]!r}: upgrade "
+                             "secateurs, or re-save the model")
     for name, entry in manifest["tensors"].items():
         if not (
             isinstance(entry, dict)
@@ -415,6 +526,8 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False) -> nn.Module
     """
     folder = Path(path)
     manifest = read_manifest(folder)
+    if manifest.get("layout") == "transformers":
+        return _load_transformers(folder, manifest, trust_code)
     layout = manifest["tensors"]
     wpath = _regular_file(folder, manifest.get("weights", WEIGHTS), "weights file")
     plans = [plan for plan in map(Plan.from_dict, manifest.get("structure", [])) if not plan.is_empty()]
@@ -456,7 +569,35 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False) -> nn.Module
     for name, mask in masks.items():
         mod_name, _, tname = name.rpartition(".")
         mask_tied_(model, model.get_submodule(mod_name), mask, tname)
+    bake_on_save_pretrained(model)
     attach_source(model, manifest["source"])
+    setattr(model, HISTORY_ATTR, manifest.get("history", []))
+    if manifest.get("input"):
+        setattr(model, INPUT_ATTR, manifest["input"])
+    return model.eval()
+
+
+def _load_transformers(folder: Path, manifest: dict[str, Any], trust_code: bool) -> nn.Module:
+    """A transformers folder written by :func:`save`: loaded as transformers loads it (with the same checks
+    as any transformers folder), then the manifest's masks, history and example input are restored."""
+    from .specs import load_hf
+
+    model = load_hf(folder, trust_code=trust_code)
+    state, _ = effective_state_dict(model)
+    recorded = manifest["tensors"]
+    have = {k: list(v.shape) for k, v in state.items()}
+    want = {k: e["shape"] for k, e in recorded.items()}
+    if have != want:
+        diff = sorted(set(have) ^ set(want)) or [k for k in have if have[k] != want[k]]
+        log.warning("the weights in '%s' were changed after secateurs saved them (they differ at %s): loading them "
+                    "as a plain transformers folder, without the pruning masks and history", folder, diff[:2])
+        return model
+    with torch.no_grad():
+        for name, entry in recorded.items():
+            if entry.get("masked") is True:
+                mod_name, _, tname = name.rpartition(".")
+                mask_tied_(model, model.get_submodule(mod_name), state[name] != 0, tname)
+    bake_on_save_pretrained(model)
     setattr(model, HISTORY_ATTR, manifest.get("history", []))
     if manifest.get("input"):
         setattr(model, INPUT_ATTR, manifest["input"])

@@ -233,9 +233,10 @@ def _check_hf_folder(transformers: Any, cls: Any, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers(transformers: Any) -> Iterator[None]:
-    """No progress bars or load reports on stderr while we load: our own one-line messages say what failed."""
-    logging_ = transformers.utils.logging
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars or load reports on stderr while we load or save: our own one-line messages say
+    what failed."""
+    logging_ = require("transformers", "hf").utils.logging
     level = logging_.get_verbosity()
     bars = logging_.is_progress_bar_enabled()
     logging_.set_verbosity_error()
@@ -248,7 +249,8 @@ def _quiet_transformers(transformers: Any) -> Iterator[None]:
             logging_.enable_progress_bar()
 
 
-def _load_hf(target: str, trust_code: bool = False) -> nn.Module:
+def load_hf(target: str | os.PathLike[str], *, trust_code: bool = False) -> nn.Module:
+    """A transformers folder or GGUF file, checked as :func:`load_model` checks ``hf:`` specs (eval mode)."""
     transformers = require("transformers", "hf")
     path = Path(target)
     if path.suffix == ".gguf":
@@ -262,7 +264,7 @@ def _load_hf(target: str, trust_code: bool = False) -> nn.Module:
         except Exception:  # damaged: transformers' own reader says how, below
             tensors, stored = [], None
         try:
-            with offline(), _quiet_transformers(transformers), module_budget(module_budget_for(len(tensors) or None),
+            with offline(), quiet_transformers(), module_budget(module_budget_for(len(tensors) or None),
                                                                              what):
                 if stored is not None:
                     config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name,
@@ -281,10 +283,11 @@ def _load_hf(target: str, trust_code: bool = False) -> nn.Module:
             # hit first (struct.error, IndexError, KeyError, ...)
             raise SecateursError(f"cannot read GGUF '{path}' ({first_line(exc)}): the file is truncated or "
                                  "damaged; download or convert it again") from None
+        _forget_gguf(model)
     else:
         cls = _hf_class(transformers, path, trust_code)
         try:
-            with _quiet_transformers(transformers), contextlib.nullcontext() if trust_code else offline():
+            with quiet_transformers(), contextlib.nullcontext() if trust_code else offline():
                 if not trust_code:
                     _check_hf_folder(transformers, cls, path)
                 model = cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_code)
@@ -298,6 +301,16 @@ def _load_hf(target: str, trust_code: bool = False) -> nn.Module:
                                  "check that the folder's files are complete") from None
     source = {"kind": "hf", "class": type(model).__name__, "config": model.config.to_dict()}
     return attach_source(model.eval(), source)
+
+
+def _forget_gguf(model: nn.Module) -> None:
+    """A GGUF model is de-quantized on load, but transformers still marks it quantized and refuses
+    ``save_pretrained``: drop the marks, so it is saved as a normal transformers model in its own dtype."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _load_pickled(path: Path, arch: str | None) -> nn.Module:
@@ -356,19 +369,19 @@ def load_model(
         raise SecateursError(f"empty model spec: {SPEC_HELP}")
     path = Path(spec)
     if spec.startswith("hf:"):
-        model = _load_hf(spec[3:], trust_code)
+        model = load_hf(spec[3:], trust_code=trust_code)
     elif path.is_dir():
         if is_saved_model(path):
             model = load(path, trust_code=trust_code)
         elif (path / "config.json").is_file():
-            model = _load_hf(spec, trust_code)
+            model = load_hf(spec, trust_code=trust_code)
         else:
             raise SecateursError(f"directory '{spec}' is neither a secateurs model nor a transformers folder")
     elif path.suffix in STATE_DICT_SUFFIXES or path.suffix == ".gguf":
         if not path.is_file():
             raise SecateursError(f"model file '{spec}' does not exist: check the path")
         if path.suffix == ".gguf":
-            model = _load_hf(spec)
+            model = load_hf(spec)
         elif trust_pickle and path.suffix != ".safetensors":
             model = _load_pickled(path, arch)
         elif arch is not None:

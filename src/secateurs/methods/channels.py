@@ -20,15 +20,17 @@ from torch import Tensor, nn
 from ..errors import SecateursError
 from ..graph import DependencyGraph, Group, build_graph
 from ..importance.channel import CHANNEL_IMPORTANCE, NEEDS_DATA, REDUCTIONS, channel_scores
-from ..importance.stats import ActivationStats, InputMeans, TaylorStats
+from ..importance.stats import ActivationStats, InputActivationStats, InputMeans, TaylorStats
 from ..selection import Selection, _matches
 from ..surgery import CONFIG_STALE_ATTR, Plan, apply_plan_
 from ..surgery.compensate import compensate_
+from ..surgery.hf import config_for_plan
 from ..train.recalibrate import recalibrate_bn_
 from .common import config_to_dict, make_generator
 from .registry import register_method
 from .rehearsal import apply_checked_, feasible_groups, macs_of, meta_copy, rehearse, to_meta
 from .report import LayerReport, PruneReport
+from .width import KINDS, classify_roles, is_transformers_model, role_targets, uniform_removed
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +48,39 @@ class Channels(Selection):
     Give ``ratio`` (fraction of each group's channels to remove) or
     ``target_macs`` (fraction of the model's MACs to keep).
 
+    On a transformers model (``PreTrainedModel``) every layer keeps the same shape,
+    so that the updated config describes the pruned model and stock
+    ``save_pretrained`` / ``from_pretrained`` round-trip it: whole attention heads
+    (with grouped-query attention, a key/value head with its query heads), the
+    head width unchanged, one FFN width and one head count for all layers, and the
+    hidden size cut the same way in the embeddings, every norm, every layer and the
+    LM head (tied embeddings stay tied). The hidden size and head count are chosen
+    together, nearest the target, among the values the config class accepts and
+    rebuilds exactly (``round_to`` honoured); see :mod:`secateurs.methods.width`.
+    ``global_ranking``, ``allocate='sensitivity'``, ``include`` and ``filter_fn``
+    ask for per-layer widths instead: the model is then saved with
+    :func:`secateurs.save`, and the report's ``skipped["config"]`` says so when the
+    config cannot describe it.
+
     Attributes:
         ratio: fraction of channels to remove, in [0, 1).
         target_macs: keep this fraction of MACs, in (0, 1]; the achieved value is reported.
         importance: ``l1``, ``l2``, ``bn``, ``fpgm``, ``random``, or the data-driven
-            ``taylor`` and ``activation`` (these need ``data`` in ``prune_``).
+            ``taylor``, ``activation`` and ``minitron`` (these need ``data`` in ``prune_``).
+            ``minitron`` scores a channel by the mean |activation| entering the layers
+            that read it (an FFN neuron by its input to the down projection, a head by
+            its attention output entering the output projection, a hidden channel by the
+            normalised hidden states entering the projections and the LM head), as in
+            Minitron (Muralidharan et al., 2024).
+        width: transformers models only: which kinds of width to prune, each with its
+            own ratio or ``ratio``'s: kinds are ``hidden`` (the embedding / residual
+            width), ``heads`` (attention heads) and ``ffn`` (MLP neurons). A string
+            ``"heads,ffn"`` or ``"heads=0.25,ffn=0.3,hidden=0.1"``, a sequence of kinds
+            or a mapping kind -> ratio (None: ``ratio``). Kinds left out stay whole;
+            None (the default) prunes every kind the config can describe pruned and
+            lists the others in the report's ``skipped``. With a ratio for every kind
+            named, ``ratio`` may be left out. Per-kind ratios need ``ratio`` mode (not
+            ``target_macs`` / ``target_latency``, which move every kind named together).
         reduction: how scores of the tensors a channel spans combine: ``mean``, ``max``, ``sum``.
         global_ranking: rank channels across all groups instead of the same ratio per group.
         max_ratio: in global ranking and MACs targets, no group loses more than this fraction.
@@ -106,14 +136,32 @@ class Channels(Selection):
     target_latency: float | None = None
     latency_batch_size: int | None = None
     device: str | None = None
+    width: Any = None  # normalised to a dict kind -> ratio (None: ``ratio``'s)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from .width import parse_width
+
+        self.width = parse_width(self.width)
+        by_kind = self.width is not None and all(v is not None for v in self.width.values())
+        if self.width is not None and any(v is not None for v in self.width.values()) and (
+                self.target_macs is not None or self.target_latency is not None):
+            raise SecateursError("per-kind width ratios (heads=0.25) go with ratio mode; with target_macs or "
+                                 "target_latency name the kinds alone (--width heads,ffn)")
+        if self.width is not None and (self.global_ranking or self.allocate != "uniform" or self.include is not None
+                                       or self.filter_fn is not None):
+            raise SecateursError("width keeps every layer the same shape; global_ranking, allocate='sensitivity', "
+                                 "include and filter_fn choose per-layer widths: use one or the other")
+        if self.width is not None and not by_kind and self.ratio is None and self.target_macs is None \
+                and self.target_latency is None:
+            raise SecateursError(f"width {', '.join(k for k, v in self.width.items() if v is None)} has no ratio of "
+                                 "its own: give ratio (--ratio) or one per kind (--width heads=0.25,ffn=0.3)")
         if self.prune_output_layer:
             raise SecateursError(
                 "channel pruning never changes the model's output width, so prune_output_layer does not apply"
             )
-        if sum(v is not None for v in (self.ratio, self.target_macs, self.target_latency)) != 1:
+        if sum(v is not None for v in (self.ratio, self.target_macs, self.target_latency)) != 1 and not (
+                by_kind and self.target_macs is None and self.target_latency is None):
             raise SecateursError("give exactly one of ratio (fraction of channels to remove), target_macs or "
                                  "target_latency")
         if self.target_latency is not None and not self.target_latency > 0:
@@ -196,6 +244,8 @@ def _stats(model: nn.Module, config: Channels, data: Any) -> dict[str, Tensor] |
         raise SecateursError(f"importance '{config.importance}' is measured on data: pass data= (CLI: --data)")
     if config.importance == "taylor":
         return TaylorStats(model).run(data, config.calib_batches).scores
+    if config.importance == "minitron":
+        return InputActivationStats(model).run(data, config.calib_batches).per_channel()
     return ActivationStats(model).run(data, config.calib_batches).per_channel()
 
 
@@ -327,8 +377,12 @@ def channel_steps(model: nn.Module, config: Channels, example_inputs: Any) -> It
         return
     base_macs = macs_of(meta_copy(model), to_meta(example_inputs)) if config.target_macs is not None else None
     for step in range(1, config.steps + 1):
-        if config.ratio is not None:
-            yield dataclasses.replace(config, ratio=1 - (1 - config.ratio) ** (1 / config.steps), steps=1)
+        if config.target_macs is None:
+            def per_step(r: float | None) -> float | None:
+                return None if r is None else 1 - (1 - r) ** (1 / config.steps)
+
+            width = {k: per_step(v) for k, v in config.width.items()} if config.width is not None else None
+            yield dataclasses.replace(config, ratio=per_step(config.ratio), width=width, steps=1)
         else:
             now = macs_of(meta_copy(model), to_meta(example_inputs))
             goal = config.target_macs ** (step / config.steps) * base_macs
@@ -401,11 +455,17 @@ class _MacsGoal:
         self.meta_inputs = to_meta(example_inputs)
         self.base = base  # the dense model's MACs
         self.log = None
+        self._seen: dict[int, tuple[Plan, float]] = {}  # the same plan object comes back for the same widths
 
     def fraction(self, plan: Plan) -> float:
         """The share of the dense MACs the model keeps under ``plan``."""
+        seen = self._seen.get(id(plan))
+        if seen is not None and seen[0] is plan:
+            return seen[1]
         rehearsal, _ = rehearse(self.model, plan, self.inputs, self.expected)
-        return (macs_of(rehearsal, self.meta_inputs) if rehearsal is not None else self.base) / max(self.base, 1)
+        value = (macs_of(rehearsal, self.meta_inputs) if rehearsal is not None else self.base) / max(self.base, 1)
+        self._seen[id(plan)] = (plan, value)  # holding the plan keeps its id from being reused
+        return value
 
     def __call__(self, plan: Plan) -> bool:
         return self.fraction(plan) <= self.config.target_macs
@@ -462,6 +522,7 @@ class _LatencyGoal:
 def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: Any) -> PruneReport:
     if (config.compensate or config.recalibrate_bn) and data is None:
         raise SecateursError("compensate and recalibrate_bn are measured on data: pass data= (CLI: --data)")
+    uniform = _uniform_widths(model, config)
     stats = _stats(model, config, data)
     means = InputMeans(model).run(data, config.calib_batches) if config.compensate else None
     frozen = _frozen_by_selection(model, config)
@@ -489,13 +550,54 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     # the old tensors alive until the check passes, so big models (memory, and fresh pages
     # for every new tensor) rehearse on a meta copy first. So do targets (many plans),
     # compensation (needs the unpruned model) and transformers models (state in a config).
-    apply_directly = (config.ratio is not None and not config.compensate
+    by_ratio = config.target_macs is None and config.target_latency is None
+    apply_directly = (by_ratio and not config.compensate
                       and getattr(model, "config", None) is None
                       and _tensor_bytes(model) <= IN_PLACE_MAX_BYTES)
     applied = False
+    roles = classify_roles(model, graph) if uniform else []
+    whole_roles: set[tuple[str, int, int]] = set()  # roles a layer's group of which broke the rehearsal
+    role_failures: dict[int, str] = {}  # group id -> why its role stays whole
+    uniform_plans: dict[tuple, tuple[Plan, dict[int, Tensor]]] = {}
+    width_info: dict[int, dict[str, Any]] = {}  # id of a plan in uniform_plans -> what happened per kind
+
+    def uniform_plan(ratio: float) -> tuple[Plan, dict[int, Tensor], dict[int, str]]:
+        """Every layer the same shape: one keep count per role, widths the config can describe.
+
+        Ratios that round to the same keep counts give the same plan (targets bisect
+        over many): it is searched and rehearsed once.
+        """
+        kinds = config.width if config.width is not None else dict.fromkeys(KINDS)
+        ratios = {k: (v if v is not None else ratio) for k, v in kinds.items()}
+        role_of = {g.id: r for r in roles for g in r.groups}
+        while True:
+            targets = role_targets(roles, ratios, _round_to(config), whole_roles)
+            key = (tuple(sorted(targets.items())), frozenset(whole_roles))
+            if key in uniform_plans:
+                plan, removed = uniform_plans[key]
+                return plan, removed, dict(role_failures)
+            removed, info = uniform_removed(
+                model, graph, roles, scores, targets, ratios, _round_to(config), whole_roles,
+                explicit=config.width is not None,
+                check=lambda r: config_for_plan(model, plan_for(graph, r)) is not None)
+            candidates = [gid for gid, idx in removed.items() if idx.numel()]
+            _, broke = feasible_groups(model, graph, functools.partial(plan_for, graph, removed), candidates,
+                                       example_inputs, expected)
+            if not broke:
+                plan = plan_for(graph, removed)
+                uniform_plans[key] = plan, removed
+                width_info[id(plan)] = info
+                return plan, removed, dict(role_failures)
+            for gid, reason in broke.items():  # the whole role stays, in every layer
+                whole_roles.add(role_of[gid].key)
+                role_failures.update({g.id: reason if g.id == gid else f"a layer's {role_of[gid].kind} group broke "
+                                      f"the forward ({reason}), and every layer keeps one shape"
+                                      for g in role_of[gid].groups})
 
     def feasible_plan(ratio: float) -> tuple[Plan, dict[int, Tensor], dict[int, str]]:
         nonlocal applied
+        if uniform:
+            return uniform_plan(ratio)
         removed = plan_channels(graph, scores, config, ratio, shares(ratio) if shares is not None else None)
         candidates = [gid for gid, idx in removed.items() if idx.numel()]
         plans: dict[frozenset[int], Plan] = {}
@@ -516,8 +618,8 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
         return plan, removed, failed
 
     latency_log, target_met, achieved_macs = None, True, None
-    if config.ratio is not None and shares is None:
-        ratio = config.ratio
+    if by_ratio and shares is None:
+        ratio = config.ratio if config.ratio is not None else 0.0  # 0: every kind named has its own ratio
         plan, removed, failed = feasible_plan(ratio)
     elif config.ratio is not None:  # sensitivity allocation of a channel budget
         total = sum(g.size for g in graph.groups)
@@ -575,11 +677,11 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     # sensitivity allocation all make it differ from the ratio asked for
     report.config["achieved_ratio"] = (sum(int(v.numel()) for v in removed.values())
                                        / max(1, sum(g.size for g in graph.groups)))
-    if config.ratio is not None and shares is None:
+    if config.ratio is not None and shares is None and not uniform:
         _warn_rounded_away(graph, config, removed, failed)
-    if config.ratio is None:
+    if not by_ratio:
         report.config["target_met"] = target_met
-    if config.ratio is None and latency_log:
+    if not by_ratio and latency_log:
         report.config["latency_ms"] = latency_log
     if achieved_macs is not None:
         report.config["achieved_macs"] = achieved_macs
@@ -592,6 +694,13 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     by_id = {g.id: g for g in graph.groups}
     for gid, reason in failed.items():
         report.skipped[by_id[gid].describe()] = f"kept whole: pruning it breaks the forward ({reason})"
+    if uniform:
+        info = width_info.get(id(plan), {})
+        report.config["widths"] = info.get("widths", {})  # kind -> [kept, total] channels
+        for kind, reason in info.get("kept_whole", {}).items():
+            report.skipped[f"width {kind}"] = f"kept whole: {reason}"
+            if config.width is not None:
+                log.warning("width %s: kept whole: %s", kind, reason)
     if getattr(model, CONFIG_STALE_ATTR, False):
         report.skipped["config"] = ("the transformers config cannot describe the pruned shapes (e.g. fewer heads at "
                                     "the same hidden size, or a hidden size the head count does not divide): save "
@@ -605,6 +714,18 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     report.importance = {"criterion": config.importance, "groups": {
         g.describe(): _score_summary(scores[g.id], removed[g.id]) for g in graph.groups}}
     return report
+
+
+def _uniform_widths(model: nn.Module, config: Channels) -> bool:
+    """Prune a transformers model with every layer the same shape (see :mod:`.width`)?"""
+    if not is_transformers_model(model):
+        if config.width is not None:
+            raise SecateursError("width names the hidden size, attention heads and FFN of a transformers model "
+                                 f"(PreTrainedModel); {type(model).__name__} is not one: choose layers with "
+                                 "include/ignore instead")
+        return False
+    return not (config.global_ranking or config.allocate != "uniform" or config.include is not None
+                or config.filter_fn is not None)
 
 
 def _tensor_bytes(model: nn.Module) -> int:

@@ -10,6 +10,7 @@ from typing import Any, Protocol, TypeVar
 from torch import nn
 
 from ..errors import SecateursError
+from ..masks import bake_on_save_pretrained
 from ..utils import describe_names, nonfinite_parameters
 from .report import PruneReport
 
@@ -108,4 +109,5 @@ def prune_(model: nn.Module, config: Any, *, example_inputs: Any = None, data: A
     start = time.perf_counter()
     report = fn(model, config, example_inputs=example_inputs, data=data)
     report.seconds = time.perf_counter() - start
+    bake_on_save_pretrained(model)  # a transformers model's own save_pretrained must not drop masked weights
     return report

@@ -92,7 +92,7 @@ def _check_report(result: Any) -> None:
     if result.get("method", "?") == "finetune":
         for part in ("before", "final"):
             values = _check(result.get(part, {}), "an object", part)
-            for key in ("accuracy", "loss"):
+            for key in ("accuracy", "perplexity", "loss"):
                 _check(values.get(key), _NUMBER, f"{part}.{key}", optional=key not in values)
         for i, epoch in enumerate(_check(result.get("history") or [], "a list", "history")):
             _check(epoch, "an object", f"history[{i}]")
@@ -258,7 +258,7 @@ def render_report(result: dict[str, Any], *, sensitivity: dict[str, Any] | None 
     if method == "finetune":
         before, final = result.get("before", {}), result.get("final", {})
         rows = [[k, f"{before.get(k, float('nan')):.4f}", f"{final.get(k, float('nan')):.4f}", ""]
-                for k in ("accuracy", "loss") if k in final]
+                for k in ("accuracy", "perplexity", "loss") if k in final]  # perplexity: text
         parts += ["<h2>Summary</h2>", _table(["", "before", "after", ""], rows)]
         if result.get("history"):
             parts += ["<h2>Training</h2>", _img(history_png(result["history"]), "training curves")]

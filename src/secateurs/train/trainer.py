@@ -1,11 +1,15 @@
 """Recovery fine-tuning: knowledge distillation, cosine LR, AMP, checkpoints, resume, torchrun.
 
 One function, :func:`finetune`, trains a (pruned) classifier on any map-style
-dataset or DataLoader. The same call runs unchanged under
-``torchrun --nproc_per_node N``: it then joins the process group (gloo on
-CPU, nccl on GPU), wraps the model in PyTorch's DistributedDataParallel,
-shards the data with a DistributedSampler, and only rank 0 writes
-checkpoints. Nothing distributed is re-implemented here.
+dataset or DataLoader of ``(inputs, label)``, or a language model on token
+batches (``{"input_ids": ...}``, e.g. from
+:func:`secateurs.data.text.token_batches`): next-token prediction for causal
+LMs, masked tokens (:class:`secateurs.data.text.MaskedTokens`) for masked LMs.
+The same call runs unchanged under ``torchrun --nproc_per_node N``: it then
+joins the process group (gloo on CPU, nccl on GPU), wraps the model in
+PyTorch's DistributedDataParallel (or shards it with FSDP2's ``fully_shard``
+when ``fsdp``), shards the data with a DistributedSampler, and only rank 0
+writes checkpoints. Nothing distributed is re-implemented here.
 
 Runs are reproducible: the sampler is seeded by ``(seed, epoch)``, and a
 checkpoint holds the model (with its masks), optimizer, LR schedule, AMP
@@ -15,8 +19,10 @@ resumed run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
+import inspect
 import logging
 import math
 import os
@@ -32,9 +38,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
+from ..data.text import IGNORE_INDEX, MaskedTokens, TokenSequences
 from ..errors import SecateursError
 from ..importance.stats import split_batch
-from ..masks import effective_state_dict, load_effective_state_, masked_tensors, plain_name
+from ..masks import (
+    bake_on_save_pretrained,
+    effective_state_dict,
+    load_effective_state_,
+    masked_tensors,
+    plain_name,
+)
 from ..progress import Progress
 from ..selection import call_model
 from ..utils import eval_mode, first_line, launch_env, map_tensors
@@ -47,6 +60,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
 _DEFAULT_LR = {"sgd": 0.05, "adamw": 1e-3}
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_DEFAULT_EPOCHS = 4
+_DEFAULT_BATCH = {"images": 64, "text": 4}  # per process: images, or sequences of tokens
 
 
 @dataclass(kw_only=True)
@@ -54,15 +70,22 @@ class FinetuneConfig:
     """How :func:`finetune` trains.
 
     Attributes:
-        epochs: passes over the training data.
+        epochs: passes over the training data; default 4, or as many as
+            ``max_steps``/``max_tokens`` need when one is set (with both an
+            epoch count and a budget, training stops at whichever comes first).
         lr: peak learning rate (default 0.05 for SGD, 1e-3 for AdamW); it
-            follows a cosine from ``lr`` to zero over all steps.
+            follows a cosine from ``lr`` to zero over all steps (the budget's
+            steps when ``max_steps`` or ``max_tokens`` cuts training short).
         optimizer: ``sgd`` (momentum, Nesterov) or ``adamw``.
         momentum: SGD momentum.
         weight_decay: applied to weights only (not to biases or norm scales).
-        batch_size: per process; a DataLoader passed in keeps its own.
+        batch_size: per process: images, or sequences of tokens; default 64
+            images, and token batches keep their own size (4 sequences for a
+            dataset of single sequences). A DataLoader passed in keeps its own.
         kd_weight: share of the loss from knowledge distillation, in [0, 1]
-            (needs a teacher): ``(1 - w) * CE + w * T^2 * KL(teacher || student)``.
+            (needs a teacher): ``(1 - w) * task + w * T^2 * KL(teacher || student)``,
+            where the task loss is cross-entropy (images) or the language-model
+            loss (text), and for text the KL is over the vocabulary, per token.
         kd_temperature: softmax temperature T of distillation.
         label_smoothing: of the cross-entropy.
         regularize: ``bn-l1`` (network slimming) or ``group-lasso``, or None.
@@ -71,8 +94,22 @@ class FinetuneConfig:
         gradual_sparsity: final unstructured sparsity of gradual magnitude
             pruning (AGP cubic schedule) during training, or None.
         gradual_end: fraction of training by which ``gradual_sparsity`` is reached.
-        amp: mixed precision (float16 with loss scaling on CUDA, bfloat16 on
-            CPU); default: on for CUDA, off on CPU.
+        amp: mixed precision (autocast; see ``amp_dtype``); default: on for
+            CUDA or when ``amp_dtype`` is named, off on CPU.
+        amp_dtype: ``bf16`` or ``fp16`` (float16 losses are scaled with a
+            GradScaler); default: fp16 on CUDA, bf16 on CPU.
+        gradient_checkpointing: recompute activations in the backward pass
+            instead of keeping them (less memory, about a third more compute);
+            transformers models only (``gradient_checkpointing_enable``).
+        max_steps: stop after this many optimizer steps (in all, across epochs).
+        max_tokens: stop after the optimizer step at which this many training
+            tokens (all processes together) have been seen; text only.
+        eval_every: also evaluate on ``val`` every this many optimizer steps
+            (it is always evaluated after each epoch).
+        fsdp: shard the parameters, gradients and optimizer state across the
+            processes with FSDP2 (``torch.distributed.fsdp.fully_shard``, on
+            each block of the model's largest list of identical blocks, then
+            on the whole), for models that do not fit one device; needs torchrun.
         device: ``cpu``, ``cuda``, ``cuda:1``...; default: CUDA when available
             (under torchrun, the local rank's GPU).
         seed: seeds the sampler order and the RNG (dropout, augmentation).
@@ -83,12 +120,12 @@ class FinetuneConfig:
         num_workers: DataLoader worker processes.
     """
 
-    epochs: int = 4
+    epochs: int | None = None
     lr: float | None = None
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    batch_size: int = 64
+    batch_size: int | None = None
     kd_weight: float = 0.0
     kd_temperature: float = 4.0
     label_smoothing: float = 0.0
@@ -98,6 +135,12 @@ class FinetuneConfig:
     gradual_sparsity: float | None = None
     gradual_end: float = 0.75
     amp: bool | None = None
+    amp_dtype: str | None = None
+    gradient_checkpointing: bool = False
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    eval_every: int | None = None
+    fsdp: bool = False
     device: str | None = None
     seed: int = 0
     checkpoint_dir: str | None = None
@@ -106,14 +149,14 @@ class FinetuneConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise SecateursError(f"epochs must be at least 1, got {self.epochs}")
+        for name in ("epochs", "batch_size", "max_steps", "max_tokens", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise SecateursError(f"{name} must be a whole number of at least 1, got {value!r}")
         if self.optimizer not in _DEFAULT_LR:
             raise SecateursError(f"unknown optimizer '{self.optimizer}': choose one of {', '.join(_DEFAULT_LR)}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise SecateursError(f"lr must be a positive number, got {self.lr}")
-        if self.batch_size < 1:
-            raise SecateursError(f"batch_size must be at least 1, got {self.batch_size}")
         if not 0.0 <= self.kd_weight <= 1.0:
             raise SecateursError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
         if self.kd_temperature <= 0:
@@ -124,6 +167,14 @@ class FinetuneConfig:
             raise SecateursError(f"gradual_sparsity must be in (0, 1), got {self.gradual_sparsity}")
         if not 0.0 < self.gradual_end <= 1.0:
             raise SecateursError(f"gradual_end must be in (0, 1], got {self.gradual_end}")
+        if self.amp_dtype is not None and self.amp_dtype not in _AMP_DTYPES:
+            raise SecateursError(f"unknown amp_dtype '{self.amp_dtype}': choose one of {', '.join(_AMP_DTYPES)}")
+        if self.amp_dtype is not None and self.amp is False:
+            raise SecateursError("amp_dtype names the autocast type, but amp is off: drop one of them "
+                                 "(CLI: --amp-dtype or --no-amp)")
+        if self.fsdp and (self.regularize is not None or self.gradual_sparsity is not None):
+            raise SecateursError("fsdp shards the weights, which regularize and gradual_sparsity need whole: "
+                                 "train without fsdp (DDP under torchrun) for those")
         if self.resume and self.checkpoint_dir is None:
             raise SecateursError("resume needs checkpoint_dir (CLI: --checkpoint-dir, or --out's checkpoints)")
 
@@ -134,10 +185,14 @@ class FinetuneConfig:
 
 @dataclass
 class FinetuneResult:
-    """What :func:`finetune` did: one entry per epoch, and the final held-out metrics."""
+    """What :func:`finetune` did: one ``history`` entry per epoch, every held-out evaluation (``evals``),
+    and the final held-out metrics (accuracy and loss for images; loss and perplexity for text)."""
 
     history: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, float] = field(default_factory=dict)
+    # every held-out evaluation, with the optimizer step it followed: after each epoch, every eval_every
+    # steps, and for text also at step 0 (before training)
+    evals: list[dict[str, Any]] = field(default_factory=list)
     rank: int = 0
     world_size: int = 1
     resumed_from: int | None = None  # epochs already done in the checkpoint resumed from
@@ -198,8 +253,12 @@ def _device(config: FinetuneConfig, world: _World) -> torch.device:
 # -- data -------------------------------------------------------------------------------------
 
 
-def _as_dataset(data: Dataset | DataLoader, what: str) -> tuple[Dataset, dict[str, Any]]:
-    """The map-style dataset behind ``data`` and the DataLoader options to keep."""
+def _as_dataset(data: Any, what: str) -> tuple[Dataset, dict[str, Any]]:
+    """The map-style dataset behind ``data`` and the DataLoader options to keep.
+
+    Token batches (a list of ``{"input_ids": (batch, seq_len)}``) become a
+    dataset of single sequences, so that they can be shuffled and sharded.
+    """
     options: dict[str, Any] = {}
     if isinstance(data, DataLoader):
         options = {"batch_size": data.batch_size, "collate_fn": data.collate_fn, "num_workers": data.num_workers}
@@ -209,12 +268,30 @@ def _as_dataset(data: Dataset | DataLoader, what: str) -> tuple[Dataset, dict[st
                              "over one, so that it can be shuffled reproducibly and sharded across processes")
     if len(data) == 0:
         raise SecateursError(f"{what} is empty: check the data path")
+    first = data[0]
+    if isinstance(first, dict) and isinstance(first.get("input_ids"), Tensor) and first["input_ids"].dim() == 2:
+        if options:
+            raise SecateursError(f"{what} is a DataLoader over token batches, which would batch them twice: "
+                                 "pass the batches themselves (a list, e.g. from token_batches)")
+        data = TokenSequences([data[i] for i in range(len(data))])
     return data, options
 
 
-def _loader(dataset: Dataset, options: dict[str, Any], config: FinetuneConfig, sampler: Any) -> DataLoader:
-    return DataLoader(dataset, batch_size=options.get("batch_size") or config.batch_size, sampler=sampler,
-                      collate_fn=options.get("collate_fn"), num_workers=options.get("num_workers", config.num_workers))
+def _kind(dataset: Dataset) -> str:
+    """``text`` for token sequences (dicts with ``input_ids``), ``images`` for ``(inputs, label)`` pairs."""
+    first = dataset[0]
+    return "text" if isinstance(first, dict) and "input_ids" in first else "images"
+
+
+def _batch_size(dataset: Dataset, options: dict[str, Any], requested: int | None, default: int) -> int:
+    own = dataset.batch_size if isinstance(dataset, (TokenSequences, MaskedTokens)) else None
+    return options.get("batch_size") or requested or own or default
+
+
+def _loader(dataset: Dataset, options: dict[str, Any], batch_size: int, config: FinetuneConfig,
+            sampler: Any) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=options.get("collate_fn"),
+                      num_workers=options.get("num_workers", config.num_workers))
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -230,29 +307,233 @@ def _logits(out: Any) -> Tensor:
     return logits
 
 
+# -- language models ------------------------------------------------------------------------
+
+
+def _model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """What a language model is called with: the labels are ours to score, not the model's."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def _call_options(model: nn.Module) -> dict[str, Any]:
+    # transformers LMs keep a key/value cache for generation unless told not to: training has no use for it
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def _token_logits(out: Any) -> Tensor:
+    logits = getattr(out, "logits", out)
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    if not isinstance(logits, Tensor) or logits.dim() != 3:
+        raise SecateursError("text data trains language models: the model must return (batch, tokens, vocabulary) "
+                             "logits, as a transformers ...ForCausalLM or ...ForMaskedLM does")
+    return logits
+
+
+def _lm_loss_sum(logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy of the predicted tokens, and how many there are.
+
+    With ``labels`` (masked tokens) each position predicts its own label;
+    without, each position predicts the next token of ``input_ids``.
+    """
+    if "labels" in batch:
+        scored, targets = logits, batch["labels"]
+    else:
+        scored, targets = logits[:, :-1], batch["input_ids"][:, 1:]
+        if "attention_mask" in batch:
+            targets = targets.masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE_INDEX)
+    loss = F.cross_entropy(scored.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss, (targets != IGNORE_INDEX).sum()
+
+
+def _token_count(batch: dict[str, Tensor]) -> Tensor:
+    """Training tokens in a batch: those the attention mask keeps, or all of them."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return mask.sum().to(torch.float64)
+    return torch.tensor(batch["input_ids"].numel(), dtype=torch.float64, device=batch["input_ids"].device)
+
+
+def _check_objective(model: nn.Module, batch: dict[str, Tensor]) -> None:
+    """Masked tokens for a masked LM, plain tokens for a causal one (transformers says which it is)."""
+    can_generate = getattr(model, "can_generate", None)
+    generates = can_generate() if callable(can_generate) else None
+    name = type(model).__name__
+    if generates is False and "labels" not in batch:
+        raise SecateursError(f"{name} is a masked language model (it cannot generate): train it on masked tokens, "
+                             "secateurs.data.text.MaskedTokens(batches, mask_token_id=tokenizer.mask_token_id, "
+                             "vocab_size=len(tokenizer))")
+    if generates is True and "labels" in batch:
+        raise SecateursError(f"{name} is a causal language model: train it on plain token batches (next-token "
+                             "prediction), not on MaskedTokens")
+
+
+def _check_text(model: nn.Module, teacher: nn.Module | None, batch: dict[str, Tensor],
+                options: dict[str, Any], teacher_options: dict[str, Any]) -> None:
+    """One forward of the model (and teacher) on the first batch: vocabulary logits, the same vocabulary."""
+    inputs = _model_inputs(batch)
+    embeddings = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is not None and int(batch["input_ids"].max()) >= vocab:
+        raise SecateursError(f"the text has token ids up to {int(batch['input_ids'].max())}, but the model's "
+                             f"vocabulary has {vocab}: use the model's own tokenizer")
+    with torch.no_grad(), eval_mode(model):
+        try:
+            logits = _token_logits(model(**inputs, **options))
+        except SecateursError:
+            raise
+        except Exception as exc:
+            raise SecateursError(f"the model fails on the training tokens ({first_line(exc)}): text data trains "
+                                 "language models called with input_ids=") from None
+    if teacher is None:
+        return
+    with torch.no_grad(), eval_mode(teacher):
+        try:
+            t_logits = _token_logits(teacher(**inputs, **teacher_options))
+        except SecateursError:
+            raise
+        except Exception as exc:
+            raise SecateursError(f"the teacher fails on the training tokens ({first_line(exc)}): "
+                                 "pass a teacher with the same tokenizer") from None
+    if t_logits.shape[-1] != logits.shape[-1]:
+        raise SecateursError(f"the teacher's vocabulary has {t_logits.shape[-1]} tokens but the model's has "
+                             f"{logits.shape[-1]}: pass a teacher with the same tokenizer")
+
+
+# -- FSDP -----------------------------------------------------------------------------------
+
+
+def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of the model's largest (by parameters) ModuleList of blocks of one type: its layers."""
+    best: list[nn.Module] = []
+    best_size = 0
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(b) for b in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = list(module), size
+    return best
+
+
+def _fully_shard(model: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of ``model`` sharded with FSDP2, holding rank 0's weights; ``model`` itself stays whole.
+
+    The caller's model is kept as it is so that the trained full weights can be
+    gathered back into it (FSDP2 has no way to undo sharding in place).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # parameters go to the meta device in the copy: no second full copy in memory, even for a moment
+    memo: dict[int, Any] = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                            for p in model.parameters()}
+    sharded = copy.deepcopy(model, memo)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in _repeated_blocks(sharded):
+        fully_shard(block, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    sharded.to_empty(device=device)
+    with torch.no_grad():  # buffers (masks, rotary tables) are not sharded: every rank has them whole
+        for name, buffer in model.named_buffers():
+            sharded.get_buffer(name).copy_(buffer)
+    # rank 0's weights, so that every rank starts alike as under DDP
+    set_model_state_dict(sharded, model.state_dict() if dist.get_rank() == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return sharded
+
+
+def _reshard(sharded: nn.Module) -> None:
+    """Back to sharded parameters after a forward without backward.
+
+    The root stays unsharded after its forward (it expects the backward at
+    once); an optimizer built then, or a state dict taken then, would see the
+    temporary full parameters instead of the shards that training updates.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in sharded.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _gather_(model: nn.Module, sharded: nn.Module, rank: int) -> None:
+    """The full weights of a sharded copy into rank 0's ``model`` (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model.load_state_dict(full)
+
+
 # -- evaluation ---------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def evaluate_dataset(model: nn.Module, data: Dataset | DataLoader, *, batch_size: int = 256,
-                     device: torch.device | str | None = None, max_batches: int | None = None) -> dict[str, float]:
-    """Accuracy and mean cross-entropy over a labelled dataset (eval mode).
+def evaluate_dataset(model: nn.Module, data: Dataset | DataLoader | list[dict[str, Tensor]], *,
+                     batch_size: int | None = None, device: torch.device | str | None = None,
+                     max_batches: int | None = None) -> dict[str, float]:
+    """Accuracy and mean cross-entropy over labelled data, or loss and perplexity over token batches (eval mode).
+
+    Args:
+        model: a classifier, or a language model for token batches.
+        data: ``(inputs, label)`` pairs, or token batches (e.g. ``token_batches(..., split="test")``,
+            or :class:`~secateurs.data.text.MaskedTokens` for a masked LM).
+        batch_size: default 256 images; token batches keep their own size.
+        device: default: where the model's parameters are.
+        max_batches: evaluate at most this many batches (per process).
+
+    Returns:
+        ``accuracy``, ``loss`` and ``examples`` for labelled data; ``loss`` (per
+        predicted token), ``perplexity`` (its exp) and ``tokens`` (predicted) for text.
 
     Under an initialised process group each rank scores its own share and the
     sums are all-reduced, so every rank returns the exact metrics of the whole set.
     """
     dataset, options = _as_dataset(data, "the evaluation data")
+    if _kind(dataset) == "text":
+        _check_objective(model, dataset[0])  # a masked LM scored on next tokens would be a meaningless number
+    return _evaluate(model, dataset, options, batch_size=batch_size, device=device, max_batches=max_batches)
+
+
+def _evaluate(model: nn.Module, dataset: Dataset, options: dict[str, Any], *, batch_size: int | None = None,
+              device: torch.device | str | None = None, max_batches: int | None = None,
+              lockstep: bool = False) -> dict[str, float]:
     world = _World(dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else _World()
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    text = _kind(dataset) == "text"
+    size = _batch_size(dataset, options, batch_size, _DEFAULT_BATCH["text"] if text else 256)
     shard = Subset(dataset, range(world.rank, len(dataset), world.size)) if world.active else dataset
-    loader = DataLoader(shard, batch_size=options.get("batch_size") or batch_size,
-                        collate_fn=options.get("collate_fn"))
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
+    loader = DataLoader(shard, batch_size=size, collate_fn=options.get("collate_fn"))
+    count = len(loader) if max_batches is None else min(len(loader), max_batches)
+    rounds = count
+    if lockstep and world.active:
+        # FSDP: each forward gathers weights from every rank, so every rank runs as many forwards
+        most = torch.tensor([count], device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        rounds = int(most)
+    options_ = _call_options(model) if text else {}
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct (images), loss sum, count
+    batches = iter(loader)
     with eval_mode(model):
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            x, y = split_batch(_to(batch, device))
+        for i in range(rounds):
+            if i >= count:  # only the forward counts here, not the result
+                filler = next(iter(DataLoader(dataset, batch_size=1, collate_fn=options.get("collate_fn"))))
+                filler = _to(filler, device)
+                model(**_model_inputs(filler), **options_) if text else call_model(model, split_batch(filler)[0])
+                continue
+            batch = _to(next(batches), device)
+            if text:
+                loss, n = _lm_loss_sum(_token_logits(model(**_model_inputs(batch), **options_)), batch)
+                totals += torch.stack([torch.zeros((), dtype=torch.float64, device=device), loss.double(),
+                                       n.double()])
+                continue
+            x, y = split_batch(batch)
             if y is None:
                 raise SecateursError("evaluation needs labels: batches must be (inputs, labels)")
             logits = _logits(call_model(model, x)).float()
@@ -261,10 +542,14 @@ def evaluate_dataset(model: nn.Module, data: Dataset | DataLoader, *, batch_size
                                    torch.tensor(len(y), dtype=torch.float64, device=device)])
     if world.active:
         dist.all_reduce(totals)
-    correct, loss, count = totals.tolist()
-    if not count:
-        raise SecateursError("the evaluation data has no batches")
-    return {"accuracy": correct / count, "loss": loss / count, "examples": int(count)}
+    correct, loss, count_ = totals.tolist()
+    if not count_:
+        raise SecateursError("the evaluation data has no batches" if not text else
+                             "the evaluation text has no tokens to predict: use a longer text")
+    if text:
+        mean = loss / count_
+        return {"loss": mean, "perplexity": math.exp(mean) if mean < 700 else math.inf, "tokens": int(count_)}
+    return {"accuracy": correct / count_, "loss": loss / count_, "examples": int(count_)}
 
 
 # -- training -----------------------------------------------------------------------------
@@ -282,10 +567,18 @@ def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=config.peak_lr)
 
 
-def _kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """Hinton et al.: KL between softened distributions, scaled by T^2 so gradients keep their size."""
+def _kd_loss(student: Tensor, teacher: Tensor, temperature: float, keep: Tensor | None = None) -> Tensor:
+    """Hinton et al.: KL between softened distributions, scaled by T^2 so gradients keep their size.
+
+    The mean is over examples, or for (batch, tokens, vocabulary) logits over the
+    tokens that ``keep`` (the attention mask) keeps.
+    """
+    if student.dim() > 2:
+        if keep is not None:
+            student, teacher = student[keep], teacher[keep]
+        student, teacher = student.flatten(0, -2), teacher.flatten(0, -2)
     t = temperature
-    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean",
+    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), reduction="batchmean",
                     log_target=True) * (t * t)
 
 
@@ -325,30 +618,66 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
                              "delete it to start over") from None
 
 
+def _plan(config: FinetuneConfig, sampler: DistributedSampler, batch_size: int, world: _World,
+          tokens_per_item: float | None) -> int:
+    """Optimizer steps in all: what the LR schedule spans.
+
+    The token budget is turned into steps by walking the epochs' batches (the
+    last batch of an epoch may be short), so for sequences of one length the
+    schedule ends exactly where training stops.
+    """
+    full, rest = divmod(len(sampler), batch_size)
+    steps_per_epoch = full + (rest > 0)
+    limits = []
+    if config.epochs is not None or (config.max_steps is None and config.max_tokens is None):
+        limits.append(steps_per_epoch * (config.epochs or _DEFAULT_EPOCHS))
+    if config.max_steps is not None:
+        limits.append(config.max_steps)
+    if config.max_tokens is not None and tokens_per_item:
+        per_step = [batch_size * world.size * tokens_per_item] * full + [rest * world.size * tokens_per_item] * (rest > 0)
+        epochs, left = divmod(config.max_tokens, sum(per_step))
+        steps, seen = int(epochs) * steps_per_epoch, 0.0
+        for tokens in per_step if left > 0 else []:
+            steps, seen = steps + 1, seen + tokens
+            if seen >= left:
+                break
+        limits.append(max(1, steps))
+    return min(limits)
+
+
 def finetune(
     model: nn.Module,
-    train: Dataset | DataLoader,
+    train: Dataset | DataLoader | list[dict[str, Tensor]],
     *,
     config: FinetuneConfig | None = None,
-    val: Dataset | DataLoader | None = None,
+    val: Dataset | DataLoader | list[dict[str, Tensor]] | None = None,
     teacher: nn.Module | None = None,
     example_inputs: Any = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> FinetuneResult:
-    """Train ``model`` in place on labelled ``train`` data; evaluate on ``val`` after each epoch.
+    """Train ``model`` in place on ``train``; evaluate on ``val`` after each epoch (and every ``eval_every`` steps).
 
     Args:
-        model: a classifier returning ``(batch, classes)`` logits (or an output with ``.logits``).
-        train: map-style dataset of ``(inputs, label)`` or a DataLoader over one.
+        model: a classifier returning ``(batch, classes)`` logits (or an output with ``.logits``),
+            or a language model returning ``(batch, tokens, vocabulary)`` logits, called with
+            ``input_ids=`` (e.g. a transformers ``...ForCausalLM`` or ``...ForMaskedLM``).
+        train: map-style dataset of ``(inputs, label)`` or a DataLoader over one; or token
+            batches (``token_batches(...)``) for a causal LM, masked (:class:`~secateurs.data.text.MaskedTokens`)
+            for a masked LM.
         config: how to train (see :class:`FinetuneConfig`).
-        val: held-out data for per-epoch and final accuracy.
-        teacher: a model with the same output classes to distil from (``kd_weight > 0``).
+        val: held-out data of the same kind, for accuracy (images) or perplexity (text),
+            e.g. ``token_batches(..., split="test")``.
+        teacher: a model with the same output classes, or the same vocabulary, to distil from
+            (``kd_weight > 0``).
         example_inputs: inputs for the group-lasso trace (default: the first training batch).
         on_epoch_end: called as ``fn(epoch, metrics)`` after each epoch (after its checkpoint).
 
     Returns:
-        The per-epoch history and final metrics. Masks on the model (unstructured,
-        N:M, gradual) are in force throughout, so pruned weights stay zero.
+        The per-epoch history, every evaluation and the final metrics. Masks on the model
+        (unstructured, N:M, gradual) are in force throughout, so pruned weights stay zero.
+        With ``fsdp``, a sharded copy is trained and its full weights are gathered into
+        ``model`` on rank 0 at the end (and at every checkpoint); the other ranks' ``model``
+        keeps its starting weights.
 
     Example:
         >>> import torch, secateurs
@@ -359,14 +688,37 @@ def finetune(
         >>> result = finetune(model, data, val=data, config=FinetuneConfig(epochs=2, progress=False))
         >>> len(result.history), 0.0 <= result.final["accuracy"] <= 1.0
         (2, True)
+
+        A language model on token batches, with a budget of optimizer steps:
+
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> llm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                                    num_hidden_layers=1, num_attention_heads=2))
+        >>> text = [{"input_ids": torch.arange(64).remainder(32).view(4, 16)}] * 4
+        >>> result = finetune(llm, text, val=text[:1], config=FinetuneConfig(max_steps=3, optimizer="adamw",
+        ...                                                                  progress=False))
+        >>> result.history[-1]["step"], result.final["perplexity"] > 1
+        (3, True)
     """
     config = config or FinetuneConfig()
     if config.kd_weight > 0 and teacher is None:
         raise SecateursError("kd_weight > 0 distils from a teacher: pass teacher= (CLI: --teacher)")
     dataset, options = _as_dataset(train, "the training data")
+    kind = _kind(dataset)
+    if kind != "text" and config.max_tokens is not None:
+        raise SecateursError("max_tokens counts text tokens, and this data is not text: set max_steps instead")
+    held_out = None
+    if val is not None:
+        held_out = _as_dataset(val, "the validation data")
+        if _kind(held_out[0]) != kind:
+            raise SecateursError(f"the training data is {kind} but the validation data is not: pass held-out "
+                                 "data of the same kind")
     world = _join_world(config.device)
     try:
-        result = _run(model, dataset, options, config, val, teacher, example_inputs, on_epoch_end, world)
+        if config.fsdp and not world.active:
+            raise SecateursError("fsdp shards the model across processes: launch with torchrun --nproc_per_node N "
+                                 "(N of at least 2), or train without fsdp")
+        result = _run(model, dataset, options, kind, config, held_out, teacher, example_inputs, on_epoch_end, world)
     except BaseException:
         if world.created:  # no barrier: the other ranks may be blocked in a collective; fail fast
             dist.destroy_process_group()
@@ -377,25 +729,59 @@ def finetune(
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+    bake_on_save_pretrained(model)  # gradual pruning may have masked a transformers model
     return result
 
 
-def _run(model: nn.Module, dataset: Dataset, options: dict[str, Any], config: FinetuneConfig, val: Any,
-         teacher: nn.Module | None, example_inputs: Any, on_epoch_end: Any, world: _World) -> FinetuneResult:
+def _checkpointing_switches(model: nn.Module) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """Turn a transformers model's gradient (activation) checkpointing on and off."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise SecateursError(f"gradient checkpointing needs a transformers model that supports it; "
+                             f"{type(model).__name__} does not: train without it")
+    # non-reentrant: works under DDP and FSDP, and with inputs that do not require gradients
+    options = {"use_reentrant": False}
+    if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5.x: the new name
+        return (lambda: model.activation_checkpointing_enable(activation_checkpointing_kwargs=options),
+                model.activation_checkpointing_disable)
+    return (lambda: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options),
+            model.gradient_checkpointing_disable)
+
+
+def _run(model: nn.Module, dataset: Dataset, options: dict[str, Any], kind: str, config: FinetuneConfig,
+         held_out: tuple[Dataset, dict[str, Any]] | None, teacher: nn.Module | None, example_inputs: Any,
+         on_epoch_end: Any, world: _World) -> FinetuneResult:
+    if not config.gradient_checkpointing:
+        return _train(model, dataset, options, kind, config, held_out, teacher, example_inputs, on_epoch_end, world)
+    enable, disable = _checkpointing_switches(model)
+    enable()
+    try:
+        return _train(model, dataset, options, kind, config, held_out, teacher, example_inputs, on_epoch_end, world)
+    finally:
+        disable()  # the model leaves as it came
+
+
+def _train(model: nn.Module, dataset: Dataset, options: dict[str, Any], kind: str, config: FinetuneConfig,
+           held_out: tuple[Dataset, dict[str, Any]] | None, teacher: nn.Module | None, example_inputs: Any,
+           on_epoch_end: Any, world: _World) -> FinetuneResult:
+    text = kind == "text"
     device = _device(config, world)
     torch.manual_seed(config.seed)
-    model.to(device)
-    if teacher is not None:
-        teacher.to(device)  # called under no_grad in eval mode; its own flags stay as the caller set them
+    if not config.fsdp:  # with FSDP the caller's model stays where it is; a sharded copy trains
+        model.to(device)
+        if teacher is not None:
+            teacher.to(device)  # called under no_grad in eval mode; its own flags stay as the caller set them
     sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed)
-    loader = _loader(dataset, options, config, sampler)
+    batch_size = _batch_size(dataset, options, config.batch_size, _DEFAULT_BATCH[kind])
+    loader = _loader(dataset, options, batch_size, config, sampler)
     steps_per_epoch = len(loader)
-    total_steps = steps_per_epoch * config.epochs
     first = _to(next(iter(DataLoader(dataset, batch_size=min(2, len(dataset)),
                                      collate_fn=options.get("collate_fn")))), device)
-    x0 = split_batch(first)[0]
-    if teacher is not None:
-        _check_teacher(teacher, model, x0)
+    x0 = _model_inputs(first) if text else split_batch(first)[0]
+    per_item = float(_token_count(first)) / len(first["input_ids"]) if text else None
+    total_steps = _plan(config, sampler, batch_size, world, per_item)
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    if text:
+        _check_objective(model, first)
     reg = None
     if config.regularize is not None:
         reg = make_regularizer(config.regularize, model, strength=config.reg_strength, growth=config.reg_growth,
@@ -412,17 +798,48 @@ def _run(model: nn.Module, dataset: Dataset, options: dict[str, Any], config: Fi
     if state is not None:
         if state.get("total_steps") != total_steps:
             raise SecateursError(f"checkpoint '{ckpt_path}' was made for {state.get('total_steps')} steps, this run "
-                                 f"has {total_steps}: resume with the same data, batch size, epochs and processes")
+                                 f"has {total_steps}: resume with the same data, batch size, epochs, budget and "
+                                 "processes")
+        if bool(state.get("fsdp")) != config.fsdp:
+            raise SecateursError(f"checkpoint '{ckpt_path}' was written {'with' if state.get('fsdp') else 'without'} "
+                                 f"fsdp: resume it the same way ({'with' if state.get('fsdp') else 'without'} --fsdp)")
         load_effective_state_(model, state["model"], state["masks"])
-    optimizer = _optimizer(model, config)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
-    use_amp = config.amp if config.amp is not None else device.type == "cuda"
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+    net, student, teacher_net = model, model, teacher
+    if config.fsdp:
+        student = _fully_shard(model, device)
+        teacher_net = _fully_shard(teacher, device) if teacher is not None else None
+        net = student
+    if text:
+        call_opts = _call_options(model)
+        teacher_opts = _call_options(teacher) if teacher is not None else {}
+        _check_text(student, teacher_net, first, call_opts, teacher_opts)
+    elif teacher is not None:
+        _check_teacher(teacher_net, student, x0)
+    if config.fsdp:
+        _reshard(student)
+
+    optimizer = _optimizer(student, config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    use_amp = config.amp if config.amp is not None else (device.type == "cuda" or config.amp_dtype is not None)
+    amp_dtype = _AMP_DTYPES[config.amp_dtype] if config.amp_dtype else (
+        torch.float16 if device.type == "cuda" else torch.bfloat16)
+    # float16 overflows without loss scaling; under FSDP the DTensor gradients all-reduce the overflow check
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
     result = FinetuneResult(rank=world.rank, world_size=world.size)
-    start_epoch = 0
+    start_epoch, step, tokens_seen = 0, 0, 0.0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if config.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+
+            set_optimizer_state_dict(student, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         scaler.load_state_dict(state["scaler"])
         if reg is not None and state.get("regularizer"):
@@ -433,83 +850,167 @@ def _run(model: nn.Module, dataset: Dataset, options: dict[str, Any], config: Fi
         if device.type == "cuda" and state.get("cuda_rng"):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         result.history = list(state["history"])
+        result.evals = list(state.get("evals", []))
         start_epoch = result.resumed_from = int(state["epoch"])
+        step = int(state.get("step", start_epoch * steps_per_epoch))
+        tokens_seen = float(state.get("tokens", 0.0))
         log.info("resuming from %s after epoch %d", ckpt_path, start_epoch)
 
-    net = model
-    if world.active:
+    if world.active and not config.fsdp:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    for epoch in range(start_epoch, config.epochs):
+    distil = teacher_net is not None and config.kd_weight > 0
+
+    def budget_spent() -> bool:
+        return step >= total_steps or (config.max_tokens is not None and tokens_seen >= config.max_tokens)
+
+    def evaluate_now(epoch: int) -> dict[str, float]:
+        """Held-out metrics after this step, evaluated once however often they are asked for."""
+        if result.evals and result.evals[-1]["step"] == step:
+            return {k[4:]: v for k, v in result.evals[-1].items() if k.startswith("val_")}
+        assert held_out is not None
+        scores = _evaluate(student, *held_out, device=device, lockstep=config.fsdp)
+        if config.fsdp:
+            _reshard(student)
+        result.evals.append({"epoch": epoch, "step": step, **({"tokens": tokens_seen} if text else {}),
+                             **{f"val_{k}": v for k, v in scores.items()}})
+        return scores
+
+    if text and held_out is not None and step == 0:
+        evaluate_now(0)  # the perplexity before training, on the training device (sharded under FSDP)
+    for epoch in range(start_epoch, epochs):
+        if budget_spent():
+            break
         sampler.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):  # e.g. MaskedTokens: fresh masks every epoch
+            dataset.set_epoch(epoch)
         started = time.perf_counter()
         net.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-        bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}",
+        # images: loss sum, correct, count; text: loss, LM loss and KD loss sums (per predicted token), count
+        sums = torch.zeros(4 if text else 3, dtype=torch.float64, device=device)
+        bar = Progress(min(steps_per_epoch, total_steps - step), f"epoch {epoch + 1}/{epochs}",
                        enabled=config.progress if world.rank == 0 else False)
-        for i, batch in enumerate(loader):
-            step = epoch * steps_per_epoch + i
+        for batch in loader:
+            if budget_spent():
+                break
             if gradual is not None:
                 gradual(step)
-            x, y = split_batch(_to(batch, device))
-            if y is None:
-                raise SecateursError("training needs labels: batches must be (inputs, labels)")
+            batch = _to(batch, device)
+            kd = None
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = _logits(call_model(net, x))
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-                if teacher is not None and config.kd_weight > 0:
-                    with torch.no_grad(), eval_mode(teacher):
-                        t_logits = _logits(call_model(teacher, x)).float()
-                    loss = (1 - config.kd_weight) * loss + config.kd_weight * _kd_loss(
-                        logits.float(), t_logits, config.kd_temperature)
+                if text:
+                    logits = _token_logits(net(**_model_inputs(batch), **call_opts))
+                    lm_sum, count = _lm_loss_sum(logits, batch)
+                    task = lm_sum / count.clamp_min(1)
+                    if distil:
+                        with torch.no_grad(), eval_mode(teacher_net):
+                            t_logits = _token_logits(teacher_net(**_model_inputs(batch), **teacher_opts)).float()
+                        keep = batch["attention_mask"].bool() if "attention_mask" in batch else None
+                        kd = _kd_loss(logits.float(), t_logits, config.kd_temperature, keep)
+                else:
+                    x, y = split_batch(batch)
+                    if y is None:
+                        raise SecateursError("training needs labels: batches must be (inputs, labels)")
+                    logits = _logits(call_model(net, x))
+                    task = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+                    if distil:
+                        with torch.no_grad(), eval_mode(teacher_net):
+                            t_logits = _logits(call_model(teacher_net, x)).float()
+                        kd = _kd_loss(logits.float(), t_logits, config.kd_temperature)
+                loss = task if kd is None else (1 - config.kd_weight) * task + config.kd_weight * kd
             total = loss + reg() if reg is not None else loss
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
+            step += 1
             with torch.no_grad():
-                sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                     torch.tensor(len(y), dtype=torch.float64, device=device)])
-            bar.update(loss=float(loss.detach()), acc=float(sums[1] / sums[2]))
+                if text:
+                    tokens = _token_count(batch)
+                    if world.active:  # every rank must see the same count to stop at the same step
+                        dist.all_reduce(tokens)
+                    tokens_seen += float(tokens)
+                    n = count.double()
+                    sums += torch.stack([loss.detach().double() * n, task.detach().double() * n,
+                                         (kd.detach().double() if kd is not None else torch.zeros_like(n)) * n,
+                                         n])
+                    bar.update(loss=float(loss.detach()))
+                else:
+                    sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                                         torch.tensor(len(y), dtype=torch.float64, device=device)])
+                    bar.update(loss=float(loss.detach()), acc=float(sums[1] / sums[2]))
+            if config.eval_every and held_out is not None and step % config.eval_every == 0:
+                evaluate_now(epoch + 1)
         bar.close()
         if world.active:
             dist.all_reduce(sums)
-            for b in model.buffers():  # BatchNorm statistics: every rank keeps rank 0's
+            for b in student.buffers():  # BatchNorm statistics: every rank keeps rank 0's
                 dist.broadcast(b, 0)
         if reg is not None:
             reg.step()
-        loss_sum, correct, count = sums.tolist()
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_accuracy": correct / count,
-                                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": step}
+        if text:
+            loss_sum, lm_sum_, kd_sum, count_ = sums.tolist()
+            metrics.update(tokens=tokens_seen, train_loss=loss_sum / max(count_, 1))
+            if distil:
+                metrics.update(train_lm_loss=lm_sum_ / max(count_, 1), train_kd_loss=kd_sum / max(count_, 1))
+        else:
+            loss_sum, correct, count_ = sums.tolist()
+            metrics.update(train_loss=loss_sum / count_, train_accuracy=correct / count_)
+        metrics.update(lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started)
         if reg is not None:
             metrics["reg_strength"] = reg.strength
             metrics["reg_below_1e-2"] = reg.below(1e-2).below
         if gradual is not None:
             metrics["sparsity"] = gradual.current
-        if val is not None:
-            metrics.update({f"val_{k}": v for k, v in evaluate_dataset(model, val, device=device).items()})
+        if held_out is not None:
+            metrics.update({f"val_{k}": v for k, v in evaluate_now(epoch + 1).items()})
         result.history.append(metrics)
-        # progress=False asks for a quiet run (the demo, benchmarks): the epoch line drops to DEBUG
-        log.log(logging.DEBUG if config.progress is False else logging.INFO, "epoch %d/%d: %s", epoch + 1, config.epochs,
-                 "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
-        if ckpt_path is not None and world.rank == 0:
-            state_now, masks = effective_state_dict(model)
-            _save_checkpoint(ckpt_path, {
-                "epoch": epoch + 1, "total_steps": total_steps,
-                "model": {k: v.detach().cpu() for k, v in state_now.items()},
-                "masks": {k: v.cpu() for k, v in masks.items()},
-                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+        # progress=False asks for a quiet run (the demo, benchmarks): the epoch line drops to DEBUG;
+        # under torchrun only rank 0 tells (the metrics are all-reduced: every rank has the same)
+        log.log(logging.DEBUG if config.progress is False or world.rank else logging.INFO, "epoch %d/%d: %s",
+                epoch + 1, epochs, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
+        if ckpt_path is not None:
+            _checkpoint(ckpt_path, model, student, optimizer, config, world, {
+                "epoch": epoch + 1, "total_steps": total_steps, "step": step, "tokens": tokens_seen,
+                "fsdp": config.fsdp, "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict(), "regularizer": reg.state_dict() if reg is not None else {},
                 "gradual": gradual.current if gradual is not None else 0.0,
-                "rng": torch.get_rng_state(), "history": result.history,
+                "rng": torch.get_rng_state(), "history": result.history, "evals": result.evals,
                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
             })
         if world.active:
             dist.barrier()  # nobody races ahead of the checkpoint
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, metrics)
-    if val is not None:
-        result.final = evaluate_dataset(model, val, device=device)
+    if held_out is not None:
+        result.final = dict(evaluate_now(epochs))
+    if config.fsdp:
+        _gather_(model, student, world.rank)
     if any(True for _ in masked_tensors(model)):
         result.final["masked_tensors"] = sum(1 for _ in masked_tensors(model))
     return result
+
+
+def _checkpoint(path: Path, model: nn.Module, student: nn.Module, optimizer: torch.optim.Optimizer,
+                config: FinetuneConfig, world: _World, payload: dict[str, Any]) -> None:
+    """Write the checkpoint from rank 0; under FSDP every rank first helps gather the full state."""
+    if config.fsdp:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        _gather_(model, student, world.rank)
+        optim_state = get_optimizer_state_dict(student, optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        optim_state = optimizer.state_dict()
+    if world.rank != 0:
+        return
+    state_now, masks = effective_state_dict(model)
+    _save_checkpoint(path, payload | {
+        "model": {k: v.detach().cpu() for k, v in state_now.items()},
+        "masks": {k: v.cpu() for k, v in masks.items()},
+        "optimizer": optim_state,
+    })

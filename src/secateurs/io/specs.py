@@ -175,12 +175,22 @@ def sentence_transformers_files(spec: str, model: nn.Module) -> dict[str, bytes]
                     config = json.loads(data)
                 except (ValueError, RecursionError):
                     return skip(f"'{sub}/config.json' is not valid JSON")
-                width = config.get("word_embedding_dimension") if isinstance(config, dict) else None
+                config = config if isinstance(config, dict) else {}
+                # what a module reads from the transformer: Pooling's width (named by sentence-transformers
+                # before and since 6.x), or a Dense head's input features
+                width = next((config[k] for k in ("word_embedding_dimension", "embedding_dimension", "in_features")
+                              if k in config), None)
                 hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-                if width is not None and hidden is not None and width != hidden:
+                if sub == _first_module(modules) and width is not None and hidden is not None and width != hidden:
                     return skip(f"its {sub} module reads {width} channels, but the model's hidden size is now "
                                 f"{hidden}")
     return out
+
+
+def _first_module(modules: list[dict[str, Any]]) -> str | None:
+    """The path of the module that reads the transformer's output (the first after it)."""
+    paths = [m["path"] for m in modules if m["path"]]
+    return paths[0] if paths else None
 
 
 def _hf_class(transformers: Any, path: Path, trust_code: bool) -> Any:

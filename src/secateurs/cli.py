@@ -24,8 +24,8 @@ from .utils import first_line, launch_rank
 __all__ = ["main", "build_parser"]
 
 EXIT_BAD_INPUT = 2
-TEXT_LR = 1e-4  # finetune's default AdamW learning rate on text
 EXIT_BUG = 1
+TEXT_LR = 1e-4  # finetune's default AdamW learning rate on text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -454,16 +454,6 @@ def _tokenizer_files(spec: str) -> dict[str, bytes]:
         return {}
 
 
-def _sentence_transformers(args: argparse.Namespace, model: Any) -> dict[str, bytes]:
-    """A sentence-transformers model's own files, when ``--out`` is a transformers folder they can sit in."""
-    from .io.checkpoint import saved_layout
-    from .io.specs import sentence_transformers_files
-
-    if saved_layout(model, args.save_format) != "transformers":
-        return {}
-    return sentence_transformers_files(args.model, model)
-
-
 def _prune_and_finetune(args: argparse.Namespace, config: Any, model: Any, x: Any, calib: Any) -> tuple[Any, Any]:
     """``prune --finetune-epochs``: prune in ``--steps`` steps with fine-tuning after each."""
     import copy
@@ -516,6 +506,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .analysis import analyze
     from .io.atomic import check_output_dir
     from .io.checkpoint import check_layout, save
+    from .io.specs import sentence_transformers_files
     from .methods import prune_
     from .methods.registry import check_finite
     from .report import before_after_table
@@ -574,10 +565,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report=report.to_dict(),
         input_shape=list(x.shape),
         overwrite=args.overwrite,
-        extra_files={"report.json": report_json, **tokenizer_files, **_sentence_transformers(args, model),
-                     **_html_report(args, result)},
+        extra_files={"report.json": report_json, **tokenizer_files, **_html_report(args, result)},
         layout=args.save_format,
         max_shard_size=args.max_shard_size,
+        transformers_files=sentence_transformers_files(args.model, model),
     )
     if args.json:
         _emit_json(result)
@@ -605,14 +596,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, x = _load(args)
     result: dict[str, Any] = {"model": args.model}
     if args.ppl is not None:
-        from .data.text import masked_batches, perplexity, token_batches
+        from .data.text import generates, masked_batches, perplexity, token_batches
         from .io.specs import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
         held_out = token_batches(args.ppl, tokenizer, seq_len=args.seq_len,
                                  batch_size=args.batch_size or 4, max_batches=args.max_batches, split="test")
-        can_generate = getattr(model, "can_generate", None)
-        if callable(can_generate) and not can_generate() and getattr(model, "get_output_embeddings", None) \
+        if generates(model) is False and getattr(model, "get_output_embeddings", None) \
                 and model.get_output_embeddings() is not None:
             held_out = masked_batches(held_out, tokenizer, seed=args.seed)  # a masked LM fills in masked tokens
         result.update(text=args.ppl, sequences=sum(len(b["input_ids"]) for b in held_out), seq_len=args.seq_len,
@@ -632,13 +622,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _finetune_config(args: argparse.Namespace, **overrides: Any) -> Any:
+    from .data.text import is_text_spec
     from .train import FinetuneConfig
 
     kd = args.kd_weight if args.kd_weight is not None else (0.5 if args.teacher else 0.0)
     if kd > 0 and not args.teacher:
         raise SecateursError("--kd-weight distils from a teacher: also pass --teacher MODEL")
-    from .data.text import is_text_spec
-
     # a pretrained language model recovers with AdamW at a small rate; SGD at 0.05 would wreck it
     text = getattr(args, "data", None) is not None and is_text_spec(args.data)
     optimizer = args.optimizer or ("adamw" if text else "sgd")
@@ -667,7 +656,7 @@ def _text_data(args: argparse.Namespace, model: Any) -> tuple[Any, Any, dict[str
 
     The tokenizer is the model's own, or the teacher's when the model's folder has none.
     """
-    from .data.text import MaskedTokens, TokenSequences, token_batches
+    from .data.text import MaskedTokens, TokenSequences, generates, token_batches
     from .io.specs import load_tokenizer
 
     source = args.model
@@ -685,11 +674,8 @@ def _text_data(args: argparse.Namespace, model: Any) -> tuple[Any, Any, dict[str
     size = args.batch_size or 4
     train, val = (TokenSequences(token_batches(args.data, tokenizer, seq_len=args.seq_len, batch_size=size,
                                                split=split)) for split in ("train", "test"))
-    can_generate = getattr(model, "can_generate", None)
-    if callable(can_generate) and not can_generate():  # a masked LM learns to fill in masked tokens
-        masking = dict(mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), seed=args.seed,
-                       special_ids=tokenizer.all_special_ids)
-        train, val = MaskedTokens(train, **masking), MaskedTokens(val, **masking)
+    if generates(model) is False:  # a masked LM learns to fill in masked tokens
+        train, val = (MaskedTokens.for_tokenizer(part, tokenizer, seed=args.seed) for part in (train, val))
     return train, val, _tokenizer_files(source)
 
 
@@ -699,6 +685,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .data.text import is_text_spec
     from .io.atomic import check_output_dir
     from .io.checkpoint import check_layout, save
+    from .io.specs import sentence_transformers_files
     from .train import evaluate_dataset, finetune
     from .train.trainer import CHECKPOINT
     from .utils import launch_env
@@ -742,8 +729,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     summary["command"] = args.command_line
     save(model, args.out, report=summary, input_shape=list(x.shape), overwrite=args.overwrite,
          extra_files={"report.json": json.dumps(summary, indent=2, default=str).encode(),
-                      **tokenizer_files, **_sentence_transformers(args, model), **_html_report(args, summary)},
-         layout=args.save_format, max_shard_size=args.max_shard_size)
+                      **tokenizer_files, **_html_report(args, summary)},
+         layout=args.save_format, max_shard_size=args.max_shard_size,
+         transformers_files=sentence_transformers_files(args.model, model))
     if not args.checkpoint_dir:  # only what we wrote: the checkpoint, then the folder if this run made it
         (ckpt / CHECKPOINT).unlink(missing_ok=True)
         if made_ckpt:

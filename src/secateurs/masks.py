@@ -10,7 +10,6 @@ the masks in and removes every trace of the bookkeeping.
 
 from __future__ import annotations
 
-import sys
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import SecateursError
+from .utils import is_transformers_model
 
 __all__ = [
     "Mask",
@@ -270,8 +270,6 @@ def bake_on_save_pretrained(model: nn.Module) -> nn.Module:
     dict (plain names, pruned entries zero) instead; the model keeps its masks.
     Other models are returned unchanged. ``copy.deepcopy`` rebinds it to the copy.
     """
-    transformers = sys.modules.get("transformers")
-    if transformers is not None and isinstance(model, transformers.PreTrainedModel) \
-            and "save_pretrained" not in vars(model):
+    if is_transformers_model(model) and "save_pretrained" not in vars(model):
         model.save_pretrained = types.MethodType(_save_pretrained_baked, model)
     return model

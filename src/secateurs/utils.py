@@ -9,7 +9,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["describe_names", "eval_mode", "first_line", "launch_env", "launch_rank", "first_tensor", "nonfinite_parameters", "output_shapes"]
+__all__ = ["describe_names", "eval_mode", "first_line", "is_transformers_model", "launch_env", "launch_rank",
+           "first_tensor", "nonfinite_parameters", "output_shapes"]
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` (transformers is not imported to answer: a model of its was)."""
+    import sys
+
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
 @contextlib.contextmanager

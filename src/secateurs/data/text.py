@@ -23,8 +23,8 @@ from torch.utils.data import Dataset
 
 from ..errors import SecateursError
 
-__all__ = ["IGNORE_INDEX", "TEXT_HELP", "MaskedTokens", "TokenSequences", "is_text_spec", "perplexity", "read_text",
-           "token_batches"]
+__all__ = ["IGNORE_INDEX", "TEXT_HELP", "MaskedTokens", "TokenSequences", "generates", "is_text_spec", "lm_loss_sum",
+           "masked_batches", "perplexity", "read_text", "token_batches"]
 
 IGNORE_INDEX = -100  # a label that no loss counts (torch's cross_entropy default, and transformers')
 
@@ -74,36 +74,49 @@ def perplexity(model: torch.nn.Module, batches: Sequence[dict[str, Tensor]]) -> 
     positions whose label is not ``IGNORE_INDEX`` (a masked LM's perplexity);
     plain ``input_ids`` score each next token (a causal LM's).
     """
-    import torch.nn.functional as F
-
     from ..utils import eval_mode
 
     total, count = 0.0, 0
     with torch.no_grad(), eval_mode(model):
         for batch in batches:
-            ids = batch["input_ids"]
-            logits = getattr(model(input_ids=ids), "logits", None)
+            logits = getattr(model(input_ids=batch["input_ids"]), "logits", None)
             if logits is None:
                 raise SecateursError(f"perplexity needs a language model that predicts tokens (a ...ForCausalLM or "
                                      f"...ForMaskedLM); {type(model).__name__} has no language-model head")
-            if "labels" in batch:
-                labels = batch["labels"]
-                total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                               ignore_index=IGNORE_INDEX, reduction="sum"))
-                count += int((labels != IGNORE_INDEX).sum())
-                continue
-            logits = logits[:, :-1].float()
-            total += float(F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
-            count += ids[:, 1:].numel()
+            loss, predicted = lm_loss_sum(logits, batch)
+            total, count = total + float(loss), count + int(predicted)
     return float(torch.exp(torch.tensor(total / max(count, 1))))
+
+
+def lm_loss_sum(logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy of the predicted tokens, and how many there are.
+
+    With ``labels`` (masked tokens) each position predicts its own label;
+    without, each position predicts the next token of ``input_ids``.
+    """
+    import torch.nn.functional as F
+
+    if "labels" in batch:
+        scored, targets = logits, batch["labels"]
+    else:
+        scored, targets = logits[:, :-1], batch["input_ids"][:, 1:]
+        if "attention_mask" in batch:
+            targets = targets.masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE_INDEX)
+    loss = F.cross_entropy(scored.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss, (targets != IGNORE_INDEX).sum()
+
+
+def generates(model: torch.nn.Module) -> bool | None:
+    """True for a causal language model, False for a masked one (transformers' ``can_generate`` says
+    which), None for a model that does not say."""
+    can_generate = getattr(model, "can_generate", None)
+    return bool(can_generate()) if callable(can_generate) else None
 
 
 def masked_batches(batches: list[dict[str, Tensor]], tokenizer: Any, *, seed: int = 0) -> list[dict[str, Tensor]]:
     """``batches`` with BERT-style masked tokens and their ``labels`` (seeded), for a masked LM's perplexity."""
-    if tokenizer.mask_token_id is None:
-        raise SecateursError("this tokenizer has no mask token, so a masked language model cannot be scored with it")
-    items = MaskedTokens(TokenSequences(batches), mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
-                         seed=seed, special_ids=tokenizer.all_special_ids)
+    items = MaskedTokens.for_tokenizer(TokenSequences(batches), tokenizer, seed=seed)
     out, start = [], 0
     for batch in batches:
         rows = [items[i] for i in range(start, start + len(batch["input_ids"]))]
@@ -186,6 +199,13 @@ class MaskedTokens(Dataset):
         self.mask_token_id, self.vocab_size, self.probability = int(mask_token_id), int(vocab_size), probability
         self.seed, self.epoch = seed, 0
         self.special_ids = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+
+    @classmethod
+    def for_tokenizer(cls, data: TokenSequences | Sequence[dict[str, Tensor]], tokenizer: Any, *,
+                      seed: int = 0) -> MaskedTokens:
+        """Masking with ``tokenizer``'s mask token, vocabulary and special tokens (never picked)."""
+        return cls(data, mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer), seed=seed,
+                   special_ids=tokenizer.all_special_ids)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

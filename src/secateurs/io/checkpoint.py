@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 from ..errors import SecateursError
 from ..masks import bake_on_save_pretrained, effective_state_dict, mask_tied_
 from ..surgery import STRUCTURE_ATTR, Plan
-from ..utils import first_line
+from ..utils import first_line, is_transformers_model
 from .arch import BuildError, attach_source, build_pruned, check_rebuildable, describe, source_of
 from .atomic import PARTIAL, atomic_dir
 from .inputs import INPUT_ATTR, MAX_INPUT_ELEMENTS
@@ -45,7 +44,7 @@ from .policy import (
     offline,
 )
 
-__all__ = ["MANIFEST", "WEIGHTS", "check_layout", "saved_layout", "save", "load", "read_manifest", "pack_state", "unpack_state",
+__all__ = ["MANIFEST", "WEIGHTS", "check_layout", "save", "load", "read_manifest", "pack_state", "unpack_state",
            "is_saved_model", "serialized_size"]
 
 MANIFEST = "secateurs.json"
@@ -178,6 +177,7 @@ def save(
     compact: bool = True,
     layout: str = "auto",
     max_shard_size: int | str | None = None,
+    transformers_files: dict[str, bytes] | None = None,
 ) -> int:
     """Save ``model`` to directory ``path`` without pickle; return the weights' size in bytes.
 
@@ -209,6 +209,9 @@ def save(
             describe the model) or ``secateurs``.
         max_shard_size: the largest weights file of a transformers folder, in bytes
             or as ``"5GB"`` (default: transformers' own).
+        transformers_files: like ``extra_files``, written only when the folder is a
+            transformers folder (files that describe it to other tools, such as
+            sentence-transformers' ``modules.json``).
 
     Example:
         >>> import tempfile, torch, secateurs
@@ -223,29 +226,21 @@ def save(
     from safetensors.torch import save_file
 
     if _chosen_layout(model, layout) == "transformers":
-        return _save_transformers(model, path, report=report, input_shape=input_shape, overwrite=overwrite,
-                                  extra_files=extra_files, max_shard_size=max_shard_size)
+        return _save_transformers(model, path, manifest=_manifest(model, report, input_shape), overwrite=overwrite,
+                                  extra_files={**(extra_files or {}), **(transformers_files or {})},
+                                  max_shard_size=max_shard_size)
     source = source_of(model, arch)
     check_rebuildable(model, source)
     state, masks = effective_state_dict(model)
     tensors, layout, aliases = pack_state(state, masks, compact=compact)
-    history = list(getattr(model, HISTORY_ATTR, []))
-    if report is not None:
-        history.append(report)
-    recorded_input = getattr(model, INPUT_ATTR, None)
-    manifest = {
-        "format": "secateurs",
+    manifest = _manifest(model, report, input_shape) | {
         "format_version": 1,
         "layout": "secateurs",
-        "secateurs_version": _version(),
-        "torch_version": torch.__version__,
         "source": source,
         "structure": list(getattr(model, STRUCTURE_ATTR, [])),
-        "input": {"shape": list(input_shape)} if input_shape is not None else recorded_input,
         "weights": WEIGHTS,
         "tensors": layout,
         "aliases": aliases,
-        "history": history,
         "files": sorted({WEIGHTS, MANIFEST, *(extra_files or {})}),  # what --overwrite may replace
     }
     with atomic_dir(path, overwrite=overwrite) as tmp:
@@ -276,36 +271,45 @@ def _write_extra_files(tmp: Path, extra_files: dict[str, Any] | None, size: int,
         target.write_bytes(data(size) if callable(data) else data)
 
 
-def _is_transformers_model(model: nn.Module) -> bool:
-    transformers = sys.modules.get("transformers")
-    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+def _manifest(model: nn.Module, report: dict[str, Any] | None, input_shape: Any) -> dict[str, Any]:
+    """The manifest fields both layouts share: versions, the example input, the history with ``report``."""
+    recorded_input = getattr(model, INPUT_ATTR, None)
+    return {
+        "format": "secateurs",
+        "format_version": FORMAT_VERSION,
+        "secateurs_version": _version(),
+        "torch_version": torch.__version__,
+        "input": {"shape": list(input_shape)} if input_shape is not None else recorded_input,
+        "history": [*getattr(model, HISTORY_ATTR, []), *([report] if report is not None else [])],
+    }
+
+
+def _restore_record(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
+    """What a loaded model gets back from its manifest besides weights: history, example input, a
+    ``save_pretrained`` that keeps its masks; in eval mode."""
+    bake_on_save_pretrained(model)
+    setattr(model, HISTORY_ATTR, manifest.get("history", []))
+    if manifest.get("input"):
+        setattr(model, INPUT_ATTR, manifest["input"])
+    return model.eval()
 
 
 def check_layout(model: nn.Module, layout: str) -> None:
     """Refuse a ``layout`` for :func:`save` that cannot apply to ``model`` whatever pruning does to it."""
     if layout not in LAYOUTS:
         raise SecateursError(f"unknown layout '{layout}': choose one of {', '.join(LAYOUTS)}")
-    if layout == "transformers" and not _is_transformers_model(model):
+    if layout == "transformers" and not is_transformers_model(model):
         raise SecateursError(f"{type(model).__name__} is not a transformers model: save it with layout='secateurs' "
                              "(CLI: --save-format secateurs)")
 
 
-def saved_layout(model: nn.Module, layout: str = "auto") -> str:
-    """``transformers`` or ``secateurs``: what :func:`save` would write for ``model`` and ``layout``."""
-    from ..surgery.hf import config_misfits
-
-    check_layout(model, layout)
-    if layout == "secateurs" or not _is_transformers_model(model):
-        return "secateurs"
-    return "secateurs" if layout == "auto" and config_misfits(model) else "transformers"
-
-
 def _chosen_layout(model: nn.Module, layout: str) -> str:
-    """:func:`saved_layout`, saying why when a transformers model cannot be a transformers folder."""
+    """``transformers`` or ``secateurs``: what :func:`save` writes for ``layout`` (see there), saying why
+    when a transformers model cannot be a transformers folder."""
     from ..surgery.hf import config_misfits
 
     check_layout(model, layout)
-    if layout == "secateurs" or not _is_transformers_model(model):
+    if layout == "secateurs" or not is_transformers_model(model):
         return "secateurs"
     misfit = config_misfits(model)
     if not misfit:
@@ -320,17 +324,12 @@ def _chosen_layout(model: nn.Module, layout: str) -> str:
     return "secateurs"
 
 
-def _save_transformers(model: nn.Module, path: str | os.PathLike[str], *, report: dict[str, Any] | None,
-                       input_shape: Any, overwrite: bool, extra_files: dict[str, Any] | None,
-                       max_shard_size: int | str | None) -> int:
-    """A standard transformers folder with the manifest beside it (see :func:`save`)."""
+def _save_transformers(model: nn.Module, path: str | os.PathLike[str], *, manifest: dict[str, Any],
+                       overwrite: bool, extra_files: dict[str, Any], max_shard_size: int | str | None) -> int:
+    """A standard transformers folder with the manifest (its shared fields given) beside it (see :func:`save`)."""
     from .specs import quiet_transformers
 
     state, masks = effective_state_dict(model)
-    history = list(getattr(model, HISTORY_ATTR, []))
-    if report is not None:
-        history.append(report)
-    recorded_input = getattr(model, INPUT_ATTR, None)
     tensors = {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "format": "dense",
                       "masked": name in masks} for name, t in state.items()}
     # the masks come back from the zeros of the baked weights, except kept weights that are exactly zero
@@ -357,20 +356,14 @@ def _save_transformers(model: nn.Module, path: str | os.PathLike[str], *, report
 
             save_file(kept_zeros, str(tmp / KEPT_ZEROS), metadata=WEIGHTS_METADATA)
             written.append(KEPT_ZEROS)
-        manifest = {
-            "format": "secateurs",
-            "format_version": FORMAT_VERSION,
+        manifest = manifest | {
             "layout": "transformers",
-            "secateurs_version": _version(),
-            "torch_version": torch.__version__,
             "source": {"kind": "hf", "class": type(model).__name__, "config": model.config.to_dict()},
             "structure": [],  # the config describes the pruned shapes
-            "input": {"shape": list(input_shape)} if input_shape is not None else recorded_input,
             "weights": [name for name in written if name.endswith(".safetensors") and name != KEPT_ZEROS],
             "tensors": tensors,
             "aliases": {},
-            "history": history,
-            "files": sorted({*written, MANIFEST, *(extra_files or {})}),
+            "files": sorted({*written, MANIFEST, *extra_files}),
         }
         (tmp / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=2))
         _write_extra_files(tmp, extra_files, size, keep=set(written))
@@ -606,12 +599,8 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False) -> nn.Module
     for name, mask in masks.items():
         mod_name, _, tname = name.rpartition(".")
         mask_tied_(model, model.get_submodule(mod_name), mask, tname)
-    bake_on_save_pretrained(model)
     attach_source(model, manifest["source"])
-    setattr(model, HISTORY_ATTR, manifest.get("history", []))
-    if manifest.get("input"):
-        setattr(model, INPUT_ATTR, manifest["input"])
-    return model.eval()
+    return _restore_record(model, manifest)
 
 
 def _load_transformers(folder: Path, manifest: dict[str, Any], trust_code: bool) -> nn.Module:
@@ -638,11 +627,7 @@ def _load_transformers(folder: Path, manifest: dict[str, Any], trust_code: bool)
                     mask |= kept_zeros[name].to(mask.device)
                 mod_name, _, tname = name.rpartition(".")
                 mask_tied_(model, model.get_submodule(mod_name), mask, tname)
-    bake_on_save_pretrained(model)
-    setattr(model, HISTORY_ATTR, manifest.get("history", []))
-    if manifest.get("input"):
-        setattr(model, INPUT_ATTR, manifest["input"])
-    return model.eval()
+    return _restore_record(model, manifest)
 
 
 def _read_kept_zeros(folder: Path, recorded: dict[str, Any]) -> dict[str, Tensor]:

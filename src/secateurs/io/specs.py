@@ -170,27 +170,24 @@ def sentence_transformers_files(spec: str, model: nn.Module) -> dict[str, bytes]
             if data is None:
                 return skip(f"'{sub}/{entry.name}' is not a plain file of at most {MAX_COMPANION_BYTES >> 20} MiB")
             out[f"{sub}/{entry.name}"] = data
-            if entry.name == "config.json":
-                try:
-                    config = json.loads(data)
-                except (ValueError, RecursionError):
-                    return skip(f"'{sub}/config.json' is not valid JSON")
-                config = config if isinstance(config, dict) else {}
-                # what a module reads from the transformer: Pooling's width (named by sentence-transformers
-                # before and since 6.x), or a Dense head's input features
-                width = next((config[k] for k in ("word_embedding_dimension", "embedding_dimension", "in_features")
-                              if k in config), None)
-                hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-                if sub == _first_module(modules) and width is not None and hidden is not None and width != hidden:
-                    return skip(f"its {sub} module reads {width} channels, but the model's hidden size is now "
-                                f"{hidden}")
+    # the first module after the transformer reads its output: Pooling's width (named by sentence-transformers
+    # before and since 6.x), or a Dense head's input features, must be the model's hidden size
+    configs = {}
+    for name in (n for n in out if n.endswith("/config.json")):
+        try:
+            configs[name] = json.loads(out[name])
+        except (ValueError, RecursionError):
+            return skip(f"'{name}' is not valid JSON")
+    first = next((m["path"] for m in modules if m["path"]), None)
+    config = configs.get(f"{first}/config.json")
+    if config is not None:
+        config = config if isinstance(config, dict) else {}
+        width = next((config[k] for k in ("word_embedding_dimension", "embedding_dimension", "in_features")
+                      if k in config), None)
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if width is not None and hidden is not None and width != hidden:
+            return skip(f"its {first} module reads {width} channels, but the model's hidden size is now {hidden}")
     return out
-
-
-def _first_module(modules: list[dict[str, Any]]) -> str | None:
-    """The path of the module that reads the transformer's output (the first after it)."""
-    paths = [m["path"] for m in modules if m["path"]]
-    return paths[0] if paths else None
 
 
 def _hf_class(transformers: Any, path: Path, trust_code: bool) -> Any:

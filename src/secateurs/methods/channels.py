@@ -26,11 +26,12 @@ from ..surgery import CONFIG_STALE_ATTR, Plan, apply_plan_
 from ..surgery.compensate import compensate_
 from ..surgery.hf import config_for_plan
 from ..train.recalibrate import recalibrate_bn_
+from ..utils import is_transformers_model
 from .common import config_to_dict, make_generator
 from .registry import register_method
 from .rehearsal import apply_checked_, feasible_groups, macs_of, meta_copy, rehearse, to_meta
 from .report import LayerReport, PruneReport
-from .width import KINDS, classify_roles, is_transformers_model, role_targets, uniform_removed
+from .width import KINDS, classify_roles, role_targets, uniform_removed
 
 log = logging.getLogger(__name__)
 

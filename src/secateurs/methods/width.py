@@ -37,8 +37,7 @@ from torch import Tensor, nn
 from ..errors import SecateursError
 from ..graph import DependencyGraph, Group
 
-__all__ = ["KINDS", "Role", "classify_roles", "is_transformers_model", "parse_width", "role_targets",
-           "uniform_removed"]
+__all__ = ["KINDS", "Role", "classify_roles", "parse_width", "role_targets", "uniform_removed"]
 
 KINDS = ("hidden", "heads", "ffn")
 
@@ -46,13 +45,6 @@ KINDS = ("hidden", "heads", "ffn")
 MAX_CONFIG_CHECKS = 48
 
 _NUMBER = re.compile(r"(?<=\.)\d+(?=\.)")
-
-
-def is_transformers_model(model: nn.Module) -> bool:
-    import sys
-
-    transformers = sys.modules.get("transformers")
-    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
 def parse_width(value: Any) -> dict[str, float | None] | None:

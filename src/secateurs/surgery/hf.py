@@ -11,11 +11,12 @@ rebuilds exactly the pruned shapes, checked on the meta device.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..utils import is_transformers_model
 
 __all__ = ["config_for_plan", "config_misfits", "update_hf_config_"]
 
@@ -26,29 +27,24 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in effective_state_dict(model)[0].items()}
 
 
-def _mismatches(model: nn.Module, config: Any, want: dict[str, tuple[int, ...]]) -> int | None:
-    """How many tensors a model built from ``config`` would get wrong (None: the class rejects the config)."""
-    try:
-        with torch.device("meta"):
-            fresh = type(model)(config)
-    except Exception:  # a config the class rejects (e.g. heads not dividing the width)
-        return None
-    have = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    return sum(have.get(k) != want.get(k) for k in set(have) | set(want))
+def _rebuild(model: nn.Module, config: Any) -> nn.Module:
+    """``model``'s own class built from ``config`` on the meta device (no memory; its warnings silenced).
+    Raises whatever the class raises for a config it rejects."""
+    import warnings
+
+    from torch.nn.utils.parametrize import type_before_parametrizations
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return type_before_parametrizations(model)(config)
 
 
 def config_misfits(model: nn.Module) -> str:
     """Empty when ``model``'s class, built from ``model.config``, has every tensor of ``model`` in its
     shape (stock ``from_pretrained`` can then load it); otherwise the first differences, in words."""
-    import warnings
-
-    from torch.nn.utils.parametrize import type_before_parametrizations
-
     want = _shapes(model)
     try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fresh = type_before_parametrizations(model)(model.config)
+        fresh = _rebuild(model, model.config)
     except Exception as exc:  # the class rejects its own config
         return f"nothing: the class rejects it ({str(exc).strip().splitlines()[-1][:120]})"
     have = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
@@ -63,9 +59,8 @@ def update_hf_config_(model: nn.Module, changes: dict[int, set[int]]) -> dict[st
     pruned shapes (for example different FFN widths per layer, which a config
     cannot express); the config is then left as it was.
     """
-    transformers = sys.modules.get("transformers")
     config = getattr(model, "config", None)
-    if transformers is None or not isinstance(model, transformers.PreTrainedModel) or config is None:
+    if not is_transformers_model(model) or config is None:
         return None
     if not changes:
         return {}
@@ -88,13 +83,9 @@ def _sync_int_attributes_(model: nn.Module) -> None:
     embedding scale, sqrt(hidden_size)): stock ``from_pretrained`` computes them
     from the new config, so the pruned model must as well.
     """
-    import warnings
-
     from torch.nn.utils.parametrize import type_before_parametrizations
 
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fresh = dict(type_before_parametrizations(model)(model.config).named_modules())
+    fresh = dict(_rebuild(model, model.config).named_modules())
     for name, module in model.named_modules():
         reference = fresh.get(name)
         if reference is None or type_before_parametrizations(module) is not type(reference):
@@ -118,9 +109,8 @@ def config_for_plan(model: nn.Module, plan: Any) -> dict[str, int] | None:
 
     Strategies call this to choose widths a config can express before they cut.
     """
-    transformers = sys.modules.get("transformers")
     config = getattr(model, "config", None)
-    if transformers is None or not isinstance(model, transformers.PreTrainedModel) or config is None:
+    if not is_transformers_model(model) or config is None:
         return None
     want, changes = _planned(model, plan)
     return _solve(model, config, want, changes) if changes else {}
@@ -247,14 +237,8 @@ def _misfit_names(model: nn.Module, config: Any, want: dict[str, tuple[int, ...]
     """The (tensor, dim) pairs a model built from ``config`` would get wrong (a missing or extra tensor: all
     its dims and -1), with a hash of the shapes built; None when the class rejects the config. Dims, not
     tensors: fixing one dim is progress."""
-    import warnings
-
-    from torch.nn.utils.parametrize import type_before_parametrizations
-
     try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fresh = type_before_parametrizations(model)(config)
+        fresh = _rebuild(model, config)
     except Exception:  # a config the class rejects (e.g. heads not dividing the width)
         return None
     have = {k: tuple(v.shape) for k, v in fresh.state_dict().items()} | _head_dims(fresh)

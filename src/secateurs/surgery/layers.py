@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import SecateursError
+from ..utils import is_transformers_model
 
 __all__ = ["drop_modules_"]
 
@@ -90,16 +91,13 @@ def _config_snapshot(model: nn.Module) -> dict | None:
 
 def _verify_config(model: nn.Module, before: dict | None) -> None:
     """A transformers config must rebuild the new layer stack; otherwise restore it and say so."""
-    import sys
-
-    transformers = sys.modules.get("transformers")
     config = getattr(model, "config", None)
-    if before is None or transformers is None or not isinstance(model, transformers.PreTrainedModel):
+    if before is None or not is_transformers_model(model):
         return
     from . import CONFIG_STALE_ATTR
-    from .hf import _mismatches, _shapes
+    from .hf import config_misfits
 
-    if _mismatches(model, config, _shapes(model)) != 0:
+    if config_misfits(model):
         # e.g. num_hidden_layers is an alias of the encoder's count, but the decoder lost the layer:
         # the config cannot say this, so leave it as it was and report it
         config.__dict__.clear()

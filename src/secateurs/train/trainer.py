@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
-from ..data.text import IGNORE_INDEX, MaskedTokens, TokenSequences
+from ..data.text import MaskedTokens, TokenSequences, generates, lm_loss_sum
 from ..errors import SecateursError
 from ..importance.stats import split_batch
 from ..masks import (
@@ -334,23 +334,6 @@ def _token_logits(out: Any) -> Tensor:
     return logits
 
 
-def _lm_loss_sum(logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy of the predicted tokens, and how many there are.
-
-    With ``labels`` (masked tokens) each position predicts its own label;
-    without, each position predicts the next token of ``input_ids``.
-    """
-    if "labels" in batch:
-        scored, targets = logits, batch["labels"]
-    else:
-        scored, targets = logits[:, :-1], batch["input_ids"][:, 1:]
-        if "attention_mask" in batch:
-            targets = targets.masked_fill(batch["attention_mask"][:, 1:] == 0, IGNORE_INDEX)
-    loss = F.cross_entropy(scored.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return loss, (targets != IGNORE_INDEX).sum()
-
-
 def _token_count(batch: dict[str, Tensor]) -> Tensor:
     """Training tokens in a batch: those the attention mask keeps, or all of them."""
     mask = batch.get("attention_mask")
@@ -361,14 +344,13 @@ def _token_count(batch: dict[str, Tensor]) -> Tensor:
 
 def _check_objective(model: nn.Module, batch: dict[str, Tensor]) -> None:
     """Masked tokens for a masked LM, plain tokens for a causal one (transformers says which it is)."""
-    can_generate = getattr(model, "can_generate", None)
-    generates = can_generate() if callable(can_generate) else None
+    causal = generates(model)
     name = type(model).__name__
-    if generates is False and "labels" not in batch:
+    if causal is False and "labels" not in batch:
         raise SecateursError(f"{name} is a masked language model (it cannot generate): train it on masked tokens, "
                              "secateurs.data.text.MaskedTokens(batches, mask_token_id=tokenizer.mask_token_id, "
                              "vocab_size=len(tokenizer))")
-    if generates is True and "labels" in batch:
+    if causal is True and "labels" in batch:
         raise SecateursError(f"{name} is a causal language model: train it on plain token batches (next-token "
                              "prediction), not on MaskedTokens")
 
@@ -528,7 +510,7 @@ def _evaluate(model: nn.Module, dataset: Dataset, options: dict[str, Any], *, ba
                 continue
             batch = _to(next(batches), device)
             if text:
-                loss, n = _lm_loss_sum(_token_logits(model(**_model_inputs(batch), **options_)), batch)
+                loss, n = lm_loss_sum(_token_logits(model(**_model_inputs(batch), **options_)), batch)
                 totals += torch.stack([torch.zeros((), dtype=torch.float64, device=device), loss.double(),
                                        n.double()])
                 continue
@@ -898,7 +880,7 @@ def _train(model: nn.Module, dataset: Dataset, options: dict[str, Any], kind: st
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 if text:
                     logits = _token_logits(net(**_model_inputs(batch), **call_opts))
-                    lm_sum, count = _lm_loss_sum(logits, batch)
+                    lm_sum, count = lm_loss_sum(logits, batch)
                     task = lm_sum / count.clamp_min(1)
                     if distil:
                         with torch.no_grad(), eval_mode(teacher_net):

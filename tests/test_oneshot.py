@@ -188,7 +188,7 @@ def test_calibration_activations_are_kept_for_one_block_at_a_time():
 
     per_block: list[list[weakref.ref]] = []
     alive_when_pruning: list[int] = []
-    original_with_hidden, original_prune = oneshot._with_hidden, oneshot._prune_targets
+    original_with_hidden, original_prune = oneshot.with_hidden, oneshot._prune_targets
 
     def with_hidden(args, kwargs, hidden):
         per_block[-1].append(weakref.ref(hidden))
@@ -203,11 +203,11 @@ def test_calibration_activations_are_kept_for_one_block_at_a_time():
         return original_prune(model, targets, stats, config, report)
 
     per_block.append([])
-    oneshot._with_hidden, oneshot._prune_targets = with_hidden, prune
+    oneshot.with_hidden, oneshot._prune_targets = with_hidden, prune
     try:
         secateurs.prune_(_tiny_llama(), Wanda(sparsity=0.5), data=_calibration())
     finally:
-        oneshot._with_hidden, oneshot._prune_targets = original_with_hidden, original_prune
+        oneshot.with_hidden, oneshot._prune_targets = original_with_hidden, original_prune
     assert len(alive_when_pruning) == 3 and alive_when_pruning == [0, 0, 0]
     assert sum(len(refs) for refs in per_block) == 3 * 4  # every block passed its outputs on
 

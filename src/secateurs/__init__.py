@@ -23,6 +23,12 @@ from .methods import (
     prune_,
     register_method,
 )
+from .semi_structured import (
+    SemiStructuredLayer,
+    SemiStructuredReport,
+    restore_dense_,
+    semi_structured_,
+)
 from .train import AGP, FinetuneConfig, GroupLassoRegularizer, SlimmingRegularizer, finetune
 from .train.iterative import prune_and_finetune_
 
@@ -42,6 +48,8 @@ __all__ = [
     "ModelStats",
     "PruneReport",
     "SecateursError",
+    "SemiStructuredLayer",
+    "SemiStructuredReport",
     "SparseGPT",
     "Unstructured",
     "Wanda",
@@ -56,5 +64,7 @@ __all__ = [
     "prune_and_finetune_",
     "read_manifest",
     "register_method",
+    "restore_dense_",
     "save",
+    "semi_structured_",
 ]

@@ -82,11 +82,23 @@ def _byte_size(text: str) -> int:
 
 def _add_save_args(p: argparse.ArgumentParser) -> None:
     """How ``--out`` is written (``prune`` and ``finetune``)."""
-    p.add_argument("--save-format", choices=["auto", "transformers", "secateurs"], default="auto",
+    p.add_argument("--save-format", choices=["auto", "transformers", "secateurs", "compressed-tensors"],
+                   default="auto",
                    help="auto: a standard transformers folder (config.json, safetensors shards) for transformers "
-                   "models, secateurs' own layout (sparse tensors stored compactly) for others")
+                   "models, secateurs' own layout (sparse tensors stored compactly) for others; compressed-tensors: "
+                   "a transformers folder with quantized Linear weights (needs --quantize), which vLLM serves")
+    _add_quantize_args(p)
     p.add_argument("--max-shard-size", type=_byte_size, metavar="SIZE",
                    help="largest safetensors shard of a transformers folder, e.g. 5GB (default: transformers')")
+
+
+def _add_quantize_args(p: argparse.ArgumentParser) -> None:
+    """Weight quantization of a compressed-tensors folder (``prune``, ``finetune``, ``export``)."""
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="quantize the Linear weights after pruning, weight-only and symmetric (pruned weights stay "
+                   "zero), with --save-format/--format compressed-tensors")
+    p.add_argument("--group-size", type=_positive_int, metavar="N",
+                   help="inputs sharing one scale with --quantize (default: per output channel for int8, 128 for int4)")
 
 
 def _add_training_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -146,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="params, nonzeros, MACs, latency, saved size, per-layer table")
     _add_model_args(a)
     a.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    a.add_argument("--semi-structured", action="store_true",
+                   help="on a CUDA GPU of compute capability 8.0+: time each 2:4-sparse Linear dense and as a "
+                        "semi-structured sparse tensor, swap where faster, check the whole model (nothing is saved)")
+    a.add_argument("--device", help="with --semi-structured: the GPU, e.g. cuda or cuda:1 (default: cuda if any)")
+    a.add_argument("--dtype", choices=["float16", "bfloat16"], help="with --semi-structured: compute dtype "
+                   "(default float16)")
+    a.add_argument("--min-speedup", type=float, metavar="X", help="with --semi-structured: swap a layer only if "
+                   "it is at least X times faster (default 1.05)")
     a.epilog = ("MODEL may also be an exported .onnx, .ts or .pt2 file: its size, parameters and latency are measured "
                 "(.ts and .pt2 files unpickle a whole model: they need --trust-pickle).")
 
@@ -194,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(p, prefix="ft")
     p.add_argument("--calib-samples", type=_positive_int, metavar="N",
                    help="calibration sequences/images in all (sets the number of --data batches)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="prune a transformers folder (hf:DIR, safetensors) one layer at a time from disk to --out, so "
+                   "memory holds one layer, not the model (wanda, sparsegpt, unstructured per layer, nm; --device "
+                   "cuda computes each layer on the GPU). Default: on when the weights exceed a third of this "
+                   "machine's memory")
     p.add_argument("--ignore", metavar="NAME[,NAME]", help="modules to leave alone (names, prefixes, globs)")
     p.add_argument("--include", metavar="NAME[,NAME]", help="prune only these modules")
     p.add_argument("--prune-output-layer", action="store_true", help="also prune the final layer")
@@ -252,11 +277,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write an ONNX, TorchScript or torch.export file, checked against the model")
     _add_model_args(x)
-    x.add_argument("--format", required=True, choices=["onnx", "torchscript", "pt2"])
-    x.add_argument("--out", required=True, metavar="FILE", help="output file (.onnx, .ts or .pt2)")
+    x.add_argument("--format", required=True, choices=["onnx", "torchscript", "pt2", "compressed-tensors"])
+    x.add_argument("--out", required=True, metavar="FILE", help="output file (.onnx, .ts or .pt2), or folder "
+                   "(compressed-tensors: a transformers folder with quantized weights, for vLLM)")
     x.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding conv/Linear")
     x.add_argument("--half", action="store_true", help="float16 weights and inputs")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_quantize_args(x)
+    x.add_argument("--int8", action="store_true", help="onnx: quantize to int8 in onnxruntime (static, QDQ, weights "
+                   "per channel) calibrated on --data, and keep it only if it matches the float file on other images")
+    x.add_argument("--data", metavar="DATA", help="with --int8: images to calibrate and check on: digits, mnist5k "
+                   "or imagefolder:PATH")
+    x.add_argument("--calib-batches", type=_positive_int, metavar="N",
+                   help="with --int8: calibration batches of 32 images (default 8); 4 more are held out for the check")
+    x.add_argument("--min-agreement", type=float, metavar="F", help="with --int8, classifiers: the least fraction "
+                   "of held-out images whose top-1 class must not change (default 0.9)")
+    x.add_argument("--max-rel-error", type=float, metavar="F", help="with --int8, other outputs: the largest "
+                   "relative error |int8 - float| / |float| on held-out images (default 0.2)")
 
     d = sub.add_parser("demo", help="train small CNNs on bundled digits, prune them several ways, compare")
     d.add_argument("--out", metavar="DIR", help="keep the pruned models in DIR")
@@ -294,6 +331,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze
     from .report import before_after_table, layer_table
 
+    if args.semi_structured:
+        return _analyze_semi_structured(args)
+    for flag, value in (("--device", args.device), ("--dtype", args.dtype), ("--min-speedup", args.min_speedup)):
+        if value is not None:
+            raise SecateursError(f"{flag} applies with --semi-structured only: add --semi-structured or drop {flag}")
     if Path(args.model).suffix in (".onnx", ".ts", ".pt2"):
         return _analyze_exported(args)
     model, x = _load(args)
@@ -305,6 +347,37 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     print(layer_table(stats["layers"]))
     print()
     print(before_after_table({"model": stats}))
+    return 0
+
+
+def _analyze_semi_structured(args: argparse.Namespace) -> int:
+    """``analyze --semi-structured``: which 2:4 layers run faster as semi-structured sparse tensors on this GPU."""
+    import torch
+
+    from .semi_structured import check_device, semi_structured_
+    from .utils import map_tensors
+
+    if Path(args.model).suffix in (".onnx", ".ts", ".pt2"):
+        raise SecateursError("--semi-structured needs a PyTorch model, not an exported file: pass the model "
+                             "it was exported from")
+    if args.min_speedup is not None and not args.min_speedup > 0:
+        raise SecateursError(f"--min-speedup must be positive (1.05: 5% faster), got {args.min_speedup}")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise SecateursError(f"unknown --device '{args.device}': use cuda or cuda:N") from None
+    check_device(device)  # before the model is loaded: on CPU this is the whole answer
+    model, x = _load(args)
+    dtype = getattr(torch, args.dtype or "float16")
+    model.to(device=device, dtype=dtype)
+    x = map_tensors(x, lambda t: t.to(device))
+    report = semi_structured_(model, x, dtype=dtype, min_speedup=1.05 if args.min_speedup is None
+                              else args.min_speedup)
+    if args.json:
+        _emit_json({"model": args.model, "input_shape": list(x.shape), **report.to_dict()})
+        return 0
+    print(f"{args.model}  input {list(x.shape)}  (2:4 semi-structured sparse kernels; nothing is saved)")
+    print(report.table())
     return 0
 
 
@@ -513,6 +586,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     config = _method_config(args)
     check_output_dir(Path(args.out), args.overwrite)  # fail before the slow part
+    if _streams(args, config):
+        return _prune_streamed(args, config)
     if args.data is not None:
         from .data.specs import check_data_spec
 
@@ -520,7 +595,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _check_report_deps(args)
     start = time.perf_counter()
     model, x = _load(args)
-    check_layout(model, args.save_format)
+    check_layout(model, args.save_format, args.quantize, args.group_size)
     tokenizer_files = _tokenizer_files(args.model)  # before the slow part: it may fail
     if config.method == "layer" and args.data is None and config.importance is None and tokenizer_files \
             and not x.is_floating_point():
@@ -569,6 +644,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         layout=args.save_format,
         max_shard_size=args.max_shard_size,
         transformers_files=sentence_transformers_files(args.model, model),
+        quantize=args.quantize,
+        group_size=args.group_size,
     )
     if args.json:
         _emit_json(result)
@@ -586,6 +663,94 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if steps:
         print("fine-tuned after each step, held-out accuracy: "
               + " -> ".join(f"{s['accuracy']:.4f}" for s in steps))
+    return 0
+
+
+# flags that need the whole model in memory, and how a CLI user turns each on
+_NOT_STREAMED = {"weights": "--weights", "arch": "--arch", "finetune_epochs": "--finetune-epochs",
+                 "report": "--report", "teacher": "--teacher", "regularize": "--regularize"}
+
+
+def _hf_folder(spec: str) -> Path | None:
+    path = Path(spec[3:]) if spec.startswith("hf:") else None
+    return path if path is not None and path.is_dir() else None
+
+
+def _streams(args: argparse.Namespace, config: Any) -> bool:
+    """Whether ``prune`` streams: ``--stream``, or a transformers folder too large to load comfortably."""
+    from .methods.stream import check_streamable
+
+    if args.stream is False:
+        return False
+    folder = _hf_folder(args.model)
+    if args.stream:
+        if folder is None:
+            raise SecateursError("--stream reads a transformers folder of safetensors weights: give MODEL as hf:DIR")
+        check_streamable(config)
+        for key, flag in _NOT_STREAMED.items():
+            if getattr(args, key, None):
+                raise SecateursError(f"{flag} needs the whole model in memory: drop --stream (or {flag})")
+        if args.save_format not in ("auto", "transformers"):
+            raise SecateursError(f"--stream writes a transformers folder: drop --save-format {args.save_format} "
+                                 "or --stream")
+        return True
+    try:
+        check_streamable(config)
+    except SecateursError:
+        return False
+    if folder is None or any(getattr(args, key, None) for key in _NOT_STREAMED) \
+            or args.save_format not in ("auto", "transformers"):
+        return False
+    from .utils import total_memory
+
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    memory = total_memory()
+    if memory is None or size * 3 <= memory:
+        return False
+    logging.getLogger(__name__).info("the weights take %.1f GiB of this machine's %.1f GiB: pruning one layer at a "
+                                     "time (--no-stream loads the whole model)", size / 2**30, memory / 2**30)
+    return True
+
+
+def _prune_streamed(args: argparse.Namespace, config: Any) -> int:
+    """``prune --stream``: one layer at a time from the input's shards to --out's."""
+    from .data.text import token_batches
+    from .io.specs import load_tokenizer
+    from .methods.stream import prune_streaming
+
+    data = None
+    if config.method in ("wanda", "sparsegpt"):
+        if args.data is None:
+            raise SecateursError(f"{config.method} calibrates on text: pass --calib pydoc or --calib text:FILE")
+        from .data.specs import check_data_spec
+
+        check_data_spec(args.data, images=False)
+        data = token_batches(args.data, load_tokenizer(args.model), seq_len=args.seq_len,
+                             batch_size=_batch_size(args), max_batches=config.calib_batches)
+    start = time.perf_counter()
+    result: dict[str, Any] = {"method": config.method, "model": args.model, "out": str(Path(args.out)),
+                              "command": args.command_line}
+
+    def outcome(report: Any, stats: Any) -> dict[str, bytes]:
+        result.update(config=report.config, pruning=report.to_dict(), streamed=stats.to_dict(),
+                      seconds=time.perf_counter() - start)
+        return {"report.json": json.dumps(result, indent=2, default=str).encode()}
+
+    report, stats = prune_streaming(
+        _hf_folder(args.model), args.out, config, data=data, device=args.device, overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size, extra_files=_tokenizer_files(args.model),
+        input_shape=[1, args.seq_len], trust_code=args.trust_code, outcome_files=outcome)
+    if args.json:
+        _emit_json(result)
+        return 0
+    print(f"{args.model} -> {args.out}  ({config.method}, streamed {stats.layers} layers on {stats.device}, "
+          f"{stats.seconds:.1f} s)")
+    if report.skipped:
+        print("left dense: " + ", ".join(f"{k} ({v})" for k, v in report.skipped.items()))
+    sparse = 1 - stats.nonzero_params / max(stats.params, 1)
+    print(f"params {stats.params:,}  nonzero {stats.nonzero_params:,} ({sparse:.1%} zero)  "
+          f"written {stats.bytes_written / 2**20:.1f} MiB"
+          + (f"  activations spilled {stats.spilled_bytes / 2**20:.1f} MiB" if stats.spilled_bytes else ""))
     return 0
 
 
@@ -704,7 +869,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _check_report_deps(args)
     config = _finetune_config(args, checkpoint_dir=str(ckpt), resume=args.resume)
     model, x = _load(args)
-    check_layout(model, args.save_format)  # before training, not after it
+    check_layout(model, args.save_format, args.quantize, args.group_size)  # before training, not after it
     teacher = _teacher(args)
     tokenizer_files: dict[str, bytes] = {}
     if text:
@@ -731,7 +896,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
          extra_files={"report.json": json.dumps(summary, indent=2, default=str).encode(),
                       **tokenizer_files, **_html_report(args, summary)},
          layout=args.save_format, max_shard_size=args.max_shard_size,
-         transformers_files=sentence_transformers_files(args.model, model))
+         transformers_files=sentence_transformers_files(args.model, model),
+         quantize=args.quantize, group_size=args.group_size)
     if not args.checkpoint_dir:  # only what we wrote: the checkpoint, then the folder if this run made it
         (ckpt / CHECKPOINT).unlink(missing_ok=True)
         if made_ckpt:
@@ -809,6 +975,11 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .io.export import export_model
 
+    if args.int8 or any(v is not None for v in (args.data, args.calib_batches, args.min_agreement,
+                                                args.max_rel_error)):
+        return _export_int8(args)
+    if args.format == "compressed-tensors" or args.quantize or args.group_size:
+        return _export_compressed(args)
     model, x = _load(args)
     result = export_model(model, x, args.out, format=args.format, fold_bn=args.fold_bn, half=args.half,
                           overwrite=args.overwrite).to_dict()
@@ -817,6 +988,73 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.model} -> {result['path']}  ({args.format}, {result['size_bytes'] / 1024:.1f} KiB, "
           f"{result['folded_batchnorms']} BatchNorms folded, max |difference| {result['max_abs_diff']:.2e})")
+    return 0
+
+
+def _export_int8(args: argparse.Namespace) -> int:
+    """``export --format onnx --int8 --data SPEC``: a float ONNX file quantized in onnxruntime, checked on held-out images."""
+    import torch
+
+    from .data.specs import check_data_spec
+    from .io.export import export_model
+    from .io.quantize import Int8Config, int8_batches
+
+    if not args.int8:
+        raise SecateursError("--data, --calib-batches, --min-agreement and --max-rel-error apply to int8 exports: "
+                             "add --int8 or drop them")
+    if args.format != "onnx":
+        raise SecateursError(f"--int8 quantizes in onnxruntime: use --format onnx, not {args.format}")
+    if args.quantize or args.group_size:
+        raise SecateursError("--int8 (onnxruntime) and --quantize (compressed-tensors) are different exports: "
+                             "choose one")
+    if args.half:
+        raise SecateursError("--int8 and --half both shrink the weights: choose one")
+    if args.data is None:
+        raise SecateursError("--int8 calibrates on images: pass --data digits, mnist5k or imagefolder:PATH")
+    check_data_spec(args.data, text=False)
+    fields = {"calib_batches": args.calib_batches, "min_agreement": args.min_agreement,
+              "max_rel_error": args.max_rel_error}
+    config = Int8Config(**{k: v for k, v in fields.items() if v is not None})
+    model, x = _load(args)
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+        raise SecateursError(f"--int8 calibrates image models, and '{args.model}' reads token ids: "
+                             "language models quantize with --quantize")
+    calib, held_out = int8_batches(args.data, list(x.shape), config, seed=args.seed)
+    result = export_model(model, x, args.out, format="onnx", fold_bn=args.fold_bn, overwrite=args.overwrite,
+                          int8=config, data=calib, held_out=held_out).to_dict()
+    if args.json:
+        _emit_json(result)
+        return 0
+    q = result["int8"]
+    print(f"{args.model} -> {result['path']}  (onnx int8, {result['size_bytes'] / 1024:.1f} KiB; float "
+          f"{q['float_size_bytes'] / 1024:.1f} KiB, max |difference| {result['max_abs_diff']:.2e} from the model)")
+    check = (f"top-1 agreement {q['agreement']:.1%} (minimum {q['threshold']:.1%})" if q["check"] == "top1"
+             else f"relative error {q['rel_error']:.1%} (maximum {q['threshold']:.1%})")
+    print(f"int8 vs float on {q['held_out_examples']} held-out images of {args.data}: {check}, max |error| "
+          f"{q['max_abs_error']:.3g}; {q['int8_layers']} layers int8, calibrated on {q['calibration_examples']} images")
+    return 0
+
+
+def _export_compressed(args: argparse.Namespace) -> int:
+    """``export --format compressed-tensors``: a saved (pruned) transformers model, its Linear weights quantized."""
+    from .io.checkpoint import check_layout, save
+
+    if args.format != "compressed-tensors":
+        raise SecateursError(f"--quantize and --group-size quantize compressed-tensors folders, not {args.format} "
+                             "files: pass --format compressed-tensors")
+    if args.fold_bn or args.half:
+        raise SecateursError("--fold-bn and --half apply to onnx, torchscript and pt2 exports: drop them for "
+                             "--format compressed-tensors")
+    model, x = _load(args)
+    check_layout(model, "compressed-tensors", args.quantize, args.group_size)
+    size = save(model, args.out, input_shape=list(x.shape), overwrite=args.overwrite,
+                extra_files=_tokenizer_files(args.model), layout="compressed-tensors", quantize=args.quantize,
+                group_size=args.group_size)
+    result = {"path": args.out, "format": args.format, "quantize": args.quantize, "size_bytes": size}
+    if args.json:
+        _emit_json(result)
+        return 0
+    print(f"{args.model} -> {args.out}  (compressed-tensors, {args.quantize}, weights {size / 2**20:.2f} MiB)")
     return 0
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["describe_names", "eval_mode", "first_line", "is_transformers_model", "launch_env", "launch_rank",
+__all__ = ["describe_names", "eval_mode", "total_memory", "first_line", "is_transformers_model", "launch_env", "launch_rank",
            "first_tensor", "nonfinite_parameters", "output_shapes"]
 
 
@@ -114,3 +114,13 @@ def output_shapes(out: Any) -> Any:
     if isinstance(out, (list, tuple)):
         return [output_shapes(v) for v in out]
     return None
+
+
+def total_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

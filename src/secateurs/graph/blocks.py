@@ -22,7 +22,7 @@ from torch import nn
 from ..selection import observe, prunable_types
 from ..utils import first_tensor
 
-__all__ = ["Block", "find_blocks", "first_tensor"]
+__all__ = ["Block", "find_blocks", "first_tensor", "repeated_blocks"]
 
 CONTAINERS = (nn.Sequential, nn.ModuleList)
 
@@ -105,3 +105,20 @@ def find_blocks(model: nn.Module, example_inputs: Any, extra: tuple[str, ...] = 
         if b.removable and any(b.name.startswith(outer + ".") for outer in removable):
             b.removable, b.reason = False, "inside a removable block"
     return blocks
+
+
+def repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The entries of the model's largest (by parameters) ModuleList of blocks of one type: its layers.
+
+    Found from the module tree alone, without running the model, so it works on
+    a skeleton whose weights are still on the meta device.
+    """
+    best: list[tuple[str, nn.Module]] = []
+    best_size = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(b) for b in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best = [(f"{name}.{key}" if name else key, child) for key, child in module.named_children()]
+                best_size = size
+    return best

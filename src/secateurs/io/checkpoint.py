@@ -50,7 +50,7 @@ __all__ = ["MANIFEST", "WEIGHTS", "check_layout", "save", "load", "read_manifest
 MANIFEST = "secateurs.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 2  # 1: secateurs layout; 2 adds the transformers layout (older secateurs cannot read it)
-LAYOUTS = ("auto", "transformers", "secateurs")
+LAYOUTS = ("auto", "transformers", "secateurs", "compressed-tensors")
 # transformers layout: where kept weights that are exactly zero are marked (their masks cannot come from zeros)
 KEPT_ZEROS = "secateurs-kept-zeros.safetensors"
 HISTORY_ATTR = "_secateurs_history"
@@ -178,6 +178,8 @@ def save(
     layout: str = "auto",
     max_shard_size: int | str | None = None,
     transformers_files: dict[str, bytes] | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
 ) -> int:
     """Save ``model`` to directory ``path`` without pickle; return the weights' size in bytes.
 
@@ -212,6 +214,9 @@ def save(
         transformers_files: like ``extra_files``, written only when the folder is a
             transformers folder (files that describe it to other tools, such as
             sentence-transformers' ``modules.json``).
+        quantize: ``int8`` or ``int4``: with ``layout="compressed-tensors"``, a transformers folder
+            whose Linear weights compressed-tensors quantized (see :mod:`secateurs.io.compressed`).
+        group_size: inputs per quantization scale (default: per channel for int8, 128 for int4).
 
     Example:
         >>> import tempfile, torch, secateurs
@@ -225,15 +230,25 @@ def save(
     """
     from safetensors.torch import save_file
 
+    from ..semi_structured import refuse_semi_structured
+
+    refuse_semi_structured(model, "save")  # safetensors stores plain tensors only
+    if layout == "compressed-tensors" or quantize is not None:
+        from .compressed import save_compressed
+
+        check_layout(model, layout, quantize, group_size)
+        return save_compressed(model, path, quantize or "int8", group_size=group_size, report=report,
+                               input_shape=input_shape, overwrite=overwrite, max_shard_size=max_shard_size,
+                               extra_files={**(extra_files or {}), **(transformers_files or {})})
     if _chosen_layout(model, layout) == "transformers":
-        return _save_transformers(model, path, manifest=_manifest(model, report, input_shape), overwrite=overwrite,
+        return _save_transformers(model, path, manifest=manifest_fields(model, report, input_shape), overwrite=overwrite,
                                   extra_files={**(extra_files or {}), **(transformers_files or {})},
                                   max_shard_size=max_shard_size)
     source = source_of(model, arch)
     check_rebuildable(model, source)
     state, masks = effective_state_dict(model)
     tensors, layout, aliases = pack_state(state, masks, compact=compact)
-    manifest = _manifest(model, report, input_shape) | {
+    manifest = manifest_fields(model, report, input_shape) | {
         "format_version": 1,
         "layout": "secateurs",
         "source": source,
@@ -271,7 +286,7 @@ def _write_extra_files(tmp: Path, extra_files: dict[str, Any] | None, size: int,
         target.write_bytes(data(size) if callable(data) else data)
 
 
-def _manifest(model: nn.Module, report: dict[str, Any] | None, input_shape: Any) -> dict[str, Any]:
+def manifest_fields(model: nn.Module, report: dict[str, Any] | None, input_shape: Any) -> dict[str, Any]:
     """The manifest fields both layouts share: versions, the example input, the history with ``report``."""
     recorded_input = getattr(model, INPUT_ATTR, None)
     return {
@@ -294,10 +309,15 @@ def _restore_record(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
     return model.eval()
 
 
-def check_layout(model: nn.Module, layout: str) -> None:
-    """Refuse a ``layout`` for :func:`save` that cannot apply to ``model`` whatever pruning does to it."""
+def check_layout(model: nn.Module, layout: str, quantize: str | None = None, group_size: int | None = None) -> None:
+    """Refuse a ``layout`` (and quantization) for :func:`save` that cannot apply to ``model`` whatever pruning
+    does to it."""
     if layout not in LAYOUTS:
         raise SecateursError(f"unknown layout '{layout}': choose one of {', '.join(LAYOUTS)}")
+    if layout == "compressed-tensors" or quantize is not None or group_size is not None:
+        from .compressed import check_compressed
+
+        check_compressed(model, layout, quantize, group_size)
     if layout == "transformers" and not is_transformers_model(model):
         raise SecateursError(f"{type(model).__name__} is not a transformers model: save it with layout='secateurs' "
                              "(CLI: --save-format secateurs)")
@@ -330,16 +350,8 @@ def _save_transformers(model: nn.Module, path: str | os.PathLike[str], *, manife
     from .specs import quiet_transformers
 
     state, masks = effective_state_dict(model)
-    tensors = {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "format": "dense",
-                      "masked": name in masks} for name, t in state.items()}
-    # the masks come back from the zeros of the baked weights, except kept weights that are exactly zero
-    kept_zeros = {}
-    for name, mask in masks.items():
-        if name in tensors and "::" not in name:
-            extra = mask.cpu() & (state[name].detach().cpu() == 0)
-            if bool(extra.any()):
-                kept_zeros[name] = pack_bits(extra)
-                tensors[name]["kept_zeros"] = True
+    kept_zeros: dict[str, Tensor] = {}
+    tensors = {name: transformers_tensor_record(name, t, masks.get(name), kept_zeros) for name, t in state.items()}
     options = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     with atomic_dir(path, overwrite=overwrite) as tmp:
         try:
@@ -351,23 +363,47 @@ def _save_transformers(model: nn.Module, path: str | os.PathLike[str], *, manife
                                  "free disk space and --max-shard-size") from None
         written = sorted(p.name for p in tmp.iterdir() if p.name != PARTIAL)
         size = sum((tmp / name).stat().st_size for name in written if name.endswith(".safetensors"))
-        if kept_zeros:
-            from safetensors.torch import save_file
-
-            save_file(kept_zeros, str(tmp / KEPT_ZEROS), metadata=WEIGHTS_METADATA)
-            written.append(KEPT_ZEROS)
-        manifest = manifest | {
-            "layout": "transformers",
-            "source": {"kind": "hf", "class": type(model).__name__, "config": model.config.to_dict()},
-            "structure": [],  # the config describes the pruned shapes
-            "weights": [name for name in written if name.endswith(".safetensors") and name != KEPT_ZEROS],
-            "tensors": tensors,
-            "aliases": {},
-            "files": sorted({*written, MANIFEST, *extra_files}),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=2))
-        _write_extra_files(tmp, extra_files, size, keep=set(written))
+        finish_transformers_folder(tmp, model, manifest=manifest, tensors=tensors, kept_zeros=kept_zeros,
+                                   written=written, extra_files=extra_files, size=size)
     return size
+
+
+def transformers_tensor_record(name: str, tensor: Tensor, mask: Tensor | None,
+                               kept_zeros: dict[str, Tensor]) -> dict[str, Any]:
+    """The manifest entry of one tensor of a transformers folder; a masked tensor's kept weights that are
+    exactly zero go into ``kept_zeros`` (packed bits), since its mask comes back from its zeros."""
+    record = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."), "format": "dense",
+              "masked": mask is not None}
+    if mask is not None and "::" not in name:
+        extra = mask.cpu() & (tensor.detach().cpu() == 0)
+        if bool(extra.any()):
+            kept_zeros[name] = pack_bits(extra)
+            record["kept_zeros"] = True
+    return record
+
+
+def finish_transformers_folder(tmp: Path, model: nn.Module, *, manifest: dict[str, Any],
+                               tensors: dict[str, Any], kept_zeros: dict[str, Tensor], written: list[str],
+                               extra_files: dict[str, Any], size: int) -> None:
+    """Add secateurs' files to a transformers folder being written in ``tmp`` (the weights, config and
+    ``written`` files already there): the kept-zeros file, the manifest, then ``extra_files``."""
+    written = list(written)
+    if kept_zeros:
+        from safetensors.torch import save_file
+
+        save_file(kept_zeros, str(tmp / KEPT_ZEROS), metadata=WEIGHTS_METADATA)
+        written.append(KEPT_ZEROS)
+    manifest = manifest | {
+        "layout": "transformers",
+        "source": {"kind": "hf", "class": type(model).__name__, "config": model.config.to_dict()},
+        "structure": [],  # the config describes the pruned shapes
+        "weights": [name for name in written if name.endswith(".safetensors") and name != KEPT_ZEROS],
+        "tensors": tensors,
+        "aliases": {},
+        "files": sorted({*written, MANIFEST, *extra_files}),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=2))
+    _write_extra_files(tmp, extra_files, size, keep=set(written))
 
 
 def _version() -> str:
@@ -418,7 +454,7 @@ def _check_manifest(manifest: Any, mpath: Path) -> None:
         raise SecateursError(
             f"{mpath.parent} was saved by a newer secateurs (format {manifest['format_version']}): upgrade secateurs"
         )
-    if manifest.get("layout", "secateurs") not in ("secateurs", "transformers"):
+    if manifest.get("layout", "secateurs") not in ("secateurs", "transformers", "compressed-tensors"):
         raise SecateursError(f"{mpath} names an unknown layout {str(manifest.get('layout'))[:40]!r}: upgrade "
                              "secateurs, or re-save the model")
     for name, entry in manifest["tensors"].items():
@@ -556,7 +592,7 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False) -> nn.Module
     """
     folder = Path(path)
     manifest = read_manifest(folder)
-    if manifest.get("layout") == "transformers":
+    if manifest.get("layout") in ("transformers", "compressed-tensors"):
         return _load_transformers(folder, manifest, trust_code)
     layout = manifest["tensors"]
     wpath = _regular_file(folder, manifest.get("weights", WEIGHTS), "weights file")
@@ -608,7 +644,12 @@ def _load_transformers(folder: Path, manifest: dict[str, Any], trust_code: bool)
     as any transformers folder), then the manifest's masks, history and example input are restored."""
     from .specs import load_hf
 
-    model = load_hf(folder, trust_code=trust_code)
+    if manifest.get("layout") == "compressed-tensors":  # dequantized on load; masks from its zeros
+        from .compressed import load_compressed
+
+        model = load_compressed(folder, trust_code=trust_code)
+    else:
+        model = load_hf(folder, trust_code=trust_code)
     state, _ = effective_state_dict(model)
     recorded = manifest["tensors"]
     have = {k: list(v.shape) for k, v in state.items()}

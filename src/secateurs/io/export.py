@@ -14,9 +14,10 @@ import os
 import shutil
 import warnings
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,9 @@ from ..surgery.fold import fold_batchnorm_
 from ..utils import eval_mode, first_line, first_tensor
 from .arch import require
 from .atomic import clean_stale, finish_file, make_temp_dir, output_lock
+
+if TYPE_CHECKING:
+    from .quantize import Int8Config
 
 __all__ = ["EXPORT_FORMATS", "ExportResult", "analyze_exported", "export_model", "exported_input_dtype",
            "exported_input_shape", "run_exported"]
@@ -46,11 +50,13 @@ class ExportResult:
     tolerance: float
     folded: list[tuple[str, str]] = field(default_factory=list)
     half: bool = False
+    int8: dict[str, Any] | None = None  # Int8Report.to_dict() of an int8 ONNX file
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "format": self.format, "size_bytes": self.size_bytes,
                 "max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance,
-                "folded_batchnorms": len(self.folded), "half": self.half}
+                "folded_batchnorms": len(self.folded), "half": self.half,
+                **({"int8": self.int8} if self.int8 is not None else {})}
 
 
 def _inputs_tuple(example_inputs: Any) -> tuple[Any, ...]:
@@ -163,6 +169,9 @@ def export_model(
     fold_bn: bool = False,
     half: bool = False,
     overwrite: bool = False,
+    int8: Int8Config | None = None,
+    data: Sequence[Any] | None = None,
+    held_out: Sequence[Any] | None = None,
 ) -> ExportResult:
     """Export ``model`` (not modified) to ``path`` and check the file against it.
 
@@ -176,9 +185,15 @@ def export_model(
             files are checked on a CUDA GPU when there is one, otherwise by running
             the float16 model's graph in float32 on CPU.
         overwrite: replace an existing file.
+        int8: ONNX only: quantize the checked float file statically to int8 (see
+            :class:`secateurs.io.quantize.Int8Config`) and keep it only if it agrees with the
+            float file on ``held_out``; the float file is not kept.
+        data: with ``int8``: calibration batches (tensors or ``(x, y)`` pairs) at the input shape.
+        held_out: with ``int8``: batches for the check, none of them in ``data``
+            (:func:`secateurs.io.quantize.int8_batches` makes both from one ``--data`` spec).
 
     Returns:
-        An :class:`ExportResult` with the largest absolute difference found.
+        An :class:`ExportResult` with the largest absolute difference found (and the int8 check).
     """
     if format not in EXPORT_FORMATS:
         raise SecateursError(f"unknown export format '{format}': choose one of {', '.join(EXPORT_FORMATS)}")
@@ -189,6 +204,7 @@ def export_model(
         raise SecateursError(f"'{path}' exists: choose another --out or pass --overwrite")
     if not path.parent.is_dir():
         raise SecateursError(f"directory '{path.parent}' does not exist: create it first")
+    quantize = _int8_step(int8, format, half, data, held_out)
     inputs = _inputs_tuple(example_inputs)
     if any(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == 1 for t in inputs):
         # a batch of one would be specialised to a constant by the tracers: export (and check) with two
@@ -210,13 +226,37 @@ def export_model(
             staging = make_temp_dir(path)
         except OSError as exc:
             raise SecateursError(f"cannot write to '{path.parent}' ({first_line(exc)}): choose a writable --out") from None
-        return _write_checked(work, inputs, format, path, staging, reference, folded=folded, half=half)
+        return _write_checked(work, inputs, format, path, staging, reference, folded=folded, half=half,
+                              quantize=quantize)
+
+
+def _int8_step(int8: Int8Config | None, format: str, half: bool, data: Sequence[Any] | None,
+               held_out: Sequence[Any] | None) -> Callable[[Path, Path], dict[str, Any]] | None:
+    """The int8 pass to run on the checked float file, refused before any export work when it cannot run."""
+    if int8 is None:
+        if data is not None or held_out is not None:
+            raise SecateursError("data= and held_out= calibrate an int8 export: also pass int8=Int8Config()")
+        return None
+    if format != "onnx":
+        raise SecateursError(f"int8 quantization runs in onnxruntime: use --format onnx, not {format}")
+    if half:
+        raise SecateursError("--int8 and --half both shrink the weights: choose one")
+    if not data or not held_out:
+        raise SecateursError("int8 quantization needs calibration and held-out images: pass --data digits, mnist5k "
+                             "or imagefolder:PATH (library: data= and held_out=)")
+    from .quantize import quantize_onnx_file
+
+    return lambda src, dst: quantize_onnx_file(src, dst, data, held_out, int8).to_dict()
 
 
 def _write_checked(work: nn.Module, inputs: tuple[Any, ...], format: str, path: Path, staging: Path,
-                   reference: Tensor, *, folded: list[Any], half: bool) -> ExportResult:
-    """Write the file in ``staging``, run it, compare with ``reference``, then move it to ``path``."""
+                   reference: Tensor, *, folded: list[Any], half: bool,
+                   quantize: Callable[[Path, Path], dict[str, Any]] | None = None) -> ExportResult:
+    """Write the file in ``staging``, run it, compare with ``reference``, then move it to ``path``.
+
+    With ``quantize``, the checked float file is quantized beside it, and the int8 file is moved instead."""
     tmp = staging / path.name
+    int8 = None
     try:
         with torch.no_grad(), eval_mode(work):
             try:
@@ -236,6 +276,10 @@ def _write_checked(work: nn.Module, inputs: tuple[Any, ...], format: str, path: 
         if not diff <= tolerance:
             raise SecateursError(f"the exported {format} file's outputs differ from the model's by {diff:.3g} "
                                  f"(tolerance {tolerance:.3g}): do not deploy it; try without --half/--fold-bn")
+        if quantize is not None:
+            quantized = staging / f"int8-{path.name}"
+            int8 = quantize(tmp, quantized)
+            tmp = quantized
         finish_file(tmp)
         os.replace(tmp, path)
     except OSError as exc:
@@ -244,7 +288,7 @@ def _write_checked(work: nn.Module, inputs: tuple[Any, ...], format: str, path: 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(path=str(path), format=format, size_bytes=path.stat().st_size, max_abs_diff=diff,
-                        tolerance=tolerance, folded=folded, half=half)
+                        tolerance=tolerance, folded=folded, half=half, int8=int8)
 
 
 def exported_input_dtype(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> torch.dtype:

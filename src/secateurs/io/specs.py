@@ -8,7 +8,7 @@ import math
 import os
 import pickle
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from .policy import is_plain_file_name, module_budget, module_budget_for, offlin
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_model", "load_state_dict_file", "load_tokenizer", "sentence_transformers_files", "SPEC_HELP"]
+__all__ = ["hf_skeleton", "load_hf", "load_model", "load_state_dict_file", "load_tokenizer", "sentence_transformers_files", "SPEC_HELP"]
 
 SPEC_HELP = (
     "use torchvision:NAME, timm:NAME, hf:PATH (folder or .gguf), a secateurs model directory, "
@@ -370,6 +370,52 @@ def load_hf(target: str | os.PathLike[str], *, trust_code: bool = False) -> nn.M
         except Exception as exc:  # transformers and safetensors raise many types for damaged folders
             raise SecateursError(f"cannot load transformers model '{path}' ({first_line(exc)}): "
                                  "check that the folder's files are complete") from None
+    source = {"kind": "hf", "class": type(model).__name__, "config": model.config.to_dict()}
+    return attach_source(model.eval(), source)
+
+
+def hf_skeleton(target: str | os.PathLike[str], *, trust_code: bool = False,
+                dtype: torch.dtype | None = None, stored: Collection[str] | None = None) -> nn.Module:
+    """The model a transformers folder describes, with every weight on the meta device.
+
+    The folder is checked as :func:`load_hf` checks it (config, architecture,
+    files, sizes), but no weight is read: parameters and the buffers the
+    checkpoint stores stay on the meta device for the caller to fill one layer at
+    a time, while buffers a model computes in its constructor (rotary tables)
+    are real, computed as ``from_pretrained`` would with ``dtype`` as the default.
+    Weights the model ties (an output head sharing the embeddings) are tied as
+    ``from_pretrained`` ties them given the names the checkpoint ``stored``.
+    """
+    transformers = require("transformers", "hf")
+    accelerate = require("accelerate", "hf")
+    path = Path(target)
+    cls = _hf_class(transformers, path, trust_code)
+    what = f"the folder '{path}'"
+    try:
+        with quiet_transformers(), contextlib.nullcontext() if trust_code else offline():
+            config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True,
+                                                             trust_remote_code=trust_code)
+            if cls is transformers.AutoModel:
+                cls = transformers.AutoModel._model_mapping[type(config)]
+            if not trust_code:
+                _check_hf_sizes(transformers, cls, config, _hf_stored_elements(path), what)
+            default = torch.get_default_dtype()
+            if dtype is not None and dtype.is_floating_point:
+                torch.set_default_dtype(dtype)
+            try:
+                with accelerate.init_empty_weights(include_buffers=False), warnings.catch_warnings(), \
+                        module_budget(module_budget_for(None), what):
+                    warnings.simplefilter("ignore")
+                    model = cls(config)
+            finally:
+                torch.set_default_dtype(default)
+            if stored is not None:  # tie as from_pretrained does (a tied head is stored once), outside
+                # init_empty_weights, which would turn the shared parameter into a new one
+                model.tie_weights(missing_keys=set(model.state_dict()) - set(stored))
+    except SecateursError:
+        raise
+    except Exception as exc:
+        raise SecateursError(f"cannot build {what} from its config ({first_line(exc)}): check the folder") from None
     source = {"kind": "hf", "class": type(model).__name__, "config": model.config.to_dict()}
     return attach_source(model.eval(), source)
 

@@ -16,7 +16,7 @@ from .common import config_to_dict, layer_report, make_generator
 from .registry import register_method
 from .report import PruneReport
 
-__all__ = ["NM", "nm_mask", "parse_nm"]
+__all__ = ["NM", "nm_keep", "nm_mask", "parse_nm"]
 
 
 def parse_nm(text: str) -> tuple[int, int]:
@@ -77,19 +77,26 @@ def nm_mask(scores: Tensor, n: int, m: int, dim: int = 1) -> Tensor:
     return keep.reshape(moved.shape).movedim(-1, dim)
 
 
+def nm_keep(config: NM, module: nn.Module, tensor: str, weight: Tensor, generator: torch.Generator) -> Tensor | str:
+    """The N:M keep-mask of ``module.<tensor>`` (whose values are ``weight``), or why it cannot have one."""
+    dim = input_dim(module, tensor)
+    if weight.shape[dim] % config.m:
+        return f"input size {weight.shape[dim]} is not a multiple of {config.m}"
+    scores = element_scores(config.importance, weight, get_mask(module, tensor), generator)
+    return nm_mask(scores, config.n, config.m, dim)
+
+
 @register_method(NM)
 def apply_nm(model: nn.Module, config: NM, *, example_inputs: Any = None, data: Any = None) -> PruneReport:
     targets, skipped = select_targets(model, config, example_inputs=example_inputs)
     report = PruneReport(method=config.method, config=config_to_dict(config), skipped=skipped)
     gen = make_generator(config.seed)
     for t in targets:
-        dim = input_dim(t.module, t.tensor)
-        size = t.weight.shape[dim]
-        if size % config.m:
-            report.skipped[t.name] = f"input size {size} is not a multiple of {config.m}"
+        keep = nm_keep(config, t.module, t.tensor, t.weight, gen)
+        if isinstance(keep, str):
+            report.skipped[t.name] = keep
             continue
-        scores = element_scores(config.importance, t.weight, get_mask(t.module, t.tensor), gen)
-        mask = mask_tied_(model, t.module, nm_mask(scores, config.n, config.m, dim), t.tensor)
+        mask = mask_tied_(model, t.module, keep, t.tensor)
         report.layers.append(layer_report(t.name, mask))
     if not report.layers:
         raise SecateursError(

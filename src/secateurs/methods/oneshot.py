@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -33,7 +33,8 @@ from .common import config_to_dict, layer_report
 from .registry import register_method
 from .report import PruneReport
 
-__all__ = ["SparseGPT", "Wanda"]
+__all__ = ["SparseGPT", "Wanda", "calibration_batches", "capture_block_inputs", "oneshot_targets", "prune_block",
+           "with_hidden"]
 
 
 @dataclass(kw_only=True)
@@ -112,8 +113,8 @@ def _blocks(model: nn.Module, example: Any) -> list[str]:
     return max(stages.values(), key=len) if stages else []
 
 
-def _capture(model: nn.Module, first: nn.Module, batches: list[Any]) -> list[tuple[tuple, dict]]:
-    """The positional and keyword arguments ``first`` receives for every batch."""
+def capture_block_inputs(model: nn.Module, first: nn.Module, batches: list[Any]) -> list[tuple[tuple, dict]]:
+    """The positional and keyword arguments ``first`` receives for every batch (the model stops there)."""
     seen: list[tuple[tuple, dict]] = []
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -132,7 +133,7 @@ def _capture(model: nn.Module, first: nn.Module, batches: list[Any]) -> list[tup
     return seen
 
 
-def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+def with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
     """The same call with its main tensor (first positional, or ``hidden_states``) replaced."""
     if args and isinstance(args[0], Tensor):
         return (hidden, *args[1:]), kwargs
@@ -151,8 +152,8 @@ def _weight_2d(target: Target) -> Tensor:
 def _prune_targets(model: nn.Module, targets: list[Target], stats: dict[str, InputStats],
                    config: _OneShot, report: PruneReport) -> None:
     for t in targets:
-        s = stats[t.name]
-        if not s.count:
+        s = stats.pop(t.name, None)  # shared statistics stay alive while another target holds them
+        if s is None or not s.count:
             report.skipped[t.name] = "never ran on the calibration data"
             continue
         weight, flip = _weight_2d(t), _transposed(t)
@@ -169,14 +170,59 @@ def _prune_targets(model: nn.Module, targets: list[Target], stats: dict[str, Inp
         report.layers.append(layer_report(t.name, mask_tied_(model, t.module, keep, t.tensor)))
 
 
-def _collect(targets: list[Target], hessian: bool) -> tuple[dict[str, InputStats], Callable[[], None]]:
-    stats = {t.name: InputStats(_weight_2d(t).shape[1], hessian) for t in targets}
-    handles = [t.module.register_forward_hook(lambda mod, inp, out, name=t.name: stats[name].update(inp[0]))
-               for t in targets]
-    return stats, lambda: [h.remove() for h in handles]
+class _Collector:
+    """Input statistics of some Linear layers, gathered by forward hooks.
+
+    Layers that read the very same tensor in a call (attention's q/k/v
+    projections, an MLP's gate and up projections) share one accumulator:
+    identical numbers, a third of the memory for SparseGPT's Hessians.
+    """
+
+    def __init__(self, targets: list[Target], hessian: bool) -> None:
+        self.stats: dict[str, InputStats] = {}
+        self._seen: list[tuple[Tensor, str]] = []
+        self._hessian = hessian
+        self._handles = [t.module.register_forward_hook(
+            lambda mod, inp, out, t=t: self._update(t, inp[0])) for t in targets]
+
+    def _update(self, target: Target, x: Tensor) -> None:
+        # the same tensor *object* (not the same memory: a freed input's memory is soon another's)
+        first = next((name for seen, name in self._seen if seen is x), None)
+        if first is not None and first != target.name:
+            self.stats.setdefault(target.name, self.stats[first])
+            return
+        self._seen.append((x, target.name))
+        if target.name not in self.stats:
+            self.stats[target.name] = InputStats(_weight_2d(target).shape[1], self._hessian)
+        self.stats[target.name].update(x)
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """One call whose layer inputs count (inputs are told apart within a call; held until it ends)."""
+        self._seen = []
+        try:
+            return fn()
+        finally:
+            self._seen = []
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
 
 
-def _linear_targets(model: nn.Module, config: _OneShot, example: Any, report: PruneReport) -> list[Target]:
+def prune_block(model: nn.Module, block: nn.Module, targets: list[Target], config: _OneShot,
+                report: PruneReport, calls: Iterable[tuple[tuple, dict]]) -> None:
+    """Prune ``targets`` (layers inside ``block``) on the statistics of the calls ``block(*args, **kwargs)``."""
+    collector = _Collector(targets, isinstance(config, SparseGPT))
+    try:
+        for args, kwargs in calls:
+            collector.run(lambda a=args, k=kwargs: block(*a, **k))
+    finally:
+        collector.remove()
+    _prune_targets(model, targets, collector.stats, config, report)
+
+
+def oneshot_targets(model: nn.Module, config: _OneShot, example: Any, report: PruneReport) -> list[Target]:
+    """The Linear-like weights ``config`` selects; the others go into ``report.skipped`` with the reason."""
     targets, skipped = select_targets(model, config, example_inputs=example)
     report.skipped.update(skipped)
     kept = []
@@ -193,18 +239,23 @@ def _linear_targets(model: nn.Module, config: _OneShot, example: Any, report: Pr
     return kept
 
 
-@register_method(Wanda)
-@register_method(SparseGPT)
-def apply_oneshot(model: nn.Module, config: _OneShot, *, example_inputs: Any = None, data: Any = None) -> PruneReport:
+def calibration_batches(config: _OneShot, data: Any) -> list[Any]:
+    """The first ``config.calib_batches`` batches of ``data``; refused when there are none."""
     if data is None:
         raise SecateursError(f"{config.method} calibrates on data: pass data= (CLI: --calib pydoc or text:FILE)")
     batches = list(itertools.islice(iter(data), config.calib_batches))
     if not batches:
         raise SecateursError(f"{config.method} needs at least one calibration batch; data gave none")
+    return batches
+
+
+@register_method(Wanda)
+@register_method(SparseGPT)
+def apply_oneshot(model: nn.Module, config: _OneShot, *, example_inputs: Any = None, data: Any = None) -> PruneReport:
+    batches = calibration_batches(config, data)
     example = example_inputs if example_inputs is not None else split_batch(batches[0])[0]
     report = PruneReport(method=config.method, config=config_to_dict(config))
-    targets = _linear_targets(model, config, example, report)
-    hessian = isinstance(config, SparseGPT)
+    targets = oneshot_targets(model, config, example, report)
     with torch.no_grad(), eval_mode(model):
         blocks = _blocks(model, example)
         modules = dict(model.named_modules())
@@ -212,26 +263,20 @@ def apply_oneshot(model: nn.Module, config: _OneShot, *, example_inputs: Any = N
         in_blocks = {t.name for ts in inside.values() for t in ts}
         outside = [t for t in targets if t.name not in in_blocks]
         if outside:  # layers outside the blocks: statistics from one pass of the dense model
-            stats, remove = _collect(outside, hessian)
+            collector = _Collector(outside, isinstance(config, SparseGPT))
             try:
                 for batch in batches:
-                    call_model(model, _no_cache(model, split_batch(batch)[0]))
+                    collector.run(lambda b=batch: call_model(model, _no_cache(model, split_batch(b)[0])))
             finally:
-                remove()
-            _prune_targets(model, outside, stats, config, report)
+                collector.remove()
+            _prune_targets(model, outside, collector.stats, config, report)
         if blocks:
-            calls = _capture(model, modules[blocks[0]], batches)
+            calls = capture_block_inputs(model, modules[blocks[0]], batches)
             bar = Progress(len(blocks), f"{config.method} blocks", enabled=None)
             for name in blocks:
                 block = modules[name]
-                stats, remove = _collect(inside[name], hessian)
-                try:
-                    for args, kwargs in calls:
-                        block(*args, **kwargs)
-                finally:
-                    remove()
-                _prune_targets(model, inside[name], stats, config, report)
-                calls = [_with_hidden(args, kwargs, first_tensor(block(*args, **kwargs))) for args, kwargs in calls]
+                prune_block(model, block, inside[name], config, report, calls)
+                calls = [with_hidden(args, kwargs, first_tensor(block(*args, **kwargs))) for args, kwargs in calls]
                 bar.update()
             bar.close()
     report.config["blocks"] = len(blocks)

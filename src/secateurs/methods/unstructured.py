@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import SecateursError
 from ..importance import ELEMENT_IMPORTANCE, element_scores
@@ -17,7 +17,7 @@ from .common import config_to_dict, layer_report, lowest_k, make_generator
 from .registry import register_method
 from .report import PruneReport
 
-__all__ = ["Unstructured"]
+__all__ = ["Unstructured", "layer_keep"]
 
 # The sparsities a sensitivity scan tries per layer; the allocation interpolates between them.
 ALLOCATION_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -95,6 +95,15 @@ class Unstructured(Selection):
             )
 
 
+def layer_keep(config: Unstructured, weight: Tensor, mask: Tensor | None, generator: torch.Generator) -> Tensor:
+    """The keep-mask of one weight when every layer is pruned on its own (a threshold, or the same
+    sparsity per layer): what streaming pruning applies to one tensor at a time."""
+    if config.threshold is not None:
+        return weight.detach().abs() > config.threshold  # the seed's rule: keep |w| > t, so |w| <= t goes
+    scores = element_scores(config.importance, weight, mask, generator)
+    return ~lowest_k(scores, round(config.sparsity * scores.numel()))
+
+
 @register_method(Unstructured)
 def apply_unstructured(
     model: nn.Module, config: Unstructured, *, example_inputs: Any = None, data: Any = None
@@ -102,11 +111,10 @@ def apply_unstructured(
     targets, skipped = select_targets(model, config, example_inputs=example_inputs)
     report = PruneReport(method=config.method, config=config_to_dict(config), skipped=skipped)
 
-    if config.threshold is not None:
-        # The seed's rule: keep |w| > t, so |w| <= t goes.
-        keeps = {t.name: t.weight.detach().abs() > config.threshold for t in targets}
+    gen = make_generator(config.seed)
+    if config.threshold is not None or (config.scope == "layer" and config.allocate == "uniform"):
+        keeps = {t.name: layer_keep(config, t.weight, get_mask(t.module, t.tensor), gen) for t in targets}
     else:
-        gen = make_generator(config.seed)
         scores = {
             t.name: element_scores(config.importance, t.weight, get_mask(t.module, t.tensor), gen)
             for t in targets
@@ -115,15 +123,13 @@ def apply_unstructured(
             counts, scan = _sensitivity_counts(model, targets, config, data)
             report.sensitivity = scan.to_dict()
             keeps = {name: ~lowest_k(s, counts[name]) for name, s in scores.items()}
-        elif config.scope == "global":
+        else:  # global
             flat = torch.cat([s.reshape(-1).cpu() for s in scores.values()])
             drop_all = lowest_k(flat, round(config.sparsity * flat.numel()))
             keeps, offset = {}, 0
             for name, s in scores.items():
                 keeps[name] = ~drop_all[offset : offset + s.numel()].view(s.shape)
                 offset += s.numel()
-        else:
-            keeps = {name: ~lowest_k(s, round(config.sparsity * s.numel())) for name, s in scores.items()}
     for t in targets:
         mask = mask_tied_(model, t.module, keeps[t.name], t.tensor)
         report.layers.append(layer_report(t.name, mask))

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from ..data.text import MaskedTokens, TokenSequences, generates, lm_loss_sum
 from ..errors import SecateursError
+from ..graph.blocks import repeated_blocks
 from ..importance.stats import split_batch
 from ..masks import (
     bake_on_save_pretrained,
@@ -389,18 +390,6 @@ def _check_text(model: nn.Module, teacher: nn.Module | None, batch: dict[str, Te
 # -- FSDP -----------------------------------------------------------------------------------
 
 
-def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The blocks of the model's largest (by parameters) ModuleList of blocks of one type: its layers."""
-    best: list[nn.Module] = []
-    best_size = 0
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(b) for b in module}) == 1:
-            size = sum(p.numel() for p in module.parameters())
-            if size > best_size:
-                best, best_size = list(module), size
-    return best
-
-
 def _fully_shard(model: nn.Module, device: torch.device) -> nn.Module:
     """A copy of ``model`` sharded with FSDP2, holding rank 0's weights; ``model`` itself stays whole.
 
@@ -416,7 +405,7 @@ def _fully_shard(model: nn.Module, device: torch.device) -> nn.Module:
                             for p in model.parameters()}
     sharded = copy.deepcopy(model, memo)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for block in _repeated_blocks(sharded):
+    for _, block in repeated_blocks(sharded):
         fully_shard(block, mesh=mesh)
     fully_shard(sharded, mesh=mesh)
     sharded.to_empty(device=device)

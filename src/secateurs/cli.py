@@ -508,14 +508,15 @@ def _calibration(args: argparse.Namespace, config: Any, x: Any) -> list[Any]:
                    seed=args.seed)
 
 
-def _tokenizer_files(spec: str) -> dict[str, bytes]:
-    """The tokenizer of an ``hf:`` model (or a saved folder that has one), to save next to the pruned model."""
+def _tokenizer_files(spec: str, tokenizer: Any = None) -> dict[str, bytes]:
+    """The tokenizer of an ``hf:`` model (or a saved folder that has one; or the one given), to save next to
+    the pruned model."""
     import tempfile
 
     from .io.specs import load_tokenizer
 
     try:
-        tokenizer = load_tokenizer(spec)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     except SecateursError:
         return {}
     try:
@@ -714,19 +715,25 @@ def _streams(args: argparse.Namespace, config: Any) -> bool:
 
 def _prune_streamed(args: argparse.Namespace, config: Any) -> int:
     """``prune --stream``: one layer at a time from the input's shards to --out's."""
+    import gc
+
     from .data.text import token_batches
     from .io.specs import load_tokenizer
     from .methods.stream import prune_streaming
 
-    data = None
+    data, tokenizer = None, None
     if config.method in ("wanda", "sparsegpt"):
         if args.data is None:
             raise SecateursError(f"{config.method} calibrates on text: pass --calib pydoc or --calib text:FILE")
         from .data.specs import check_data_spec
 
         check_data_spec(args.data, images=False)
-        data = token_batches(args.data, load_tokenizer(args.model), seq_len=args.seq_len,
-                             batch_size=_batch_size(args), max_batches=config.calib_batches)
+        tokenizer = load_tokenizer(args.model)
+        data = token_batches(args.data, tokenizer, seq_len=args.seq_len, batch_size=_batch_size(args),
+                             max_batches=config.calib_batches)
+    tokenizer_files = _tokenizer_files(args.model, tokenizer)
+    del tokenizer
+    gc.collect()  # the tokenizer's memory is free again before the first layer is read
     start = time.perf_counter()
     result: dict[str, Any] = {"method": config.method, "model": args.model, "out": str(Path(args.out)),
                               "command": args.command_line}
@@ -738,8 +745,7 @@ def _prune_streamed(args: argparse.Namespace, config: Any) -> int:
 
     report, stats = prune_streaming(
         _hf_folder(args.model), args.out, config, data=data, device=args.device, overwrite=args.overwrite,
-        max_shard_size=args.max_shard_size, extra_files=_tokenizer_files(args.model),
-        input_shape=[1, args.seq_len], trust_code=args.trust_code, outcome_files=outcome)
+        max_shard_size=args.max_shard_size, extra_files=tokenizer_files, input_shape=[1, args.seq_len], trust_code=args.trust_code, outcome_files=outcome)
     if args.json:
         _emit_json(result)
         return 0

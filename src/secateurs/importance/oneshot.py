@@ -61,24 +61,31 @@ def wanda(weight: Tensor, stats: InputStats, sparsity: float, n: int | None = No
 
 
 def sparsegpt(weight: Tensor, stats: InputStats, sparsity: float, n: int | None = None, m: int | None = None,
-              damp: float = 0.01, blocksize: int = 128) -> tuple[Tensor, Tensor]:
+              damp: float = 0.01, blocksize: int = 128, consume: bool = False) -> tuple[Tensor, Tensor]:
     """SparseGPT (Frantar & Alistarh 2023): prune columns left to right and let the remaining
     columns absorb each removal's error, using the inverse Hessian of the layer inputs.
 
     The Hessian ``X^T X`` is damped by ``damp`` times its mean diagonal; masks
     are chosen per block of ``blocksize`` columns (per ``m`` columns for N:M)
     from ``w^2 / [H^-1]_jj^2``, and the updates outside a block are applied
-    lazily once the block is done. Returns ``(new_weight, keep_mask)``.
+    lazily once the block is done. Returns ``(new_weight, keep_mask)``. With ``consume``
+    the statistics' Hessian is used up in place (no copy of it is made).
     """
     assert stats.hessian is not None
     w = weight.detach().to(stats.hessian.device, torch.float32, copy=True)
     rows, cols = w.shape
-    h = stats.hessian.clone() / max(stats.count, 1)
+    # one matrix of the Hessian's size (a 70B model's is 28672^2), factorised in place; with ``consume``
+    # it is the statistics' own, which are spent afterwards
+    h = stats.hessian.div_(max(stats.count, 1)) if consume else stats.hessian / max(stats.count, 1)
+    if consume:
+        stats.hessian = None
     dead = torch.diag(h) == 0  # inputs that were always zero: their weights cannot matter
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += damp * torch.diag(h).mean() * torch.eye(cols, dtype=h.dtype, device=h.device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    h.diagonal().add_(damp * torch.diag(h).mean())
+    hinv = torch.linalg.cholesky(h, out=h)
+    torch.cholesky_inverse(hinv, out=hinv)
+    torch.linalg.cholesky(hinv, upper=True, out=hinv)
     keep = torch.ones_like(w, dtype=torch.bool)
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)

@@ -158,7 +158,9 @@ def _prune_targets(model: nn.Module, targets: list[Target], stats: dict[str, Inp
             continue
         weight, flip = _weight_2d(t), _transposed(t)
         if isinstance(config, SparseGPT):
-            new, keep = sparsegpt(weight, s, config.sparsity, config.n, config.m, config.damp, config.blocksize)
+            last = all(other is not s for other in stats.values())  # no other layer shares these
+            new, keep = sparsegpt(weight, s, config.sparsity, config.n, config.m, config.damp, config.blocksize,
+                                  consume=last)
             masked = get_mask(t.module, t.tensor) is not None
             original = t.module.parametrizations[t.tensor].original if masked else getattr(t.module, t.tensor)
             with torch.no_grad():

@@ -139,6 +139,24 @@ def _default_budget(device: torch.device) -> int:
     return memory // 8 if memory else 2 << 30
 
 
+def _all_finite(t: Tensor) -> bool:
+    """``t.isfinite().all()`` a few million entries at a time: for a bf16 embedding table the one-shot
+    check would briefly need more memory than the table itself."""
+    flat = t.reshape(-1)
+    return all(bool(chunk.isfinite().all()) for chunk in flat.split(1 << 22))
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the last layer back to the OS (glibc keeps large freed blocks otherwise, and the
+    process's footprint would creep up layer by layer)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 class _Slots:
     """Where each stored tensor lives in the skeleton, and swapping real tensors in and out of it."""
 
@@ -344,7 +362,7 @@ def prune_streaming(
     def read(key: str) -> Tensor:
         t = weights.read(key, dev)
         stats.bytes_read += t.numel() * t.element_size()
-        if t.is_floating_point() and not getattr(config, "allow_nonfinite", False) and not bool(t.isfinite().all()):
+        if t.is_floating_point() and not getattr(config, "allow_nonfinite", False) and not _all_finite(t):
             raise SecateursError(f"weights of {key} contain NaN/inf: fix the model or pass allow_nonfinite=True "
                                  "(CLI: --allow-nonfinite)")
         return t
@@ -446,6 +464,7 @@ def _stream_calibrated(model: nn.Module, config: Wanda | SparseGPT, batches: lis
             raise SecateursError(f"cannot run the model up to its first layer with weights read on demand "
                                  f"({str(exc).splitlines()[0][:120]}): prune in memory (--no-stream)") from None
     slots.release()
+    _release_freed_memory()
     del on_device
     if len(calls) != len(batches):
         raise SecateursError("the model's first layer did not run on every calibration batch: prune in memory "
@@ -467,18 +486,21 @@ def _stream_calibrated(model: nn.Module, config: Wanda | SparseGPT, batches: lis
             slots.move_buffers(sub, device)
         prune_block(model, block, inside[name], config, report,
                     (_call(acts.get(i), *templates[i]) for i in range(len(templates))))
+        # baked before the outputs pass: the same numbers as masked weights, without a masked copy of
+        # every weight in every call
+        masks = {f"{name}.{n}" if n else name: m for n, _, _, m in masked_tensors(block)}
+        finalize_(block)
         nxt = _Activations(budget, spill, device, stats)
         for i in range(len(templates)):
             args, kwargs = _call(acts.get(i), *templates[i])
             nxt.put(i, first_tensor(block(*args, **kwargs)))
             acts.drop(i)
         acts = nxt
-        masks = {f"{name}.{n}" if n else name: m for n, _, _, m in masked_tensors(block)}
-        finalize_(block)
         for key in slots.keys_under(name):
             module, attr, _ = slots.owner[key]
             write(key, getattr(module, attr), masks.get(key))
         slots.release()
+        _release_freed_memory()
         stats.layers += 1
         stats.per_layer_seconds.append(time.perf_counter() - began)
         done = len(stats.per_layer_seconds)

@@ -669,7 +669,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 # flags that need the whole model in memory, and how a CLI user turns each on
 _NOT_STREAMED = {"weights": "--weights", "arch": "--arch", "finetune_epochs": "--finetune-epochs",
-                 "report": "--report", "teacher": "--teacher", "regularize": "--regularize"}
+                 "report": "--report", "teacher": "--teacher", "regularize": "--regularize",
+                 "quantize": "--quantize", "group_size": "--group-size"}
 
 
 def _hf_folder(spec: str) -> Path | None:

@@ -66,3 +66,13 @@ def agreement(dense: torch.Tensor, pruned: torch.Tensor) -> tuple[float, float]:
         return sim.argmax(1)
 
     return cosine, float((nearest(dense) == nearest(pruned)).float().mean())
+
+
+def pydoc_splits(tokenizer, seq_len: int, calib_samples: int, eval_batches: int) -> tuple[list, list]:
+    """Calibration batches (of 4 sequences) from pydoc's calibration split, held-out batches from its test split."""
+    from secateurs.data.text import token_batches
+
+    calib = token_batches("pydoc", tokenizer, seq_len=seq_len, batch_size=4, max_batches=max(1, calib_samples // 4))
+    held_out = token_batches("pydoc", tokenizer, seq_len=seq_len, batch_size=4, max_batches=eval_batches,
+                             split="test")
+    return calib, held_out

@@ -26,8 +26,8 @@ import torch  # noqa: E402
 
 import secateurs  # noqa: E402
 from _common import markdown_table, write_results  # noqa: E402
-from _text import smollm  # noqa: E402
-from secateurs.data.text import perplexity, token_batches  # noqa: E402
+from _text import pydoc_splits, smollm  # noqa: E402
+from secateurs.data.text import perplexity  # noqa: E402
 from secateurs.io.checkpoint import serialized_size  # noqa: E402
 from secateurs.io.specs import quiet_transformers  # noqa: E402
 from secateurs.masks import effective_state_dict  # noqa: E402
@@ -66,10 +66,7 @@ def main() -> None:
                         help="int4 group size (SmolLM2's 576 inputs are not a multiple of 128)")
     args = parser.parse_args()
     dense, tokenizer = smollm()
-    calib = token_batches("pydoc", tokenizer, seq_len=args.seq_len, batch_size=4,
-                          max_batches=max(1, args.calib_samples // 4))
-    held_out = token_batches("pydoc", tokenizer, seq_len=args.seq_len, batch_size=4, max_batches=args.eval_batches,
-                             split="test")
+    calib, held_out = pydoc_splits(tokenizer, args.seq_len, args.calib_samples, args.eval_batches)
     variants = {
         "dense": None,
         "Wanda 50%": secateurs.Wanda(sparsity=0.5, calib_batches=len(calib)),

@@ -32,13 +32,18 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def crops(per_image: int, seed: int = 0) -> torch.Tensor:
+def photo_crops(names: list[str], per_image: int, seed: int) -> torch.Tensor:
+    """Random square crops (half to all of the short side) of scikit-image photos, 224x224, ImageNet-normalised."""
     import skimage.data
 
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for name in PHOTOS:
-        img = torch.from_numpy(getattr(skimage.data, name)()[..., :3].copy()).permute(2, 0, 1).float() / 255
+    for name in names:
+        img = getattr(skimage.data, name)()
+        img = img[0] if isinstance(img, tuple) else img  # stereo pairs: the left image
+        img = torch.from_numpy(img.copy()).float() / 255
+        img = img.unsqueeze(-1).expand(*img.shape, 3) if img.dim() == 2 else img[..., :3]
+        img = img.permute(2, 0, 1)
         _, h, w = img.shape
         for _ in range(per_image):
             side = int(min(h, w) * (0.5 + 0.5 * torch.rand(1, generator=gen).item()))
@@ -47,6 +52,10 @@ def crops(per_image: int, seed: int = 0) -> torch.Tensor:
             patch = img[:, top : top + side, left : left + side].unsqueeze(0)
             out.append(F.interpolate(patch, size=(224, 224), mode="bilinear", align_corners=False))
     return (torch.cat(out) - MEAN) / STD
+
+
+def crops(per_image: int, seed: int = 0) -> torch.Tensor:
+    return photo_crops(PHOTOS, per_image, seed)
 
 
 def real_mobilenet_v2() -> torch.nn.Module:

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import secateurs  # noqa: E402
 from _common import markdown_table, write_results  # noqa: E402
-from _text import smollm  # noqa: E402
-from secateurs.data.text import perplexity, token_batches  # noqa: E402
+from _text import pydoc_splits, smollm  # noqa: E402
+from secateurs.data.text import perplexity  # noqa: E402
 
 
 def main() -> None:
@@ -31,10 +31,7 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=16, help="batches of 4 held-out sequences")
     args = parser.parse_args()
     dense, tokenizer = smollm()
-    calib = token_batches("pydoc", tokenizer, seq_len=args.seq_len, batch_size=4,
-                          max_batches=max(1, args.calib_samples // 4))
-    held_out = token_batches("pydoc", tokenizer, seq_len=args.seq_len, batch_size=4, max_batches=args.eval_batches,
-                             split="test")
+    calib, held_out = pydoc_splits(tokenizer, args.seq_len, args.calib_samples, args.eval_batches)
     rows = [{"method": "dense", "pattern": "-", "perplexity": perplexity(dense, held_out), "seconds": 0.0}]
     print(rows[-1], flush=True)
     patterns = {"50%": {"sparsity": 0.5}, "4:8": {"n": 4, "m": 8}, "2:4": {"n": 2, "m": 4}}

@@ -28,11 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import secateurs  # noqa: E402
 from _common import markdown_table, write_results  # noqa: E402
-from mobilenet_real import MEAN, PHOTOS, STD, real_mobilenet_v2  # noqa: E402
+from mobilenet_real import PHOTOS, photo_crops, real_mobilenet_v2  # noqa: E402
 from secateurs.io.export import export_model  # noqa: E402
 from secateurs.io.quantize import Int8Config  # noqa: E402
 
@@ -40,26 +39,6 @@ from secateurs.io.quantize import Int8Config  # noqa: E402
 CALIB_PHOTOS = ["stereo_motorcycle", "camera", "coins", "grass", "gravel", "brick", "moon", "clock"]
 
 
-def photo_crops(names: list[str], per_image: int, seed: int) -> torch.Tensor:
-    """Random square crops (half to all of the short side) of scikit-image photos, 224x224, ImageNet-normalised."""
-    import skimage.data
-
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for name in names:
-        img = getattr(skimage.data, name)()
-        img = img[0] if isinstance(img, tuple) else img  # stereo pairs: the left image
-        img = torch.from_numpy(np.ascontiguousarray(img)).float() / 255
-        img = img.unsqueeze(-1).expand(*img.shape, 3) if img.dim() == 2 else img[..., :3]
-        img = img.permute(2, 0, 1)
-        _, h, w = img.shape
-        for _ in range(per_image):
-            side = int(min(h, w) * (0.5 + 0.5 * torch.rand(1, generator=gen).item()))
-            top = int(torch.randint(0, h - side + 1, (1,), generator=gen))
-            left = int(torch.randint(0, w - side + 1, (1,), generator=gen))
-            patch = img[:, top : top + side, left : left + side].unsqueeze(0)
-            out.append(F.interpolate(patch, size=(224, 224), mode="bilinear", align_corners=False))
-    return (torch.cat(out) - MEAN) / STD
 
 
 def build(name: str) -> torch.nn.Module:

@@ -93,6 +93,31 @@ def test_streamed_equals_in_memory_bitwise(config, tmp_path):
     assert os.listdir(tmp_path / "src") == os.listdir(tmp_path / "src")  # input untouched
 
 
+def test_streamed_layer_pruning_equals_in_memory(tmp_path):
+    """Block influence from one streamed pass: the same scores, the same layers go, the same folder."""
+    from transformers import AutoModelForCausalLM
+
+    from secateurs import Layers
+    from secateurs.methods.stream import prune_streaming
+
+    src = _llama_folder(tmp_path / "src", tokenizer=False, tie=True)
+    data = _calibration()
+    model = secateurs.load_model(f"hf:{src}")
+    expected = secateurs.prune_(model, Layers(n=1), data=data, example_inputs=data[0])
+    report, stats = prune_streaming(src, tmp_path / "out", Layers(n=1), data=data, activation_budget=2000)
+    assert report.plan["drop"] == expected.plan["drop"]
+    assert [c["score"] for c in report.plan["candidates"]] == [c["score"] for c in expected.plan["candidates"]]
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert stock.config.num_hidden_layers == 2 and stock.lm_head.weight is stock.model.embed_tokens.weight
+    want = model.state_dict()
+    assert set(stock.state_dict()) == set(want)
+    assert all(torch.equal(v, want[k]) for k, v in stock.state_dict().items())
+    ids = data[0]["input_ids"]
+    assert torch.equal(stock(ids).logits, model(ids).logits)
+    with pytest.raises(SecateursError, match="block influence"):
+        prune_streaming(src, tmp_path / "o2", Layers(n=1, importance="magnitude"), data=data)
+
+
 def test_shard_writer_round_trips_with_safetensors(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -195,6 +220,9 @@ def test_cli_stream_writes_a_stock_loadable_folder(tmp_path, capsys):
     assert float((model.model.layers[2].mlp.down_proj.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
     ids = AutoTokenizer.from_pretrained(out)("the object is a function", return_tensors="pt")["input_ids"]
     assert torch.isfinite(model(ids).logits.float()).all()
+    code = main(["prune", f"hf:{src}", "--method", "layer", "--layers", "1", "--calib-samples", "4", "--seq-len", "16",
+                 "--stream", "--out", str(tmp_path / "layer"), "-q"])
+    assert code == 0 and AutoModelForCausalLM.from_pretrained(tmp_path / "layer").config.num_hidden_layers == 2
     capsys.readouterr()
     # bad input: one line, exit 2, nothing at --out
     for argv, message in [

@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration sequences/images in all (sets the number of --data batches)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="prune a transformers folder (hf:DIR, safetensors) one layer at a time from disk to --out, so "
-                   "memory holds one layer, not the model (wanda, sparsegpt, unstructured per layer, nm; --device "
+                   "memory holds one layer, not the model (wanda, sparsegpt, unstructured per layer, nm, layer by "
+                   "block influence; --device "
                    "cuda computes each layer on the GPU). Default: on when the weights exceed a third of this "
                    "machine's memory")
     p.add_argument("--ignore", metavar="NAME[,NAME]", help="modules to leave alone (names, prefixes, globs)")
@@ -723,7 +724,11 @@ def _prune_streamed(args: argparse.Namespace, config: Any) -> int:
     from .methods.stream import prune_streaming
 
     data, tokenizer = None, None
-    if config.method in ("wanda", "sparsegpt"):
+    if config.method == "layer" and args.data is None:
+        args.data = "pydoc"  # as in memory: a language model's layers are chosen on text
+        logging.getLogger(__name__).info("choosing layers on calibration text: --data pydoc (pass --data to "
+                                         "choose another)")
+    if config.method in ("wanda", "sparsegpt", "layer"):
         if args.data is None:
             raise SecateursError(f"{config.method} calibrates on text: pass --calib pydoc or --calib text:FILE")
         from .data.specs import check_data_spec

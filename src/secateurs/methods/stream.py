@@ -9,7 +9,9 @@ each layer of the model's stack: read its weights from the input shards, collect
 statistics of its inputs, prune, run the *pruned* layer to produce the next
 layer's inputs, write its weights into the output shards and free them. This is
 the same computation, in the same order, as the in-memory path
-(:mod:`secateurs.methods.oneshot`), so the result is the same.
+(:mod:`secateurs.methods.oneshot`), so the result is the same. Layer pruning by
+block influence walks the dense model the same way to score every layer, then
+copies the layers it keeps under their new names, with the config updated.
 
 Memory holds one layer, its statistics and the calibration activations (which
 spill to disk beyond a budget); the output folder is a standard transformers
@@ -37,12 +39,16 @@ from torch import Tensor, nn
 
 from ..errors import SecateursError
 from ..graph.blocks import repeated_blocks
+from ..importance.layer import block_influence
 from ..importance.stats import split_batch
 from ..masks import finalize_, masked_tensors
 from ..progress import Progress
 from ..selection import Target, select_targets
+from ..surgery import Plan, apply_plan_
+from ..surgery.layers import name_after_drop
 from ..utils import first_tensor, map_tensors, total_memory
 from .common import config_to_dict, layer_report, make_generator
+from .layers import Layers
 from .nm import NM, nm_keep
 from .oneshot import (
     SparseGPT,
@@ -52,7 +58,7 @@ from .oneshot import (
     oneshot_targets,
     prune_block,
 )
-from .report import PruneReport
+from .report import LayerReport, PruneReport
 from .unstructured import Unstructured, layer_keep
 
 __all__ = ["StreamStats", "check_streamable", "prune_streaming"]
@@ -88,6 +94,14 @@ def check_streamable(config: Any) -> None:
     """Refuse, in one line, a method or option that needs the whole model at once."""
     if isinstance(config, (Wanda, SparseGPT, NM)):
         return
+    if isinstance(config, Layers):
+        if config.importance not in (None, "block_influence") or config.n is None:
+            raise SecateursError("streaming chooses layers by block influence, a given number of them (--layers K): "
+                                 "other importances and targets need the whole model; drop --stream")
+        if config.include is not None or config.ignore or config.filter_fn is not None:
+            raise SecateursError("streaming chooses among all of the model's layers: drop --include/--ignore, or "
+                                 "--stream")
+        return
     if isinstance(config, Unstructured):
         if config.scope == "global":
             raise SecateursError("--scope global ranks every layer's weights together, which needs the whole model "
@@ -96,7 +110,7 @@ def check_streamable(config: Any) -> None:
             raise SecateursError("--allocate sensitivity measures the whole model: prune in memory (--no-stream)")
         return
     raise SecateursError(f"--method {config.method} needs the whole model in memory; streaming prunes with "
-                         "wanda, sparsegpt, unstructured (per layer) or nm: drop --stream")
+                         "wanda, sparsegpt, unstructured (per layer), nm or layer: drop --stream")
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -307,8 +321,9 @@ def prune_streaming(
         source: a transformers model folder with safetensors weights (one file or shards + index).
         out: the output folder (written atomically; never the input).
         config: :class:`~secateurs.Wanda`, :class:`~secateurs.SparseGPT`, :class:`~secateurs.NM`,
-            or :class:`~secateurs.Unstructured` with ``scope="layer"``.
-        data: calibration batches of token ids (Wanda, SparseGPT).
+            :class:`~secateurs.Unstructured` with ``scope="layer"``, or :class:`~secateurs.Layers` with
+            ``n`` (chosen by block influence).
+        data: calibration batches of token ids (Wanda, SparseGPT, Layers).
         device: where each layer and its activations are computed (``cpu``, ``cuda``, ``cuda:N``);
             the rest of the model stays on disk.
         max_shard_size: largest output shard in bytes (default: the input's own sharding).
@@ -347,7 +362,9 @@ def prune_streaming(
     floats = [i.dtype for i in weights.tensors.values() if i.dtype.is_floating_point]
     dtype = max(set(floats), key=floats.count) if floats else torch.float32
     _check_compute(dtype, dev)
-    batches = calibration_batches(config, data) if isinstance(config, (Wanda, SparseGPT)) else None
+    if isinstance(config, Layers) and data is None:
+        raise SecateursError("layers are chosen on calibration text: pass data= (CLI: --calib pydoc or text:FILE)")
+    batches = calibration_batches(config, data) if isinstance(config, (Wanda, SparseGPT, Layers)) else None
     _check_disk(out, weights.nbytes)
     model = hf_skeleton(folder, trust_code=trust_code, dtype=dtype, stored=weights.tensors)
     slots = _Slots(model, weights.tensors)
@@ -367,13 +384,21 @@ def prune_streaming(
                                  "(CLI: --allow-nonfinite)")
         return t
 
-    files = plan_shards(weights.tensors, max_shard_size)
+    renamed = {key: key for key in weights.tensors}  # stored name -> written name (None: removed)
+    if isinstance(config, Layers):
+        with torch.no_grad(), tempfile.TemporaryDirectory(dir=out.resolve().parent, prefix=".activations-") as spill:
+            renamed = _choose_layers(model, config, batches, slots, read, report, stats, dev,
+                                     activation_budget if activation_budget is not None else _default_budget(dev),
+                                     Path(spill))
+    infos = {renamed[k]: info for k, info in weights.tensors.items() if renamed[k] is not None}
+    files = plan_shards(infos, max_shard_size)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, {k: (i.dtype, i.shape) for k, i in weights.tensors.items()}, files)
+        writer = ShardWriter(tmp, {k: (i.dtype, i.shape) for k, i in infos.items()}, files)
 
         def write(key: str, tensor: Tensor, mask: Tensor | None) -> None:
             if mask is None and key in prior_masked:
                 mask = tensor != 0  # pruned before: its zeros stay pruned
+            key = renamed[key]
             writer.write(key, tensor)
             records[key] = transformers_tensor_record(key, tensor, mask, kept_zeros)
             stats.bytes_written += tensor.numel() * tensor.element_size()
@@ -382,7 +407,9 @@ def prune_streaming(
                 stats.nonzero_params += int(tensor.count_nonzero())
 
         with torch.no_grad():
-            if batches is None:
+            if isinstance(config, Layers):
+                pass  # chosen above: the kept layers are copied below under their new names
+            elif batches is None:
                 _stream_data_free(model, config, slots, read, write, report, stats)
             else:
                 with tempfile.TemporaryDirectory(dir=tmp, prefix=".activations-") as spill:
@@ -390,11 +417,14 @@ def prune_streaming(
                                        activation_budget if activation_budget is not None else _default_budget(dev),
                                        Path(spill))
             for key in weights.tensors:  # everything the method left alone, as it was
-                if key not in records:
+                if renamed[key] is not None and renamed[key] not in records:
                     write(key, read(key), None)
         written = writer.close()
+        if isinstance(config, Layers):  # the config now says how many layers there are
+            model.config.to_json_file(str(tmp / "config.json"))
+            written.append("config.json")
         for name in _COPIED:
-            if (folder / name).is_file() and name not in (extra_files or {}):
+            if (folder / name).is_file() and name not in (extra_files or {}) and name not in written:
                 shutil.copyfile(folder / name, tmp / name)
                 written.append(name)
         stats.seconds = time.perf_counter() - start
@@ -438,11 +468,8 @@ def _stream_data_free(model: nn.Module, config: Any, slots: _Slots, read: Any, w
 def _stream_calibrated(model: nn.Module, config: Wanda | SparseGPT, batches: list[Any], slots: _Slots, read: Any,
                        write: Any, report: PruneReport, stats: StreamStats, device: torch.device,
                        budget: int, spill: Path) -> None:
-    """Wanda and SparseGPT: the calibration batches walk the layer stack, one layer in memory at a time."""
+    """Wanda and SparseGPT: each layer is pruned on its inputs, then its pruned outputs feed the next."""
     blocks = repeated_blocks(model)
-    if not blocks:
-        raise SecateursError("the model has no stack of layers of one kind to stream through: prune in memory "
-                             "(--no-stream)")
     targets = oneshot_targets(model, config, None, report)
     inside: dict[str, list[Target]] = {name: [] for name, _ in blocks}
     for t in targets:
@@ -452,6 +479,38 @@ def _stream_calibrated(model: nn.Module, config: Wanda | SparseGPT, batches: lis
                                      "to include it)"
         else:
             inside[owner].append(t)
+    masks: dict[str, Tensor] = {}
+
+    def prune(name: str, block: nn.Module, calls: Iterator[tuple[tuple, dict]]) -> None:
+        prune_block(model, block, inside[name], config, report, calls)
+        # baked before the outputs pass: the same numbers as masked weights, without a masked copy of
+        # every weight in every call
+        masks.clear()
+        masks.update({f"{name}.{n}" if n else name: m for n, _, _, m in masked_tensors(block)})
+        finalize_(block)
+
+    def save(name: str, block: nn.Module) -> None:
+        for key in slots.keys_under(name):
+            module, attr, _ = slots.owner[key]
+            write(key, getattr(module, attr), masks.get(key))
+
+    _walk_layers(model, blocks, batches, slots, read, stats, device, budget, spill, before=prune, done=save)
+
+
+def _walk_layers(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: list[Any], slots: _Slots,
+                 read: Any, stats: StreamStats, device: torch.device, budget: int, spill: Path, *,
+                 before: Callable[[str, nn.Module, Iterator[tuple[tuple, dict]]], None] | None = None,
+                 each: Callable[[str, Tensor, Tensor], None] | None = None,
+                 done: Callable[[str, nn.Module], None] | None = None) -> None:
+    """Walk the calibration batches through the layer stack, one layer in memory at a time.
+
+    For each layer: its tensors are read; ``before(name, layer, calls)`` sees its inputs (and may
+    prune it); its outputs are computed (``each(name, input, output)`` for every batch) and become the
+    next layer's inputs; ``done(name, layer)`` runs; its tensors are freed.
+    """
+    if not blocks:
+        raise SecateursError("the model has no stack of layers of one kind to stream through: prune in memory "
+                             "(--no-stream)")
     in_stack = {id(m) for _, b in blocks for m in b.modules()}
     outside = [m for m in model.modules() if id(m) not in in_stack]
     on_device = [map_tensors(split_batch(b)[0], lambda x: x.to(device)) for b in batches]
@@ -476,34 +535,65 @@ def _stream_calibrated(model: nn.Module, config: Wanda | SparseGPT, batches: lis
         templates.append((rest, kw, positional))
         acts.put(i, hidden)
     del calls
-    bar = Progress(len(blocks), f"streaming {config.method}", enabled=None)
+    bar = Progress(len(blocks), f"streaming {len(blocks)} layers", enabled=None)
     for name, block in blocks:
         began = time.perf_counter()
         for key in slots.keys_under(name):
             slots.put(key, read(key))
-        slots.move_buffers(block, device)
         for sub in block.modules():
             slots.move_buffers(sub, device)
-        prune_block(model, block, inside[name], config, report,
-                    (_call(acts.get(i), *templates[i]) for i in range(len(templates))))
-        # baked before the outputs pass: the same numbers as masked weights, without a masked copy of
-        # every weight in every call
-        masks = {f"{name}.{n}" if n else name: m for n, _, _, m in masked_tensors(block)}
-        finalize_(block)
+        if before is not None:
+            before(name, block, (_call(acts.get(i), *templates[i]) for i in range(len(templates))))
         nxt = _Activations(budget, spill, device, stats)
         for i in range(len(templates)):
-            args, kwargs = _call(acts.get(i), *templates[i])
-            nxt.put(i, first_tensor(block(*args, **kwargs)))
+            x = acts.get(i)
+            args, kwargs = _call(x, *templates[i])
+            y = first_tensor(block(*args, **kwargs))
+            if each is not None:
+                each(name, x, y)
+            nxt.put(i, y)
             acts.drop(i)
         acts = nxt
-        for key in slots.keys_under(name):
-            module, attr, _ = slots.owner[key]
-            write(key, getattr(module, attr), masks.get(key))
+        if done is not None:
+            done(name, block)
         slots.release()
         _release_freed_memory()
         stats.layers += 1
         stats.per_layer_seconds.append(time.perf_counter() - began)
-        done = len(stats.per_layer_seconds)
-        remaining = sum(stats.per_layer_seconds) / done * (len(blocks) - done)
+        done_count = len(stats.per_layer_seconds)
+        remaining = sum(stats.per_layer_seconds) / done_count * (len(blocks) - done_count)
         bar.update(layer=name, left=f"{math.ceil(remaining)}s")
     bar.close()
+
+
+def _choose_layers(model: nn.Module, config: Layers, batches: list[Any], slots: _Slots, read: Any,
+                   report: PruneReport, stats: StreamStats, device: torch.device, budget: int,
+                   spill: Path) -> dict[str, str | None]:
+    """Layer pruning by block influence (ShortGPT): one streamed pass of the dense model scores every
+    layer by ``1 - cos`` of its input and output, the ``config.n`` lowest go; the skeleton loses them
+    (its config too) and each stored name maps to its name after the removal, or None."""
+    blocks = repeated_blocks(model)
+    if len(blocks) <= config.n and not config.allow_empty_stage:
+        raise SecateursError(f"the model has {len(blocks)} layers: removing {config.n} would leave none; ask for fewer")
+    share = 1 / len(batches)
+    influence = dict.fromkeys((name for name, _ in blocks), 0.0)
+
+    def score(name: str, x: Tensor, y: Tensor) -> None:
+        influence[name] += float(block_influence(x.detach(), y.detach())) * share
+
+    _walk_layers(model, blocks, batches, slots, read, stats, device, budget, spill, each=score)
+    chosen = sorted(influence, key=influence.__getitem__)[: config.n]
+    chosen.sort(key=[name for name, _ in blocks].index)
+    sizes = {name: sum(p.numel() for p in block.parameters()) for name, block in blocks}
+    report.config["importance_used"] = "block_influence"
+    report.layers = [LayerReport(name=n, shape=[sizes[n]], numel=sizes[n], zeros=sizes[n] if n in chosen else 0)
+                     for n, _ in blocks]
+    report.plan = {"drop": chosen, "candidates": [{"name": n, "stage": "", "score": influence[n],
+                                                   "removed": n in chosen} for n, _ in blocks]}
+    apply_plan_(model, Plan(drop=chosen))
+    renamed: dict[str, str | None] = {}
+    for key in slots.owner:
+        module, _, attr = key.rpartition(".")
+        after = name_after_drop(module, chosen)
+        renamed[key] = None if after is None else f"{after}.{attr}" if after else attr
+    return renamed

@@ -193,6 +193,13 @@ def test_too_little_disk_and_a_device_without_cuda(tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(SecateursError, match="no CUDA GPU"):
             stream.prune_streaming(src, tmp_path / "o", Unstructured(sparsity=0.5), device="cuda")
+    def no_bf16(a, b, *rest):
+        raise RuntimeError('"addmm" not implemented for \'BFloat16\'')
+
+    with monkeypatch.context() as m:  # a device without bf16 kernels
+        m.setattr(torch.nn.functional, "linear", no_bf16)
+        with pytest.raises(SecateursError, match="bfloat16, which cpu cannot compute in"):
+            stream.prune_streaming(src, tmp_path / "o", Unstructured(sparsity=0.5))
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(stream.shutil, "disk_usage", lambda p: usage._replace(free=1000))
     with pytest.raises(SecateursError, match="GiB free"):

@@ -384,9 +384,11 @@ def transformers_tensor_record(name: str, tensor: Tensor, mask: Tensor | None,
 
 def finish_transformers_folder(tmp: Path, model: nn.Module, *, manifest: dict[str, Any],
                                tensors: dict[str, Any], kept_zeros: dict[str, Tensor], written: list[str],
-                               extra_files: dict[str, Any], size: int) -> None:
+                               extra_files: dict[str, Any], size: int, layout: str = "transformers",
+                               fields: dict[str, Any] | None = None) -> None:
     """Add secateurs' files to a transformers folder being written in ``tmp`` (the weights, config and
-    ``written`` files already there): the kept-zeros file, the manifest, then ``extra_files``."""
+    ``written`` files already there): the kept-zeros file, the manifest (of ``layout``, with more
+    ``fields``), then ``extra_files``."""
     written = list(written)
     if kept_zeros:
         from safetensors.torch import save_file
@@ -394,12 +396,13 @@ def finish_transformers_folder(tmp: Path, model: nn.Module, *, manifest: dict[st
         save_file(kept_zeros, str(tmp / KEPT_ZEROS), metadata=WEIGHTS_METADATA)
         written.append(KEPT_ZEROS)
     manifest = manifest | {
-        "layout": "transformers",
+        "layout": layout,
         "source": {"kind": "hf", "class": type(model).__name__, "config": model.config.to_dict()},
         "structure": [],  # the config describes the pruned shapes
         "weights": [name for name in written if name.endswith(".safetensors") and name != KEPT_ZEROS],
         "tensors": tensors,
         "aliases": {},
+        **(fields or {}),
         "files": sorted({*written, MANIFEST, *extra_files}),
     }
     (tmp / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=2))

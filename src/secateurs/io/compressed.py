@@ -263,7 +263,7 @@ def save_compressed(
     """
     from ..surgery.hf import config_misfits
     from .atomic import PARTIAL, atomic_dir
-    from .checkpoint import MANIFEST, _jsonable, _write_extra_files, manifest_fields
+    from .checkpoint import finish_transformers_folder, manifest_fields
     from .specs import quiet_transformers
 
     quantization = check_compressed(model, LAYOUT, quantize, group_size)
@@ -288,18 +288,9 @@ def save_compressed(
                                  "the free disk space and --max-shard-size") from None
         written = sorted(p.name for p in tmp.iterdir() if p.name != PARTIAL)
         size = sum((tmp / name).stat().st_size for name in written if name.endswith(".safetensors"))
-        manifest = manifest_fields(model, report, input_shape) | {
-            "layout": LAYOUT,
-            "source": {"kind": "hf", "class": type(model).__name__, "config": model.config.to_dict()},
-            "structure": [],
-            "weights": [name for name in written if name.endswith(".safetensors")],
-            "tensors": tensors,
-            "aliases": {},
-            "quantization": asdict(quantization),
-            "files": sorted({*written, MANIFEST, *(extra_files or {})}),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=2))
-        _write_extra_files(tmp, extra_files, size, keep=set(written))
+        finish_transformers_folder(tmp, model, manifest=manifest_fields(model, report, input_shape),
+                                   tensors=tensors, kept_zeros={}, written=written, extra_files=extra_files or {},
+                                   size=size, layout=LAYOUT, fields={"quantization": asdict(quantization)})
     return size
 
 

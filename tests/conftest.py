@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -135,3 +139,31 @@ class AttnBlock(nn.Module):
         h = self.proj(x)
         h = h + self.att(h, h, h, need_weights=False)[0]
         return self.head(h)
+
+
+# Loads every folder with transformers alone (compressed-tensors folders decompress on the first forward) and
+# writes the logits, the dtype and layer 1's q_proj weight of each; fails if secateurs got imported.
+STOCK = textwrap.dedent("""
+    import sys, torch, transformers
+    x = torch.load(sys.argv[1], weights_only=True)
+    out = {}
+    for folder in sys.argv[3:]:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            out[folder] = model(x).logits
+        out[folder + ":dtype"] = torch.zeros(0, dtype=model.dtype)
+        if len(model.model.layers) > 1:
+            out[folder + ":q_proj"] = model.model.layers[1].self_attn.q_proj.weight.detach().clone()
+    assert "secateurs" not in sys.modules
+    torch.save(out, sys.argv[2])
+""")
+
+
+def stock_outputs(tmp_path, x, folders) -> dict:
+    """What stock transformers makes of each folder, in a fresh process that never imports secateurs."""
+    torch.save(x, tmp_path / "x.pt")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1")
+    proc = subprocess.run([sys.executable, "-c", STOCK, str(tmp_path / "x.pt"), str(tmp_path / "out.pt"),
+                           *map(str, folders)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt", weights_only=True)

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 import secateurs
-from conftest import needs
+from conftest import needs, stock_outputs
 from secateurs import NM, Unstructured
 from secateurs.cli import main
 from secateurs.errors import SecateursError
@@ -119,30 +115,8 @@ def test_int4_is_smaller_than_int8(saved):
         assert saved[pname, "int4"]["size"] < 0.75 * saved[pname, "int8"]["size"]
 
 
-# Loads each folder with transformers alone (it decompresses on the first forward) and writes the logits
-# and the weights it ends up with; fails if secateurs got imported.
-STOCK = textwrap.dedent("""
-    import sys, torch, transformers
-    x = torch.load(sys.argv[1], weights_only=True)
-    out = {}
-    for folder in sys.argv[3:]:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-        with torch.no_grad():
-            out[folder] = model(x).logits
-        out[folder + ":q_proj"] = model.model.layers[1].self_attn.q_proj.weight.detach().clone()
-    assert "secateurs" not in sys.modules
-    torch.save(out, sys.argv[2])
-""")
-
-
 def test_stock_transformers_loads_every_folder_with_the_same_outputs(saved, tmp_path):
-    torch.save(X, tmp_path / "x.pt")
-    folders = [str(e["folder"]) for e in saved.values()]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1")
-    proc = subprocess.run([sys.executable, "-c", STOCK, str(tmp_path / "x.pt"), str(tmp_path / "out.pt"), *folders],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    out = stock_outputs(tmp_path, X, [str(e["folder"]) for e in saved.values()])
     for (_, qname), entry in saved.items():
         weights, _, _ = ct_decompress(entry["folder"])
         reference = copy.deepcopy(entry["model"])

@@ -5,15 +5,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 import secateurs
-from conftest import needs
+from conftest import needs, stock_outputs
 from secateurs import NM, Channels, Layers, SparseGPT, Unstructured, Wanda
 from secateurs.errors import SecateursError
 from secateurs.masks import masked_tensors
@@ -47,30 +44,6 @@ METHODS = {
     "channel": Channels(ratio=0.5),
 }
 
-# Loads every folder with transformers alone and writes the logits; fails if secateurs got imported.
-STOCK = textwrap.dedent("""
-    import sys, torch, transformers
-    x = torch.load(sys.argv[1], weights_only=True)
-    out = {}
-    for folder in sys.argv[3:]:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-        with torch.no_grad():
-            out[folder] = model(x).logits
-        out[folder + ":dtype"] = torch.zeros(0, dtype=model.dtype)
-    assert "secateurs" not in sys.modules
-    torch.save(out, sys.argv[2])
-""")
-
-
-def stock_logits(tmp_path, x, folders):
-    torch.save(x, tmp_path / "x.pt")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run([sys.executable, "-c", STOCK, str(tmp_path / "x.pt"), str(tmp_path / "out.pt"),
-                           *map(str, folders)], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(tmp_path / "out.pt", weights_only=True)
-
-
 def safetensors_header(path):
     from safetensors import safe_open
 
@@ -89,7 +62,7 @@ def test_every_method_saves_a_folder_stock_transformers_loads_with_the_same_outp
         secateurs.save(model, tmp_path / name)
         pruned[name] = model
         folders.append(tmp_path / name)
-    out = stock_logits(tmp_path, x, folders)
+    out = stock_outputs(tmp_path, x, folders)
     for name, model in pruned.items():
         folder = tmp_path / name
         files = set(os.listdir(folder))
@@ -306,7 +279,7 @@ def test_kept_weights_that_are_exactly_zero_stay_kept_after_a_reload(tmp_path):
     assert torch.equal(secateurs.get_mask(again.model.layers[0].mlp.down_proj), mask)
     assert all(torch.equal(secateurs.get_mask(a), secateurs.get_mask(b))
                for (_, a, _, _), (_, b, _, _) in zip(masked_tensors(again), masked_tensors(model), strict=True))
-    out = stock_logits(tmp_path, x, [tmp_path / "m"])  # stock transformers ignores the extra file
+    out = stock_outputs(tmp_path, x, [tmp_path / "m"])  # stock transformers ignores the extra file
     with torch.no_grad():
         torch.testing.assert_close(out[str(tmp_path / "m")], model(x).logits)
     with pytest.raises(SecateursError, match="secateurs' own"):

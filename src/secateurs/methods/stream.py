@@ -384,12 +384,11 @@ def prune_streaming(
                                  "(CLI: --allow-nonfinite)")
         return t
 
+    budget = activation_budget if activation_budget is not None else _default_budget(dev)
     renamed = {key: key for key in weights.tensors}  # stored name -> written name (None: removed)
     if isinstance(config, Layers):
         with torch.no_grad(), tempfile.TemporaryDirectory(dir=out.resolve().parent, prefix=".activations-") as spill:
-            renamed = _choose_layers(model, config, batches, slots, read, report, stats, dev,
-                                     activation_budget if activation_budget is not None else _default_budget(dev),
-                                     Path(spill))
+            renamed = _choose_layers(model, config, batches, slots, read, report, stats, dev, budget, Path(spill))
     infos = {renamed[k]: info for k, info in weights.tensors.items() if renamed[k] is not None}
     files = plan_shards(infos, max_shard_size)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -407,14 +406,12 @@ def prune_streaming(
                 stats.nonzero_params += int(tensor.count_nonzero())
 
         with torch.no_grad():
-            if isinstance(config, Layers):
-                pass  # chosen above: the kept layers are copied below under their new names
-            elif batches is None:
+            # layer pruning chose above: its kept layers are copied below under their new names
+            if batches is None:
                 _stream_data_free(model, config, slots, read, write, report, stats)
-            else:
+            elif not isinstance(config, Layers):
                 with tempfile.TemporaryDirectory(dir=tmp, prefix=".activations-") as spill:
-                    _stream_calibrated(model, config, batches, slots, read, write, report, stats, dev,
-                                       activation_budget if activation_budget is not None else _default_budget(dev),
+                    _stream_calibrated(model, config, batches, slots, read, write, report, stats, dev, budget,
                                        Path(spill))
             for key in weights.tensors:  # everything the method left alone, as it was
                 if renamed[key] is not None and renamed[key] not in records:

@@ -96,3 +96,60 @@ def test_steady_allocator_applies_on_glibc():
 
     assert steady_allocator() is True
     assert steady_allocator() is True  # idempotent
+
+
+class _Sleeper(nn.Module):
+    """A forward that takes a known time; the calls listed in ``slow`` take much longer (a busy machine)."""
+
+    def __init__(self, ms: float, slow: tuple[int, ...] = (), log: list | None = None, name: str = ""):
+        super().__init__()
+        self.ms, self.slow, self.calls, self.log, self.name = ms, set(slow), 0, log, name
+
+    def forward(self, x):
+        import time
+
+        self.calls += 1
+        if self.log is not None:
+            self.log.append(self.name)
+        time.sleep((self.ms * 20 if self.calls in self.slow else self.ms) / 1000)
+        return x
+
+
+def test_latency_is_the_median_of_many_samples_with_its_spread():
+    from secateurs.analysis import latency_stats
+
+    # warm-up takes 3 calls; calls 4-8 are the first timed samples, slowed 20x as if the machine were busy
+    lat = latency_stats(_Sleeper(2.0, slow=(4, 5, 6, 7, 8)), torch.randn(1), repeats=30)
+    assert lat.samples == 30 and lat.calls == 1
+    assert 2.0 <= lat.median_ms < 3.5  # the slow fifth moves the median hardly at all
+    assert lat.max_ms > 35 and lat.min_ms <= lat.q1_ms <= lat.median_ms <= lat.q3_ms < 10
+    quick = latency_stats(nn.Identity(), torch.randn(1), repeats=5)
+    assert quick.calls > 1  # a sample of a quick model spans several calls
+
+
+def test_compared_models_are_timed_in_alternation():
+    from secateurs.analysis import compare_latency
+
+    log: list[str] = []
+    a, b = _Sleeper(0.5, log=log, name="a"), _Sleeper(1.5, log=log, name="b")
+    lat = compare_latency({"a": a, "b": b}, torch.randn(1), warmup=1, repeats=6)
+    assert lat["a"].samples == lat["b"].samples == 6
+    assert lat["a"].median_ms < lat["b"].median_ms
+    timed = [n for i, n in enumerate(log) if i >= 2]  # after one warm-up call each
+    runs = [timed[0]]
+    for n in timed[1:]:
+        if n != runs[-1]:
+            runs.append(n)
+    assert runs[:4] == ["a", "b", "a", "b"] and len(runs) >= 6  # never all of one model, then the other
+
+
+def test_analyze_records_the_latency_spread_and_the_table_shows_it(cnn, digits_input):
+    from secateurs.report import before_after_table
+
+    d = secateurs.analyze(cnn, digits_input, repeats=8).to_dict()
+    q1, q3 = d["latency_iqr_ms"]
+    assert d["latency_samples"] == 8 and q1 <= d["latency_ms"] <= q3
+    table = before_after_table({"before": d, "after": d | {"latency_ms": d["latency_ms"] / 2}})
+    row = next(line for line in table.splitlines() if line.startswith("latency"))
+    assert row.startswith("latency, median (IQR)") and f"({q1:.3f}-{q3:.3f})" in row and row.endswith("0.50x")
+    assert "IQR" not in before_after_table({"m": {"latency_ms": 1.0}})  # older reports: the median alone

@@ -250,3 +250,173 @@ def test_trust_pickle_with_arch_records_the_recipe(tmp_path, capsys):
 
 def _seq():
     return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+
+def _mlp():
+    """Eight Linear layers: enough for a long 'left dense' list."""
+    return torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(8)])
+
+
+def test_version_is_the_installed_one(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"secateurs {version('secateurs')}"
+
+
+def _bad_data_cases(root):
+    (root / "flat").mkdir()
+    (root / "flat" / "x.png").write_bytes(b"")  # images, but no class subfolders
+    (root / "noimg" / "cat").mkdir(parents=True)
+    (root / "noimg" / "cat" / "notes.txt").write_text("x")
+    (root / "split" / "train" / "a").mkdir(parents=True)
+    (root / "split" / "train" / "a" / "1.png").write_bytes(b"")
+    (root / "split" / "val" / "a").mkdir(parents=True)  # val/ holds no image
+    (root / "empty.txt").write_text("")
+    return [
+        (["--data", f"imagefolder:{root / 'flat'}"], "no class subfolders"),
+        (["--data", f"imagefolder:{root / 'noimg'}"], "without images (cat)"),
+        (["--data", f"imagefolder:{root / 'split'}"], "val' has class subfolders without images (a)"),
+        (["--data", f"text:{root / 'empty.txt'}"], "is empty"),
+        (["--data", "pydoc", "--finetune-epochs", "1"], "--finetune-epochs trains on labelled images"),
+        (["--teacher", "dense"], "also pass --finetune-epochs"),
+    ]
+
+
+def test_data_specs_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    def no_load(args):
+        raise AssertionError("the model was loaded before the data spec was checked")
+
+    monkeypatch.setattr("secateurs.cli._load", no_load)
+    for extra, fragment in _bad_data_cases(tmp_path):
+        code, out, err = run(["prune", CNN, *SHAPE, "--method", "channel", "--ratio", "0.5", *extra,
+                              "--out", str(tmp_path / "o")], capsys)
+        assert code == 2 and fragment in err and err.count("\n") == 1, (extra, err)
+        assert not (tmp_path / "o").exists()
+    for argv in (["eval", CNN, "--data", f"imagefolder:{tmp_path / 'flat'}"],
+                 ["sensitivity", CNN, "--data", f"imagefolder:{tmp_path / 'noimg'}", "--out", str(tmp_path / "s.json")],
+                 ["finetune", CNN, "--data", f"text:{tmp_path / 'empty.txt'}", "--out", str(tmp_path / "f")]):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and ("class subfolders" in err or "is empty" in err), err
+
+
+def test_a_long_left_dense_list_is_summarised(tmp_path, capsys):
+    from secateurs.report.table import skipped_summary
+
+    code, out, err = run(["prune", "tests.test_cli:_mlp", "--input-shape", "2,8", "--method", "unstructured",
+                          "--sparsity", "0.5", "--ignore", "0,1,2,3,4,5", "--no-latency",
+                          "--out", str(tmp_path / "p")], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("left dense"))
+    assert lines[start] == "left dense: 7 entries, by reason (the full list is in report.json):"
+    assert lines[start + 1] == "  6 ignored: 0, 1, 2 and 3 more"
+    assert lines[start + 2] == "  1 output layer: 7"
+    skipped = json.loads((tmp_path / "p" / "report.json").read_text())["pruning"]["skipped"]
+    assert sorted(skipped) == [str(i) for i in range(6)] + ["7"]  # the whole list stays in report.json
+    # a short list stays on one line, in CLI words
+    assert skipped_summary({"7": skipped["7"]}) == [f"left dense: 7 ({skipped['7']})"]
+    code, out, err = run(["prune", "tests.test_cli:_mlp", "--input-shape", "2,8", "--method", "unstructured",
+                          "--sparsity", "0.5", "--ignore", "0", "--no-latency", "--out", str(tmp_path / "q")], capsys)
+    assert code == 0, err
+    assert "left dense: 0 (ignored), 7 (output layer (set --prune-output-layer to prune it))\n" in out
+    many = skipped_summary({f"g{i}": f"kept whole: breaks the forward (error {i})" for i in range(12)}
+                           | {f"x{i}": f"reason {i}" for i in range(8)}, kinds=2)
+    assert many[1] == "  12 kept whole: breaks the forward: g0, g1, g2 and 9 more"
+    assert many[-1] == "   7 for 7 other reasons"
+
+
+OLD_SPELLINGS = [  # (old argv, new argv, the warnings)
+    (["--method", "channel", "--target-macs", "0.5", "--global"],
+     ["--method", "channel", "--target-macs", "0.5", "--scope", "global"],
+     ["--global is deprecated: use --scope global"]),
+    (["--method", "layer", "--layers", "1", "--importance", "block-influence", "--calib", "digits"],
+     ["--method", "layer", "--layers", "1", "--importance", "block_influence", "--data", "digits"],
+     ["--calib is deprecated: use --data",
+      "--importance block-influence is deprecated: use --importance block_influence"]),
+]
+
+
+@pytest.mark.parametrize("old, new, warnings", OLD_SPELLINGS, ids=["global", "calib+block-influence"])
+def test_old_spellings_give_the_same_config_with_one_warning_line_each(old, new, warnings, capsys):
+    from secateurs.cli import _deprecation, _method_config, build_parser
+
+    configs, errs = [], []
+    for argv in (old, new):
+        args = build_parser().parse_args(["prune", CNN, *argv, "--out", "o"])
+        for note in getattr(args, "deprecations", []):
+            _deprecation(note, args)
+        configs.append(_method_config(args))
+        errs.append(capsys.readouterr().err)
+    assert configs[0] == configs[1]
+    assert errs[0].splitlines() == [f"secateurs: warning: {w}" for w in warnings] and errs[1] == ""
+    assert configs[0].global_ranking if "channel" in old else configs[0].importance == "block_influence"
+
+
+@needs("sklearn")
+def test_deprecation_lines_in_a_real_run_and_quiet_silences_them(tmp_path, capsys):
+    code, out, err = run(["prune", CNN, *SHAPE, "--method", "channel", "--ratio", "0.5", "--global",
+                          "--calib", "digits", "--no-latency", "--json", "--out", str(tmp_path / "p")], capsys)
+    assert code == 0, err
+    assert json.loads(out)["config"]["global_ranking"] is True
+    assert [line for line in err.splitlines() if "deprecated" in line] == [
+        "secateurs: warning: --global is deprecated: use --scope global",
+        "secateurs: warning: --calib is deprecated: use --data"]
+    code, _, err = run(["prune", CNN, "--method", "channel", "--ratio", "0.5", "--global", "-q",
+                        "--calib", "imagefolder:/no/such/folder", "--out", str(tmp_path / "q")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "does not exist" in err  # -q: the error alone
+
+
+def test_sensitivity_batches_spellings():
+    from secateurs.cli import build_parser
+
+    base = ["sensitivity", CNN, "--data", "digits", "--out", "s.json"]
+    old, new = (build_parser().parse_args([*base, flag, "3"]) for flag in ("--batches", "--calib-batches"))
+    assert old.calib_batches == new.calib_batches == 3
+    assert old.deprecations == ["--batches is deprecated: use --calib-batches"]
+    assert not hasattr(new, "deprecations")
+
+
+def test_every_option_has_help_and_lists_its_choices():
+    from secateurs.cli import build_parser
+
+    parser = build_parser()
+    for name, command in [("secateurs", parser), *parser.commands.items()]:
+        text = command.format_help()
+        for action in command._actions:
+            if not action.option_strings or action.help == "==SUPPRESS==":
+                continue
+            assert action.help, f"{name} {action.option_strings[0]} has no help"
+            for choice in action.choices or ():
+                assert str(choice) in text, f"{name} {action.option_strings[0]} does not list {choice}"
+    prune_help = parser.commands["prune"].format_help()
+    for criterion in ("l2", "taylor", "block_influence", "magnitude"):
+        assert criterion in prune_help  # --importance's names, by method
+
+
+CLI_WORDS = [
+    (["--method", "channel", "--target-macs", "1.5"], "--target-macs must be in (0, 1]"),
+    (["--method", "channel", "--ratio", "0.5", "--prune-output-layer"], "so --prune-output-layer does not apply"),
+    (["--method", "channel", "--ratio", "0.5", "--allocate", "sensitivity", "--scope", "global"],
+     "--allocate sensitivity chooses each group's share itself: drop --scope global"),
+    (["--method", "unstructured", "--threshold", "0.1", "--importance", "random"], "use --importance magnitude"),
+]
+
+
+@pytest.mark.parametrize("argv, message", CLI_WORDS, ids=[a[1] + " " + a[-1] for a, _ in CLI_WORDS])
+def test_errors_name_cli_flags_not_python_arguments(argv, message, tmp_path, capsys):
+    code, _, err = run(["prune", CNN, *SHAPE, *argv, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and message in err, err
+
+
+def test_cli_words_leave_quoted_names_and_flagged_messages_alone():
+    from secateurs.cli import _in_cli_words
+
+    assert _in_cli_words("layer 'max_ratio' breaks; lower max_ratio", "prune") == \
+        "layer 'max_ratio' breaks; lower --max-ratio"
+    assert _in_cli_words("resume needs checkpoint_dir (CLI: --checkpoint-dir)", "finetune") == \
+        "resume needs checkpoint_dir (CLI: --checkpoint-dir)"
+    assert _in_cli_words("pass data= and held_out=", "export") == "pass --data and held_out="
+    assert _in_cli_words("set global_ranking=True", "prune") == "set --scope global"

@@ -134,3 +134,18 @@ def test_finetune_on_an_image_folder(tmp_path, capsys):
     summary = json.loads(out)
     assert summary["final"]["examples"] == 8  # the val/ split
     assert summary["final"]["accuracy"] == 1.0  # dark vs bright is learnable in a few steps
+
+
+def test_batch_size_is_the_global_batch_split_over_processes():
+    from secateurs.errors import SecateursError
+    from secateurs.train.trainer import _per_process, _World
+
+    assert _per_process(32, _World(), given=True) == 32  # one process takes it all
+    assert _per_process(32, _World(rank=1, size=2), given=True) == 16
+    assert _per_process(64, _World(rank=0, size=4), given=False) == 16
+    with pytest.raises(SecateursError, match="multiple of 2.*--batch-size"):
+        _per_process(33, _World(rank=0, size=2), given=True)
+    with pytest.raises(SecateursError, match="multiple of 8"):
+        _per_process(4, _World(rank=0, size=8), given=True)
+    assert _per_process(4, _World(rank=0, size=8), given=False) == 1  # a default shares what it can
+    assert _per_process(64, _World(rank=0, size=3), given=False) == 21

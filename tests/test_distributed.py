@@ -75,7 +75,9 @@ def test_two_process_ddp_ranks_end_identical(tmp_path):
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k  # weights and BatchNorm statistics
     assert (w0["features.3.weight"] == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
-    # each rank saw half of the 640 images per epoch: 10 steps of 32
+    # batch_size is the global batch: each rank took 16 of every 32, half of the 640 images per epoch, in the
+    # 20 steps one process would take
+    assert [h["step"] for h in r0["history"]] == [h["step"] for h in r1["history"]] == [20, 40]
     assert r0["history"][0]["train_accuracy"] == r1["history"][0]["train_accuracy"]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.pt"]  # rank 0 wrote, atomically
 
@@ -92,6 +94,9 @@ def test_cli_finetune_under_torchrun_writes_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)  # only rank 0 printed (one JSON object)
     assert summary["world_size"] == 2 and summary["final"]["examples"] == 359
+    # 1438 training images at the default global batch of 64: the 23 steps of one process, told once
+    assert summary["history"][0]["step"] == 23
+    assert proc.stderr.count("epoch 1/1:") == 1, proc.stderr[-2000:]
     model = secateurs.load(tmp_path / "ft")
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
     assert not (tmp_path / "ft.ckpt").exists()  # default checkpoints are removed once saved

@@ -26,7 +26,7 @@ def reports(tmp_path_factory):
                  "--out", str(root / "channel")]) == 0
     assert main(["prune", *CNN, "--method", "unstructured", "--sparsity", "0.7", "--no-latency",
                  "--out", str(root / "sparse")]) == 0
-    assert main(["sensitivity", *CNN, "--data", "digits", "--ratios", "0.5,0.9", "--batches", "1",
+    assert main(["sensitivity", *CNN, "--data", "digits", "--ratios", "0.5,0.9", "--calib-batches", "1",
                  "--out", str(root / "sens.json")]) == 0
     assert main(["report", str(root / "sparse"), "--sensitivity", str(root / "sens.json")]) == 0
     assert main(["prune", *CNN, "--method", "channel", "--target-macs", "0.5", "--allocate", "sensitivity",

@@ -14,7 +14,7 @@ from secateurs.cli import main
 from secateurs.errors import SecateursError
 from secateurs.graph import build_graph
 from secateurs.importance.stats import task_loss
-from secateurs.methods.channels import Channels, _scores, plan_channels, plan_for
+from secateurs.methods.channels import Channels, plan_channels, plan_for, score_groups
 from secateurs.methods.sensitivity import (
     Curve,
     allocate,
@@ -62,7 +62,7 @@ def test_zeroing_in_the_scan_equals_physical_removal(trained):
     model, batches = trained
     graph = build_graph(model, batches[0][0][:1])
     config = Channels(ratio=0.5)
-    scores = _scores(model, graph, config, None)
+    scores = score_groups(model, graph, config, None)
     result = channel_curves(model, graph, scores, batches, ratios=[0.5], batches=2)
     with torch.no_grad():
         reference = [model(x) for x, _ in batches[:2]]

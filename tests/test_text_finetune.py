@@ -422,13 +422,13 @@ SCRIPT = textwrap.dedent("""
 
     for mode in ("ddp", "fsdp"):
         model, _ = _pruned(_llama())
-        config = FinetuneConfig(**CONFIG, batch_size=2, fsdp=mode == "fsdp",
+        config = FinetuneConfig(**CONFIG, batch_size=4, fsdp=mode == "fsdp",
                                 checkpoint_dir=os.path.join(out, f"{mode}-ckpt"))
         record(mode, model, finetune(model, train, val=val, config=config))
         if mode == "fsdp" and rank == 0:
             secateurs.save(model, os.path.join(out, "fsdp-model"))
     # FSDP: stopped after the first epoch, then resumed from its checkpoint
-    config = FinetuneConfig(**CONFIG, batch_size=2, fsdp=True, checkpoint_dir=os.path.join(out, "resume-ckpt"))
+    config = FinetuneConfig(**CONFIG, batch_size=4, fsdp=True, checkpoint_dir=os.path.join(out, "resume-ckpt"))
     model, _ = _pruned(_llama())
     try:
         finetune(model, train, val=val, config=config, on_epoch_end=stop)
@@ -452,7 +452,7 @@ def test_ddp_and_fsdp2_match_a_single_process_run(tmp_path):
     proc = _torchrun(["train_text.py", str(tmp_path), str(Path(__file__).parent)], tmp_path,
                      outputs=("ddp*", "fsdp*", "resume*", "resumed*"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # the same global batch (4 sequences) in one process
+    # the same global batch (4 sequences: 2 per process there) in one process
     model, masks = _pruned(_llama())
     single = finetune(model, _tokens(32, seed=0), val=_tokens(8, seed=1), config=FinetuneConfig(**CONFIG, batch_size=4))
     reference = effective_state_dict(model)[0]

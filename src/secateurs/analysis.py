@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import statistics
 import time
 from collections.abc import Iterator
@@ -29,7 +30,8 @@ from .utils import describe_names, eval_mode, first_line, nonfinite_parameters
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayerStats", "ModelStats", "analyze", "measure_latency", "steady_allocator"]
+__all__ = ["LayerStats", "Latency", "ModelStats", "analyze", "compare_latency", "count_macs", "latency_stats",
+           "measure_latency", "steady_allocator"]
 
 
 @dataclass
@@ -58,15 +60,50 @@ class ModelStats:
     size_bytes: int | None
     input_shape: list[int]
     layers: list[LayerStats] = field(default_factory=list)
+    latency_iqr_ms: list[float] | None = None  # the middle half of the timed samples: [first, third quartile]
+    latency_samples: int | None = None  # how many timed samples latency_ms is the median of
 
     @property
     def sparsity(self) -> float:
         return 1.0 - self.nonzero_params / self.params if self.params else 0.0
 
+    def set_latency(self, latency: Latency) -> None:
+        """Record a latency measurement."""
+        for key, value in latency.fields().items():
+            setattr(self, key, value)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["sparsity"] = self.sparsity
         return d
+
+
+@dataclass
+class Latency:
+    """Milliseconds of one forward pass over ``samples`` timed samples, each the mean of ``calls`` forwards.
+
+    Quick models are called a few times per sample, so that every sample lasts about a
+    millisecond; samples stay short so that a busy machine's preemptions hit few of them,
+    and the median passes over those.
+    """
+
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    min_ms: float
+    max_ms: float
+    samples: int
+    calls: int
+
+    def fields(self) -> dict[str, Any]:
+        """The keys :class:`ModelStats` (and its JSON) records: the median, its IQR, the sample count."""
+        return {"latency_ms": self.median_ms, "latency_iqr_ms": [self.q1_ms, self.q3_ms],
+                "latency_samples": self.samples}
+
+    @classmethod
+    def of(cls, times: list[float], calls: int) -> Latency:
+        q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+        return cls(median, q1, q3, min(times), max(times), len(times), calls)
 
 
 def _leaf_param_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -121,7 +158,8 @@ def _no_grad_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(requires_grad)
 
 
-def _count_macs(model: nn.Module, inputs: Any) -> tuple[int, dict[str, int]]:
+def count_macs(model: nn.Module, inputs: Any) -> tuple[int, dict[str, int]]:
+    """Multiply-accumulates of one forward on ``inputs``: the total and the count per module name."""
     counter = FlopCounterMode(display=False, depth=None, custom_mapping=_extra_formulas())
     try:
         with torch.no_grad(), _no_grad_parameters(model), eval_mode(model), counter:
@@ -204,6 +242,90 @@ def measure_latency(
     return statistics.median(times)
 
 
+SAMPLE_MS = 1.0  # the least time one timed sample lasts: quick models are called a few times per sample
+MIN_SAMPLES = 5  # timed samples taken even past the time budget
+_MAX_CALLS = 1000  # forwards per sample, at most
+
+
+class _Timer:
+    """Times one model on fixed inputs: warm-up, then samples of enough forwards to last ``SAMPLE_MS``."""
+
+    def __init__(self, model: nn.Module, inputs: Any, warmup: int) -> None:
+        self.model, self.inputs = model, inputs
+        cuda = any(p.is_cuda for p in model.parameters())
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
+        self.times: list[float] = []
+        for _ in range(max(warmup, 1)):
+            once = self._run(1)
+        self.calls = max(1, min(_MAX_CALLS, math.ceil(SAMPLE_MS / max(once, 1e-6))))
+
+    def _run(self, calls: int) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            call_model(self.model, self.inputs)
+        self.sync()
+        return (time.perf_counter() - start) * 1000 / calls
+
+    def sample(self) -> None:
+        self.times.append(self._run(self.calls))
+
+
+def latency_stats(
+    model: nn.Module, inputs: Any, *, warmup: int = 3, repeats: int = 50, max_seconds: float = 5.0
+) -> Latency:
+    """Time ``repeats`` samples of one forward pass after warm-up: the median and its spread.
+
+    Stops early (after at least ``MIN_SAMPLES`` samples) once ``max_seconds`` are spent, so
+    large models stay quick to analyze.
+
+    Example:
+        >>> import torch
+        >>> lat = latency_stats(torch.nn.Linear(8, 8), torch.randn(1, 8), repeats=6)
+        >>> lat.samples, lat.min_ms <= lat.q1_ms <= lat.median_ms <= lat.q3_ms <= lat.max_ms
+        (6, True)
+    """
+    return compare_latency({"model": model}, inputs, warmup=warmup, repeats=repeats, max_seconds=max_seconds)["model"]
+
+
+def compare_latency(
+    models: dict[str, nn.Module], inputs: Any, *, warmup: int = 3, repeats: int = 50, max_seconds: float = 10.0
+) -> dict[str, Latency]:
+    """Time several models on the same inputs, their samples interleaved round by round.
+
+    A busy machine slows whatever runs while it is busy: timed one after the
+    other, two identical models can differ several times over. Interleaved,
+    each round times every model within a few milliseconds of the others, so
+    their ratio holds even while the absolute numbers wander (the spread shows
+    how much they did).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(8, 8)
+        >>> lat = compare_latency({"a": net, "b": net}, torch.randn(1, 8), repeats=5)
+        >>> sorted(lat), lat["a"].samples == lat["b"].samples == 5
+        (['a', 'b'], True)
+    """
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        for model in models.values():
+            stack.enter_context(eval_mode(model))
+        timers = {name: _Timer(model, inputs, warmup) for name, model in models.items()}
+        order = list(timers.values())
+        budget_end = time.perf_counter() + max_seconds
+        for round_ in range(repeats):
+            for timer in order if round_ % 2 == 0 else order[::-1]:  # neither model always goes first
+                timer.sample()
+            if round_ + 1 >= MIN_SAMPLES and time.perf_counter() > budget_end:
+                break
+    return {name: Latency.of(timer.times, timer.calls) for name, timer in timers.items()}
+
+
+def deployable(model: nn.Module) -> nn.Module:
+    """What latency is measured on: masks baked into a copy (the parametrization bookkeeping is not timed)."""
+    if any(True for _ in masked_tensors(model)):
+        return finalize_(copy.deepcopy(model))
+    return model
+
+
 def analyze(
     model: nn.Module,
     example_inputs: Any,
@@ -211,12 +333,16 @@ def analyze(
     latency: bool = True,
     size: bool = True,
     warmup: int = 3,
-    repeats: int = 20,
+    repeats: int = 50,
 ) -> ModelStats:
     """Measure ``model`` on ``example_inputs`` (the batch size is the inputs').
 
     Latency is measured on the deployable model: masks are baked into a copy
-    first, so the parametrization bookkeeping is not timed.
+    first, so the parametrization bookkeeping is not timed. It is the median
+    of ``repeats`` timed samples (fewer when a large model spends the time
+    budget), with the middle half of them in ``latency_iqr_ms``; to compare
+    two models on a busy machine, time them together with
+    :func:`compare_latency`.
 
     Example:
         >>> import torch, secateurs
@@ -230,7 +356,7 @@ def analyze(
     if bad:
         log.warning("weights of %s contain NaN/inf: the model's outputs (and latency) may be meaningless; "
                     "fix the model before pruning it", describe_names(bad))
-    total_macs, per_module = _count_macs(model, example_inputs)
+    total_macs, per_module = count_macs(model, example_inputs)
     effective = dict(effective_parameters(model))
     nonzeros = {name: int(t.count_nonzero()) for name, t in effective.items()}
     layers: list[LayerStats] = []
@@ -261,20 +387,17 @@ def analyze(
         )
     # MACs outside parameterised leaves (attention matmuls, functional ops) are dense.
     nonzero_macs += total_macs - sum(layer.macs for layer in layers)
-    latency_ms = None
-    if latency:
-        timed = model
-        if any(True for _ in masked_tensors(model)):
-            timed = finalize_(copy.deepcopy(model))
-        latency_ms = measure_latency(timed, example_inputs, warmup=warmup, repeats=repeats)
     shape = list(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else []
-    return ModelStats(
+    stats = ModelStats(
         params=sum(v.numel() for v in effective.values()),
         nonzero_params=sum(nonzeros.values()),
         macs=int(total_macs),
         nonzero_macs=int(nonzero_macs),
-        latency_ms=latency_ms,
+        latency_ms=None,
         size_bytes=serialized_size(model) if size else None,
         input_shape=shape,
         layers=layers,
     )
+    if latency:
+        stats.set_latency(latency_stats(deployable(model), example_inputs, warmup=warmup, repeats=repeats))
+    return stats

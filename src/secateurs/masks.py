@@ -23,6 +23,7 @@ from .utils import is_transformers_model
 
 __all__ = [
     "Mask",
+    "unparametrize_",
     "get_mask",
     "set_mask_",
     "masked_tensors",
@@ -115,11 +116,12 @@ def finalize_(model: nn.Module) -> nn.Module:
                 f"{full} has other parametrizations besides a pruning mask; "
                 "remove those first (torch.nn.utils.parametrize.remove_parametrizations)"
             )
-        _unparametrize(module, tname, mask)
+        unparametrize_(module, tname, mask)
     return model
 
 
-def _unparametrize(module: nn.Module, tname: str, mask: Tensor) -> None:
+def unparametrize_(module: nn.Module, tname: str, mask: Tensor) -> None:
+    """Make ``module.<tname>`` a plain parameter again, its masked-out entries zeroed, in place."""
     # Not torch's remove_parametrizations: it deletes the property from the
     # module's generated class, and deepcopy shares that class between copies,
     # so finalizing a copy would break the original. Swapping the instance back

@@ -5,6 +5,11 @@ predicate ``filter_fn(module, name) -> bool``; never by sniffing class names
 of whole models. The model's output layer is found from the model itself
 (``get_output_embeddings`` for transformers, otherwise the last prunable layer
 that runs in the forward pass) and is left alone unless asked.
+
+Every method resolves its config's :class:`Selection` against the model once
+(:meth:`Selection.resolve`): names that match no module are refused there, and
+the :class:`ResolvedSelection` answers for weight tensors (unstructured, N:M,
+Wanda), channel groups (structured) and blocks (layer pruning) alike.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import fnmatch
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,8 +28,12 @@ from .errors import SecateursError
 from .masks import Mask, weight_key
 from .utils import eval_mode
 
+if TYPE_CHECKING:
+    from .graph.blocks import Block
+    from .graph.groups import Group
+
 __all__ = [
-    "observe",
+    "observe", "matches", "ResolvedSelection",
     "Selection", "Target", "find_output_layer", "input_dim", "prunable_types", "select_targets", "weight_names",
 ]
 
@@ -72,7 +81,13 @@ def input_dim(module: nn.Module, tensor: str = "weight") -> int:
     return 1
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches(name: str, pattern: str) -> bool:
+    """Whether module ``name`` is ``pattern``, lies inside it (a parent prefix), or fits it as a glob.
+
+    Example:
+        >>> matches("features.0", "features"), matches("layer1.0.conv1", "*.conv1"), matches("features", "feat")
+        (True, True, False)
+    """
     return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
 
 
@@ -105,6 +120,132 @@ class Selection:
         self.ignore = tuple(self.ignore)
         if self.include is not None:
             self.include = tuple(self.include)
+
+    def resolve(self, model: nn.Module) -> ResolvedSelection:
+        """This selection checked against ``model``: a name in ``ignore`` or ``include`` that matches
+        no module is refused here, once, for every method."""
+        return ResolvedSelection(self, model)
+
+
+class ResolvedSelection:
+    """A :class:`Selection` checked against one model; answers for tensors, channel groups and blocks.
+
+    Example:
+        >>> from secateurs.zoo import DigitsCNN
+        >>> chosen = Selection(include=["features.0"]).resolve(DigitsCNN())
+        >>> chosen.included("features.0"), chosen.included("features.3")
+        (True, False)
+    """
+
+    def __init__(self, selection: Selection, model: nn.Module) -> None:
+        self.selection = selection
+        self.model = model
+        self.modules = dict(model.named_modules())
+        for kind, patterns in (("ignore", selection.ignore), ("include", selection.include or ())):
+            for pattern in patterns:
+                if not any(matches(n, pattern) for n in self.modules):
+                    raise SecateursError(f"{kind} name '{pattern}' matches no module of the model; check the "
+                                         "spelling against `secateurs analyze` output")
+
+    def ignored(self, name: str) -> bool:
+        """Whether module ``name`` matches an ``ignore`` pattern."""
+        return any(matches(name, p) for p in self.selection.ignore)
+
+    def included(self, name: str) -> bool:
+        """Whether module ``name`` is among those ``include`` asks for (all modules without ``include``)."""
+        include = self.selection.include
+        return include is None or any(matches(name, p) for p in include)
+
+    def refused(self, name: str, module: nn.Module | None = None) -> str | None:
+        """Why ``ignore`` or ``filter_fn`` leave module ``name`` alone (None: they do not)."""
+        if self.ignored(name):
+            return "ignored"
+        fn = self.selection.filter_fn
+        if fn is not None and not fn(module if module is not None else self.modules[name], name):
+            return "filter_fn returned False"
+        return None
+
+    def frozen_tensors(self) -> dict[str, str]:
+        """Parameters and buffers of the modules ``ignore``/``filter_fn`` leave alone, with the reason
+        (what a channel graph keeps whole)."""
+        frozen: dict[str, str] = {}
+        for mod_name, module in self.modules.items():
+            reason = self.refused(mod_name, module)
+            if reason is None:
+                continue
+            for tname, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                frozen[f"{mod_name}.{tname}" if mod_name else tname] = reason
+        return frozen
+
+    def groups(self, groups: Sequence[Group]) -> list[Group]:
+        """The channel groups ``include`` picks: those with a tensor of an included module.
+
+        ``include`` names layers, and a layer's channels come with everything coupled to them.
+        """
+        if self.selection.include is None:
+            return list(groups)
+        return [g for g in groups if any(self.included(m.tensor.rpartition(".")[0]) for m in g.members)]
+
+    def blocks(self, blocks: Sequence[Block]) -> list[Block]:
+        """The removable blocks the selection allows.
+
+        A block is left alone when any module inside it is ignored; each ``include``
+        name must be a block that can go, or it is refused.
+        """
+        chosen = []
+        for b in blocks:
+            if any(self.ignored(n) for n in self.modules if n == b.name or n.startswith(b.name + ".")):
+                continue
+            fn = self.selection.filter_fn
+            if fn is not None and not fn(self.model.get_submodule(b.name), b.name):
+                continue
+            if self.included(b.name) and b.removable:
+                chosen.append(b)
+        for pattern in self.selection.include or ():
+            if not any(matches(b.name, pattern) for b in chosen):
+                why = next((b.reason for b in blocks if b.name == pattern), "it did not run in the forward")
+                raise SecateursError(f"'{pattern}' cannot be removed: {why}, so an identity cannot stand in for it")
+        return chosen
+
+    def targets(
+        self, *, example_inputs: Any = None, types: tuple[type[nn.Module], ...] | None = None
+    ) -> tuple[list[Target], dict[str, str]]:
+        """The weight tensors to prune and the candidates left out; see :func:`select_targets`."""
+        selection = self.selection
+        types = types or prunable_types()
+        candidates = [(n, m) for n, m in self.modules.items() if isinstance(m, types)]
+        for pattern in selection.include or ():
+            if not any(matches(n, pattern) for n, _ in candidates):
+                raise SecateursError(f"include name '{pattern}' matches no prunable layer; check the spelling "
+                                     "against `secateurs analyze` output")
+        output = None if selection.prune_output_layer else find_output_layer(self.model, example_inputs)
+        targets: list[Target] = []
+        skipped: dict[str, str] = {}
+        owner: dict[int, str] = {}  # tensor identity -> the target that prunes it
+        for mod_name, module in candidates:
+            if not self.included(mod_name):
+                continue
+            for tensor in weight_names(module):
+                name = mod_name if tensor == "weight" else f"{mod_name}.{tensor}"
+                reason = _unprunable_reason(module, tensor) or self.refused(mod_name, module)
+                if reason is not None:
+                    skipped[name] = reason
+                elif mod_name == output:
+                    skipped[name] = "output layer (set prune_output_layer=True to prune it)"
+                elif weight_key(module, tensor) in owner:
+                    skipped[name] = f"shares its weight with {owner[weight_key(module, tensor)]} (masked together)"
+                else:
+                    owner[weight_key(module, tensor)] = name
+                    targets.append(Target(name, mod_name, module, tensor))
+        if not targets:
+            hint = ""
+            if output is not None and output in skipped and "output layer" in skipped[output]:
+                hint = " (the output layer is left alone unless prune_output_layer=True / --prune-output-layer)"
+            raise SecateursError(
+                f"no layer left to prune after include/ignore/filter among {len(candidates)} candidate "
+                f"layers{hint}: loosen the selection"
+            )
+        return targets, skipped
 
 
 def declared_module(model: nn.Module, getter: str) -> nn.Module | None:
@@ -189,54 +330,7 @@ def select_targets(
     maps names of candidates left out to the reason. A tensor shared by several
     layers (tied weights) is one target; the other users are reported.
     """
-    types = types or prunable_types()
-    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
-    all_names = [n for n, _ in model.named_modules()]
-    for pattern in selection.ignore:
-        if not any(_matches(n, pattern) for n in all_names):
-            raise SecateursError(
-                f"ignore name '{pattern}' matches no module of the model; "
-                "check the spelling against `secateurs analyze` output"
-            )
-    if selection.include is not None:
-        for pattern in selection.include:
-            if not any(_matches(n, pattern) for n, _ in candidates):
-                raise SecateursError(
-                    f"include name '{pattern}' matches no prunable layer; "
-                    "check the spelling against `secateurs analyze` output"
-                )
-    output = None if selection.prune_output_layer else find_output_layer(model, example_inputs)
-    targets: list[Target] = []
-    skipped: dict[str, str] = {}
-    owner: dict[int, str] = {}  # tensor identity -> the target that prunes it
-    for mod_name, module in candidates:
-        if selection.include is not None and not any(_matches(mod_name, p) for p in selection.include):
-            continue
-        for tensor in weight_names(module):
-            name = mod_name if tensor == "weight" else f"{mod_name}.{tensor}"
-            reason = _unprunable_reason(module, tensor)
-            if reason is not None:
-                skipped[name] = reason
-            elif any(_matches(mod_name, p) for p in selection.ignore):
-                skipped[name] = "ignored"
-            elif selection.filter_fn is not None and not selection.filter_fn(module, mod_name):
-                skipped[name] = "filter_fn returned False"
-            elif mod_name == output:
-                skipped[name] = "output layer (set prune_output_layer=True to prune it)"
-            elif weight_key(module, tensor) in owner:
-                skipped[name] = f"shares its weight with {owner[weight_key(module, tensor)]} (masked together)"
-            else:
-                owner[weight_key(module, tensor)] = name
-                targets.append(Target(name, mod_name, module, tensor))
-    if not targets:
-        hint = ""
-        if output is not None and output in skipped and "output layer" in skipped[output]:
-            hint = " (the output layer is left alone unless prune_output_layer=True / --prune-output-layer)"
-        raise SecateursError(
-            f"no layer left to prune after include/ignore/filter among {len(candidates)} candidate "
-            f"layers{hint}: loosen the selection"
-        )
-    return targets, skipped
+    return selection.resolve(model).targets(example_inputs=example_inputs, types=types)
 
 
 def _unprunable_reason(module: nn.Module, tensor: str) -> str | None:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import SecateursError
-from .masks import _unparametrize, get_mask, set_mask_, tied_modules, weight_key
+from .masks import get_mask, set_mask_, tied_modules, unparametrize_, weight_key
 from .selection import call_model
 from .utils import eval_mode, first_line, first_tensor, map_tensors
 
@@ -334,7 +334,7 @@ def _bake(name: str, module: nn.Linear, record: SemiStructuredLayer) -> _Held:
     """Make a masked layer's weight a plain dense ``Parameter`` (same object), keeping its mask to put back."""
     mask = get_mask(module)
     if mask is not None:
-        _unparametrize(module, "weight", mask)
+        unparametrize_(module, "weight", mask)
     return _Held(name, module, module.weight, mask, record)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import SecateursError
@@ -36,7 +37,40 @@ def check_data_spec(spec: str, *, images: bool = True, text: bool = True) -> Non
     if path is None:
         if spec not in DATASETS and spec != "pydoc":
             raise SecateursError(f"unknown data '{spec}': use {kinds}")
-    elif spec.startswith("imagefolder:") and not path.is_dir():
-        raise SecateursError(f"image folder '{path}' does not exist: check the path")
-    elif spec.startswith("text:") and not path.is_file():
-        raise SecateursError(f"text file '{path}' does not exist: check the path")
+    elif spec.startswith("imagefolder:"):
+        if not path.is_dir():
+            raise SecateursError(f"image folder '{path}' does not exist: check the path")
+        _check_image_folder(path)
+    elif spec.startswith("text:"):
+        if not path.is_file():
+            raise SecateursError(f"text file '{path}' does not exist: check the path")
+        if path.stat().st_size == 0:
+            raise SecateursError(f"text file '{path}' is empty: name a file with text in it")
+
+
+# torchvision's ImageFolder reads these (torchvision.datasets.folder.IMG_EXTENSIONS)
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _has_image(folder: Path) -> bool:
+    """Whether any file below ``folder`` is an image ImageFolder would read (stops at the first)."""
+    for _, _, files in os.walk(folder):
+        if any(name.lower().endswith(_IMAGE_SUFFIXES) for name in files):
+            return True
+    return False
+
+
+def _check_image_folder(root: Path) -> None:
+    """The folders an ``imagefolder:`` spec reads (``train/`` and ``val/`` when present, else the folder
+    itself) each hold class subfolders, each with an image: what ImageFolder would refuse later, found now."""
+    splits = [root / name for name in ("train", "val") if (root / name).is_dir()] or [root]
+    for folder in splits:
+        classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+        if not classes:
+            raise SecateursError(f"image folder '{folder}' has no class subfolders: put each class's images in "
+                                 "a subfolder named after it")
+        empty = [c for c in classes if not _has_image(folder / c)]
+        if empty:
+            raise SecateursError(f"image folder '{folder}' has class subfolders without images "
+                                 f"({', '.join(empty[:3])}{' ...' if len(empty) > 3 else ''}): add images "
+                                 f"({', '.join(_IMAGE_SUFFIXES)}) or remove them")

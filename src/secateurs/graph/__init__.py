@@ -1,6 +1,11 @@
-"""Which tensor dimensions are coupled: tracing and channel groups (never touches weights)."""
+"""Which tensor dimensions are coupled: tracing and channel groups (never touches weights).
+
+The tracer's rules are an open registry: :func:`rule` teaches it a custom op.
+"""
 
 from .groups import DependencyGraph, Group, Member, build_graph
-from .trace import LabelTrace, trace_labels
+from .registry import UnknownCall, remove_rule, rule
+from .trace import LabelTrace, Tracer, trace_labels
 
-__all__ = ["DependencyGraph", "Group", "LabelTrace", "Member", "build_graph", "trace_labels"]
+__all__ = ["DependencyGraph", "Group", "LabelTrace", "Member", "Tracer", "UnknownCall", "build_graph", "remove_rule",
+           "rule", "trace_labels"]

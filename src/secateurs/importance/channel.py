@@ -139,6 +139,75 @@ def _minitron(group: Group, tensors: dict[str, Tensor], params: set[str], stats:
                                                                                             **kw)
 
 
+def _obs_scores(weight: Tensor, gram: Tensor, columns: Tensor, damp: float = 0.01, rounds: int = 64) -> Tensor:
+    """Greedy structured OBS (as in ZipLM): the order in which input channels can go, cheapest first.
+
+    ``weight`` is (out, in) and ``gram`` the inputs' (in, in) Gram matrix;
+    ``columns[i]`` are the columns channel ``i`` owns. Removing a set ``J`` of
+    columns and refitting the others optimally raises the output error by
+    ``tr(W_J (H^-1_JJ)^-1 W_J^T)``. In each of at most ``rounds`` rounds the
+    cheapest channels go (one round's share of them), the weight and the inverse
+    Gram matrix are updated for their removal, and the rest are priced again.
+    A channel scores the cost at which it went (non-decreasing: later is more
+    important); the channels never removed score above all others.
+    """
+    w = weight.detach().double().clone()
+    h = gram.double().clone()
+    h += torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * damp * float(torch.diagonal(h).mean().clamp_min(1e-12))
+    dead = torch.diagonal(h) <= 0
+    torch.diagonal(h)[dead] = 1.0
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    n = columns.shape[0]
+    scores = torch.zeros(n, dtype=torch.float64)
+    alive = torch.ones(n, dtype=torch.bool)
+    per_round = max(1, -(-n // rounds))
+    level = 0.0
+    while int(alive.sum()) > 1:
+        ids = alive.nonzero().flatten()
+        cols = columns[ids]  # (r, m)
+        blocks = hinv[cols.unsqueeze(2), cols.unsqueeze(1)]  # (r, m, m)
+        wj = w[:, cols].permute(1, 0, 2)  # (r, out, m)
+        cost = (wj @ torch.linalg.inv(blocks) * wj).sum((1, 2))
+        take = min(per_round, len(ids) - 1)
+        order = torch.argsort(cost, stable=True)[:take]
+        for i in order.tolist():
+            level = max(level, float(cost[i]))
+            scores[ids[i]] = level
+        gone = cols[order].reshape(-1)
+        block_inv = torch.linalg.inv(hinv[gone][:, gone])
+        w -= w[:, gone] @ block_inv @ hinv[gone]
+        hinv -= hinv[:, gone] @ block_inv @ hinv[gone]
+        w[:, gone] = 0
+        alive[ids[order]] = False
+    scores[alive] = level * 2 + 1.0
+    return scores.float()
+
+
+def _obs(group: Group, tensors: dict[str, Tensor], params: set[str], stats: dict[str, Tensor] | None = None,
+         **kw: Any) -> list[Tensor]:
+    """Reconstruction error a channel leaves in the layers that read it (greedy structured OBS).
+
+    ``stats`` hold the Gram matrices of those layers' inputs
+    (:class:`~secateurs.importance.stats.InputGrams`), keyed ``"<weight>@in<dim>"``
+    by weight name and input dim: a member votes when it is that dim. A group no such
+    layer reads (channels consumed by a grouped convolution, attention scores
+    only) falls back to ``l2``.
+    """
+    if stats is None:
+        raise SecateursError("obs importance needs data: pass data= (CLI: --data)")
+    out = []
+    for member in group.members:
+        gram, w = stats.get(f"{member.tensor}@in{member.dim}"), tensors.get(member.tensor)
+        if gram is None or w is None:
+            continue
+        matrix = w.detach().float().T if member.dim == 0 else w.detach().float().reshape(w.shape[0], -1)
+        per = matrix.shape[1] // w.shape[member.dim]
+        rows = group.indices[member]  # (size, k) channel indices of the weight's input dim
+        cols = (rows.unsqueeze(2) * per + torch.arange(per)).reshape(rows.shape[0], -1)
+        out.append(_obs_scores(matrix, gram.to(matrix.device), cols.to(matrix.device)))
+    return out or _l2(group, tensors, params, **kw)
+
+
 def _random(group: Group, tensors: dict[str, Tensor], params: set[str], generator: torch.Generator, **_: Any) -> list[Tensor]:
     return [torch.rand(group.size, generator=generator)]
 
@@ -152,9 +221,10 @@ CHANNEL_IMPORTANCE: dict[str, Callable[..., list[Tensor]]] = {
     "taylor": _taylor,
     "activation": _activation,
     "minitron": _minitron,
+    "obs": _obs,
 }
 
-NEEDS_DATA = {"taylor", "activation", "minitron"}
+NEEDS_DATA = {"taylor", "activation", "minitron", "obs"}
 
 
 def channel_scores(

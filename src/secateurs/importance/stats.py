@@ -16,10 +16,11 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..errors import SecateursError
-from ..selection import call_model
+from ..patches import input_rows
+from ..selection import call_model, input_dim
 from ..utils import eval_mode, first_tensor
 
-__all__ = ["ReferenceBatches", "TaylorStats", "ActivationStats", "InputActivationStats", "InputMeans", "forward_batches",
+__all__ = ["ReferenceBatches", "calibration_list", "InputGrams", "TaylorStats", "ActivationStats", "InputActivationStats", "InputMeans", "forward_batches",
            "split_batch", "task_loss"]
 
 
@@ -77,6 +78,16 @@ def forward_batches(model: nn.Module, data: Iterable[Any], max_batches: int, hoo
         for h in hooks:
             h.remove()
     return seen
+
+
+def calibration_list(data: Iterable[Any] | None, batches: int, purpose: str) -> list[Any]:
+    """The first ``batches`` batches of ``data`` as a list; refused (naming ``purpose``) when there are none."""
+    if data is None:
+        raise SecateursError(f"{purpose} calibrates on data: pass data= (CLI: --data)")
+    out = list(itertools.islice(iter(data), batches))
+    if not out:
+        raise SecateursError(f"{purpose} needs at least one calibration batch; data gave none")
+    return out
 
 
 class ReferenceBatches:
@@ -227,6 +238,39 @@ class InputActivationStats:
             mean = total / self.calls[key]
             out[key] = mean.unsqueeze(0) if self.input_dim[key] == 1 else mean.unsqueeze(1)
         return out
+
+
+class InputGrams:
+    """Gram matrix ``X^T X`` of the inputs of some Linear/convolution layers (convs: unfolded patches), float32.
+
+    The statistic of the ``obs`` channel criterion: with a layer's weight it gives
+    the output error that removing an input channel leaves after the layer's
+    remaining weights are refitted. Keyed by weight name and input dim (``"fc.weight@in1"``).
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[str]) -> None:
+        self.model = model
+        self.layers = list(layers)
+        self.grams: dict[str, Tensor] = {}
+
+    def run(self, data: Iterable[Any], max_batches: int) -> InputGrams:
+        modules = dict(self.model.named_modules())
+        hooks = []
+
+        def hook(name: str) -> Any:
+            def record(module: nn.Module, inputs: Any, _out: Any) -> None:
+                rows = input_rows(module, inputs[0].detach()).float()
+                key = f"{name}.weight@in{input_dim(module)}" if name else f"weight@in{input_dim(module)}"
+                if key not in self.grams:
+                    self.grams[key] = torch.zeros(rows.shape[1], rows.shape[1], device=rows.device)
+                self.grams[key].addmm_(rows.T, rows)
+            return record
+
+        for name in self.layers:
+            hooks.append(modules[name].register_forward_hook(hook(name)))
+        if not forward_batches(self.model, data, max_batches, hooks):
+            raise SecateursError("obs importance measures the layers' inputs: pass data= (CLI: --data)")
+        return self
 
 
 def _compensable(module: nn.Module) -> bool:

@@ -1,7 +1,8 @@
 """How to rebuild a model's architecture without pickle.
 
 A *source* is a small JSON-able dict recorded on a model when we load it and
-written into a saved model's manifest:
+written into a saved model's manifest (recorded and read by
+:mod:`secateurs.provenance`; its helpers are re-exported here):
 
 - ``{"kind": "torchvision", "name": "resnet18"}``
 - ``{"kind": "timm", "name": "resnet18"}``
@@ -19,14 +20,15 @@ import torch
 from torch import nn
 
 from ..errors import SecateursError
+from ..masks import effective_state_dict
+from ..provenance import SOURCE_ATTR, STRUCTURE_ATTR, attach_source, describe, parse_arch, source_of
+from ..surgery import Plan, apply_plan_
 from ..utils import first_line
 from .policy import check_kwargs, check_source
 
 __all__ = [
     "BuildError", "SOURCE_ATTR", "attach_source", "build", "build_pruned", "check_rebuildable", "describe", "parse_arch", "require", "source_of",
 ]
-
-SOURCE_ATTR = "_secateurs_source"
 
 
 def require(module: str, extra: str) -> Any:
@@ -38,63 +40,6 @@ def require(module: str, extra: str) -> Any:
             f"this needs the optional package '{module.split('.')[0]}' ({first_line(exc)}): "
             f"pip install 'secateurs[{extra}]'"
         ) from None
-
-
-def attach_source(model: nn.Module, source: dict[str, Any]) -> nn.Module:
-    setattr(model, SOURCE_ATTR, source)
-    return model
-
-
-def parse_arch(spec: str) -> dict[str, Any]:
-    """Turn an architecture spec string into a source dict (nothing is built)."""
-    if spec.startswith("torchvision:"):
-        return {"kind": "torchvision", "name": spec.split(":", 1)[1]}
-    if spec.startswith("timm:"):
-        return {"kind": "timm", "name": spec.split(":", 1)[1]}
-    if ":" in spec:
-        mod, _, attr = spec.partition(":")
-        if mod and attr and all(part.isidentifier() for part in mod.split(".")):
-            return {"kind": "factory", "target": spec}
-    raise SecateursError(
-        f"unknown architecture spec '{spec}': use torchvision:NAME, timm:NAME or package.module:factory"
-    )
-
-
-def _hf_source(model: nn.Module) -> dict[str, Any]:
-    return {"kind": "hf", "class": type(model).__name__, "config": model.config.to_dict()}
-
-
-def source_of(model: nn.Module, arch: str | dict[str, Any] | None = None) -> dict[str, Any]:
-    """The recipe to rebuild ``model``'s architecture.
-
-    Order: an explicit ``arch``; the source recorded when secateurs loaded the
-    model; a transformers model's config; an importable class whose constructor
-    needs no arguments. Anything else is an error asking for ``arch``.
-    """
-    if isinstance(arch, dict):
-        return arch
-    if isinstance(arch, str):
-        return parse_arch(arch)
-    recorded = getattr(model, SOURCE_ATTR, None)
-    if recorded is not None:
-        return recorded
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict") and hasattr(config, "model_type"):
-        return _hf_source(model)
-    cls = type(model)
-    if cls.__module__ != "__main__" and "<locals>" not in cls.__qualname__:
-        params = inspect.signature(cls.__init__).parameters.values()
-        required = [
-            p
-            for p in list(params)[1:]
-            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        ]
-        if not required:
-            return {"kind": "factory", "target": f"{cls.__module__}:{cls.__qualname__}"}
-    raise SecateursError(
-        f"cannot tell how to rebuild {cls.__name__} without pickle: pass arch='package.module:factory' "
-        "(a callable that returns the unpruned architecture)"
-    )
 
 
 def _resolve(target: str) -> Any:
@@ -211,8 +156,6 @@ def build_pruned(source: dict[str, Any], structure: list[Any], *, trust_code: bo
             (checked before anything is built).
         trust_code: see :func:`build`.
     """
-    from ..surgery import STRUCTURE_ATTR, Plan, apply_plan_
-
     plans = [plan if isinstance(plan, Plan) else Plan.from_dict(plan) for plan in structure]
     model = build(source, trust_code=trust_code)
     for i, plan in enumerate(plans):
@@ -236,9 +179,6 @@ def check_rebuildable(model: nn.Module, source: dict[str, Any]) -> None:
     Builds the source on the meta device (no memory, no init cost) and compares
     every state-dict key and shape with the model's.
     """
-    from ..masks import effective_state_dict
-    from ..surgery import STRUCTURE_ATTR
-
     structure = getattr(model, STRUCTURE_ATTR, [])
     try:
         try:
@@ -258,12 +198,3 @@ def check_rebuildable(model: nn.Module, source: dict[str, Any]) -> None:
             f"{describe(source)} does not rebuild this model (differs at {diff[:2]}): "
             "pass arch='package.module:factory' (CLI: --arch) naming a callable that builds it"
         )
-
-
-def describe(source: dict[str, Any]) -> str:
-    kind = source.get("kind")
-    if kind in ("torchvision", "timm"):
-        return f"{kind}:{source.get('name')}"
-    if kind == "factory":
-        return str(source.get("target"))
-    return f"transformers {source.get('class')}"

@@ -322,21 +322,21 @@ def load_compressed(path: str | os.PathLike[str], *, trust_code: bool = False) -
     dense weights (no ``quantization_config``).
     """
     from .policy import offline
-    from .specs import _check_hf_sizes, _hf_class, _hf_stored_elements, quiet_transformers
+    from .specs import check_hf_sizes, hf_class, hf_stored_elements, quiet_transformers
 
     _require_library()
     import transformers
 
     folder = Path(path)
-    cls = _hf_class(transformers, folder, trust_code)
+    cls = hf_class(transformers, folder, trust_code)
     block = _quantization_block(folder)
     try:
         with quiet_transformers(), offline():
             if not trust_code:
                 # one stored int32 holds up to 32 / bits packed weights
-                stored = _hf_stored_elements(folder) * max(1, 32 // _min_bits(block))
+                stored = hf_stored_elements(folder) * max(1, 32 // _min_bits(block))
                 config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-                _check_hf_sizes(transformers, cls, config, stored, f"the folder '{folder}'")
+                check_hf_sizes(transformers, cls, config, stored, f"the folder '{folder}'")
             with warnings.catch_warnings():  # "the folder's quantization_config is used": only dequantize=True is ours
                 warnings.simplefilter("ignore", UserWarning)
                 model = cls.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False,

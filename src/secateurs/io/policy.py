@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import SecateursError
+from ..provenance import describe
 
 __all__ = ["MAX_DEPTH", "check_depth", "check_hf_config", "check_kwargs", "check_source", "is_plain_file_name",
            "module_budget", "offline",
@@ -52,8 +53,6 @@ _SAFE_ATTENTION = {None, "eager", "sdpa", "flash_attention_2", "flash_attention_
 
 
 def _refuse(source: dict[str, Any], what: str) -> SecateursError:
-    from .arch import describe
-
     return SecateursError(
         f"the model folder asks to build {describe(source)} {what}: load it with trust_code=True "
         "(CLI: --trust-code) only if you trust where it came from"

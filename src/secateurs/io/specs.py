@@ -23,11 +23,12 @@ from .policy import is_plain_file_name, module_budget, module_budget_for, offlin
 
 log = logging.getLogger(__name__)
 
-__all__ = ["hf_skeleton", "load_hf", "load_model", "load_state_dict_file", "load_tokenizer", "sentence_transformers_files", "SPEC_HELP"]
+__all__ = ["check_hf_sizes", "hf_class", "hf_skeleton", "hf_stored_elements", "load_hf", "load_model",
+           "load_state_dict_file", "load_tokenizer", "sentence_transformers_files", "ultralytics_model", "SPEC_HELP"]
 
 SPEC_HELP = (
-    "use torchvision:NAME, timm:NAME, hf:PATH (folder or .gguf), a secateurs model directory, "
-    "a .pt/.pth/.safetensors state dict with --arch SPEC, or package.module:factory"
+    "use torchvision:NAME, timm:NAME, ultralytics:NAME.yaml, hf:PATH (folder or .gguf), a secateurs model "
+    "directory, a .pt/.pth/.safetensors state dict with --arch SPEC, or package.module:factory"
 )
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
@@ -190,7 +191,7 @@ def sentence_transformers_files(spec: str, model: nn.Module) -> dict[str, bytes]
     return out
 
 
-def _hf_class(transformers: Any, path: Path, trust_code: bool) -> Any:
+def hf_class(transformers: Any, path: Path, trust_code: bool) -> Any:
     """The model class a transformers folder's config.json names, checked before anything is loaded."""
     import json
 
@@ -223,7 +224,7 @@ def _hf_class(transformers: Any, path: Path, trust_code: bool) -> Any:
     return cls
 
 
-def _hf_stored_elements(path: Path) -> int:
+def hf_stored_elements(path: Path) -> int:
     """Check that a transformers folder's files are plain files inside it; return an upper bound of the
     number of weight elements they hold (safetensors headers; a pickle-free ``.bin`` holds at most one
     element per byte).
@@ -272,7 +273,7 @@ def _hf_stored_elements(path: Path) -> int:
     return total
 
 
-def _check_hf_sizes(transformers: Any, cls: Any, config: Any, stored: int, what: str) -> None:
+def check_hf_sizes(transformers: Any, cls: Any, config: Any, stored: int, what: str) -> None:
     """Build ``cls(config)`` on the meta device and refuse a config that asks for far more weights than the
     files hold: transformers would fill the rest with fresh random values, gigabytes of them if the
     config says so."""
@@ -293,14 +294,14 @@ def _check_hf_sizes(transformers: Any, cls: Any, config: Any, stored: int, what:
 def _check_hf_folder(transformers: Any, cls: Any, path: Path) -> None:
     """An untrusted transformers folder: only its own files, and a config no larger than its weights."""
     what = f"the folder '{path}'"
-    stored = _hf_stored_elements(path)
+    stored = hf_stored_elements(path)
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         if cls is transformers.AutoModel:
             cls = transformers.AutoModel._model_mapping[type(config)]
     except Exception as exc:
         raise SecateursError(f"cannot read the config of {what} ({first_line(exc)}): check the folder") from None
-    _check_hf_sizes(transformers, cls, config, stored, what)
+    check_hf_sizes(transformers, cls, config, stored, what)
 
 
 @contextlib.contextmanager
@@ -340,7 +341,7 @@ def load_hf(target: str | os.PathLike[str], *, trust_code: bool = False) -> nn.M
                 if stored is not None:
                     config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                      local_files_only=True)
-                    _check_hf_sizes(transformers, transformers.AutoModelForCausalLM._model_mapping[type(config)],
+                    check_hf_sizes(transformers, transformers.AutoModelForCausalLM._model_mapping[type(config)],
                                     config, stored, what)
                 model = transformers.AutoModelForCausalLM.from_pretrained(
                     str(path.parent), gguf_file=path.name, local_files_only=True, trust_remote_code=False
@@ -356,7 +357,7 @@ def load_hf(target: str | os.PathLike[str], *, trust_code: bool = False) -> nn.M
                                  "damaged; download or convert it again") from None
         _forget_gguf(model)
     else:
-        cls = _hf_class(transformers, path, trust_code)
+        cls = hf_class(transformers, path, trust_code)
         try:
             with quiet_transformers(), contextlib.nullcontext() if trust_code else offline():
                 if not trust_code:
@@ -389,7 +390,7 @@ def hf_skeleton(target: str | os.PathLike[str], *, trust_code: bool = False,
     transformers = require("transformers", "hf")
     accelerate = require("accelerate", "hf")
     path = Path(target)
-    cls = _hf_class(transformers, path, trust_code)
+    cls = hf_class(transformers, path, trust_code)
     what = f"the folder '{path}'"
     try:
         with quiet_transformers(), contextlib.nullcontext() if trust_code else offline():
@@ -398,7 +399,7 @@ def hf_skeleton(target: str | os.PathLike[str], *, trust_code: bool = False,
             if cls is transformers.AutoModel:
                 cls = transformers.AutoModel._model_mapping[type(config)]
             if not trust_code:
-                _check_hf_sizes(transformers, cls, config, _hf_stored_elements(path), what)
+                check_hf_sizes(transformers, cls, config, hf_stored_elements(path), what)
             default = torch.get_default_dtype()
             if dtype is not None and dtype.is_floating_point:
                 torch.set_default_dtype(dtype)
@@ -430,6 +431,50 @@ def _forget_gguf(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
+# ultralytics' model classes by the task its yaml names (guessed from the file name: yolov8n-seg.yaml)
+_ULTRALYTICS_CLASSES = {"detect": "DetectionModel", "segment": "SegmentationModel", "pose": "PoseModel",
+                        "obb": "OBBModel", "classify": "ClassificationModel"}
+
+
+def ultralytics_model(cfg: str, nc: int | None = None) -> nn.Module:
+    """An ultralytics YOLO model built from its yaml, with random weights; nothing is downloaded.
+
+    Args:
+        cfg: a yaml ultralytics ships (``yolov8n.yaml``, ``yolo11s-seg.yaml``: the scale letter picks
+            the size) or the path of one.
+        nc: the number of classes, if not the yaml's.
+
+    Example:
+        >>> model = ultralytics_model("yolov8n.yaml")  # doctest: +SKIP
+        >>> type(model).__name__  # doctest: +SKIP
+        'DetectionModel'
+    """
+    import io
+
+    if not isinstance(cfg, str) or not cfg.endswith((".yaml", ".yml")):
+        raise SecateursError(f"ultralytics:{cfg} is not a model yaml: name one like ultralytics:yolov8n.yaml "
+                             "(ultralytics' .pt files are pickles: give their weights as a state dict with --weights)")
+    with contextlib.redirect_stdout(io.StringIO()):  # ultralytics prints its settings banner on first import
+        tasks = require("ultralytics.nn.tasks", "detect")
+    cls = getattr(tasks, _ULTRALYTICS_CLASSES.get(tasks.guess_model_task(cfg), "DetectionModel"))
+    # the constructor runs a forward to find the strides: under torch.device("meta") (a rebuild check) it
+    # is built on the CPU and moved
+    on_meta = torch.empty(0).is_meta
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), \
+                torch.device("cpu") if on_meta else contextlib.nullcontext():
+            warnings.simplefilter("ignore")
+            model = cls(cfg, nc=nc, verbose=False)
+    except FileNotFoundError:
+        raise SecateursError(f"ultralytics has no model yaml '{cfg}' and no such file exists: name one it ships "
+                             "(yolov8n.yaml, yolo11n.yaml, ...) or give the path of a yaml") from None
+    if on_meta:
+        model = model.to("meta")
+    kwargs: dict[str, Any] = {"cfg": cfg} | ({"nc": nc} if nc is not None else {})
+    return attach_source(model, {"kind": "factory", "target": "secateurs.io.specs:ultralytics_model",
+                                 "kwargs": kwargs})
+
+
 def _load_pickled(path: Path, arch: str | None) -> nn.Module:
     """Unpickle a whole model (trusted files only); ``arch`` is recorded as its rebuild recipe."""
     try:
@@ -458,7 +503,10 @@ def load_model(
     """Load a model from a spec string.
 
     Args:
-        spec: ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH`` (a transformers
+        spec: ``torchvision:NAME`` (random weights unless ``weights`` is given;
+            every task: classification, segmentation, detection, video, optical
+            flow), ``timm:NAME``, ``ultralytics:NAME.yaml`` (a YOLO model from
+            its yaml, see :func:`ultralytics_model`), ``hf:PATH`` (a transformers
             folder or ``.gguf`` file), a directory saved by secateurs, a
             ``.pt``/``.pth``/``.safetensors`` state dict (with ``arch``), or
             ``package.module:factory``.
@@ -487,6 +535,13 @@ def load_model(
     path = Path(spec)
     if spec.startswith("hf:"):
         model = load_hf(spec[3:], trust_code=trust_code)
+    elif spec.startswith("ultralytics:"):
+        try:
+            model = ultralytics_model(spec.split(":", 1)[1])
+        except SecateursError:
+            raise
+        except Exception as exc:  # a yaml of the wrong shape fails anywhere in ultralytics' model parser
+            raise SecateursError(f"ultralytics cannot build '{spec}' ({first_line(exc)}): check the yaml") from None
     elif path.is_dir():
         if is_saved_model(path):
             model = load(path, trust_code=trust_code)

@@ -6,6 +6,7 @@ strategy (how many channels each group loses) -> plan -> surgery.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
@@ -20,22 +21,40 @@ from torch import Tensor, nn
 from ..errors import SecateursError
 from ..graph import DependencyGraph, Group, build_graph
 from ..importance.channel import CHANNEL_IMPORTANCE, NEEDS_DATA, REDUCTIONS, channel_scores
-from ..importance.stats import ActivationStats, InputActivationStats, InputMeans, TaylorStats
-from ..selection import Selection, _matches
+from ..importance.stats import (
+    ActivationStats,
+    InputActivationStats,
+    InputGrams,
+    InputMeans,
+    TaylorStats,
+    calibration_list,
+)
+from ..patches import refit_blocker
+from ..selection import Selection, input_dim
 from ..surgery import CONFIG_STALE_ATTR, Plan, apply_plan_
 from ..surgery.compensate import compensate_
 from ..surgery.hf import config_for_plan
 from ..train.recalibrate import recalibrate_bn_
 from ..utils import is_transformers_model
-from .common import config_to_dict, make_generator
+from .common import config_to_dict, keep_count, make_generator
+from .reconstruct import reconstruct_, reconstruction_targets
 from .registry import register_method
-from .rehearsal import apply_checked_, feasible_groups, macs_of, meta_copy, rehearse, to_meta
+from .rehearsal import (
+    apply_checked_,
+    checked_on,
+    feasible_groups,
+    macs_of,
+    meta_copy,
+    rehearse,
+    to_meta,
+)
 from .report import LayerReport, PruneReport
+from .sensitivity_curves import DEFAULT_RATIOS, allocate, allocation_order, channel_curves
 from .width import KINDS, classify_roles, role_targets, uniform_removed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Channels", "channel_steps", "merge_step_reports", "plan_channels"]
+__all__ = ["Channels", "calibration_stats", "channel_steps", "merge_step_reports", "plan_channels", "score_groups"]
 
 # Models up to this many bytes of tensors get their plan applied in place and checked there
 # (see _prune_once); bigger ones rehearse on a meta copy first.
@@ -67,7 +86,10 @@ class Channels(Selection):
         ratio: fraction of channels to remove, in [0, 1).
         target_macs: keep this fraction of MACs, in (0, 1]; the achieved value is reported.
         importance: ``l1``, ``l2``, ``bn``, ``fpgm``, ``random``, or the data-driven
-            ``taylor``, ``activation`` and ``minitron`` (these need ``data`` in ``prune_``).
+            ``taylor``, ``activation``, ``minitron`` and ``obs`` (these need ``data`` in ``prune_``).
+            ``obs`` scores a channel by the output error it leaves in the layers that read
+            it once their other weights are refitted (greedy structured OBS, as in ZipLM);
+            it pairs with ``reconstruct``.
             ``minitron`` scores a channel by the mean |activation| entering the layers
             that read it (an FFN neuron by its input to the down projection, a head by
             its attention output entering the output projection, a hidden channel by the
@@ -93,6 +115,15 @@ class Channels(Selection):
             next layer's bias (or its BatchNorm's running mean); needs ``data``.
         recalibrate_bn: after surgery, re-estimate every BatchNorm's running
             statistics on ``data`` (no gradients, weights unchanged).
+        reconstruct: after surgery, refit every layer that read removed channels by
+            least squares so that it reproduces the dense layer's output on ``data``
+            (``calib_batches`` batches), layer by layer in forward order on the pruned
+            model's own activations (:mod:`secateurs.methods.reconstruct`). Layers that
+            cannot mix channels (grouped convolutions) get their mean output corrected
+            instead; the report's ``reconstruction`` lists every layer and its error.
+        reconstruct_damp: ridge damping of the refit, relative to the mean squared input;
+            None (the default) chooses it per layer by cross-validation between even and
+            odd calibration batches.
         steps: reach the target in this many prune steps, re-scoring channels on the
             already-pruned model each time (fine-tune between steps with the trainer);
             a latency target is approached through geometric intermediate targets.
@@ -133,6 +164,8 @@ class Channels(Selection):
     steps: int = 1
     compensate: bool = False
     recalibrate_bn: bool = False
+    reconstruct: bool = False
+    reconstruct_damp: float | None = None
     allocate: str = "uniform"
     target_latency: float | None = None
     latency_batch_size: int | None = None
@@ -199,38 +232,13 @@ class Channels(Selection):
             raise SecateursError(f"calib_batches must be at least 1, got {self.calib_batches}")
         if (self.compensate or self.recalibrate_bn) and self.calib_batches < 1:
             raise SecateursError("compensate and recalibrate_bn need calib_batches of at least 1")
+        if self.reconstruct and self.compensate:
+            raise SecateursError("reconstruct refits the biases that compensate would shift: drop compensate "
+                                 "(CLI: --compensate)")
+        if self.reconstruct_damp is not None and not self.reconstruct_damp > 0:
+            raise SecateursError(f"reconstruct_damp must be positive, got {self.reconstruct_damp}")
         if self.round_to is not None and self.round_to < 1:
             raise SecateursError(f"round_to must be a positive integer, got {self.round_to}")
-
-
-def _frozen_by_selection(model: nn.Module, config: Channels) -> dict[str, str]:
-    """Tensors of modules the selection leaves alone."""
-    frozen: dict[str, str] = {}
-    all_names = [n for n, _ in model.named_modules()]
-    for pattern in config.ignore:
-        if not any(_matches(n, pattern) for n in all_names):
-            raise SecateursError(
-                f"ignore name '{pattern}' matches no module of the model; check the spelling against `secateurs analyze` output"
-            )
-    for mod_name, module in model.named_modules():
-        reason = None
-        if any(_matches(mod_name, p) for p in config.ignore):
-            reason = "ignored"
-        elif config.filter_fn is not None and not config.filter_fn(module, mod_name):
-            reason = "filter_fn returned False"
-        if reason is None:
-            continue
-        for tname, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            frozen[f"{mod_name}.{tname}" if mod_name else tname] = reason
-    return frozen
-
-
-def _keep_count(n: int, remove_fraction: float, multiple: int) -> int:
-    keep = max(1, n - math.floor(remove_fraction * n + 0.5))  # nearest: steps compound without drift
-    if multiple > 1:
-        keep = max(multiple, int(round(keep / multiple)) * multiple)
-        keep = min(keep, n)
-    return keep
 
 
 def _multiplicity(group: Group) -> int:
@@ -238,7 +246,8 @@ def _multiplicity(group: Group) -> int:
     return min(group.indices[m].shape[1] for m in group.members)
 
 
-def _stats(model: nn.Module, config: Channels, data: Any) -> dict[str, Tensor] | None:
+def calibration_stats(model: nn.Module, graph: DependencyGraph, config: Channels, data: Any) -> dict[str, Tensor] | None:
+    """The statistics ``config.importance`` scores channels by, measured on ``data`` (None: it needs none)."""
     if config.importance not in NEEDS_DATA:
         return None
     if data is None:
@@ -247,10 +256,25 @@ def _stats(model: nn.Module, config: Channels, data: Any) -> dict[str, Tensor] |
         return TaylorStats(model).run(data, config.calib_batches).scores
     if config.importance == "minitron":
         return InputActivationStats(model).run(data, config.calib_batches).per_channel()
+    if config.importance == "obs":
+        return _obs_stats(model, graph, config, data)
     return ActivationStats(model).run(data, config.calib_batches).per_channel()
 
 
-def _scores(model: nn.Module, graph: DependencyGraph, config: Channels, stats: dict[str, Tensor] | None) -> dict[int, Tensor]:
+def _obs_stats(model: nn.Module, graph: DependencyGraph, config: Channels, data: Any) -> dict[str, Tensor]:
+    """Gram matrices of the inputs of every layer that reads a group's channels (and can be refitted)."""
+    modules = dict(model.named_modules())
+    layers = set()
+    for g in graph.groups:
+        for m in g.members:
+            name, _, attr = m.tensor.rpartition(".")
+            layer = modules.get(name)
+            if attr == "weight" and layer is not None and refit_blocker(layer) is None and m.dim == input_dim(layer):
+                layers.add(name)
+    return InputGrams(model, sorted(layers)).run(data, config.calib_batches).grams
+
+
+def score_groups(model: nn.Module, graph: DependencyGraph, config: Channels, stats: dict[str, Tensor] | None) -> dict[int, Tensor]:
     named_params = dict(model.named_parameters())
     tensors = named_params | dict(model.named_buffers())
     params = set(named_params)
@@ -280,7 +304,7 @@ def _warn_rounded_away(graph: DependencyGraph, config: Channels, removed: dict[i
     if round_to <= 1 or not config.ratio:
         return
     whole = [g for g in graph.groups if g.id not in failed and not removed[g.id].numel()
-             and _keep_count(g.size, config.ratio, 1) < g.size]
+             and keep_count(g.size, config.ratio, 1) < g.size]
     if not whole:
         return
     cut = sum(int(v.numel()) for v in removed.values())
@@ -310,7 +334,7 @@ def plan_channels(graph: DependencyGraph, scores: dict[int, Tensor], config: Cha
         owners = torch.cat([torch.full((g.size,), i) for i, (_, g) in enumerate(pool)])
         order = torch.argsort(flat, stable=True)
         taken = [0] * len(pool)
-        caps = [g.size - _keep_count(g.size, config.max_ratio, 1) for _, g in pool]
+        caps = [g.size - keep_count(g.size, config.max_ratio, 1) for _, g in pool]
         chosen: list[list[int]] = [[] for _ in pool]
         offsets = torch.cumsum(torch.tensor([0] + [g.size for _, g in pool]), 0)
         for pos in order.tolist():
@@ -322,14 +346,14 @@ def plan_channels(graph: DependencyGraph, scores: dict[int, Tensor], config: Cha
                 chosen[i].append(pos - int(offsets[i]))
                 budget -= 1
         for (_, g), idx in zip(pool, chosen, strict=True):
-            keep = _keep_count(g.size, len(idx) / g.size, round_to // math.gcd(round_to, _multiplicity(g)) or 1)
+            keep = keep_count(g.size, len(idx) / g.size, round_to // math.gcd(round_to, _multiplicity(g)) or 1)
             drop = g.size - keep
             removed[g.id] = torch.argsort(scores[g.id], stable=True)[:drop] if drop else torch.empty(0, dtype=torch.long)
     else:
         for g in graph.groups:
             unit = _multiplicity(g)
             share = per_group.get(g.id, 0.0) if per_group is not None else ratio
-            keep = _keep_count(g.size, share, max(1, round_to // math.gcd(round_to, unit)))
+            keep = keep_count(g.size, share, max(1, round_to // math.gcd(round_to, unit)))
             drop = g.size - keep
             removed[g.id] = torch.argsort(scores[g.id], stable=True)[:drop]
     return removed
@@ -423,8 +447,6 @@ def _sensitivity_shares(model: nn.Module, graph: DependencyGraph, scores: dict[i
     """For ``allocate='sensitivity'``: a map from a fraction of the greedy steps to per-group ratios."""
     if config.allocate != "sensitivity":
         return None
-    from .sensitivity import DEFAULT_RATIOS, allocate, allocation_order, channel_curves
-
     if data is None:
         raise SecateursError("sensitivity allocation measures each group on data: pass data= (CLI: --data)")
     meta_inputs = to_meta(example_inputs)
@@ -521,25 +543,18 @@ class _LatencyGoal:
 
 
 def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: Any) -> PruneReport:
-    if (config.compensate or config.recalibrate_bn) and data is None:
-        raise SecateursError("compensate and recalibrate_bn are measured on data: pass data= (CLI: --data)")
+    if (config.compensate or config.recalibrate_bn or config.reconstruct) and data is None:
+        raise SecateursError("compensate, recalibrate_bn and reconstruct are measured on data: pass data= "
+                             "(CLI: --data)")
+    chosen = config.resolve(model)  # unknown include/ignore names are refused before any work
     uniform = _uniform_widths(model, config)
-    stats = _stats(model, config, data)
     means = InputMeans(model).run(data, config.calib_batches) if config.compensate else None
-    frozen = _frozen_by_selection(model, config)
-    graph = build_graph(model, example_inputs, frozen_tensors=frozen)
-    if config.include is not None:
-        # include picks groups (a layer and everything coupled to it), not tensors
-        for pattern in config.include:
-            if not any(_matches(n, pattern) for n, _ in model.named_modules()):
-                raise SecateursError(f"include name '{pattern}' matches no module of the model; check the spelling")
-        graph.groups = [
-            g for g in graph.groups
-            if any(_matches(m.tensor.rpartition(".")[0], p) for m in g.members for p in config.include)
-        ]
+    dense = copy.deepcopy(model) if config.reconstruct else None  # the reference every refit reproduces
+    graph = build_graph(model, example_inputs, frozen_tensors=chosen.frozen_tensors())
+    graph.groups = chosen.groups(graph.groups)  # include picks groups (a layer and all coupled to it), not tensors
     if not graph.groups:
         raise SecateursError("no prunable channel group found: every layer is coupled to the inputs/outputs or ignored")
-    scores = _scores(model, graph, config, stats)
+    scores = score_groups(model, graph, config, calibration_stats(model, graph, config, data))
     expected = graph.output_shapes  # what every rehearsal must still produce
     # the dense MACs, counted once on a meta copy: both the allocation and a MACs target need them
     dense_macs = functools.cache(lambda: macs_of(meta_copy(model), to_meta(example_inputs)))
@@ -671,6 +686,10 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     compensated = compensate_(model, plan, means.means(), means.followers) if means is not None else []
     if not applied:
         apply_plan_(model, plan)
+    fits = (reconstruct_(model, dense, reconstruction_targets(dense, plan),
+                         calibration_list(data, config.calib_batches, "reconstruct"), config.reconstruct_damp)
+            if dense is not None else None)
+    del dense
     if config.recalibrate_bn:
         recalibrate_bn_(model, data, config.calib_batches)
     report = PruneReport(method=config.method, config=config_to_dict(config))
@@ -678,6 +697,7 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     # sensitivity allocation all make it differ from the ratio asked for
     report.config["achieved_ratio"] = (sum(int(v.numel()) for v in removed.values())
                                        / max(1, sum(g.size for g in graph.groups)))
+    report.config["rehearsal"] = checked_on(model, expected)  # "meta", or "real" where meta cannot run it
     if config.ratio is not None and shares is None and not uniform:
         _warn_rounded_away(graph, config, removed, failed)
     if not by_ratio:
@@ -688,6 +708,8 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
         report.config["achieved_macs"] = achieved_macs
     if means is not None:
         report.config["compensated_layers"] = len(compensated)
+    if fits is not None:
+        report.reconstruction = [f.to_dict() for f in fits]
     for g in graph.groups:
         report.layers.append(LayerReport(name=g.describe(), shape=[g.size], numel=g.size,
                                          zeros=int(removed[g.id].numel())))

@@ -1,8 +1,9 @@
-"""Helpers shared by the mask-based methods."""
+"""Helpers shared by the pruning methods."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from .report import LayerReport
 
-__all__ = ["config_to_dict", "lowest_k", "layer_report", "make_generator"]
+__all__ = ["config_to_dict", "keep_count", "lowest_k", "layer_report", "make_generator"]
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -58,3 +59,18 @@ def make_generator(seed: int | None) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(0 if seed is None else seed)
     return g
+
+
+def keep_count(n: int, remove_fraction: float, multiple: int) -> int:
+    """Channels a group of ``n`` keeps when ``remove_fraction`` of them go, a multiple of ``multiple``
+    (at least one multiple, never more than ``n``).
+
+    Example:
+        >>> keep_count(64, 0.5, 1), keep_count(64, 0.3, 8), keep_count(3, 0.9, 1)
+        (32, 48, 1)
+    """
+    keep = max(1, n - math.floor(remove_fraction * n + 0.5))  # nearest: steps compound without drift
+    if multiple > 1:
+        keep = max(multiple, int(round(keep / multiple)) * multiple)
+        keep = min(keep, n)
+    return keep

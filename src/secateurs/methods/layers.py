@@ -19,7 +19,7 @@ from ..errors import SecateursError
 from ..graph.blocks import Block, find_blocks, first_tensor
 from ..importance.layer import LAYER_IMPORTANCE, angular_distance, block_influence, magnitude
 from ..importance.stats import ReferenceBatches, split_batch, task_loss
-from ..selection import Selection, _matches, call_model, declared_module
+from ..selection import Selection, call_model, declared_module
 from ..surgery import Plan, apply_plan_
 from ..utils import eval_mode, first_line
 from .common import config_to_dict
@@ -316,8 +316,9 @@ def apply_layers(model: nn.Module, config: Layers, *, example_inputs: Any = None
     if data is None and (importance != "magnitude" or config.max_loss_increase is not None):
         raise SecateursError(f"importance '{importance}' and loss targets are measured on data: pass data= "
                              "(CLI: --data), or use importance 'magnitude'")
+    chosen_blocks = config.resolve(model)  # unknown include/ignore names are refused before the trace
     all_blocks = find_blocks(model, example_inputs, extra=tuple(config.include or ()))
-    blocks = _selected(model, config, all_blocks)
+    blocks = chosen_blocks.blocks(all_blocks)
     if not blocks:
         raise SecateursError("no removable block found: layer pruning needs blocks inside a Sequential/ModuleList "
                              "whose output has the shape of their input")
@@ -347,30 +348,6 @@ def apply_layers(model: nn.Module, config: Layers, *, example_inputs: Any = None
     if chosen:
         apply_plan_(model, Plan(drop=chosen))
     return _report(config, importance, blocks, all_blocks, scores, chosen, refused, chooser)
-
-
-def _selected(model: nn.Module, config: Layers, blocks: list[Block]) -> list[Block]:
-    names = [n for n, _ in model.named_modules()]
-    for pattern in list(config.ignore) + list(config.include or []):
-        if not any(_matches(n, pattern) for n in names):
-            raise SecateursError(f"'{pattern}' matches no module of the model; check the spelling")
-    chosen = []
-    for b in blocks:
-        inside = [n for n in names if n == b.name or n.startswith(b.name + ".")]
-        if any(_matches(n, p) for n in inside for p in config.ignore):
-            continue
-        if config.filter_fn is not None and not config.filter_fn(model.get_submodule(b.name), b.name):
-            continue
-        if config.include is not None and not any(_matches(b.name, p) for p in config.include):
-            continue
-        if b.removable:
-            chosen.append(b)
-    if config.include is not None:
-        for pattern in config.include:
-            if not any(_matches(b.name, pattern) for b in chosen):
-                why = next((b.reason for b in blocks if b.name == pattern), "it did not run in the forward")
-                raise SecateursError(f"'{pattern}' cannot be removed: {why}, so an identity cannot stand in for it")
-    return chosen
 
 
 def _report(config: Layers, importance: str, blocks: list[Block], all_blocks: list[Block],

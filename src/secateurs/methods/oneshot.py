@@ -33,7 +33,7 @@ from .common import config_to_dict, layer_report
 from .registry import register_method
 from .report import PruneReport
 
-__all__ = ["SparseGPT", "Wanda", "calibration_batches", "capture_block_inputs", "oneshot_targets", "prune_block",
+__all__ = ["SparseGPT", "Wanda", "calibration_batches", "capture_block_inputs", "no_cache_inputs", "oneshot_targets", "prune_block",
            "with_hidden"]
 
 
@@ -97,7 +97,7 @@ class _Stop(Exception):
     """Raised by the capture hook: the rest of the model need not run."""
 
 
-def _no_cache(model: nn.Module, inputs: Any) -> Any:
+def no_cache_inputs(model: nn.Module, inputs: Any) -> Any:
     """A transformers model must not build a KV cache during calibration."""
     if isinstance(inputs, dict) and "use_cache" in inspect.signature(model.forward).parameters:
         return {**inputs, "use_cache": False}
@@ -125,7 +125,7 @@ def capture_block_inputs(model: nn.Module, first: nn.Module, batches: list[Any])
     try:
         for batch in batches:
             try:
-                call_model(model, _no_cache(model, split_batch(batch)[0]))
+                call_model(model, no_cache_inputs(model, split_batch(batch)[0]))
             except _Stop:
                 pass
     finally:
@@ -268,7 +268,7 @@ def apply_oneshot(model: nn.Module, config: _OneShot, *, example_inputs: Any = N
             collector = _Collector(outside, isinstance(config, SparseGPT))
             try:
                 for batch in batches:
-                    collector.run(lambda b=batch: call_model(model, _no_cache(model, split_batch(b)[0])))
+                    collector.run(lambda b=batch: call_model(model, no_cache_inputs(model, split_batch(b)[0])))
             finally:
                 collector.remove()
             _prune_targets(model, outside, collector.stats, config, report)

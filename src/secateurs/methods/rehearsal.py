@@ -13,24 +13,43 @@ tensors swapped for meta twins; on failure it puts the model back exactly.
 (Skipping the check when the trace "saw every size" was tried and withdrawn: a
 plain ``if self.conv.out_channels == 16:`` in a forward is invisible to any
 torch-level trace, and several trace rules drop labels the check catches.)
+
+Some models cannot run on the meta device at all, pruned or not: detectors
+whose post-processing sizes depend on values (``nonzero``, NMS), or code that
+makes tensors from plain attributes (ultralytics keeps ``stride`` and anchors as
+attributes, not buffers). A failed check is therefore never blamed on a group
+before the *unpruned* model has passed the same check: when it does not, a
+warning says so once and the checks run on real tensors instead (the example
+input, one sample of it, through the model pruned in place and put back, or a
+copy for models that keep state outside their modules). Output sizes that depend
+on values (how many boxes a detector keeps) are told apart by running the
+unpruned model on a second input, and only the fixed sizes are compared.
+:func:`checked_on` says which check a model got.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..analysis import count_macs
 from ..graph import DependencyGraph
 from ..selection import call_model
 from ..surgery import Plan, apply_plan_
-from ..utils import first_line, map_tensors, output_shapes
+from ..utils import eval_mode, first_line, map_tensors, output_shapes
 
-__all__ = ["apply_checked_", "feasible_groups", "macs_of", "meta_copy", "output_shapes", "rehearse", "to_meta"]
+__all__ = ["apply_checked_", "checked_on", "feasible_groups", "macs_of", "meta_copy", "output_shapes", "rehearse",
+           "to_meta"]
+
+log = logging.getLogger(__name__)
 
 
 def _meta_twin(t: Tensor) -> Tensor:
@@ -90,9 +109,7 @@ def _clone(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
 
 def macs_of(model: nn.Module, inputs: Any) -> int:
     """MACs of one forward (a meta copy and meta inputs cost nothing to count)."""
-    from ..analysis import _count_macs
-
-    return _count_macs(model, inputs)[0]
+    return count_macs(model, inputs)[0]
 
 
 def _meta(t: Tensor) -> Tensor:
@@ -221,8 +238,9 @@ class _Failure:
         self.reason, self.modules = reason, modules
 
 
-def _run(model: nn.Module, inputs: Any) -> tuple[Any, list[str]]:
-    """Forward ``model``; on an exception, re-raise it with the stack of modules it happened in."""
+def _run(model: nn.Module, inputs: Any, meta: bool = True) -> tuple[Any, list[str]]:
+    """Forward ``model`` (on meta twins of ``inputs`` unless ``meta`` is False); on an exception,
+    re-raise it with the stack of modules it happened in."""
     names = {id(m): n for n, m in model.named_modules()}
     stack: list[str] = []
 
@@ -237,6 +255,9 @@ def _run(model: nn.Module, inputs: Any) -> tuple[Any, list[str]]:
     pre = torch.nn.modules.module.register_module_forward_pre_hook(enter)
     post = torch.nn.modules.module.register_module_forward_hook(leave)
     try:
+        if not meta:  # the real model: its modes (and BatchNorm statistics) must be left as they were
+            with torch.no_grad(), eval_mode(model):
+                return call_model(model, inputs), stack
         with torch.no_grad(), _ShapeOnly():
             return call_model(model.eval(), to_meta(inputs)), stack
     except Exception as exc:  # the rehearsal exists to catch anything surgery breaks
@@ -261,11 +282,167 @@ def _check(model: nn.Module, inputs: Any, expected: Any) -> _Failure | None:
     return None if output_shapes(out) == expected else _Failure("the output shape would change", [])
 
 
-def _attempt(model: nn.Module, plan: Plan, inputs: Any, expected: Any) -> tuple[nn.Module | None, _Failure | None]:
-    rehearsal = meta_copy(model)
-    apply_plan_(rehearsal, plan)
-    failure = _check(rehearsal, inputs, expected)
-    return (None, failure) if failure is not None else (rehearsal, None)
+def _attempt(model: nn.Module, plan: Plan, inputs: Any, expected: Any,
+             want_copy: bool = False) -> tuple[nn.Module | None, _Failure | None]:
+    """Check ``plan``: on a meta copy, or on real tensors once the meta check is known not to run the
+    unpruned model. On success returns a model with the plan applied (a copy if ``want_copy``; else,
+    for real checks, possibly ``model`` itself, already put back)."""
+    real = _known_real_check(model, expected)
+    if real is None:
+        rehearsal = meta_copy(model)
+        apply_plan_(rehearsal, plan)
+        failure = _check(rehearsal, inputs, expected)
+        if failure is None:
+            return rehearsal, None
+        real = _real_check_for(model, inputs, expected)
+        if real is None:  # the unpruned model passes: the plan is to blame
+            return None, failure
+    return real.attempt(model, plan, want_copy)
+
+
+@dataclass
+class _RealCheck:
+    """Plans checked on real tensors, for a model the meta forward cannot run even unpruned."""
+
+    inputs: Any  # the example input (one sample of it where that is clear)
+    reference: Any  # the unpruned model's output shapes on it
+    variable: Any  # the same nesting; per output a tuple of flags, True where its size depends on values
+    broken: str = ""  # why even the unpruned model fails on real tensors (nothing can be checked)
+
+    def fits(self, shapes: Any) -> bool:
+        return _fits(shapes, self.reference, self.variable)
+
+    def check(self, model: nn.Module) -> _Failure | None:
+        if self.broken:
+            return _Failure(self.broken, [])
+        try:
+            out, _ = _run(model, self.inputs, meta=False)
+        except _RehearsalError as err:
+            return err.failure
+        return None if self.fits(output_shapes(out)) else _Failure("the output shape would change", [])
+
+    def attempt(self, model: nn.Module, plan: Plan, want_copy: bool) -> tuple[nn.Module | None, _Failure | None]:
+        if want_copy or getattr(model, "config", None) is not None:  # state outside the modules: a copy
+            candidate = copy.deepcopy(model)
+            apply_plan_(candidate, plan)
+            failure = self.check(candidate)
+            return (None, failure) if failure is not None else (candidate, None)
+        before = _ModelState(model)  # in place, always put back: no copy of the weights
+        try:
+            apply_plan_(model, plan)
+            failure = self.check(model)
+        finally:
+            before.restore()
+        return (None, failure) if failure is not None else (model, None)
+
+
+# model -> (the expected output shapes of the prune it was checked for, its real check or None when the
+# meta check runs the unpruned model); weak, so a model that goes away takes its inputs with it
+_CHECKS: weakref.WeakKeyDictionary[nn.Module, tuple[Any, _RealCheck | None]] = weakref.WeakKeyDictionary()
+
+
+def _known_real_check(model: nn.Module, expected: Any) -> _RealCheck | None:
+    entry = _CHECKS.get(model)
+    return entry[1] if entry is not None and entry[0] is expected else None
+
+
+def _real_check_for(model: nn.Module, inputs: Any, expected: Any) -> _RealCheck | None:
+    """None if the meta check runs the unpruned ``model`` (a failure is then the plan's); else the real
+    check to use instead, made once per prune (``expected`` is that prune's) with one warning."""
+    entry = _CHECKS.get(model)
+    if entry is not None and entry[0] is expected:
+        return entry[1]
+    failure = _check(meta_copy(model), inputs, expected)
+    if failure is None:
+        _CHECKS[model] = (expected, None)
+        return None
+    log.warning("the meta-device check cannot run %s even unpruned (%s): checking plans on real tensors "
+                "instead", type(model).__name__, failure.reason.split(". ")[0])
+    real = _make_real_check(model, inputs)
+    _CHECKS[model] = (expected, real)
+    return real
+
+
+def checked_on(model: nn.Module, expected: Any) -> str:
+    """Which check the plans of the prune whose output shapes are ``expected`` got: ``"meta"`` (meta-device
+    rehearsals) or ``"real"`` (real tensors: the meta forward could not run the unpruned model)."""
+    return "real" if _known_real_check(model, expected) is not None else "meta"
+
+
+def _make_real_check(model: nn.Module, inputs: Any) -> _RealCheck:
+    small = _one_sample(inputs)
+    try:
+        try:
+            out, _ = _run(model, small, meta=False)
+        except _RehearsalError:
+            if small is inputs:
+                raise
+            small = inputs  # the model wants its batch as given
+            out, _ = _run(model, small, meta=False)
+    except _RehearsalError as err:
+        return _RealCheck(small, None, None, broken=f"the unpruned model fails on real tensors too ({err})")
+    reference = output_shapes(out)
+    try:  # sizes that change with the input's values (boxes kept after NMS) are not the plan's to keep
+        other, _ = _run(model, _other_values(small), meta=False)
+        variable = _varying(reference, output_shapes(other))
+    except _RehearsalError:
+        variable = _varying(reference, reference)
+    return _RealCheck(small, reference, variable)
+
+
+def _one_sample(inputs: Any) -> Any:
+    """``inputs`` cut to its first sample when every top-level tensor has the same batch size (else as is)."""
+    items = (list(inputs.values()) if isinstance(inputs, dict)
+             else list(inputs) if isinstance(inputs, (tuple, list)) else [inputs])
+    tensors = [t for t in items if isinstance(t, Tensor)]
+    if not tensors or len(tensors) != len(items) or any(t.dim() < 2 for t in tensors):
+        return inputs
+    if len({t.shape[0] for t in tensors}) != 1 or tensors[0].shape[0] <= 1:
+        return inputs
+    if isinstance(inputs, dict):
+        return {k: v[:1] for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(v[:1] for v in inputs)
+    return inputs[:1]
+
+
+def _other_values(inputs: Any) -> Any:
+    """The same input shapes with other values (float tensors redrawn; ids and masks kept)."""
+    gen = torch.Generator().manual_seed(12345)
+
+    def redraw(t: Tensor) -> Tensor:
+        if not t.is_floating_point():
+            return t
+        fresh = torch.randn(t.shape, generator=gen).to(device=t.device, dtype=t.dtype)
+        return fresh * t.std().clamp_min(1e-3) + t.mean() if t.numel() > 1 else fresh
+
+    return map_tensors(inputs, redraw)
+
+
+def _varying(a: Any, b: Any) -> Any:
+    """Per output of ``a``: which sizes differ in ``b`` (True for a part whose structure differs)."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return tuple(x != y for x, y in zip(a, b, strict=True)) if len(a) == len(b) else True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: _varying(a[k], b[k]) for k in a} if a.keys() == b.keys() else True
+    if isinstance(a, list) and isinstance(b, list):
+        return [_varying(x, y) for x, y in zip(a, b, strict=True)] if len(a) == len(b) else True
+    return False if a == b else True
+
+
+def _fits(got: Any, reference: Any, variable: Any) -> bool:
+    if variable is True:
+        return True
+    if isinstance(reference, tuple):
+        return (isinstance(got, tuple) and len(got) == len(reference)
+                and all(g == r or v for g, r, v in zip(got, reference, variable, strict=True)))
+    if isinstance(reference, dict):
+        return (isinstance(got, dict) and got.keys() == reference.keys()
+                and all(_fits(got[k], reference[k], variable[k]) for k in reference))
+    if isinstance(reference, list):
+        return (isinstance(got, list) and len(got) == len(reference)
+                and all(_fits(g, r, v) for g, r, v in zip(got, reference, variable, strict=True)))
+    return got == reference
 
 
 class _ModelState:
@@ -308,6 +485,9 @@ def apply_checked_(model: nn.Module, plan: Plan, inputs: Any, expected: Any) -> 
     is put back exactly as it was and the reason is returned (``""`` on success).
     Not for models with state outside their modules (a transformers config).
     """
+    real = _known_real_check(model, expected)
+    if real is not None:
+        return _apply_real_(model, plan, real)
     before = _ModelState(model)
     try:
         apply_plan_(model, plan)
@@ -322,6 +502,21 @@ def apply_checked_(model: nn.Module, plan: Plan, inputs: Any, expected: Any) -> 
         raise
     if failure is not None:
         before.restore()
+        real = _real_check_for(model, inputs, expected)
+        return failure.reason if real is None else _apply_real_(model, plan, real)
+    return ""
+
+
+def _apply_real_(model: nn.Module, plan: Plan, real: _RealCheck) -> str:
+    before = _ModelState(model)
+    try:
+        apply_plan_(model, plan)
+        failure = real.check(model)
+    except BaseException:
+        before.restore()
+        raise
+    if failure is not None:
+        before.restore()
         return failure.reason
     return ""
 
@@ -331,7 +526,7 @@ def rehearse(model: nn.Module, plan: Plan, inputs: Any, expected: Any) -> tuple[
 
     On failure returns ``(None, reason)``.
     """
-    rehearsal, failure = _attempt(model, plan, inputs, expected)
+    rehearsal, failure = _attempt(model, plan, inputs, expected, want_copy=True)
     return rehearsal, failure.reason if failure else ""
 
 

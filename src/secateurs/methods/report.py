@@ -34,6 +34,8 @@ class PruneReport:
     # importance (scaled by the group's mean score, so groups compare)
     importance: dict[str, Any] | None = None
     sensitivity: dict[str, Any] | None = None  # the curves behind allocate="sensitivity"
+    # channel pruning with reconstruct: per refitted layer, how and its output error before/after
+    reconstruction: list[dict[str, Any]] | None = None
 
     @property
     def numel(self) -> int:
@@ -59,4 +61,5 @@ class PruneReport:
             **({"plan": self.plan} if self.plan is not None else {}),
             **({"importance": self.importance} if self.importance is not None else {}),
             **({"sensitivity": self.sensitivity} if self.sensitivity is not None else {}),
+            **({"reconstruction": self.reconstruction} if self.reconstruction is not None else {}),
         }

@@ -16,6 +16,7 @@ from ..selection import Selection, select_targets
 from .common import config_to_dict, layer_report, lowest_k, make_generator
 from .registry import register_method
 from .report import PruneReport
+from .sensitivity_curves import allocation_order, unstructured_curves
 
 __all__ = ["Unstructured", "layer_keep"]
 
@@ -140,13 +141,11 @@ def _sensitivity_counts(model: nn.Module, targets: list[Any], config: Unstructur
                         data: Any) -> tuple[dict[str, int], Any]:
     """How many weights each layer loses under sensitivity allocation, and the scan behind it.
 
-    The greedy walk of :func:`~secateurs.methods.sensitivity.allocation_order`
+    The greedy walk of :func:`~secateurs.methods.sensitivity_curves.allocation_order`
     (least loss increase per weight removed first) runs until the removed
     weights reach the target; its last step is cut short, so the total is
     exactly ``round(sparsity * selected weights)``.
     """
-    from .sensitivity import allocation_order, unstructured_curves
-
     if data is None:
         raise SecateursError("sensitivity allocation measures each layer on data: pass data= (CLI: --data)")
     scan = unstructured_curves(model, targets, data, ratios=ALLOCATION_GRID, batches=config.calib_batches,

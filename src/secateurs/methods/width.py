@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ..errors import SecateursError
 from ..graph import DependencyGraph, Group
+from .common import keep_count
 
 __all__ = ["KINDS", "Role", "classify_roles", "parse_width", "role_targets", "uniform_removed"]
 
@@ -138,12 +139,6 @@ def classify_roles(model: nn.Module, graph: DependencyGraph) -> list[Role]:
     return list(roles.values())
 
 
-def _keep(n: int, remove: float, multiple: int) -> int:
-    from .channels import _keep_count
-
-    return _keep_count(n, remove, multiple)
-
-
 def _candidates(n: int, target: int, multiple: int, pruned: bool) -> list[int]:
     """Keep counts to try for a dimension of ``n`` channels: multiples of ``multiple`` below ``n``, and ``n``."""
     if not pruned:
@@ -172,7 +167,7 @@ def role_targets(roles: list[Role], ratios: dict[str, float], round_to: int,
             others = ",".join(k for k in KINDS if k != role.kind)
             raise SecateursError(f"round_to {round_to} is larger than {what}, {width}: lower --round-to, or prune "
                                  f"the other widths only (--width {others})")
-        targets[role.key] = (_keep(role.size, ratio, _multiple(role, round_to)) if ratio > 0 and role.key not in whole
+        targets[role.key] = (keep_count(role.size, ratio, _multiple(role, round_to)) if ratio > 0 and role.key not in whole
                              else role.size)
     return targets
 

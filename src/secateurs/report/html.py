@@ -125,6 +125,11 @@ def _check_report(result: Any) -> None:
             if values and (len(values) < length or not all(isinstance(v, (int, float)) for v in values)):
                 raise _Malformed(f'"{at}.{key}" should be five numbers (quantiles)')
     _check(pruning.get("skipped"), "an object", "pruning.skipped", optional=True)
+    for i, fit in enumerate(_check(pruning.get("reconstruction") or [], "a list", "pruning.reconstruction")):
+        at = f"pruning.reconstruction[{i}]"
+        _check(_check(fit, "an object", at).get("name"), "a string", f"{at}.name")
+        for key in ("error_before", "error_after"):
+            _check(fit.get(key), _NUMBER, f"{at}.{key}", optional=fit.get(key) is None)
     if pruning.get("sensitivity"):
         _check_scan(pruning["sensitivity"], "pruning.sensitivity")
     _check(result.get("seconds"), _NUMBER, "seconds", optional=True)
@@ -224,6 +229,25 @@ def _plan(pruning: dict[str, Any]) -> list[str]:
     return out
 
 
+def _reconstruction(fits: list[dict[str, Any]]) -> list[str]:
+    """Each refitted layer's output error on the calibration data, before and after its refit."""
+    def error(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+    rows = [[f["name"], f.get("how", ""), error(f.get("error_before")), error(f.get("error_after")),
+             f.get("damp") if f.get("damp") is not None else "-", f.get("note", "")] for f in fits]
+    done = [f for f in fits if isinstance(f.get("error_after"), (int, float)) and f.get("how") != "none"]
+    out = ["<p>Layers that read removed channels, refitted in forward order to reproduce the dense model on the "
+           "calibration data. Error: squared distance of the layer's output to the dense layer's, relative to the "
+           "dense output's energy.</p>"]
+    if done:
+        out.append(_img(bars_png([f["name"] for f in done], [f["error_after"] for f in done],
+                                 title="relative output error after reconstruction", xlabel="error"),
+                        "reconstruction error per layer"))
+    out.append(_table(["layer", "how", "error before", "error after", "damping", "note"], rows))
+    return out
+
+
 def _page(title: str, parts: list[str]) -> str:
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
@@ -279,6 +303,9 @@ def render_report(result: dict[str, Any], *, sensitivity: dict[str, Any] | None 
         plan_parts = _plan(result.get("pruning", {}))
         if plan_parts:
             parts += ["<h2>Pruning plan</h2>", *plan_parts]
+        fits = result.get("pruning", {}).get("reconstruction")
+        if fits:
+            parts += ["<h2>Reconstruction</h2>", *_reconstruction(fits)]
     sensitivity = sensitivity or result.get("pruning", {}).get("sensitivity")  # allocate="sensitivity" keeps them
     if sensitivity:
         parts += ["<h2>Sensitivity</h2>", _img(sensitivity_png(sensitivity), "sensitivity curves")]

@@ -21,11 +21,11 @@ from torch.nn.utils import parametrize
 
 from ..errors import SecateursError
 from ..masks import Mask
+from ..provenance import CONFIG_STALE_ATTR, SOURCE_ATTR, STRUCTURE_ATTR, attach_source, source_of
+from .hf import update_hf_config_
+from .layers import drop_modules_
 
 __all__ = ["Plan", "apply_plan_", "register_updater", "CONFIG_STALE_ATTR", "STRUCTURE_ATTR"]
-
-STRUCTURE_ATTR = "_secateurs_structure"
-CONFIG_STALE_ATTR = "_secateurs_config_stale"
 
 
 @dataclass
@@ -273,8 +273,6 @@ def _remember_source(model: nn.Module) -> None:
     A transformers model's recipe is its config, which surgery updates; the
     plans replay on top of the original one.
     """
-    from ..io.arch import SOURCE_ATTR, attach_source, source_of
-
     if getattr(model, SOURCE_ATTR, None) is None and not getattr(model, STRUCTURE_ATTR, None):
         try:
             attach_source(model, source_of(model))
@@ -342,14 +340,10 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
         for dim in dims:
             old = changed[id(module)][1][tname][dim]
             sizes.setdefault(old, set()).add(new_shape[dim])
-    from .hf import update_hf_config_
-
     if update_hf_config_(model, sizes) is None and getattr(model, "config", None) is not None and sizes:
         # the config cannot describe the new shapes (e.g. fewer heads but the same hidden size)
         setattr(model, CONFIG_STALE_ATTR, True)
     if plan.drop:
-        from .layers import drop_modules_
-
         drop_modules_(model, plan.drop)
     history = list(getattr(model, STRUCTURE_ATTR, []))
     history.append(plan.to_dict())

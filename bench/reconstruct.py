@@ -53,16 +53,11 @@ def _fits(fits: list) -> dict[str, object]:
 
 
 def mobilenet_rows(args: argparse.Namespace) -> list[dict[str, object]]:
-    from mobilenet_real import crops, real_mobilenet_v2
+    from mobilenet_real import calibration_split, real_mobilenet_v2
 
     dense = real_mobilenet_v2()
-    x = crops(args.crops)
-    calib, test = x[::2], x[1::2]
-    with torch.no_grad():
-        ref = dense(test).argmax(1)
-        pseudo = dense(calib).argmax(1)
-    data = [(calib[i : i + 8], pseudo[i : i + 8]) for i in range(0, len(calib), 8)]
-    probe = x[:1]
+    data, test, ref = calibration_split(dense, args.crops)
+    probe = test[:1]
     base = secateurs.analyze(dense, probe, latency=False, size=False).macs
     criteria = {
         "l2, uniform": dict(importance="l2"),

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 import secateurs  # noqa: E402
 from _common import markdown_table, write_results  # noqa: E402
-from mobilenet_real import PHOTOS, crops, real_mobilenet_v2  # noqa: E402
+from mobilenet_real import PHOTOS, calibration_split, real_mobilenet_v2  # noqa: E402
 
 
 def main() -> None:
@@ -33,12 +33,7 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.5,0.7")
     args = parser.parse_args()
     dense = real_mobilenet_v2()
-    x = crops(args.crops)
-    calib, test = x[::2], x[1::2]
-    with torch.no_grad():
-        ref = dense(test).argmax(1)
-        pseudo = dense(calib).argmax(1)
-    data = [(calib[i : i + 8], pseudo[i : i + 8]) for i in range(0, len(calib), 8)]
+    data, test, ref = calibration_split(dense, args.crops)
     rows = []
     for sparsity in (float(s) for s in args.sparsities.split(",")):
         settings = {
@@ -62,7 +57,7 @@ def main() -> None:
         ["sparsity", "allocation", "top-1 agreement with dense", "achieved", "layer sparsity min-max", "prune s"],
         [[f"{r['sparsity']:.0%}", r["allocation"], f"{r['agreement']:.3f}", f"{r['achieved']:.3f}",
           f"{r['min_layer']:.2f}-{r['max_layer']:.2f}", f"{r['seconds']:.1f}"] for r in rows])
-    notes = (f"{len(test)} held-out crops of {len(PHOTOS)} scikit-image photos; {len(calib)} other crops "
+    notes = (f"{len(test)} held-out crops of {len(PHOTOS)} scikit-image photos; {sum(len(b[0]) for b in data)} other crops "
              f"({len(data)} batches) are the sensitivity scan's data, scored against the dense model's own top-1. "
              "Sparsity counts the 52 prunable convolution weights; the classifier stays dense. No fine-tuning.")
     write_results("unstructured_mobilenet", "MobileNetV2 (real ImageNet weights), unstructured sparsity, "

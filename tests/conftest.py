@@ -71,6 +71,18 @@ def assert_same_model(a: nn.Module, b: nn.Module, *inputs: torch.Tensor) -> None
     torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)
 
 
+class Residual(nn.Module):
+    """``relu(x + bn(conv(x)))``: a residual block whose channels are tied to its input's."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn(self.conv(x)))
+
+
 class AttnNet(nn.Module):
     """nn.MultiheadAttention (packed in_proj_weight) followed by a head."""
 

@@ -420,3 +420,19 @@ def test_cli_words_leave_quoted_names_and_flagged_messages_alone():
         "resume needs checkpoint_dir (CLI: --checkpoint-dir)"
     assert _in_cli_words("pass data= and held_out=", "export") == "pass --data and held_out="
     assert _in_cli_words("set global_ranking=True", "prune") == "set --scope global"
+
+
+@needs("sklearn")
+def test_sensitivity_include_scans_only_the_named_layers_groups(tmp_path, capsys):
+    base = ["sensitivity", CNN, *SHAPE, "--data", "digits", "--ratios", "0.5", "--calib-batches", "1", "--json", "-q"]
+    code, out, err = run([*base, "--out", str(tmp_path / "all.json")], capsys)
+    assert code == 0, err
+    assert len(json.loads(out)["curves"]) == 4  # every channel group of DigitsCNN
+    code, out, err = run([*base, "--include", "features.0", "--out", str(tmp_path / "one.json")], capsys)
+    assert code == 0, err
+    curves = json.loads(out)["curves"]
+    assert len(curves) == 1 and "features.0.weight" in curves[0]["name"]
+    assert json.loads((tmp_path / "one.json").read_text())["curves"] == curves
+    code, _, err = run([*base, "--include", "features.99", "--out", str(tmp_path / "bad.json")], capsys)
+    assert code == 2 and "'features.99'" in err and "check the spelling" in err
+    assert not (tmp_path / "bad.json").exists()

@@ -8,20 +8,10 @@ import torch
 from torch import nn
 
 import secateurs
-from conftest import SeedConvNet, needs
+from conftest import Residual, SeedConvNet, needs
 from secateurs import Layers, SecateursError
 from secateurs.cli import main
 from secateurs.graph.blocks import find_blocks
-
-
-class Residual(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.conv = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(width)
-
-    def forward(self, x):
-        return torch.relu(x + self.bn(self.conv(x)))
 
 
 class ResNetLike(nn.Module):

@@ -8,21 +8,12 @@ import torch
 from torch import nn
 
 import secateurs
+from conftest import Residual
 from secateurs import NM, Channels, Layers, SecateursError, Unstructured
 from secateurs.graph import build_graph
 from secateurs.methods.sensitivity import sensitivity
 from secateurs.selection import Selection, matches
 from secateurs.zoo import DigitsCNN
-
-
-class Residual(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.conv = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(width)
-
-    def forward(self, x):
-        return torch.relu(x + self.bn(self.conv(x)))
 
 
 class TwoStages(nn.Module):

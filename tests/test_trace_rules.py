@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import secateurs
-from conftest import needs
+from conftest import Mixed, needs
 from secateurs import Channels, SecateursError
 from secateurs.graph import build_graph, registry, remove_rule, rule
 from secateurs.graph.rules import attention, detection, elementwise, layers, shape
@@ -259,3 +259,24 @@ def test_pit_s_224_prunes_like_the_other_vits():
     torch.manual_seed(0)
     model = secateurs.load_model("timm:pit_s_224").eval()
     _prunes_like_a_vit(model, torch.randn(1, 3, 224, 224))
+
+
+def test_grouping_after_a_hash_collision_is_the_same(monkeypatch):
+    """Channel roots are bucketed by a hash; if the check after it fails, the exact loop decides."""
+    from secateurs.graph import groups
+
+    torch.manual_seed(0)
+    model, x = Mixed().eval(), torch.randn(2, 3, 8, 8)
+    expected = build_graph(model, x)
+    real_unique = torch.unique
+
+    def colliding(t, *args, **kwargs):  # every root in one bucket: the check must fail
+        out, inverse = real_unique(t, *args, **kwargs)
+        return out[:1], torch.zeros_like(inverse)
+
+    monkeypatch.setattr(groups.torch, "unique", colliding)
+    got = build_graph(model, x)
+    assert [(g.size, g.members, g.roots) for g in got.groups] == [
+        (g.size, g.members, g.roots) for g in expected.groups]
+    for a, b in zip(got.groups, expected.groups, strict=True):
+        assert all(torch.equal(a.indices[m], b.indices[m]) for m in a.members)

@@ -366,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "sequences)")
     sv.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sequence (text --data)")
     sv.add_argument("--ignore", metavar="NAME[,NAME]", help="modules to leave out of the scan")
+    sv.add_argument("--include", metavar="NAME[,NAME]", help="scan only the channel groups (or layers) of these "
+                    "modules (names, prefixes, globs)")
     sv.add_argument("--out", required=True, metavar="FILE.json",
                     help="write the curves here, with FILE.csv and FILE.png beside it")
     sv.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -1091,7 +1093,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     data = _calibration(args, argparse.Namespace(calib_batches=batches), x)
     from .methods import config_class
 
-    selection = {"ignore": args.ignore} if args.ignore else {}
+    selection = {k: getattr(args, k) for k in ("ignore", "include") if getattr(args, k)}
     if args.importance:
         selection["importance"] = _importance(args, args.method)
     cfg = config_class(args.method)(**({"ratio": 0.5} if args.method == "channel" else {"sparsity": 0.5}),

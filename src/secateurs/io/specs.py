@@ -445,6 +445,7 @@ def ultralytics_model(cfg: str, nc: int | None = None) -> nn.Module:
         nc: the number of classes, if not the yaml's.
 
     Example:
+        >>> # skipped by the doctests: ultralytics takes seconds to import; tests/test_detection.py builds it
         >>> model = ultralytics_model("yolov8n.yaml")  # doctest: +SKIP
         >>> type(model).__name__  # doctest: +SKIP
         'DetectionModel'

@@ -125,6 +125,25 @@ def test_prune_with_reconstruct_is_closer_to_dense_and_reports_every_layer():
     assert reports[True].plan == reports[False].plan
 
 
+def test_a_sequential_chain_gives_the_same_refits_as_whole_model_runs(monkeypatch):
+    from secateurs.methods import reconstruct as module
+
+    torch.manual_seed(0)
+    dense = DigitsCNN().eval()
+    x = torch.randn(48, 1, 8, 8)
+    data = [x[i:i + 16] for i in range(0, 48, 16)]
+    assert module.chain_candidates(dense)[:2] == ["features.0", "features.1"]
+    models = []
+    for candidates in (module.chain_candidates, lambda model: []):
+        monkeypatch.setattr(module, "chain_candidates", candidates)
+        model = copy.deepcopy(dense)
+        secateurs.prune_(model, Channels(ratio=0.5, reconstruct=True, calib_batches=3), example_inputs=x[:1],
+                         data=data)
+        models.append(model)
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @needs("transformers")
 def test_transformer_blocks_are_reconstructed_as_a_chain_with_the_same_result_as_whole_model_runs(monkeypatch):
     import transformers
@@ -141,7 +160,7 @@ def test_transformer_blocks_are_reconstructed_as_a_chain_with_the_same_result_as
     results = {}
     for path in ("blocks", "whole"):
         if path == "whole":
-            monkeypatch.setattr(module, "repeated_blocks", lambda model: [])
+            monkeypatch.setattr(module, "chain_candidates", lambda model: [])
         model = copy.deepcopy(dense)
         report = secateurs.prune_(model, Channels(width="heads=0.5,ffn=0.25", reconstruct=True, calib_batches=12),
                                   example_inputs=ids[:1], data=data)

@@ -14,9 +14,10 @@ actual input (the sum, the normalised activations) and the output is matched
 before any BatchNorm that follows.
 
 Memory: one layer's statistics at a time, plus the calibration activations at
-the entrance of the current transformer layer (for models made of a chain of
-repeated blocks, which are then run block by block instead of from the start
-for every layer).
+the entrance of the current block, for models made of a chain of blocks (the
+transformer layers, or the children of a ``Sequential`` such as MobileNetV2's
+``features``), which are then run block by block instead of from the start
+for every layer.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DAMP = 0.01  # with one calibration batch there is nothing to cross-validate on
 
-__all__ = ["LayerFit", "reconstruct_", "reconstruction_targets"]
+__all__ = ["LayerFit", "chain_candidates", "reconstruct_", "reconstruction_targets"]
 
 
 @dataclass
@@ -167,6 +168,31 @@ def _call_order(model: nn.Module, names: list[str], blocks: list[str], run: Call
     return index, counts, followers, is_chain
 
 
+def chain_candidates(model: nn.Module) -> list[str]:
+    """Modules that may run as a chain (checked on a forward before use): the transformer layers
+    (:func:`~secateurs.graph.blocks.repeated_blocks`), else the children of the largest ``Sequential``."""
+    blocks = [n for n, _ in repeated_blocks(model)]
+    if blocks:
+        return blocks
+    best, size = [], 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Sequential) and len(module) > 1:
+            params = sum(p.numel() for p in module.parameters())
+            if params > size:
+                best = [f"{name}.{key}" if name else key for key, _ in module.named_children()]
+                size = params
+    return best
+
+
+def _fresh_call(block: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``block(*args, **kwargs)`` on copies of its tensor arguments: the cached activations are run many
+    times, and a block may work in place on its input (``ReLU(inplace=True)`` as a chain element)."""
+    args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+    if isinstance(kwargs.get("hidden_states"), Tensor):
+        kwargs = {**kwargs, "hidden_states": kwargs["hidden_states"].clone()}
+    return block(*args, **kwargs)
+
+
 def _until(run: Callable[[], Any], module: nn.Module, capture: Callable[[Any, Any], None]) -> None:
     """Run ``run()`` up to ``module``'s first call, handing its input and output to ``capture``."""
     def hook(_m: nn.Module, inputs: Any, output: Any) -> None:
@@ -249,7 +275,7 @@ def reconstruct_(pruned: nn.Module, dense: nn.Module, targets: dict[str, Tensor]
     ``pruned`` is changed in place; ``dense`` is only run. Returns one :class:`LayerFit` per target.
     """
     modules, dense_modules = dict(pruned.named_modules()), dict(dense.named_modules())
-    block_names = [n for n, _ in repeated_blocks(dense)]
+    block_names = chain_candidates(dense)
     if not all(n in modules for n in block_names):
         block_names = []
     first = split_batch(batches[0])[0]
@@ -284,12 +310,12 @@ def reconstruct_(pruned: nn.Module, dense: nn.Module, targets: dict[str, Tensor]
             pruned_calls = capture_block_inputs(pruned, modules[block_names[0]], batches)
             for b in block_names[: last + 1]:
                 d_block, p_block = dense_modules[b], modules[b]
-                runs = _Runs([lambda a=a, k=k, m=d_block: m(*a, **k) for a, k in dense_calls],
-                             [lambda a=a, k=k, m=p_block: m(*a, **k) for a, k in pruned_calls])
+                runs = _Runs([lambda a=a, k=k, m=d_block: _fresh_call(m, a, k) for a, k in dense_calls],
+                             [lambda a=a, k=k, m=p_block: _fresh_call(m, a, k) for a, k in pruned_calls])
                 for name in inside[b]:
                     fit(name, runs)
-                dense_calls = [with_hidden(a, k, first_tensor(d_block(*a, **k))) for a, k in dense_calls]
-                pruned_calls = [with_hidden(a, k, first_tensor(p_block(*a, **k))) for a, k in pruned_calls]
+                dense_calls = [with_hidden(a, k, first_tensor(_fresh_call(d_block, a, k))) for a, k in dense_calls]
+                pruned_calls = [with_hidden(a, k, first_tensor(_fresh_call(p_block, a, k))) for a, k in pruned_calls]
         for name in order:  # after the blocks (or all, without them)
             if name not in in_blocks and start is not None and index[name] >= start:
                 fit(name, whole)

@@ -259,3 +259,60 @@ def test_yolov8n_builds_from_its_yaml_and_zeroed_channels_removed_give_the_same_
     assert _run(model, x)[0].shape == (1, 84, 189)  # 4 box coordinates + 80 classes, per anchor
     assert model.model[-1].reg_max == 16 and model.model[-1].dfl.conv.weight.shape == (1, 16, 1, 1)
     assert report.config["rehearsal"] == "real"
+
+
+# ---- MACs targets on models the meta device cannot run ----------------------------------------------
+
+
+@needs("torchvision")
+def test_faster_rcnn_reaches_a_macs_target_counted_on_real_tensors():
+    import torchvision
+
+    from secateurs.methods.rehearsal import model_macs
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights=None,
+                                         weights_backbone=None, min_size=128, max_size=128,
+                                         rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
+                                         box_score_thresh=0.0, box_detections_per_img=10).eval()
+    x = ExampleInputs(([torch.rand(3, 96, 128)],))
+    dense = model_macs(model, x)  # meta cannot run it (NMS): counted on the model itself
+    assert dense > 0
+    report = secateurs.prune_(model, Channels(target_macs=0.5), example_inputs=x)
+    assert report.config["rehearsal"] == "real" and report.config["target_met"]
+    assert 0.4 < report.config["achieved_macs"] <= 0.5
+    assert model_macs(model, x) / dense == pytest.approx(report.config["achieved_macs"], abs=0.03)
+    out = _run(model, x)
+    assert len(out) == 1 and set(out[0]) == {"boxes", "scores", "labels"}
+    assert out[0]["boxes"].shape == (10, 4) and out[0]["scores"].shape == (10,)
+
+
+class _KeepsAll(nn.Module):
+    """A 'detector' that keeps as many boxes as it may on any input: the count still depends on values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, images):
+        out = []
+        for image in images:
+            boxes = self.head(torch.relu(self.conv(image[None])))[0].flatten(1).T  # (H*W, 4)
+            keep = (boxes.abs().sum(1) >= 0).nonzero()[:, 0][:5]  # the meta device cannot size this
+            out.append({"boxes": boxes[keep], "scores": boxes[keep, 0]})
+        return out
+
+
+def test_the_real_check_lets_per_image_detection_counts_vary_even_when_both_probes_keep_the_most():
+    from secateurs.methods.rehearsal import _make_real_check
+
+    torch.manual_seed(0)
+    model = _KeepsAll().eval()
+    x = ExampleInputs(([torch.rand(3, 8, 8)],))
+    check = _make_real_check(model, x)
+    assert check.reference == [{"boxes": (5, 4), "scores": (5,)}]
+    assert check.variable == [{"boxes": (True, False), "scores": (True,)}]
+    assert check.fits([{"boxes": (2, 4), "scores": (2,)}])  # fewer boxes: fine
+    assert not check.fits([{"boxes": (2, 3), "scores": (2,)}])  # box coordinates: never
+    assert not check.fits([{"boxes": (2, 4)}])

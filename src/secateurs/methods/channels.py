@@ -43,10 +43,8 @@ from .rehearsal import (
     apply_checked_,
     checked_on,
     feasible_groups,
-    macs_of,
-    meta_copy,
-    rehearse,
-    to_meta,
+    model_macs,
+    plan_macs,
 )
 from .report import LayerReport, PruneReport
 from .sensitivity_curves import DEFAULT_RATIOS, allocate, allocation_order, channel_curves
@@ -400,7 +398,7 @@ def channel_steps(model: nn.Module, config: Channels, example_inputs: Any) -> It
             goal = config.target_latency if step == config.steps else dense * shrink ** (step / config.steps)
             yield dataclasses.replace(config, target_latency=goal, steps=1)
         return
-    base_macs = macs_of(meta_copy(model), to_meta(example_inputs)) if config.target_macs is not None else None
+    base_macs = model_macs(model, example_inputs) if config.target_macs is not None else None
     for step in range(1, config.steps + 1):
         if config.target_macs is None:
             def per_step(r: float | None) -> float | None:
@@ -409,7 +407,7 @@ def channel_steps(model: nn.Module, config: Channels, example_inputs: Any) -> It
             width = {k: per_step(v) for k, v in config.width.items()} if config.width is not None else None
             yield dataclasses.replace(config, ratio=per_step(config.ratio), width=width, steps=1)
         else:
-            now = macs_of(meta_copy(model), to_meta(example_inputs))
+            now = model_macs(model, example_inputs)
             goal = config.target_macs ** (step / config.steps) * base_macs
             yield dataclasses.replace(config, target_macs=min(1.0, goal / now), steps=1)
 
@@ -449,11 +447,10 @@ def _sensitivity_shares(model: nn.Module, graph: DependencyGraph, scores: dict[i
         return None
     if data is None:
         raise SecateursError("sensitivity allocation measures each group on data: pass data= (CLI: --data)")
-    meta_inputs = to_meta(example_inputs)
 
     def saved(group: Group, idx: Tensor) -> int:
-        rehearsal, _ = rehearse(model, plan_for(graph, {group.id: idx}), example_inputs, expected)
-        return dense_macs() - macs_of(rehearsal, meta_inputs) if rehearsal is not None else 0
+        macs = plan_macs(model, plan_for(graph, {group.id: idx}), example_inputs, expected)
+        return dense_macs() - macs if macs is not None else 0
 
     grid = [r for r in DEFAULT_RATIOS if r <= config.max_ratio + 1e-9]
     # MACs (and latency, which MACs stand in for) targets price each step by the MACs it saves;
@@ -471,11 +468,11 @@ def _sensitivity_shares(model: nn.Module, graph: DependencyGraph, scores: dict[i
 
 
 class _MacsGoal:
-    """Does a plan keep at most ``target_macs`` of the model's MACs? (counted on a meta rehearsal)"""
+    """Does a plan keep at most ``target_macs`` of the model's MACs? (counted on a meta rehearsal, or
+    on real tensors for a model the meta device cannot run)"""
 
     def __init__(self, model: nn.Module, config: Channels, example_inputs: Any, expected: Any, base: int) -> None:
         self.model, self.config, self.inputs, self.expected = model, config, example_inputs, expected
-        self.meta_inputs = to_meta(example_inputs)
         self.base = base  # the dense model's MACs
         self.log = None
         self._seen: dict[int, tuple[Plan, float]] = {}  # the same plan object comes back for the same widths
@@ -485,8 +482,8 @@ class _MacsGoal:
         seen = self._seen.get(id(plan))
         if seen is not None and seen[0] is plan:
             return seen[1]
-        rehearsal, _ = rehearse(self.model, plan, self.inputs, self.expected)
-        value = (macs_of(rehearsal, self.meta_inputs) if rehearsal is not None else self.base) / max(self.base, 1)
+        macs = plan_macs(self.model, plan, self.inputs, self.expected)
+        value = (macs if macs is not None else self.base) / max(self.base, 1)
         self._seen[id(plan)] = (plan, value)  # holding the plan keeps its id from being reused
         return value
 
@@ -556,8 +553,9 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
         raise SecateursError("no prunable channel group found: every layer is coupled to the inputs/outputs or ignored")
     scores = score_groups(model, graph, config, calibration_stats(model, graph, config, data))
     expected = graph.output_shapes  # what every rehearsal must still produce
-    # the dense MACs, counted once on a meta copy: both the allocation and a MACs target need them
-    dense_macs = functools.cache(lambda: macs_of(meta_copy(model), to_meta(example_inputs)))
+    # the dense MACs, counted once (on a meta copy where meta runs the model): the allocation and a MACs
+    # target need them, counted the same way as each plan's
+    dense_macs = functools.cache(lambda: plan_macs(model, None, example_inputs, expected))
     shares = _sensitivity_shares(model, graph, scores, config, data, example_inputs, expected, dense_macs)
 
     # A small model with a plain ratio gets its plan applied in place and checked there (on

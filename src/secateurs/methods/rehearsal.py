@@ -24,30 +24,36 @@ input, one sample of it, through the model pruned in place and put back, or a
 copy for models that keep state outside their modules). Output sizes that depend
 on values (how many boxes a detector keeps) are told apart by running the
 unpruned model on a second input, and only the fixed sizes are compared.
-:func:`checked_on` says which check a model got.
+:func:`checked_on` says which check a model got. MACs are counted the same
+way (:func:`plan_macs`, :func:`model_macs`): on a meta copy, or on real tensors
+for those models, where a check that passes counts its plan's MACs in the same
+forward when a MACs target asks for them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from ..analysis import count_macs
+from ..analysis import _extra_formulas, _no_grad_parameters, count_macs
+from ..errors import SecateursError
 from ..graph import DependencyGraph
 from ..selection import call_model
 from ..surgery import Plan, apply_plan_
 from ..utils import eval_mode, first_line, map_tensors, output_shapes
 
-__all__ = ["apply_checked_", "checked_on", "feasible_groups", "macs_of", "meta_copy", "output_shapes", "rehearse",
-           "to_meta"]
+__all__ = ["apply_checked_", "checked_on", "feasible_groups", "macs_of", "meta_copy", "model_macs", "output_shapes",
+           "plan_macs", "rehearse", "to_meta"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +116,51 @@ def _clone(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
 def macs_of(model: nn.Module, inputs: Any) -> int:
     """MACs of one forward (a meta copy and meta inputs cost nothing to count)."""
     return count_macs(model, inputs)[0]
+
+
+def model_macs(model: nn.Module, inputs: Any) -> int:
+    """MACs of one forward of ``model``: counted on a meta copy, or, for a model the meta device cannot
+    run (a detector's NMS, tensors made from plain attributes), on the model itself and one sample of
+    ``inputs`` (the whole of it where the model wants its batch as given).
+
+    Only ratios of these counts mean anything across models the meta device cannot run: compare
+    them with counts made the same way (:func:`plan_macs` does).
+    """
+    try:
+        return macs_of(meta_copy(model), to_meta(inputs))
+    except Exception:  # noqa: BLE001  # whatever the meta forward trips on, the real one settles it
+        pass
+    small = _one_sample(inputs)
+    try:
+        return macs_of(model, small)
+    except Exception:  # noqa: BLE001
+        if small is inputs:
+            raise
+    return macs_of(model, inputs)
+
+
+def plan_macs(model: nn.Module, plan: Plan | None, inputs: Any, expected: Any) -> int | None:
+    """MACs of one forward of ``model`` with ``plan`` applied (``None``: as it is), counted the way the
+    prune whose output shapes are ``expected`` checks its plans: on a meta copy, or on real tensors (the
+    model pruned in place and put back, one sample of the input) when meta cannot run the unpruned model.
+    ``None`` when the plan breaks the forward."""
+    real = _real_check_for(model, inputs, expected)
+    if real is None:
+        if plan is None:
+            return macs_of(meta_copy(model), to_meta(inputs))
+        rehearsal, failure = _attempt(model, plan, inputs, expected, want_copy=True)
+        return None if rehearsal is None else macs_of(rehearsal, to_meta(inputs))
+    if real.broken:
+        raise SecateursError(f"cannot count the MACs of {type(model).__name__}: {real.broken}; check that the "
+                             "model runs on --input-shape")
+    real.count = True  # from now on, this prune's checks count the MACs of the plans they pass
+    if plan is None:
+        return macs_of(model, real.inputs)
+    macs = real.macs(plan)
+    if macs is None:  # not checked yet (or it failed): check it, which counts it
+        _, failure = real.attempt(model, plan, want_copy=False)
+        macs = real.macs(plan) if failure is None else None
+    return macs
 
 
 def _meta(t: Tensor) -> Tensor:
@@ -308,29 +359,46 @@ class _RealCheck:
     reference: Any  # the unpruned model's output shapes on it
     variable: Any  # the same nesting; per output a tuple of flags, True where its size depends on values
     broken: str = ""  # why even the unpruned model fails on real tensors (nothing can be checked)
+    # id of a plan that passed -> (the plan, the MACs counted in its check): a MACs target asks for the
+    # MACs of plans it has just checked, and a real forward is too dear to run twice
+    counted: dict[int, tuple[Plan, int]] = field(default_factory=dict)
+    count: bool = False  # count MACs in checks (slower: every op goes through the counter); a MACs target sets it
 
     def fits(self, shapes: Any) -> bool:
         return _fits(shapes, self.reference, self.variable)
 
-    def check(self, model: nn.Module) -> _Failure | None:
+    def check(self, model: nn.Module, plan: Plan | None = None) -> _Failure | None:
+        """Why ``model`` (with ``plan`` applied) fails the check, if it does; else its MACs are kept for ``plan``."""
         if self.broken:
             return _Failure(self.broken, [])
+        counter = (FlopCounterMode(display=False, depth=None, custom_mapping=_extra_formulas())
+                   if self.count and plan is not None else contextlib.nullcontext())
         try:
-            out, _ = _run(model, self.inputs, meta=False)
+            with _no_grad_parameters(model), counter:
+                out, _ = _run(model, self.inputs, meta=False)
         except _RehearsalError as err:
             return err.failure
-        return None if self.fits(output_shapes(out)) else _Failure("the output shape would change", [])
+        if not self.fits(output_shapes(out)):
+            return _Failure("the output shape would change", [])
+        if isinstance(counter, FlopCounterMode):
+            self.counted[id(plan)] = (plan, counter.get_total_flops() // 2)
+        return None
+
+    def macs(self, plan: Plan) -> int | None:
+        """The MACs counted when ``plan`` passed its check, if it did."""
+        seen = self.counted.get(id(plan))
+        return seen[1] if seen is not None and seen[0] is plan else None
 
     def attempt(self, model: nn.Module, plan: Plan, want_copy: bool) -> tuple[nn.Module | None, _Failure | None]:
         if want_copy or getattr(model, "config", None) is not None:  # state outside the modules: a copy
             candidate = copy.deepcopy(model)
             apply_plan_(candidate, plan)
-            failure = self.check(candidate)
+            failure = self.check(candidate, plan)
             return (None, failure) if failure is not None else (candidate, None)
         before = _ModelState(model)  # in place, always put back: no copy of the weights
         try:
             apply_plan_(model, plan)
-            failure = self.check(model)
+            failure = self.check(model, plan)
         finally:
             before.restore()
         return (None, failure) if failure is not None else (model, None)
@@ -387,7 +455,22 @@ def _make_real_check(model: nn.Module, inputs: Any) -> _RealCheck:
         variable = _varying(reference, output_shapes(other))
     except _RehearsalError:
         variable = _varying(reference, reference)
-    return _RealCheck(small, reference, variable)
+    return _RealCheck(small, reference, _records_vary(reference, variable))
+
+
+def _records_vary(reference: Any, variable: Any) -> Any:
+    """``variable`` with the first size of every tensor in a list of per-sample dicts marked as varying.
+
+    That is the form a detector returns (per image: boxes, scores, labels, masks, keypoints), and
+    the first size counts what it kept, which depends on values. Two probes do not always show it:
+    a model that keeps as many as it may (``detections_per_img``) on both keeps fewer once pruned.
+    """
+    if not (isinstance(reference, list) and reference and all(isinstance(r, dict) for r in reference)):
+        return variable
+    if variable is True:
+        return True
+    return [{k: (True, *flags[1:]) if isinstance(flags, tuple) and flags else flags for k, flags in v.items()}
+            if isinstance(v, dict) else v for v in variable]
 
 
 def _one_sample(inputs: Any) -> Any:
@@ -511,7 +594,7 @@ def _apply_real_(model: nn.Module, plan: Plan, real: _RealCheck) -> str:
     before = _ModelState(model)
     try:
         apply_plan_(model, plan)
-        failure = real.check(model)
+        failure = real.check(model, plan)
     except BaseException:
         before.restore()
         raise

@@ -71,6 +71,24 @@ def assert_same_model(a: nn.Module, b: nn.Module, *inputs: torch.Tensor) -> None
     torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)
 
 
+def zero_channels(model: nn.Module, x, fraction: float) -> None:
+    """Zero every tensor slice of the lowest-index ``fraction`` of each channel group.
+
+    Such channels contribute nothing, so removing them must not change the output
+    (the equivalence oracle of channel surgery).
+    """
+    from secateurs.graph import build_graph
+
+    graph = build_graph(model, x)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for group in graph.groups:
+            k = int(fraction * group.size)
+            for member in group.members:
+                for idx in group.indices[member][:k]:
+                    tensors[member.tensor].index_fill_(member.dim, idx, 0.0)
+
+
 class Residual(nn.Module):
     """``relu(x + bn(conv(x)))``: a residual block whose channels are tied to its input's."""
 

@@ -6,24 +6,11 @@ import torch
 from torch import nn
 
 import secateurs
-from conftest import needs
+from conftest import needs, zero_channels
 from secateurs import Channels, SecateursError
-from secateurs.graph import build_graph
 from secateurs.io.inputs import ExampleInputs, default_input, example_inputs
 from secateurs.io.specs import load_model
 from secateurs.utils import output_shapes
-
-
-def _zero_channels(model: nn.Module, x, fraction: float) -> None:
-    """Zero the lowest-index ``fraction`` of every group's channels: removing them must change nothing."""
-    graph = build_graph(model, x)
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    with torch.no_grad():
-        for group in graph.groups:
-            k = int(fraction * group.size)
-            for member in group.members:
-                for idx in group.indices[member][:k]:
-                    tensors[member.tensor].index_fill_(member.dim, idx, 0.0)
 
 
 def _run(model: nn.Module, x):
@@ -170,9 +157,20 @@ def test_a_model_the_meta_check_runs_says_meta(cnn, digits_input):
 # ---- pruning detectors and segmenters: the equivalence oracle --------------------------------------
 
 
+def _small_faster_rcnn() -> nn.Module:
+    """Faster R-CNN (MobileNetV3 320 FPN, random weights): small images and few proposals keep it fast,
+    score threshold 0 keeps boxes to compare."""
+    import torchvision
+
+    return torchvision.models.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights=None,
+                                        weights_backbone=None, min_size=128, max_size=128,
+                                        rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
+                                        box_score_thresh=0.0, box_detections_per_img=10)
+
+
 def _oracle(model: nn.Module, x, fraction: float = 0.5):
     model.eval()
-    _zero_channels(model, x, fraction)
+    zero_channels(model, x, fraction)
     before = _run(model, x)
     params = sum(p.numel() for p in model.parameters())
     report = secateurs.prune_(model, Channels(ratio=fraction, importance="l1", reduction="max"), example_inputs=x)
@@ -197,14 +195,8 @@ def test_deeplabv3_zeroed_channels_removed_gives_the_same_masks():
 
 @needs("torchvision")
 def test_faster_rcnn_zeroed_channels_removed_gives_the_same_detections():
-    import torchvision
-
     torch.manual_seed(0)
-    # small images and few proposals keep it fast; score_thresh 0 keeps boxes to compare
-    model = torchvision.models.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights=None,
-                                         weights_backbone=None, min_size=128, max_size=128,
-                                         rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
-                                         box_score_thresh=0.0, box_detections_per_img=10)
+    model = _small_faster_rcnn()
     x = ExampleInputs(([torch.rand(3, 96, 128)],))
     report = _oracle(model, x)
     out = _run(model, x)
@@ -266,15 +258,10 @@ def test_yolov8n_builds_from_its_yaml_and_zeroed_channels_removed_give_the_same_
 
 @needs("torchvision")
 def test_faster_rcnn_reaches_a_macs_target_counted_on_real_tensors():
-    import torchvision
-
     from secateurs.methods.rehearsal import model_macs
 
     torch.manual_seed(0)
-    model = torchvision.models.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights=None,
-                                         weights_backbone=None, min_size=128, max_size=128,
-                                         rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50,
-                                         box_score_thresh=0.0, box_detections_per_img=10).eval()
+    model = _small_faster_rcnn().eval()
     x = ExampleInputs(([torch.rand(3, 96, 128)],))
     dense = model_macs(model, x)  # meta cannot run it (NMS): counted on the model itself
     assert dense > 0

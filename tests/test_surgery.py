@@ -5,30 +5,14 @@ import torch
 from torch import nn
 
 import secateurs
-from conftest import Mixed, assert_same_model, needs
+from conftest import Mixed, assert_same_model, needs, zero_channels
 from secateurs import Channels
 from secateurs.graph import build_graph
 
 
-def _zero_channels(model: nn.Module, x: torch.Tensor, fraction: float) -> None:
-    """Zero every tensor slice of the lowest-index ``fraction`` of each group's channels.
-
-    Such channels contribute nothing, so removing them must not change the output.
-    """
-    graph = build_graph(model, x)
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    with torch.no_grad():
-        for group in graph.groups:
-            k = int(fraction * group.size)
-            for member in group.members:
-                t = tensors[member.tensor]
-                for idx in group.indices[member][:k]:
-                    t.index_fill_(member.dim, idx, 0.0)
-
-
 def _equivalence(model: nn.Module, x: torch.Tensor, fraction: float = 0.25) -> None:
     model.eval()
-    _zero_channels(model, x, fraction)
+    zero_channels(model, x, fraction)
     with torch.no_grad():
         before = model(x)
     params_before = sum(p.numel() for p in model.parameters())

@@ -80,10 +80,11 @@ def forward_batches(model: nn.Module, data: Iterable[Any], max_batches: int, hoo
     return seen
 
 
-def calibration_list(data: Iterable[Any] | None, batches: int, purpose: str) -> list[Any]:
-    """The first ``batches`` batches of ``data`` as a list; refused (naming ``purpose``) when there are none."""
+def calibration_list(data: Iterable[Any] | None, batches: int, purpose: str, cli: str = "--data") -> list[Any]:
+    """The first ``batches`` batches of ``data`` as a list; refused (naming ``purpose``, and ``cli``, the
+    flag that gives data) when there are none."""
     if data is None:
-        raise SecateursError(f"{purpose} calibrates on data: pass data= (CLI: --data)")
+        raise SecateursError(f"{purpose} calibrates on data: pass data= (CLI: {cli})")
     out = list(itertools.islice(iter(data), batches))
     if not out:
         raise SecateursError(f"{purpose} needs at least one calibration batch; data gave none")

@@ -13,7 +13,6 @@ earlier ones and compensate (SparseGPT) or rank (Wanda) with them.
 from __future__ import annotations
 
 import inspect
-import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from ..errors import SecateursError
 from ..graph.blocks import find_blocks, first_tensor
 from ..importance.oneshot import InputStats, sparsegpt, wanda
-from ..importance.stats import split_batch
+from ..importance.stats import calibration_list, split_batch
 from ..masks import get_mask, mask_tied_
 from ..progress import Progress
 from ..selection import Selection, Target, call_model, input_dim, select_targets
@@ -243,12 +242,7 @@ def oneshot_targets(model: nn.Module, config: _OneShot, example: Any, report: Pr
 
 def calibration_batches(config: _OneShot, data: Any) -> list[Any]:
     """The first ``config.calib_batches`` batches of ``data``; refused when there are none."""
-    if data is None:
-        raise SecateursError(f"{config.method} calibrates on data: pass data= (CLI: --calib pydoc or text:FILE)")
-    batches = list(itertools.islice(iter(data), config.calib_batches))
-    if not batches:
-        raise SecateursError(f"{config.method} needs at least one calibration batch; data gave none")
-    return batches
+    return calibration_list(data, config.calib_batches, config.method, cli="--data pydoc or text:FILE")
 
 
 @register_method(Wanda)

@@ -363,7 +363,7 @@ def prune_streaming(
     dtype = max(set(floats), key=floats.count) if floats else torch.float32
     _check_compute(dtype, dev)
     if isinstance(config, Layers) and data is None:
-        raise SecateursError("layers are chosen on calibration text: pass data= (CLI: --calib pydoc or text:FILE)")
+        raise SecateursError("layers are chosen on calibration text: pass data= (CLI: --data pydoc or text:FILE)")
     batches = calibration_batches(config, data) if isinstance(config, (Wanda, SparseGPT, Layers)) else None
     _check_disk(out, weights.nbytes)
     model = hf_skeleton(folder, trust_code=trust_code, dtype=dtype, stored=weights.tensors)

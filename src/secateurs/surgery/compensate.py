@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import Plan
+from .reconstruct import apply_shift_
 
 __all__ = ["compensate_"]
 
@@ -37,12 +38,7 @@ def compensate_(model: nn.Module, plan: Plan, means: dict[str, Tensor], follower
             idx = torch.tensor(removed, dtype=torch.long, device=weight.device)
             per_channel = weight.index_select(1, idx).flatten(2).sum(2) if weight.dim() > 2 else weight[:, idx]
             delta = per_channel.float() @ mean.to(per_channel.device)[idx]
-            if getattr(layer, "bias", None) is not None:
-                layer.bias.add_(delta.to(layer.bias.dtype))
-            elif name in followers and modules[followers[name]].running_mean is not None:
-                bn = modules[followers[name]]
-                bn.running_mean.sub_(delta.to(bn.running_mean.dtype))
-            else:
-                continue
-            changed.append(name)
+            follower = modules[followers[name]] if name in followers else None
+            if apply_shift_(layer, delta, follower):
+                changed.append(name)
     return changed

@@ -141,8 +141,10 @@ def _write_intercept(layer: nn.Module, follower: nn.Module | None, value: Tensor
     """Set (or add ``value`` to) the layer's bias, or move its following BatchNorm's running mean."""
     bias = getattr(layer, "bias", None)
     if isinstance(bias, Tensor):
-        new = bias.detach().float() + value if add else value
-        bias.data.copy_(new.to(bias.dtype))
+        if add:
+            bias.data.add_(value.to(bias))
+        else:
+            bias.data.copy_(value.to(bias))
         return True
     if follower is not None and getattr(follower, "running_mean", None) is not None:
         # BN(y + b) = BN'(y) with BN' the same BatchNorm whose running mean is lower by b

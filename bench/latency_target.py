@@ -54,7 +54,7 @@ def main() -> None:
         report = secateurs.prune_(model, secateurs.Channels(target_latency=target, latency_batch_size=args.batch_size),
                                   example_inputs=probe)
         seconds = time.perf_counter() - start
-        log = report.config["latency_ms"]
+        log = report.outcome["latency_ms"]
         again = _latency(model, x)
         macs = secateurs.analyze(model, probe, latency=False, size=False).macs / base_macs
         rows.append({"target_fraction": fraction, "target_ms": target, "search_ms": log["achieved"],

@@ -61,9 +61,9 @@ def mobilenet_rows(args: argparse.Namespace) -> list[dict[str, object]]:
     base = secateurs.analyze(dense, probe, latency=False, size=False).macs
     criteria = {
         "l2, uniform": dict(importance="l2"),
-        "l2, global, max 30%": dict(importance="l2", global_ranking=True, max_ratio=0.3),
-        "taylor, global, max 30%": dict(importance="taylor", global_ranking=True, max_ratio=0.3),
-        "obs, global, max 30%": dict(importance="obs", global_ranking=True, max_ratio=0.3),
+        "l2, global, max 30%": dict(importance="l2", scope="global", max_ratio=0.3),
+        "taylor, global, max 30%": dict(importance="taylor", scope="global", max_ratio=0.3),
+        "obs, global, max 30%": dict(importance="obs", scope="global", max_ratio=0.3),
     }
     rows = []
     for target in args.targets:
@@ -109,9 +109,9 @@ def resnet_rows(args: argparse.Namespace) -> list[dict[str, object]]:
              "score": evaluate_dataset(dense, test)["accuracy"], "macs": 1.0, "seconds": 0.0}]
     print(rows[-1], flush=True)
     criteria = {"l1, uniform": dict(importance="l1"),
-                "l2, global, max 95%": dict(importance="l2", global_ranking=True, max_ratio=0.95),
+                "l2, global, max 95%": dict(importance="l2", scope="global", max_ratio=0.95),
                 "obs, uniform": dict(importance="obs"),
-                "obs, global, max 95%": dict(importance="obs", global_ranking=True, max_ratio=0.95)}
+                "obs, global, max 95%": dict(importance="obs", scope="global", max_ratio=0.95)}
     for label, kw in criteria.items():
         for repair, extra in {**REPAIRS, "recalibrate BN": {"recalibrate_bn": True}}.items():
             model = copy.deepcopy(dense)

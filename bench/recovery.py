@@ -120,16 +120,16 @@ def main() -> None:
         ("l1", dense, lambda m, t: secateurs.prune_(m, secateurs.Channels(target_macs=t, importance="l1"),
                                                     example_inputs=x1), None),
         ("l1-global", dense, lambda m, t: secateurs.prune_(
-            m, secateurs.Channels(target_macs=t, importance="l1", global_ranking=True, max_ratio=0.95),
+            m, secateurs.Channels(target_macs=t, importance="l1", scope="global", max_ratio=0.95),
             example_inputs=x1), None),
         ("l1-sensitivity", dense, lambda m, t: secateurs.prune_(
             m, secateurs.Channels(target_macs=t, importance="l1", allocate="sensitivity", max_ratio=0.95,
                                   calib_batches=4), example_inputs=x1, data=calib), None),
         ("slim", slim, lambda m, t: secateurs.prune_(
-            m, secateurs.Channels(target_macs=t, importance="bn", global_ranking=True, max_ratio=0.95),
+            m, secateurs.Channels(target_macs=t, importance="bn", scope="global", max_ratio=0.95),
             example_inputs=x1), None),
         ("slim+kd", slim, lambda m, t: secateurs.prune_(
-            m, secateurs.Channels(target_macs=t, importance="bn", global_ranking=True, max_ratio=0.95),
+            m, secateurs.Channels(target_macs=t, importance="bn", scope="global", max_ratio=0.95),
             example_inputs=x1), dense),
     ]
     if importlib.util.find_spec("torch_pruning") is not None:

@@ -155,7 +155,7 @@ def run_task(name: str, ratio: float, tp: float | None) -> dict:
         after = secateurs.analyze(model, x, latency=False, size=False)
         whole = _whole(report.skipped)
         row.update(
-            ok=ref == got, rehearsal=report.config.get("rehearsal"),
+            ok=ref == got, rehearsal=report.outcome.get("rehearsal"),
             macs_before=before.macs, macs_after=after.macs, params_before=before.params, params_after=after.params,
             whole={k: v[:6] + ([f"and {len(v) - 6} more"] if len(v) > 6 else []) for k, v in whole.items()},
             whole_counts={k: len(v) for k, v in whole.items()},

@@ -97,7 +97,7 @@ def test_channel_pruning_a_width_the_hf_config_rejects_is_reported(tmp_path):
 def test_round_to_larger_than_every_layer_warns(cnn, digits_input, caplog):
     with caplog.at_level(logging.WARNING, logger="secateurs"):
         report = secateurs.prune_(cnn, secateurs.Channels(ratio=0.5, round_to=100000), example_inputs=digits_input)
-    assert report.config["achieved_ratio"] == 0.0
+    assert report.outcome["achieved_ratio"] == 0.0
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "round_to 100000" in warning and "lower --round-to" in warning
 

@@ -38,10 +38,10 @@ def test_ratio_round_to_and_never_zero_width(cnn, digits_input):
 
 def test_global_ranking_and_target_macs(cnn, digits_input):
     base = secateurs.analyze(cnn, digits_input, latency=False).macs
-    report = secateurs.prune_(cnn, Channels(target_macs=0.5, global_ranking=True), example_inputs=digits_input)
+    report = secateurs.prune_(cnn, Channels(target_macs=0.5, scope="global"), example_inputs=digits_input)
     macs = secateurs.analyze(cnn, digits_input, latency=False).macs
     assert 0.35 * base <= macs <= 0.5 * base
-    assert 0 < report.config["achieved_ratio"] < 0.9
+    assert 0 < report.outcome["achieved_ratio"] < 0.9
     sizes = [layer.numel - layer.zeros for layer in report.layers]
     assert all(s >= 1 for s in sizes)
 
@@ -51,14 +51,14 @@ def test_reports_say_what_happened(cnn, digits_input):
     before = [layer.numel for layer in secateurs.prune_(
         copy.deepcopy(cnn), Channels(ratio=0.0), example_inputs=digits_input).layers]
     nothing = secateurs.prune_(copy.deepcopy(cnn), Channels(ratio=0.5, round_to=1000), example_inputs=digits_input)
-    assert nothing.config["achieved_ratio"] == 0.0 and nothing.zeros == 0
+    assert nothing.outcome["achieved_ratio"] == 0.0 and nothing.zeros == 0
     report = secateurs.prune_(cnn, Channels(ratio=0.5, steps=2), example_inputs=digits_input)
     assert [layer.numel for layer in report.layers] == before  # widths before the first step
     assert [layer.numel - layer.zeros for layer in report.layers] == [
         cnn.features[0].out_channels, cnn.features[3].out_channels, cnn.features[7].out_channels,
         cnn.classifier[0].out_features]  # and after the last
-    assert report.config["achieved_ratio"] == pytest.approx(0.5, abs=0.02)
-    assert len(report.config["steps_detail"]) == 2 and all(0.2 < r < 0.4 for r in report.config["steps_detail"])
+    assert report.outcome["achieved_ratio"] == pytest.approx(0.5, abs=0.02)
+    assert len(report.outcome["steps_detail"]) == 2 and all(0.2 < r < 0.4 for r in report.outcome["steps_detail"])
 
 
 def test_ignore_keeps_a_layer_whole(cnn, digits_input):
@@ -176,6 +176,6 @@ def test_pruned_model_exports_to_onnx_and_runs_in_onnxruntime(tmp_path):
 
 def test_iterative_steps_reach_the_ratio(cnn, digits_input):
     report = secateurs.prune_(cnn, Channels(ratio=0.75, steps=3), example_inputs=digits_input)
-    assert len(report.config["steps_detail"]) == 3
+    assert len(report.outcome["steps_detail"]) == 3
     assert cnn.features[0].out_channels == 8  # 32 * (1 - 0.75), reached in three re-scored steps
     assert cnn(digits_input).shape == (4, 10)

@@ -352,7 +352,7 @@ def test_old_spellings_give_the_same_config_with_one_warning_line_each(old, new,
         errs.append(capsys.readouterr().err)
     assert configs[0] == configs[1]
     assert errs[0].splitlines() == [f"secateurs: warning: {w}" for w in warnings] and errs[1] == ""
-    assert configs[0].global_ranking if "channel" in old else configs[0].importance == "block_influence"
+    assert configs[0].scope == "global" if "channel" in old else configs[0].importance == "block_influence"
 
 
 @needs("sklearn")
@@ -360,7 +360,7 @@ def test_deprecation_lines_in_a_real_run_and_quiet_silences_them(tmp_path, capsy
     code, out, err = run(["prune", CNN, *SHAPE, "--method", "channel", "--ratio", "0.5", "--global",
                           "--calib", "digits", "--no-latency", "--json", "--out", str(tmp_path / "p")], capsys)
     assert code == 0, err
-    assert json.loads(out)["config"]["global_ranking"] is True
+    assert json.loads(out)["config"]["scope"] == "global"  # Python spells it scope='global' too
     assert [line for line in err.splitlines() if "deprecated" in line] == [
         "secateurs: warning: --global is deprecated: use --scope global",
         "secateurs: warning: --calib is deprecated: use --data"]
@@ -424,7 +424,7 @@ def test_cli_words_leave_quoted_names_and_flagged_messages_alone():
 
 @needs("sklearn")
 def test_sensitivity_include_scans_only_the_named_layers_groups(tmp_path, capsys):
-    base = ["sensitivity", CNN, *SHAPE, "--data", "digits", "--ratios", "0.5", "--calib-batches", "1", "--json", "-q"]
+    base = ["sensitivity", CNN, *SHAPE, "--data", "digits", "--ratio", "0.5", "--calib-batches", "1", "--json", "-q"]
     code, out, err = run([*base, "--out", str(tmp_path / "all.json")], capsys)
     assert code == 0, err
     assert len(json.loads(out)["curves"]) == 4  # every channel group of DigitsCNN

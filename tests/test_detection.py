@@ -138,7 +138,7 @@ def test_the_rehearsal_checks_on_real_tensors_when_meta_cannot_run_the_unpruned_
     before = _run(model, x).shape
     with caplog.at_level("WARNING", logger="secateurs.methods.rehearsal"):
         report = secateurs.prune_(model, Channels(ratio=0.5), example_inputs=x)
-    assert report.config["rehearsal"] == "real"
+    assert report.outcome["rehearsal"] == "real"
     warned = [r for r in caplog.records if "cannot run" in r.getMessage()]
     assert len(warned) == 1 and "real tensors" in warned[0].getMessage()
     # only the group that breaks the forward is kept whole; the innocent ones are pruned
@@ -151,7 +151,7 @@ def test_the_rehearsal_checks_on_real_tensors_when_meta_cannot_run_the_unpruned_
 
 def test_a_model_the_meta_check_runs_says_meta(cnn, digits_input):
     report = secateurs.prune_(cnn, Channels(ratio=0.5), example_inputs=digits_input)
-    assert report.config["rehearsal"] == "meta"
+    assert report.outcome["rehearsal"] == "meta"
 
 
 # ---- pruning detectors and segmenters: the equivalence oracle --------------------------------------
@@ -190,7 +190,7 @@ def test_deeplabv3_zeroed_channels_removed_gives_the_same_masks():
     x = torch.randn(1, 3, 64, 64)
     report = _oracle(model, x)
     assert _run(model, x)["out"].shape == (1, 21, 64, 64)
-    assert report.config["rehearsal"] == "meta"
+    assert report.outcome["rehearsal"] == "meta"
 
 
 def _rcnn_parts(model: nn.Module, images: list, boxes: torch.Tensor) -> dict:
@@ -223,7 +223,7 @@ def test_faster_rcnn_zeroed_channels_removed_gives_the_same_detections():
     out = _run(model, x)
     assert output_shapes(out) == output_shapes(before_out)
     assert len(out) == 1 and out[0]["boxes"].shape == (10, 4) and out[0]["scores"].shape == (10,)
-    assert report.config["rehearsal"] == "real"  # NMS sizes depend on values: meta cannot run it
+    assert report.outcome["rehearsal"] == "real"  # NMS sizes depend on values: meta cannot run it
     pruned = [layer for layer in report.layers if layer.zeros]
     assert any("fpn" in layer.name for layer in pruned)  # FPN widths follow RoIAlign into the box head
     assert any("box_head" in layer.name for layer in pruned)
@@ -273,7 +273,7 @@ def test_yolov8n_builds_from_its_yaml_and_zeroed_channels_removed_give_the_same_
     report = _oracle(model, x)
     assert _run(model, x)[0].shape == (1, 84, 189)  # 4 box coordinates + 80 classes, per anchor
     assert model.model[-1].reg_max == 16 and model.model[-1].dfl.conv.weight.shape == (1, 16, 1, 1)
-    assert report.config["rehearsal"] == "real"
+    assert report.outcome["rehearsal"] == "real"
 
 
 # ---- MACs targets on models the meta device cannot run ----------------------------------------------
@@ -289,12 +289,33 @@ def test_faster_rcnn_reaches_a_macs_target_counted_on_real_tensors():
     dense = model_macs(model, x)  # meta cannot run it (NMS): counted on the model itself
     assert dense > 0
     report = secateurs.prune_(model, Channels(target_macs=0.5), example_inputs=x)
-    assert report.config["rehearsal"] == "real" and report.config["target_met"]
-    assert 0.4 < report.config["achieved_macs"] <= 0.5
-    assert model_macs(model, x) / dense == pytest.approx(report.config["achieved_macs"], abs=0.03)
+    assert report.outcome["rehearsal"] == "real" and report.outcome["target_met"]
+    assert 0.4 < report.outcome["achieved_macs"] <= 0.5
+    assert model_macs(model, x) / dense == pytest.approx(report.outcome["achieved_macs"], abs=0.03)
     out = _run(model, x)
     assert len(out) == 1 and set(out[0]) == {"boxes", "scores", "labels"}
     assert out[0]["boxes"].shape == (10, 4) and out[0]["scores"].shape == (10,)
+
+
+@needs("torchvision")
+def test_layer_pruning_removes_blocks_of_a_detector_checked_on_real_tensors():
+    from secateurs import Layers
+    from secateurs.methods.rehearsal import model_macs
+
+    torch.manual_seed(0)
+    model = _small_faster_rcnn().eval()
+    x = ExampleInputs(([torch.rand(3, 96, 128)],))
+    dense = model_macs(model, x)
+    params = sum(p.numel() for p in model.parameters())
+    # most of this small detector's MACs are in its FPN and heads: the backbone's blocks alone cannot
+    # reach 0.8, and the run removes what it can, counted on real tensors as the checks are
+    report = secateurs.prune_(model, Layers(target_macs=0.8), example_inputs=x)
+    assert report.outcome["rehearsal"] == "real"  # NMS: the meta device cannot run it
+    assert report.plan["drop"] and sum(p.numel() for p in model.parameters()) < params
+    assert report.outcome["achieved_macs"] < 1.0
+    assert model_macs(model, x) / dense == pytest.approx(report.outcome["achieved_macs"], abs=0.03)
+    out = _run(model, x)
+    assert len(out) == 1 and out[0]["boxes"].shape == (10, 4)
 
 
 class _KeepsAll(nn.Module):

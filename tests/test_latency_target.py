@@ -31,7 +31,7 @@ def test_target_latency_is_met_with_the_least_pruning(monkeypatch):
     dense = 1e-4 * sum(p.numel() for p in model.parameters())
     report = secateurs.prune_(model, secateurs.Channels(target_latency=0.4 * dense),
                               example_inputs=torch.randn(8, 256))
-    log = report.config["latency_ms"]
+    log = report.outcome["latency_ms"]
     assert log["dense"] == pytest.approx(dense) and log["achieved"] <= 0.4 * dense
     assert log["achieved"] > 0.3 * dense  # the bisection does not over-prune
     assert 1e-4 * sum(p.numel() for p in model.parameters()) == pytest.approx(log["achieved"])
@@ -43,7 +43,7 @@ def test_a_model_is_never_left_slower_than_dense(monkeypatch):
     before = sum(p.numel() for p in model.parameters())
     report = secateurs.prune_(model, secateurs.Channels(target_latency=1e-9), example_inputs=torch.randn(8, 256))
     assert sum(p.numel() for p in model.parameters()) == before  # undone
-    assert report.config["latency_ms"]["achieved"] == report.config["latency_ms"]["dense"]
+    assert report.outcome["latency_ms"]["achieved"] == report.outcome["latency_ms"]["dense"]
 
 
 def test_real_cpu_latency_target():
@@ -51,7 +51,7 @@ def test_real_cpu_latency_target():
     x = torch.randn(1, 256)
     config = secateurs.Channels(target_latency=1e6, latency_batch_size=64)  # always met: prunes nothing more
     report = secateurs.prune_(model, config, example_inputs=x)
-    log = report.config["latency_ms"]
+    log = report.outcome["latency_ms"]
     assert log["achieved"] <= 1e6 and log["dense"] > 0 and log["device"] == "cpu"
     assert model[0].out_features >= 1000  # the smallest ratio of the bisection
 
@@ -64,7 +64,7 @@ def test_latency_target_with_sensitivity_allocation(monkeypatch):
     report = secateurs.prune_(model, secateurs.Channels(target_latency=0.5 * dense, allocate="sensitivity",
                                                         calib_batches=2), example_inputs=torch.randn(8, 256),
                               data=data)
-    log = report.config["latency_ms"]
+    log = report.outcome["latency_ms"]
     assert 0.3 * dense < log["achieved"] <= 0.5 * dense
     curves = report.sensitivity["curves"]
     assert len(curves) == 2 and all(c["macs_saved"][-1] > 0 for c in curves)  # steps priced by MACs saved
@@ -82,7 +82,7 @@ def test_latency_target_in_steps(monkeypatch):
     goals, achieved = [], []
     for step in channel_steps(model, secateurs.Channels(target_latency=0.3 * dense, steps=3), x):
         goals.append(step.target_latency)
-        achieved.append(secateurs.prune_(model, step, example_inputs=x).config["latency_ms"]["achieved"])
+        achieved.append(secateurs.prune_(model, step, example_inputs=x).outcome["latency_ms"]["achieved"])
     assert goals == pytest.approx([dense * 0.3 ** (1 / 3), dense * 0.3 ** (2 / 3), 0.3 * dense])
     assert all(a <= g for a, g in zip(achieved, goals, strict=True))
     assert achieved[0] > 0.5 * dense  # the first step does not jump to the target
@@ -95,9 +95,9 @@ def test_latency_target_steps_through_prune(monkeypatch):
     dense = 1e-4 * sum(p.numel() for p in model.parameters())
     report = secateurs.prune_(model, secateurs.Channels(target_latency=0.4 * dense, steps=2),
                               example_inputs=torch.randn(8, 256))
-    assert len(report.config["steps_detail"]) == 2
-    assert report.config["latency_ms"]["achieved"] <= 0.4 * dense  # the last step's measurement is kept
-    assert report.config["latency_ms"]["dense"] == pytest.approx(dense)  # and the dense model's, before step 1
+    assert len(report.outcome["steps_detail"]) == 2
+    assert report.outcome["latency_ms"]["achieved"] <= 0.4 * dense  # the last step's measurement is kept
+    assert report.outcome["latency_ms"]["dense"] == pytest.approx(dense)  # and the dense model's, before step 1
     assert 0.3 * dense < 1e-4 * sum(p.numel() for p in model.parameters()) <= 0.4 * dense
 
 
@@ -112,10 +112,10 @@ def test_an_unreachable_target_is_reported(monkeypatch, caplog):
     _fake_clock(monkeypatch, 1e-4)
     model = _wide_mlp()
     report = secateurs.prune_(model, secateurs.Channels(target_latency=1e-9), example_inputs=torch.randn(8, 256))
-    assert report.config["target_met"] is False and "out of reach" in caplog.text
+    assert report.outcome["target_met"] is False and "out of reach" in caplog.text
     caplog.clear()
     report = secateurs.prune_(_wide_mlp(), secateurs.Channels(target_macs=1e-4), example_inputs=torch.randn(8, 256))
-    assert report.config["target_met"] is False and "out of reach" in caplog.text and "--max-ratio" in caplog.text
-    assert 1e-4 < report.config["achieved_macs"] < 0.2
+    assert report.outcome["target_met"] is False and "out of reach" in caplog.text and "--max-ratio" in caplog.text
+    assert 1e-4 < report.outcome["achieved_macs"] < 0.2
     reached = secateurs.prune_(_wide_mlp(), secateurs.Channels(target_macs=0.5), example_inputs=torch.randn(8, 256))
-    assert reached.config["target_met"] is True and 0.4 < reached.config["achieved_macs"] <= 0.5
+    assert reached.outcome["target_met"] is True and 0.4 < reached.outcome["achieved_macs"] <= 0.5

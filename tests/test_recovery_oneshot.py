@@ -46,7 +46,7 @@ def test_compensation_makes_removing_constant_channels_exact():
     secateurs.prune_(plain, Channels(ratio=0.25, importance="l1"), example_inputs=x)
     report = secateurs.prune_(mlp, Channels(ratio=0.25, importance="l1", compensate=True), example_inputs=x,
                               data=[x])
-    assert mlp[2].in_features == 12 and report.config["compensated_layers"] == 1
+    assert mlp[2].in_features == 12 and report.outcome["compensated_layers"] == 1
     with torch.no_grad():
         torch.testing.assert_close(mlp(x), before, rtol=1e-4, atol=1e-4)
         assert (plain(x) - before).abs().max() > 0.1  # without compensation the output moves
@@ -108,7 +108,7 @@ def test_cli_compensate_and_recalibrate(tmp_path, capsys):
                  "--no-latency", "--json", "--out", str(tmp_path / "c")])
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["config"]["compensate"] and result["config"]["recalibrate_bn"]
-    assert result["config"]["compensated_layers"] >= 1
+    assert result["outcome"]["compensated_layers"] >= 1
     code = main(["prune", "secateurs.zoo:DigitsCNN", "--input-shape", "1,1,8,8", "--method", "unstructured",
                  "--sparsity", "0.5", "--compensate", "--out", str(tmp_path / "bad")])
     assert code == 2 and "--compensate does not apply" in capsys.readouterr().err

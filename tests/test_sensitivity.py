@@ -107,8 +107,8 @@ def test_sensitivity_allocation_beats_uniform_at_equal_macs(trained):
 def test_sensitivity_allocation_needs_data():
     with pytest.raises(SecateursError, match="pass data="):
         secateurs.prune_(DigitsCNN(), Channels(ratio=0.5, allocate="sensitivity"), example_inputs=torch.randn(1, 1, 8, 8))
-    with pytest.raises(SecateursError, match="drop global_ranking"):
-        Channels(ratio=0.5, allocate="sensitivity", global_ranking=True)
+    with pytest.raises(SecateursError, match="drop scope='global'"):
+        Channels(ratio=0.5, allocate="sensitivity", scope="global")
 
 
 def test_unstructured_sensitivity_allocation_hits_the_sparsity_and_beats_uniform_and_global(trained):
@@ -180,7 +180,7 @@ def test_cli_sensitivity_writes_json_csv_and_a_png(tmp_path, capsys):
     torch.manual_seed(0)
     secateurs.save(DigitsCNN(), tmp_path / "m", input_shape=[1, 1, 8, 8])
     out = tmp_path / "sens.json"
-    argv = ["sensitivity", str(tmp_path / "m"), "--data", "digits", "--ratios", "0.5,0.8", "--batches", "1",
+    argv = ["sensitivity", str(tmp_path / "m"), "--data", "digits", "--ratio", "0.5,0.8", "--batches", "1",
             "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out

@@ -83,7 +83,7 @@ def test_every_layer_keeps_one_shape_the_config_describes_and_stock_from_pretrai
     model, auto, x = _family(family)
     before = _dims(model.config)
     report = secateurs.prune_(model, Channels(ratio=0.3, round_to=8), example_inputs=x)
-    widths = report.config["widths"]
+    widths = report.outcome["widths"]
     assert all(len(s) == 1 for s in _per_layer_shapes(model).values()), family
     after = _dims(model.config)
     # the hidden size: pruned, a multiple of round_to, and what the embeddings and the config say
@@ -114,7 +114,7 @@ def test_width_prunes_only_the_kinds_named_each_at_its_own_ratio():
     model, _, x = _family("llama")  # 8 heads in 4 KV groups of 8 wide, FFN 96, hidden 64
     report = secateurs.prune_(model, Channels(ratio=0.5, width="heads,ffn"), example_inputs=x)
     assert _dims(model.config) == {"hidden": 64, "heads": 4, "kv": 2, "ffn": 48, "head_dim": 8}
-    assert report.config["widths"] == {"hidden": [64, 64], "heads": [2, 4], "ffn": [48, 96]}  # kept, total
+    assert report.outcome["widths"] == {"hidden": [64, 64], "heads": [2, 4], "ffn": [48, 96]}  # kept, total
     assert report.config["width"] == {"heads": None, "ffn": None}
     model, _, x = _family("llama")
     secateurs.prune_(model, Channels(width={"hidden": 0.25}), example_inputs=x)  # no ratio needed: all named
@@ -196,7 +196,7 @@ def test_minitron_scores_channels_by_the_activations_entering_the_layers_that_re
     (dict(width="heads=1.0"), "would leave no heads"),
     (dict(width="heads=x"), "must be a number"),
     (dict(width="heads"), "give ratio"),
-    (dict(ratio=0.3, width="heads", global_ranking=True), "use one or the other"),
+    (dict(ratio=0.3, width="heads", scope="global"), "use one or the other"),
     (dict(target_macs=0.5, width="heads=0.3"), "per-kind width ratios"),
 ])
 def test_bad_width_configs_are_refused(kwargs, fragment):
@@ -236,7 +236,7 @@ def test_cli_width_flag_prunes_heads_and_ffn_of_a_llama_folder(tmp_path, capsys)
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["pruning"]["config"]["width"] == {"heads": None, "ffn": None}
-    assert report["pruning"]["config"]["widths"] == {"hidden": [64, 64], "heads": [1, 2], "ffn": [72, 96]}
+    assert report["pruning"]["outcome"]["widths"] == {"hidden": [64, 64], "heads": [1, 2], "ffn": [72, 96]}
     pruned = secateurs.load(tmp_path / "out")
     assert _dims(pruned.config) == {"hidden": 64, "heads": 2, "kv": 1, "ffn": 72, "head_dim": 16}
     config = transformers.AutoConfig.from_pretrained(tmp_path / "out")
@@ -271,4 +271,4 @@ def test_cli_minitron_importance_calibrates_a_language_model_on_pydoc(tmp_path, 
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["pruning"]["importance"]["criterion"] == "minitron"
-    assert report["pruning"]["config"]["widths"]["ffn"] == [48, 64]
+    assert report["pruning"]["outcome"]["widths"]["ffn"] == [48, 64]

@@ -6,10 +6,12 @@ onnx) are imported inside the functions that need them.
 """
 
 from .analysis import LayerStats, ModelStats, analyze
+from .data.text import perplexity, token_batches
 from .errors import SecateursError
 from .io.checkpoint import load, read_manifest, save
+from .io.export import export_model
 from .io.inputs import example_inputs
-from .io.specs import load_model
+from .io.specs import load_model, load_tokenizer
 from .masks import finalize_, get_mask
 from .methods import (
     NM,
@@ -23,6 +25,7 @@ from .methods import (
     prune_,
     register_method,
 )
+from .methods.sensitivity import sensitivity
 from .semi_structured import (
     SemiStructuredLayer,
     SemiStructuredReport,
@@ -35,6 +38,11 @@ from .train.iterative import prune_and_finetune_
 __version__ = "0.1.0"
 
 __all__ = [
+    "export_model",
+    "load_tokenizer",
+    "perplexity",
+    "sensitivity",
+    "token_batches",
     "AGP",
     "FinetuneConfig",
     "GroupLassoRegularizer",

@@ -30,8 +30,8 @@ from .utils import describe_names, eval_mode, first_line, nonfinite_parameters
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayerStats", "Latency", "ModelStats", "analyze", "compare_latency", "count_macs", "latency_stats",
-           "measure_latency", "steady_allocator"]
+__all__ = ["LayerStats", "Latency", "ModelStats", "analyze", "compare_latency", "count_macs", "flop_counter_mode",
+           "latency_stats", "measure_latency", "no_grad_parameters", "steady_allocator"]
 
 
 @dataclass
@@ -137,8 +137,17 @@ def _extra_formulas() -> dict[Any, Any]:
     return extra
 
 
+def flop_counter_mode() -> FlopCounterMode:
+    """A silent ``FlopCounterMode`` (per module, every depth) that also counts the CPU attention kernel.
+
+    Divide its counts by 2 for multiply-accumulates. Run the model under :func:`no_grad_parameters`
+    too (see there).
+    """
+    return FlopCounterMode(display=False, depth=None, custom_mapping=_extra_formulas())
+
+
 @contextlib.contextmanager
-def _no_grad_parameters(model: nn.Module) -> Iterator[None]:
+def no_grad_parameters(model: nn.Module) -> Iterator[None]:
     """Turn ``requires_grad`` off on every parameter for the block, then restore it.
 
     FlopCounterMode tracks modules with autograd hooks on every module input
@@ -160,9 +169,9 @@ def _no_grad_parameters(model: nn.Module) -> Iterator[None]:
 
 def count_macs(model: nn.Module, inputs: Any) -> tuple[int, dict[str, int]]:
     """Multiply-accumulates of one forward on ``inputs``: the total and the count per module name."""
-    counter = FlopCounterMode(display=False, depth=None, custom_mapping=_extra_formulas())
+    counter = flop_counter_mode()
     try:
-        with torch.no_grad(), _no_grad_parameters(model), eval_mode(model), counter:
+        with torch.no_grad(), no_grad_parameters(model), eval_mode(model), counter:
             call_model(model, inputs)
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         shape = list(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__

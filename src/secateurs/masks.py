@@ -36,6 +36,10 @@ __all__ = [
     "load_effective_state_",
     "plain_name",
     "bake_on_save_pretrained",
+    "lowest_k",
+    "nm_mask",
+    "pack_bits",
+    "unpack_bits",
 ]
 
 
@@ -275,3 +279,57 @@ def bake_on_save_pretrained(model: nn.Module) -> nn.Module:
     if is_transformers_model(model) and "save_pretrained" not in vars(model):
         model.save_pretrained = types.MethodType(_save_pretrained_baked, model)
     return model
+
+
+# -- building masks from scores, and storing them ---------------------------------------------------
+
+
+def lowest_k(scores: Tensor, k: int) -> Tensor:
+    """Boolean tensor, True at exactly ``k`` entries of lowest score (ties by position).
+
+    Runs in linear time (``kthvalue``), which matters for global ranking over
+    hundreds of millions of weights.
+    """
+    flat = scores.reshape(-1)
+    out = torch.zeros_like(flat, dtype=torch.bool)
+    if k <= 0:
+        return out.view(scores.shape)
+    if k >= flat.numel():
+        return torch.ones_like(out).view(scores.shape)
+    threshold = torch.kthvalue(flat, k).values
+    below = flat < threshold
+    out |= below
+    need = k - int(below.sum())
+    ties = (flat == threshold).nonzero().flatten()[:need]
+    out[ties] = True
+    return out.view(scores.shape)
+
+
+def nm_mask(scores: Tensor, n: int, m: int, dim: int = 1) -> Tensor:
+    """Boolean keep-mask with the ``n`` highest scores in every ``m`` along ``dim``."""
+    moved = scores.movedim(dim, -1).contiguous()  # consecutive entries along ``dim`` form the groups
+    groups = moved.reshape(-1, m)
+    keep_idx = groups.topk(n, dim=1).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep_idx, True)
+    return keep.reshape(moved.shape).movedim(-1, dim)
+
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """A boolean ``mask`` as one uint8 per 8 entries (flattened, first entry in the high bit, zero-padded)."""
+    flat = mask.reshape(-1).to(torch.uint8).cpu()
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: Tensor, shape: list[int]) -> Tensor:
+    """The boolean mask of ``shape`` that :func:`pack_bits` packed into ``bits``."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    unpacked = (bits.unsqueeze(1) & _BIT_WEIGHTS).ne(0).reshape(-1)
+    return unpacked[:numel].reshape(shape)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .cli_options import option
 from .errors import SecateursError
 from .masks import Mask, weight_key
 from .utils import eval_mode
@@ -106,11 +107,12 @@ class Selection:
             refused (CLI: ``--allow-nonfinite``).
     """
 
-    ignore: Sequence[str] = ()
-    include: Sequence[str] | None = None
+    ignore: Sequence[str] = option((), metavar="NAME[,NAME]", help="modules to leave alone (names, prefixes, globs)")
+    include: Sequence[str] | None = option(None, metavar="NAME[,NAME]",
+                                           help="only these modules (names, prefixes, globs)")
     filter_fn: FilterFn | None = field(default=None, repr=False, compare=False)
-    prune_output_layer: bool = False
-    allow_nonfinite: bool = False
+    prune_output_layer: bool = option(False, help="also prune the final layer")
+    allow_nonfinite: bool = option(False, help="prune even if some weights are NaN or inf (refused by default)")
 
     def __post_init__(self) -> None:
         if isinstance(self.ignore, str):

@@ -32,7 +32,15 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import SecateursError
-from .masks import get_mask, set_mask_, tied_modules, unparametrize_, weight_key
+from .masks import (
+    get_mask,
+    pack_bits,
+    set_mask_,
+    tied_modules,
+    unpack_bits,
+    unparametrize_,
+    weight_key,
+)
 from .selection import call_model
 from .utils import eval_mode, first_line, first_tensor, map_tensors
 
@@ -599,8 +607,6 @@ def _measure(h: _Held, opts: _Options, convert: ToSparse, time_ms: Timer) -> Non
 def _keep_mask_record(h: _Held) -> None:
     """On a kept swap, remember the layer's mask (bit-packed, on CPU) so :func:`restore_dense_` can put it back."""
     if h.mask is not None:
-        from .io.checkpoint import pack_bits
-
         vars(h.module)[SWAPPED_ATTR]["mask"] = (pack_bits(h.mask), list(h.mask.shape))
 
 
@@ -650,8 +656,6 @@ def restore_dense_(model: nn.Module) -> list[str]:
         >>> secateurs.restore_dense_(torch.nn.Linear(4, 4))  # nothing was swapped
         []
     """
-    from .io.checkpoint import unpack_bits
-
     restored = []
     for mod_name, module, pname in list(_swapped_parameters(model)):
         info = vars(module).pop(SWAPPED_ATTR, None) if pname == "weight" else None

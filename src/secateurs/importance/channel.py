@@ -1,17 +1,32 @@
-"""Channel importance: pure functions of a group and the model's tensors (higher = keep)."""
+"""Channel importance: criteria that score each channel of a group (higher = keep).
+
+A criterion is a :class:`ChannelImportance`: ``score(group, context)`` reads the
+model's tensors (and, for a data-driven criterion, the statistics its ``collect``
+measured once on calibration data) and never changes the model. The built-in
+names (``l1``, ``l2``, ``bn``, ``fpgm``, ``random``, ``taylor``, ``activation``,
+``minitron``, ``obs``) are instances in one registry, :data:`CHANNEL_IMPORTANCE`;
+:func:`register_channel_importance` adds your own, and
+:class:`~secateurs.Channels` takes a name or an instance.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import abc
+from collections.abc import Callable, Iterator, Set
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import SecateursError
-from ..graph import Group, Member
+from ..graph import DependencyGraph, Group, Member
+from ..patches import refit_blocker
+from ..selection import input_dim
+from .stats import ActivationStats, InputActivationStats, InputGrams, TaylorStats
 
-__all__ = ["CHANNEL_IMPORTANCE", "NEEDS_DATA", "REDUCTIONS", "channel_scores"]
+__all__ = ["CHANNEL_IMPORTANCE", "NEEDS_DATA", "REDUCTIONS", "ChannelImportance", "ScoringContext",
+           "channel_importance", "channel_scores", "register_channel_importance", "score_channels"]
 
 REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "mean": lambda s: s.mean(0),
@@ -212,23 +227,236 @@ def _random(group: Group, tensors: dict[str, Tensor], params: set[str], generato
     return [torch.rand(group.size, generator=generator)]
 
 
-CHANNEL_IMPORTANCE: dict[str, Callable[..., list[Tensor]]] = {
-    "l1": _l1,
-    "l2": _l2,
-    "bn": _bn,
-    "fpgm": _fpgm,
-    "random": _random,
-    "taylor": _taylor,
-    "activation": _activation,
-    "minitron": _minitron,
-    "obs": _obs,
-}
+@dataclass
+class ScoringContext:
+    """What a criterion may read when it scores a group; one context serves every group of a model.
 
-NEEDS_DATA = {"taylor", "activation", "minitron", "obs"}
+    Attributes:
+        tensors: the model's parameters and buffers by name.
+        params: names that are parameters (buffers such as running stats do not vote).
+        norm_scales: names of normalisation-layer scales (for ``bn``).
+        reduction: how the score vectors of the tensors a channel spans combine
+            (:meth:`combine`): ``mean``, ``max`` or ``sum``.
+        generator: random numbers (seeded by the config's ``seed``).
+        stats: what the criterion's ``collect`` returned (None for data-free criteria).
+        cache: one dict shared by the groups of one scoring, for work several groups can reuse.
+    """
+
+    tensors: dict[str, Tensor]
+    params: set[str]
+    norm_scales: set[str] = field(default_factory=set)
+    reduction: str = "mean"
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    stats: Any = None
+    cache: dict | None = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise SecateursError(f"unknown reduction '{self.reduction}': choose one of {', '.join(REDUCTIONS)}")
+
+    def combine(self, group: Group, per_tensor: list[Tensor]) -> Tensor:
+        """One score per channel from one vector (length ``group.size``) per tensor, by ``reduction``;
+        zeros when no tensor voted."""
+        if not per_tensor:
+            return torch.zeros(group.size)
+        return REDUCTIONS[self.reduction](torch.stack(per_tensor))
+
+
+class ChannelImportance(abc.ABC):
+    """A channel criterion: subclass it, name it and implement :meth:`score`.
+
+    A data-driven criterion also sets ``needs_data = True`` and implements
+    :meth:`collect`; the statistics it returns reach :meth:`score` as
+    ``context.stats``. That one class is the whole criterion: register an instance
+    with :func:`register_channel_importance` to use it by name (configs, recipes,
+    ``--importance``), or pass the instance to :class:`~secateurs.Channels`.
+
+    Attributes:
+        name: what configs, the CLI and reports call it.
+        needs_data: pruning refuses to run without ``data`` (``collect`` is still
+            called whenever data is given, so a criterion may use data when it has some).
+
+    Example:
+        >>> import torch, secateurs
+        >>> from secateurs.importance import ChannelImportance
+        >>> from secateurs.zoo import DigitsCNN
+        >>> class Peak(ChannelImportance):  # the largest |w| in each channel's slices
+        ...     name = "peak"
+        ...     def score(self, group, context):
+        ...         per_tensor = []
+        ...         for m in group.members:
+        ...             if m.tensor in context.params:
+        ...                 w = context.tensors[m.tensor].detach().abs().movedim(m.dim, 0)
+        ...                 peak = w.reshape(len(w), -1).amax(1)  # one value per index of the member's dim
+        ...                 per_tensor.append(peak[group.indices[m]].amax(1))  # indices: (channels, k)
+        ...         return context.combine(group, per_tensor)
+        >>> model = DigitsCNN()
+        >>> _ = secateurs.prune_(model, secateurs.Channels(ratio=0.25, importance=Peak()),
+        ...                      example_inputs=torch.randn(1, 1, 8, 8))
+        >>> model.features[0].out_channels
+        24
+    """
+
+    name: str = ""
+    needs_data: bool = False
+
+    def collect(self, model: nn.Module, graph: DependencyGraph, data: Any, batches: int) -> Any:
+        """Statistics measured on up to ``batches`` batches of ``data``, once, before any group is scored.
+
+        Args:
+            model: the model, before anything is cut (must be left as it was).
+            graph: its channel groups (``graph.groups``), as :meth:`score` will see them.
+            data: calibration batches: ``x``, ``(x,)`` or ``(x, y)`` each
+                (:func:`~secateurs.importance.stats.split_batch`).
+            batches: how many of them to use (the config's ``calib_batches``).
+
+        Returns:
+            Anything :meth:`score` reads as ``context.stats``; None by default.
+        """
+        return None
+
+    @abc.abstractmethod
+    def score(self, group: Group, context: ScoringContext) -> Tensor:
+        """Importance of each channel of ``group``: a 1-D tensor of length ``group.size`` (higher = keep).
+
+        ``group.members`` are the tensor dimensions the channels span; ``group.indices[member]``
+        (``(group.size, k)``) are each channel's indices along ``member.dim`` of
+        ``context.tensors[member.tensor]``.
+        """
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class _WeightCriterion(ChannelImportance):
+    """A built-in data-free criterion: one of the per-tensor functions above, combined by ``reduction``."""
+
+    def __init__(self, name: str, fn: Callable[..., list[Tensor]]) -> None:
+        self.name = name
+        self._fn = fn
+
+    def score(self, group: Group, context: ScoringContext) -> Tensor:
+        return context.combine(group, self._fn(group, context.tensors, params=context.params,
+                                               norm_scales=context.norm_scales, generator=context.generator,
+                                               stats=context.stats, cache=context.cache))
+
+
+class _DataCriterion(_WeightCriterion):
+    """A built-in data-driven criterion: ``measure(model, graph, data, batches)`` gives its statistics."""
+
+    needs_data = True
+
+    def __init__(self, name: str, fn: Callable[..., list[Tensor]],
+                 measure: Callable[[nn.Module, DependencyGraph, Any, int], Any]) -> None:
+        super().__init__(name, fn)
+        self._measure = measure
+
+    def collect(self, model: nn.Module, graph: DependencyGraph, data: Any, batches: int) -> Any:
+        return self._measure(model, graph, data, batches)
+
+
+def _input_grams(model: nn.Module, graph: DependencyGraph, data: Any, batches: int) -> dict[str, Tensor]:
+    """Gram matrices of the inputs of every layer that reads a group's channels (and can be refitted)."""
+    modules = dict(model.named_modules())
+    layers = set()
+    for g in graph.groups:
+        for m in g.members:
+            name, _, attr = m.tensor.rpartition(".")
+            layer = modules.get(name)
+            if attr == "weight" and layer is not None and refit_blocker(layer) is None and m.dim == input_dim(layer):
+                layers.add(name)
+    return InputGrams(model, sorted(layers)).run(data, batches).grams
+
+
+CHANNEL_IMPORTANCE: dict[str, ChannelImportance] = {}
+"""Every criterion usable by name, built-in and registered: name -> :class:`ChannelImportance`."""
+
+
+def register_channel_importance(criterion: ChannelImportance | type[ChannelImportance]) -> Any:
+    """Make ``criterion`` usable by name (``Channels(importance=name)``, recipes, ``--importance``).
+
+    Also a class decorator: ``@register_channel_importance`` on a subclass registers an
+    instance (built with no arguments) and returns the class unchanged.
+
+    Args:
+        criterion: a :class:`ChannelImportance` with a ``name`` not registered yet.
+
+    Returns:
+        ``criterion``.
+    """
+    instance = criterion() if isinstance(criterion, type) and issubclass(criterion, ChannelImportance) else criterion
+    if not isinstance(instance, ChannelImportance):
+        raise SecateursError(f"a channel criterion subclasses secateurs.importance.ChannelImportance; got "
+                             f"{type(criterion).__name__}")
+    name = instance.name
+    if not isinstance(name, str) or not name.strip():
+        raise SecateursError(f"{type(instance).__name__} has no name: set its name attribute (e.g. name = "
+                             "'my_criterion') before registering it")
+    if name in CHANNEL_IMPORTANCE:
+        raise SecateursError(f"channel importance '{name}' is already registered ({CHANNEL_IMPORTANCE[name]!r}): "
+                             "give yours another name")
+    CHANNEL_IMPORTANCE[name] = instance
+    return criterion
+
+
+def channel_importance(criterion: str | ChannelImportance) -> ChannelImportance:
+    """The criterion a config names: a registered name, or an instance as it is."""
+    if isinstance(criterion, ChannelImportance):
+        return criterion
+    found = CHANNEL_IMPORTANCE.get(criterion) if isinstance(criterion, str) else None
+    if found is None:
+        raise SecateursError(f"unknown importance {criterion!r}: choose one of {', '.join(CHANNEL_IMPORTANCE)}, or "
+                             "pass a ChannelImportance (secateurs.importance)")
+    return found
+
+
+class _NeedsData(Set):
+    """Names of the registered criteria that need data (a live view of the registry)."""
+
+    def __contains__(self, name: object) -> bool:
+        found = CHANNEL_IMPORTANCE.get(name) if isinstance(name, str) else None
+        return found is not None and found.needs_data
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, c in CHANNEL_IMPORTANCE.items() if c.needs_data)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return repr(set(self))
+
+
+NEEDS_DATA: Set[str] = _NeedsData()
+
+for _builtin in (
+    _WeightCriterion("l1", _l1),
+    _WeightCriterion("l2", _l2),
+    _WeightCriterion("bn", _bn),
+    _WeightCriterion("fpgm", _fpgm),
+    _WeightCriterion("random", _random),
+    _DataCriterion("taylor", _taylor, lambda model, graph, data, n: TaylorStats(model).run(data, n).scores),
+    _DataCriterion("activation", _activation,
+                   lambda model, graph, data, n: ActivationStats(model).run(data, n).per_channel()),
+    _DataCriterion("minitron", _minitron,
+                   lambda model, graph, data, n: InputActivationStats(model).run(data, n).per_channel()),
+    _DataCriterion("obs", _obs, _input_grams),
+):
+    register_channel_importance(_builtin)
+
+
+def score_channels(criterion: ChannelImportance, group: Group, context: ScoringContext) -> Tensor:
+    """``criterion.score(group, context)``, checked: one value per channel of ``group``."""
+    scores = criterion.score(group, context)
+    if not isinstance(scores, Tensor) or tuple(scores.shape) != (group.size,):
+        got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise SecateursError(f"channel importance '{criterion.name}' gave {got} for a group of {group.size} channels: "
+                             "score must return a 1-D tensor with one value per channel")
+    return scores
 
 
 def channel_scores(
-    name: str,
+    name: str | ChannelImportance,
     group: Group,
     tensors: dict[str, Tensor],
     *,
@@ -236,19 +464,19 @@ def channel_scores(
     norm_scales: set[str],
     reduction: str = "mean",
     generator: torch.Generator | None = None,
-    stats: dict[str, Tensor] | None = None,
+    stats: Any = None,
     cache: dict | None = None,
 ) -> Tensor:
     """Importance of each channel of ``group`` (length ``group.size``).
 
     Args:
-        name: ``l1``, ``l2`` (norms of every parameter slice the channel owns),
-            ``bn`` (|scale| of its normalisation layers), ``fpgm``, ``random``,
-            ``taylor`` (|w * grad|, needs ``stats`` from :class:`TaylorStats`),
-            ``activation`` (mean |output|, needs ``stats`` from :class:`ActivationStats`) or
+        name: a criterion or its registered name: ``l1``, ``l2`` (norms of every parameter
+            slice the channel owns), ``bn`` (|scale| of its normalisation layers), ``fpgm``,
+            ``random``, ``taylor`` (|w * grad|, needs ``stats`` from :class:`TaylorStats`),
+            ``activation`` (mean |output|, needs ``stats`` from :class:`ActivationStats`),
             ``minitron`` (mean |input| where layers read the channel, needs ``stats`` from
-            :class:`InputActivationStats`).
-        stats: calibration statistics by tensor name for the data-driven criteria.
+            :class:`InputActivationStats`) or ``obs`` (needs :class:`InputGrams`).
+        stats: calibration statistics (what the criterion's ``collect`` returns).
         tensors: the model's parameters and buffers by name.
         params: names that are parameters (buffers such as running stats do not vote).
         norm_scales: names of normalisation-layer scales (for ``bn``).
@@ -256,16 +484,7 @@ def channel_scores(
         cache: one dict shared across the groups of a model (scoring every group of a
             big model then reads each weight once for its two channel dims).
     """
-    try:
-        fn = CHANNEL_IMPORTANCE[name]
-        reduce = REDUCTIONS[reduction]
-    except KeyError:
-        raise SecateursError(
-            f"unknown importance '{name}' or reduction '{reduction}': importance is one of "
-            f"{', '.join(CHANNEL_IMPORTANCE)}; reduction one of {', '.join(REDUCTIONS)}"
-        ) from None
-    per_member = fn(group, tensors, params=params, norm_scales=norm_scales,
-                    generator=generator or torch.Generator().manual_seed(0), stats=stats, cache=cache)
-    if not per_member:
-        return torch.zeros(group.size)
-    return reduce(torch.stack(per_member))
+    criterion = channel_importance(name)
+    context = ScoringContext(tensors=tensors, params=params, norm_scales=norm_scales, reduction=reduction,
+                             generator=generator or torch.Generator().manual_seed(0), stats=stats, cache=cache)
+    return score_channels(criterion, group, context)

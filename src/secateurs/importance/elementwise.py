@@ -1,43 +1,148 @@
-"""Per-weight importance for unstructured and N:M pruning (higher = keep)."""
+"""Per-weight importance for unstructured and N:M pruning (higher = keep).
+
+A criterion is an :class:`ElementImportance`: ``score(weight, context)`` gives one
+score per entry of a weight, from the weight alone. The built-in names
+(``magnitude``, ``random``) are instances in one registry,
+:data:`ELEMENT_IMPORTANCE`; :func:`register_element_importance` adds your own, and
+:class:`~secateurs.Unstructured` and :class:`~secateurs.NM` take a name or an instance.
+
+Element-wise criteria are data-free on purpose: they also run where no data is
+(streaming, gradual AGP pruning, N:M). Weights scored by calibration data
+(Wanda's ``|w| * ||x||``, SparseGPT) are methods of their own
+(:mod:`secateurs.methods.oneshot`): they measure each block's inputs on the model
+as pruned so far, block by block, and SparseGPT also updates the weights.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import abc
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import SecateursError
 
-__all__ = ["ELEMENT_IMPORTANCE", "element_scores"]
+__all__ = ["ELEMENT_IMPORTANCE", "ElementContext", "ElementImportance", "element_importance", "element_scores",
+           "register_element_importance"]
 
 
-def magnitude(weight: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    return weight.detach().abs().float()
+@dataclass
+class ElementContext:
+    """What an element-wise criterion may read besides the weight.
+
+    Attributes:
+        generator: random numbers (seeded by the config's ``seed``), shared by the weights of one
+            pruning; None: torch's global generator.
+    """
+
+    generator: torch.Generator | None = None
 
 
-def random(weight: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    return torch.rand(weight.shape, generator=generator, dtype=torch.float32).to(weight.device)
+class ElementImportance(abc.ABC):
+    """An element-wise criterion: subclass it, name it and implement :meth:`score`.
+
+    Register an instance with :func:`register_element_importance` to use it by name,
+    or pass the instance to :class:`~secateurs.Unstructured` / :class:`~secateurs.NM`.
+
+    Attributes:
+        name: what configs, the CLI and reports call it.
+
+    Example:
+        >>> import torch, secateurs
+        >>> from secateurs.importance import ElementImportance
+        >>> class Squared(ElementImportance):
+        ...     name = "squared"
+        ...     def score(self, weight, context):
+        ...         return weight.detach().float() ** 2
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        >>> report = secateurs.prune_(model, secateurs.Unstructured(sparsity=0.5, importance=Squared()))
+        >>> report.layers[0].sparsity
+        0.5
+    """
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def score(self, weight: Tensor, context: ElementContext) -> Tensor:
+        """One score per entry of ``weight`` (same shape; higher = keep)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
 
 
-ELEMENT_IMPORTANCE: dict[str, Callable[[Tensor, torch.Generator | None], Tensor]] = {
-    "magnitude": magnitude,
-    "random": random,
-}
+class _Magnitude(ElementImportance):
+    name = "magnitude"
+
+    def score(self, weight: Tensor, context: ElementContext) -> Tensor:
+        return weight.detach().abs().float()
+
+
+class _Random(ElementImportance):
+    name = "random"
+
+    def score(self, weight: Tensor, context: ElementContext) -> Tensor:
+        return torch.rand(weight.shape, generator=context.generator, dtype=torch.float32).to(weight.device)
+
+
+ELEMENT_IMPORTANCE: dict[str, ElementImportance] = {}
+"""Every element-wise criterion usable by name, built-in and registered: name -> :class:`ElementImportance`."""
+
+
+def register_element_importance(criterion: ElementImportance | type[ElementImportance]) -> Any:
+    """Make ``criterion`` usable by name (``Unstructured(importance=name)``, recipes, ``--importance``).
+
+    Also a class decorator: on a subclass it registers an instance (built with no
+    arguments) and returns the class unchanged.
+
+    Args:
+        criterion: an :class:`ElementImportance` with a ``name`` not registered yet.
+
+    Returns:
+        ``criterion``.
+    """
+    instance = criterion() if isinstance(criterion, type) and issubclass(criterion, ElementImportance) else criterion
+    if not isinstance(instance, ElementImportance):
+        raise SecateursError(f"an element-wise criterion subclasses secateurs.importance.ElementImportance; got "
+                             f"{type(criterion).__name__}")
+    name = instance.name
+    if not isinstance(name, str) or not name.strip():
+        raise SecateursError(f"{type(instance).__name__} has no name: set its name attribute (e.g. name = "
+                             "'my_criterion') before registering it")
+    if name in ELEMENT_IMPORTANCE:
+        raise SecateursError(f"element importance '{name}' is already registered ({ELEMENT_IMPORTANCE[name]!r}): "
+                             "give yours another name")
+    ELEMENT_IMPORTANCE[name] = instance
+    return criterion
+
+
+def element_importance(criterion: str | ElementImportance) -> ElementImportance:
+    """The criterion a config names: a registered name, or an instance as it is."""
+    if isinstance(criterion, ElementImportance):
+        return criterion
+    found = ELEMENT_IMPORTANCE.get(criterion) if isinstance(criterion, str) else None
+    if found is None:
+        raise SecateursError(f"unknown importance {criterion!r}: choose one of {', '.join(ELEMENT_IMPORTANCE)}, or "
+                             "pass an ElementImportance (secateurs.importance)")
+    return found
+
+
+register_element_importance(_Magnitude())
+register_element_importance(_Random())
 
 
 def element_scores(
-    name: str, weight: Tensor, mask: Tensor | None, generator: torch.Generator | None
+    name: str | ElementImportance, weight: Tensor, mask: Tensor | None, generator: torch.Generator | None
 ) -> Tensor:
     """Score every entry of ``weight``; entries already masked out score ``-inf``
     so they are the first to go and earlier zeros are kept."""
-    try:
-        fn = ELEMENT_IMPORTANCE[name]
-    except KeyError:
-        raise SecateursError(
-            f"unknown importance '{name}': choose one of {', '.join(ELEMENT_IMPORTANCE)}"
-        ) from None
-    scores = fn(weight, generator)
+    criterion = element_importance(name)
+    scores = criterion.score(weight, ElementContext(generator))
+    if not isinstance(scores, Tensor) or scores.shape != weight.shape:
+        got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise SecateursError(f"element importance '{criterion.name}' gave {got} for a weight of shape "
+                             f"{tuple(weight.shape)}: score must return one value per weight (same shape)")
     if mask is not None:
         scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
     return scores

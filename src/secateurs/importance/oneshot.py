@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..methods.common import lowest_k
-from ..methods.nm import nm_mask
+from ..masks import lowest_k, nm_mask
 
 __all__ = ["InputStats", "sparsegpt", "wanda"]
 

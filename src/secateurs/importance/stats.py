@@ -20,7 +20,7 @@ from ..patches import input_rows
 from ..selection import call_model, input_dim
 from ..utils import eval_mode, first_tensor
 
-__all__ = ["ReferenceBatches", "calibration_list", "InputGrams", "TaylorStats", "ActivationStats", "InputActivationStats", "InputMeans", "forward_batches",
+__all__ = ["BatchNormReaders", "ReferenceBatches", "calibration_list", "InputGrams", "TaylorStats", "ActivationStats", "InputActivationStats", "InputMeans", "forward_batches",
            "split_batch", "task_loss"]
 
 
@@ -280,6 +280,66 @@ def _compensable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1
 
 
+class BatchNormReaders:
+    """Which BatchNorm reads each layer's output: filled by the forwards run while attached.
+
+    A BatchNorm (one that tracks running statistics) *reads* a layer when the tensor it gets is
+    the very tensor the layer returned, nothing in between; that BatchNorm is where a bias-free
+    layer's output can be shifted (:func:`secateurs.surgery.reconstruct.apply_shift_`). Output
+    tensors are kept alive until :meth:`next_pass`, so their ids are not reused within a forward.
+
+    Args:
+        model: the model whose forwards are watched.
+        layers: names of the layers whose readers are wanted.
+
+    Attributes:
+        followers: layer name -> name of the first BatchNorm seen reading its output.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1))
+        >>> readers = BatchNormReaders(model, ["0", "3"])
+        >>> _ = model(torch.randn(1, 3, 2, 2))
+        >>> readers.remove()
+        >>> readers.followers
+        {'0': '1'}
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[str]) -> None:
+        self.followers: dict[str, str] = {}
+        self.outputs: dict[int, str] = {}
+        self.alive: list[Tensor] = []
+        modules = dict(model.named_modules())
+        self.handles = [modules[name].register_forward_hook(self._produced(name)) for name in layers]
+        self.handles += [module.register_forward_pre_hook(self._read(name)) for name, module in modules.items()
+                         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats]
+
+    def _produced(self, name: str) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if isinstance(output, Tensor):
+                self.outputs[id(output)] = name
+                self.alive.append(output)
+        return hook
+
+    def _read(self, name: str) -> Any:
+        def hook(_module: nn.Module, inputs: Any) -> None:
+            if inputs and isinstance(inputs[0], Tensor) and id(inputs[0]) in self.outputs:
+                self.followers.setdefault(self.outputs[id(inputs[0])], name)
+        return hook
+
+    def next_pass(self) -> None:
+        """Forget the outputs of the forward that ended (their ids may be reused by the next one)."""
+        self.outputs.clear()
+        self.alive.clear()
+
+    def remove(self) -> None:
+        """Stop watching; :attr:`followers` keeps what was seen."""
+        for handle in self.handles:
+            handle.remove()
+        self.next_pass()
+
+
 class InputMeans:
     """Mean input per input channel of every dense Conv/Linear, and which BatchNorm reads each one's output.
 
@@ -296,8 +356,6 @@ class InputMeans:
 
     def run(self, data: Iterable[Any], max_batches: int) -> InputMeans:
         names = {id(m): n for n, m in self.model.named_modules()}
-        outputs: dict[int, str] = {}
-        alive: list[Tensor] = []  # keeps outputs alive so their ids stay unique during a pass
         hooks = []
 
         def record(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -308,24 +366,20 @@ class InputMeans:
             key = names[id(module)]
             self.sums[key] = self.sums.get(key, 0) + moved.detach().float().reshape(-1, moved.shape[-1]).mean(0)
             self.calls[key] = self.calls.get(key, 0) + 1
-            if isinstance(output, Tensor) and self.batches == 0:
-                outputs[id(output)] = key
-                alive.append(output)
-
-        def follow(module: nn.Module, inputs: Any) -> None:
-            if inputs and isinstance(inputs[0], Tensor) and id(inputs[0]) in outputs and self.batches == 0:
-                self.followers[outputs[id(inputs[0])]] = names[id(module)]
 
         for module in self.model.modules():
             if _compensable(module):
                 hooks.append(module.register_forward_hook(record))
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-                hooks.append(module.register_forward_pre_hook(follow))
+        readers = BatchNormReaders(self.model, [n for n, m in self.model.named_modules() if _compensable(m)])
+        hooks += readers.handles
+
         def next_batch() -> None:
-            self.batches += 1  # followers are read from the first batch only
-            alive.clear()
+            self.batches += 1
+            readers.remove()  # followers are read from the first batch only
 
         forward_batches(self.model, data, max_batches, hooks, next_batch)
+        for layer, norm in readers.followers.items():
+            self.followers.setdefault(layer, norm)
         if not self.batches:
             raise SecateursError("compensation measures mean activations: pass data= (CLI: --data)")
         return self

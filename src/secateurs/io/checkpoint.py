@@ -29,12 +29,35 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SecateursError
-from ..masks import bake_on_save_pretrained, effective_state_dict, mask_tied_
+from ..masks import (
+    bake_on_save_pretrained,
+    effective_state_dict,
+    mask_tied_,
+    pack_bits,
+    unpack_bits,
+)
+from ..semi_structured import refuse_semi_structured
 from ..surgery import STRUCTURE_ATTR, Plan
+from ..surgery.hf import config_misfits
 from ..utils import first_line, is_transformers_model
 from .arch import BuildError, attach_source, build_pruned, check_rebuildable, describe, source_of
 from .atomic import PARTIAL, atomic_dir
+from .compressed import check_compressed, load_compressed, save_compressed
+from .hf import load_hf, quiet_transformers
 from .inputs import INPUT_ATTR, MAX_INPUT_ELEMENTS
+from .manifest import (
+    FORMAT_VERSION,
+    HISTORY_ATTR,
+    KEPT_ZEROS,
+    MANIFEST,
+    WEIGHTS,
+    WEIGHTS_METADATA,
+    finish_transformers_folder,
+    jsonable,
+    manifest_fields,
+    transformers_tensor_record,
+    write_extra_files,
+)
 from .policy import (
     check_depth,
     check_source,
@@ -47,34 +70,9 @@ from .policy import (
 __all__ = ["MANIFEST", "WEIGHTS", "check_layout", "save", "load", "read_manifest", "pack_state", "unpack_state",
            "is_saved_model", "serialized_size"]
 
-MANIFEST = "secateurs.json"
-WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 2  # 1: secateurs layout; 2 adds the transformers layout (older secateurs cannot read it)
 LAYOUTS = ("auto", "transformers", "secateurs", "compressed-tensors")
-# transformers layout: where kept weights that are exactly zero are marked (their masks cannot come from zeros)
-KEPT_ZEROS = "secateurs-kept-zeros.safetensors"
-HISTORY_ATTR = "_secateurs_history"
 
 log = logging.getLogger(__name__)
-
-_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-
-
-def pack_bits(mask: Tensor) -> Tensor:
-    flat = mask.reshape(-1).to(torch.uint8).cpu()
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(bits: Tensor, shape: list[int]) -> Tensor:
-    numel = 1
-    for s in shape:
-        numel *= s
-    unpacked = (bits.unsqueeze(1) & _BIT_WEIGHTS).ne(0).reshape(-1)
-    return unpacked[:numel].reshape(shape)
-
 
 _COMPACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -149,9 +147,6 @@ def unpack_state(
     return state, masks
 
 
-WEIGHTS_METADATA = {"format": "pt"}  # the safetensors header's metadata (what transformers expects)
-
-
 def serialized_size(model: nn.Module) -> int:
     """Bytes the model's weights take in a secateurs save (without writing a file)."""
     from safetensors.torch import save as st_save
@@ -159,10 +154,6 @@ def serialized_size(model: nn.Module) -> int:
     state, masks = effective_state_dict(model)
     tensors, _, _ = pack_state(state, masks)
     return len(st_save(tensors, metadata=WEIGHTS_METADATA))
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
 
 
 def save(
@@ -230,12 +221,8 @@ def save(
     """
     from safetensors.torch import save_file
 
-    from ..semi_structured import refuse_semi_structured
-
     refuse_semi_structured(model, "save")  # safetensors stores plain tensors only
     if layout == "compressed-tensors" or quantize is not None:
-        from .compressed import save_compressed
-
         check_layout(model, layout, quantize, group_size)
         return save_compressed(model, path, quantize or "int8", group_size=group_size, report=report,
                                input_shape=input_shape, overwrite=overwrite, max_shard_size=max_shard_size,
@@ -264,39 +251,10 @@ def save(
         except Exception as exc:  # safetensors reports a full disk as its own SafetensorError
             raise SecateursError(f"cannot write the weights to '{path}' ({first_line(exc)}): "
                                  "check the free disk space, or choose another --out") from None
-        (tmp / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=2))
+        (tmp / MANIFEST).write_text(json.dumps(jsonable(manifest), indent=2))
         size = (tmp / WEIGHTS).stat().st_size
-        _write_extra_files(tmp, extra_files, size)
+        write_extra_files(tmp, extra_files, size)
     return size
-
-
-def _write_extra_files(tmp: Path, extra_files: dict[str, Any] | None, size: int, keep: set[str] = frozenset()) -> None:
-    """Write ``extra_files`` (names relative to the folder, ``/`` between parts) into ``tmp``; names in
-    ``keep`` are already written and stay (a tokenizer's config must not replace the model's)."""
-    for fname, data in (extra_files or {}).items():
-        parts = fname.split("/")
-        if not all(is_plain_file_name(part) for part in parts):
-            raise SecateursError(f"extra file name {fname[:80]!r} leaves the model folder: use a relative path")
-        if parts[0] in (MANIFEST, PARTIAL, KEPT_ZEROS):
-            raise SecateursError(f"extra file name {fname[:80]!r} is secateurs' own: choose another name")
-        if fname in keep:
-            continue
-        target = tmp.joinpath(*parts)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data(size) if callable(data) else data)
-
-
-def manifest_fields(model: nn.Module, report: dict[str, Any] | None, input_shape: Any) -> dict[str, Any]:
-    """The manifest fields both layouts share: versions, the example input, the history with ``report``."""
-    recorded_input = getattr(model, INPUT_ATTR, None)
-    return {
-        "format": "secateurs",
-        "format_version": FORMAT_VERSION,
-        "secateurs_version": _version(),
-        "torch_version": torch.__version__,
-        "input": {"shape": list(input_shape)} if input_shape is not None else recorded_input,
-        "history": [*getattr(model, HISTORY_ATTR, []), *([report] if report is not None else [])],
-    }
 
 
 def _restore_record(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
@@ -315,8 +273,6 @@ def check_layout(model: nn.Module, layout: str, quantize: str | None = None, gro
     if layout not in LAYOUTS:
         raise SecateursError(f"unknown layout '{layout}': choose one of {', '.join(LAYOUTS)}")
     if layout == "compressed-tensors" or quantize is not None or group_size is not None:
-        from .compressed import check_compressed
-
         check_compressed(model, layout, quantize, group_size)
     if layout == "transformers" and not is_transformers_model(model):
         raise SecateursError(f"{type(model).__name__} is not a transformers model: save it with layout='secateurs' "
@@ -326,8 +282,6 @@ def check_layout(model: nn.Module, layout: str, quantize: str | None = None, gro
 def _chosen_layout(model: nn.Module, layout: str) -> str:
     """``transformers`` or ``secateurs``: what :func:`save` writes for ``layout`` (see there), saying why
     when a transformers model cannot be a transformers folder."""
-    from ..surgery.hf import config_misfits
-
     check_layout(model, layout)
     if layout == "secateurs" or not is_transformers_model(model):
         return "secateurs"
@@ -347,8 +301,6 @@ def _chosen_layout(model: nn.Module, layout: str) -> str:
 def _save_transformers(model: nn.Module, path: str | os.PathLike[str], *, manifest: dict[str, Any],
                        overwrite: bool, extra_files: dict[str, Any], max_shard_size: int | str | None) -> int:
     """A standard transformers folder with the manifest (its shared fields given) beside it (see :func:`save`)."""
-    from .specs import quiet_transformers
-
     state, masks = effective_state_dict(model)
     kept_zeros: dict[str, Tensor] = {}
     tensors = {name: transformers_tensor_record(name, t, masks.get(name), kept_zeros) for name, t in state.items()}
@@ -366,56 +318,6 @@ def _save_transformers(model: nn.Module, path: str | os.PathLike[str], *, manife
         finish_transformers_folder(tmp, model, manifest=manifest, tensors=tensors, kept_zeros=kept_zeros,
                                    written=written, extra_files=extra_files, size=size)
     return size
-
-
-def transformers_tensor_record(name: str, tensor: Tensor, mask: Tensor | None,
-                               kept_zeros: dict[str, Tensor]) -> dict[str, Any]:
-    """The manifest entry of one tensor of a transformers folder; a masked tensor's kept weights that are
-    exactly zero go into ``kept_zeros`` (packed bits), since its mask comes back from its zeros."""
-    record = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."), "format": "dense",
-              "masked": mask is not None}
-    if mask is not None and "::" not in name:
-        extra = mask.cpu() & (tensor.detach().cpu() == 0)
-        if bool(extra.any()):
-            kept_zeros[name] = pack_bits(extra)
-            record["kept_zeros"] = True
-    return record
-
-
-def finish_transformers_folder(tmp: Path, model: nn.Module, *, manifest: dict[str, Any],
-                               tensors: dict[str, Any], kept_zeros: dict[str, Tensor], written: list[str],
-                               extra_files: dict[str, Any], size: int, layout: str = "transformers",
-                               fields: dict[str, Any] | None = None) -> None:
-    """Add secateurs' files to a transformers folder being written in ``tmp`` (the weights, config and
-    ``written`` files already there): the kept-zeros file, the manifest (of ``layout``, with more
-    ``fields``), then ``extra_files``."""
-    written = list(written)
-    if kept_zeros:
-        from safetensors.torch import save_file
-
-        save_file(kept_zeros, str(tmp / KEPT_ZEROS), metadata=WEIGHTS_METADATA)
-        written.append(KEPT_ZEROS)
-    manifest = manifest | {
-        "layout": layout,
-        "source": {"kind": "hf", "class": type(model).__name__, "config": model.config.to_dict()},
-        "structure": [],  # the config describes the pruned shapes
-        "weights": [name for name in written if name.endswith(".safetensors") and name != KEPT_ZEROS],
-        "tensors": tensors,
-        "aliases": {},
-        **(fields or {}),
-        "files": sorted({*written, MANIFEST, *extra_files}),
-    }
-    (tmp / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=2))
-    _write_extra_files(tmp, extra_files, size, keep=set(written))
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("secateurs")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def is_saved_model(path: str | os.PathLike[str]) -> bool:
@@ -645,11 +547,7 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False) -> nn.Module
 def _load_transformers(folder: Path, manifest: dict[str, Any], trust_code: bool) -> nn.Module:
     """A transformers folder written by :func:`save`: loaded as transformers loads it (with the same checks
     as any transformers folder), then the manifest's masks, history and example input are restored."""
-    from .specs import load_hf
-
     if manifest.get("layout") == "compressed-tensors":  # dequantized on load; masks from its zeros
-        from .compressed import load_compressed
-
         model = load_compressed(folder, trust_code=trust_code)
     else:
         model = load_hf(folder, trust_code=trust_code)

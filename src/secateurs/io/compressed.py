@@ -40,7 +40,13 @@ from torch import nn
 
 from ..errors import SecateursError
 from ..masks import effective_state_dict, finalize_
+from ..surgery.hf import config_misfits
 from ..utils import first_line, is_transformers_model
+from .arch import attach_source, require
+from .atomic import PARTIAL, atomic_dir
+from .hf import check_hf_sizes, hf_class, hf_stored_elements, quiet_transformers
+from .manifest import finish_transformers_folder, manifest_fields
+from .policy import offline
 
 __all__ = ["LAYOUT", "QUANTIZE_SCHEMES", "Quantization", "check_compressed", "load_compressed", "save_compressed"]
 
@@ -106,8 +112,6 @@ def _as_quantization(quantize: str | Quantization | None, group_size: int | None
 
 
 def _require_library() -> Any:
-    from .arch import require
-
     require("transformers", "hf")
     return require("compressed_tensors", EXTRA)
 
@@ -261,11 +265,6 @@ def save_compressed(
         >>> _ = secateurs.prune_(model, secateurs.Unstructured(sparsity=0.5), example_inputs=torch.zeros(1, 4).long())
         >>> size = save_compressed(model, tempfile.mkdtemp(), "int4", group_size=32, overwrite=True)
     """
-    from ..surgery.hf import config_misfits
-    from .atomic import PARTIAL, atomic_dir
-    from .checkpoint import finish_transformers_folder, manifest_fields
-    from .specs import quiet_transformers
-
     quantization = check_compressed(model, LAYOUT, quantize, group_size)
     assert quantization is not None
     misfit = config_misfits(model)
@@ -321,9 +320,6 @@ def load_compressed(path: str | os.PathLike[str], *, trust_code: bool = False) -
     The result is a plain transformers model in the folder's dtype: saving it again writes
     dense weights (no ``quantization_config``).
     """
-    from .policy import offline
-    from .specs import check_hf_sizes, hf_class, hf_stored_elements, quiet_transformers
-
     _require_library()
     import transformers
 
@@ -352,7 +348,5 @@ def load_compressed(path: str | os.PathLike[str], *, trust_code: bool = False) -
     model.quantization_method = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    from .arch import attach_source
-
     return attach_source(model.eval(), {"kind": "hf", "class": type(model).__name__, "config": model.config.to_dict()})
 

@@ -10,6 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..importance.channel import ChannelImportance
+from ..importance.elementwise import ElementImportance
+from ..masks import lowest_k  # noqa: F401  (re-exported: it lived here before masks)
 from .report import LayerReport
 
 __all__ = ["config_to_dict", "keep_count", "lowest_k", "layer_report", "make_generator"]
@@ -20,33 +23,14 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if isinstance(value, Callable):  # type: ignore[arg-type]
+        if isinstance(value, (ChannelImportance, ElementImportance)):
+            value = value.name  # a criterion is recorded by its name
+        elif isinstance(value, Callable):  # type: ignore[arg-type]
             value = getattr(value, "__qualname__", repr(value))
         elif isinstance(value, tuple):
             value = list(value)
         out[f.name] = value
     return out
-
-
-def lowest_k(scores: Tensor, k: int) -> Tensor:
-    """Boolean tensor, True at exactly ``k`` entries of lowest score (ties by position).
-
-    Runs in linear time (``kthvalue``), which matters for global ranking over
-    hundreds of millions of weights.
-    """
-    flat = scores.reshape(-1)
-    out = torch.zeros_like(flat, dtype=torch.bool)
-    if k <= 0:
-        return out.view(scores.shape)
-    if k >= flat.numel():
-        return torch.ones_like(out).view(scores.shape)
-    threshold = torch.kthvalue(flat, k).values
-    below = flat < threshold
-    out |= below
-    need = k - int(below.sum())
-    ties = (flat == threshold).nonzero().flatten()[:need]
-    out[ties] = True
-    return out.view(scores.shape)
 
 
 def layer_report(name: str, mask: Tensor) -> LayerReport:

@@ -15,16 +15,18 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..cli_options import option, positive_int
 from ..errors import SecateursError
 from ..graph.blocks import Block, find_blocks, first_tensor
 from ..importance.layer import LAYER_IMPORTANCE, angular_distance, block_influence, magnitude
 from ..importance.stats import ReferenceBatches, split_batch, task_loss
+from ..progress import Progress
 from ..selection import Selection, call_model, declared_module
 from ..surgery import Plan, apply_plan_
 from ..utils import eval_mode, first_line
 from .common import config_to_dict
 from .registry import register_method
-from .rehearsal import macs_of, meta_copy, output_shapes, rehearse, to_meta
+from .rehearsal import checked_on, macs_of, meta_copy, output_shapes, plan_macs, rehearse, to_meta
 from .report import LayerReport, PruneReport
 
 __all__ = ["Layers"]
@@ -62,11 +64,12 @@ class Layers(Selection):
         6
     """
 
-    n: int | None = None
-    target_macs: float | None = None
-    max_loss_increase: float | None = None
-    importance: str | None = None
-    calib_batches: int = 8
+    n: int | None = option(None, flag="--layers", type=positive_int, metavar="K", help="remove K blocks")
+    target_macs: float | None = option(None, help="keep this fraction of the model's MACs, in (0, 1]")
+    max_loss_increase: float | None = option(None, metavar="X",
+                                             help="remove blocks while the loss on --data grows by at most X")
+    importance: str | None = option(None, metavar="NAME", choices=lambda: tuple(LAYER_IMPORTANCE))
+    calib_batches: int = option(8, type=positive_int, metavar="N")
     allow_empty_stage: bool = False
     method: ClassVar[str] = "layer"
 
@@ -142,7 +145,9 @@ class _Calibration(ReferenceBatches):
 
             return hook
 
+        bar = Progress(len(self.batches), "layer importance", enabled=None)
         for batch in self.batches:
+            bar.update()
             seen.clear()
             handles = [modules[n].register_forward_hook(recorder(i, n), with_kwargs=True) for i, n in enumerate(names)]
             try:
@@ -157,6 +162,7 @@ class _Calibration(ReferenceBatches):
                         break  # runs are consecutive entries of one stage
                     x, y = seen[names[i]][0], seen[names[j]][1]
                     angular[(i, j)] = angular.get((i, j), 0.0) + float(angular_distance(x, y)) * share
+        bar.close()
         return influence, angular
 
 
@@ -174,18 +180,34 @@ class _Chooser:
             if b.reason != "holds no weight layer":  # a stage of norms and activations is no stage
                 self.stage_size[b.stage] = self.stage_size.get(b.stage, 0) + 1
         self.stage_of = {b.name: b.stage for b in blocks}
-        self.expected = output_shapes(self._forward_meta(meta_copy(model)))
-        self.base_macs = macs_of(meta_copy(model), to_meta(inputs)) if config.target_macs is not None else 0
+        self.expected = output_shapes(self._forward(model))
+        # counted the way each removal's check runs: on meta copies, or on real tensors for a model the
+        # meta device cannot run (a detector's NMS)
+        self.base_macs = plan_macs(model, None, inputs, self.expected) if config.target_macs is not None else 0
         self.macs_after: int | None = None
         self.loss_after: float | None = None
+        self._plans: dict[tuple[str, ...], Plan] = {}  # one plan per set of blocks: a real check counts it once
 
-    def _forward_meta(self, model: nn.Module) -> Any:
+    def _forward(self, model: nn.Module) -> Any:
+        """The model's output on the example input: on meta tensors, or real ones where meta cannot run it
+        (the checks of each removal then run on real tensors too)."""
         try:
             with torch.no_grad():
-                return call_model(model.eval(), to_meta(self.inputs))
-        except Exception as exc:  # data-dependent code (.item(), routing) cannot run on meta tensors
-            raise SecateursError(f"the model cannot run on the meta device, which layer pruning uses to check "
-                                 f"each removal ({first_line(exc)})") from None
+                return call_model(meta_copy(model).eval(), to_meta(self.inputs))
+        except Exception:  # noqa: BLE001  # data-dependent code (.item(), NMS) cannot run on meta tensors
+            pass
+        try:
+            with torch.no_grad(), eval_mode(model):
+                return call_model(model, self.inputs)
+        except Exception as exc:
+            raise SecateursError(f"the model fails on its example input ({first_line(exc)}): check --input-shape "
+                                 "(or example_inputs)") from None
+
+    def _plan(self, chosen: list[str]) -> Plan:
+        key = tuple(chosen)
+        if key not in self._plans:
+            self._plans[key] = Plan(drop=list(chosen))
+        return self._plans[key]
 
     def stages_ok(self, chosen: list[str]) -> bool:
         if self.config.allow_empty_stage:
@@ -196,13 +218,16 @@ class _Chooser:
         return all(c < self.stage_size[s] for s, c in count.items() if s)  # attributes have no stage
 
     def works(self, chosen: list[str]) -> tuple[nn.Module | None, str]:
-        return rehearse(self.model, Plan(drop=list(chosen)), self.inputs, self.expected)
+        return rehearse(self.model, self._plan(chosen), self.inputs, self.expected)
 
     def met(self, chosen: list[str], rehearsal: nn.Module) -> bool:
         """Whether ``chosen`` (already rehearsed) meets a count or MACs target."""
         if self.config.n is not None:
             return len(chosen) >= self.config.n
-        self.macs_after = macs_of(rehearsal, to_meta(self.inputs))
+        if checked_on(self.model, self.expected) == "meta":
+            self.macs_after = macs_of(rehearsal, to_meta(self.inputs))
+        else:
+            self.macs_after = plan_macs(self.model, self._plan(chosen), self.inputs, self.expected) or 0
         return self.macs_after <= self.config.target_macs * self.base_macs
 
 
@@ -225,7 +250,9 @@ def _greedy(chooser: _Chooser, order: list[str]) -> tuple[list[str], dict[str, s
         if len(chosen) == config.n and chooser.works(chosen)[0] is not None:
             return chosen, refused
     chosen, refused = [], {}
+    bar = Progress(len(order), "choosing blocks", enabled=None)
     for name in order:
+        bar.update()
         trial = chosen + [name]
         if not chooser.stages_ok(trial):
             refused[name] = "the last block of its stage"
@@ -244,6 +271,7 @@ def _greedy(chooser: _Chooser, order: list[str]) -> tuple[list[str], dict[str, s
         chosen = trial
         if chooser.met(chosen, rehearsal):
             break
+    bar.close()
     return chosen, refused
 
 
@@ -330,7 +358,11 @@ def apply_layers(model: nn.Module, config: Layers, *, example_inputs: Any = None
         scores = {n: magnitude(modules[n]) for n in names}
     elif importance == "loss":
         assert calib is not None
-        scores = {n: calib.loss([n]) - calib.dense_loss for n in names}
+        with Progress(len(names), "layer importance (loss)", enabled=None) as bar:
+            scores = {}
+            for n in names:  # one pass over the calibration batches per block
+                scores[n] = calib.loss([n]) - calib.dense_loss
+                bar.update()
     else:
         assert calib is not None
         influence, angular = calib.activations(blocks, runs=importance == "angular")
@@ -353,17 +385,18 @@ def apply_layers(model: nn.Module, config: Layers, *, example_inputs: Any = None
 def _report(config: Layers, importance: str, blocks: list[Block], all_blocks: list[Block],
             scores: dict[str, float], chosen: list[str], refused: dict[str, str], chooser: _Chooser) -> PruneReport:
     report = PruneReport(method=config.method, config=config_to_dict(config))
-    report.config["importance_used"] = importance
+    report.outcome["importance_used"] = importance
     for b in blocks:
         report.layers.append(LayerReport(name=b.name, shape=[b.params], numel=b.params,
                                          zeros=b.params if b.name in chosen else 0))
     if chooser.macs_after is not None and chooser.base_macs:
-        report.config["achieved_macs"] = chooser.macs_after / chooser.base_macs
+        report.outcome["achieved_macs"] = chooser.macs_after / chooser.base_macs
     if chooser.calib is not None:
-        report.config["dense_loss"] = chooser.calib.dense_loss
-        report.config["loss_after"] = chooser.loss_after
+        report.outcome["dense_loss"] = chooser.calib.dense_loss
+        report.outcome["loss_after"] = chooser.loss_after
     report.skipped = {b.name: b.reason for b in all_blocks if not b.removable and b.reason != "holds no weight layer"}
     report.skipped.update(refused)
+    report.outcome["rehearsal"] = checked_on(chooser.model, chooser.expected)  # "real": meta cannot run it
     report.plan = {
         "drop": list(chosen),
         "candidates": [{"name": b.name, "stage": b.stage, "score": scores[b.name], "removed": b.name in chosen}

@@ -8,9 +8,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..cli_options import option
 from ..errors import SecateursError
-from ..importance import ELEMENT_IMPORTANCE, element_scores
-from ..masks import get_mask, mask_tied_
+from ..importance import ELEMENT_IMPORTANCE, ElementImportance, element_importance, element_scores
+from ..masks import get_mask, mask_tied_, nm_mask
 from ..selection import Selection, input_dim, select_targets
 from .common import config_to_dict, layer_report, make_generator
 from .registry import register_method
@@ -46,10 +47,12 @@ class NM(Selection):
 
     method: ClassVar[str] = "nm"
 
-    n: int = 2
+    n: int = option(2, flag="--nm", metavar="N:M", parse=parse_nm, spread=("n", "m"),
+                    help="keep N of every M consecutive input weights, e.g. 2:4, nm's default")
     m: int = 4
-    importance: str = "magnitude"
-    seed: int | None = None
+    importance: str | ElementImportance = option("magnitude", metavar="NAME", choices=lambda: tuple(ELEMENT_IMPORTANCE),
+                                                 help="criterion: what goes first")
+    seed: int | None = option(None, flag="--seed")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -57,24 +60,7 @@ class NM(Selection):
             raise SecateursError(
                 f"N:M needs 1 <= N < M, got {self.n}:{self.m}: e.g. 2:4 keeps 2 of every 4 weights"
             )
-        if self.importance not in ELEMENT_IMPORTANCE:
-            raise SecateursError(
-                f"unknown importance '{self.importance}': choose one of {', '.join(ELEMENT_IMPORTANCE)}"
-            )
-
-
-def _to_groups_layout(t: Tensor, dim: int) -> Tensor:
-    """Move ``dim`` last so consecutive input weights are contiguous."""
-    return t.movedim(dim, -1)
-
-
-def nm_mask(scores: Tensor, n: int, m: int, dim: int = 1) -> Tensor:
-    """Boolean keep-mask with the ``n`` highest scores in every ``m`` along ``dim``."""
-    moved = _to_groups_layout(scores, dim).contiguous()
-    groups = moved.reshape(-1, m)
-    keep_idx = groups.topk(n, dim=1).indices
-    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep_idx, True)
-    return keep.reshape(moved.shape).movedim(-1, dim)
+        element_importance(self.importance)  # a registered name or an ElementImportance, else one line naming them
 
 
 def nm_keep(config: NM, module: nn.Module, tensor: str, weight: Tensor, generator: torch.Generator) -> Tensor | str:

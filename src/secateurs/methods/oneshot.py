@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..cli_options import option, positive_int
 from ..errors import SecateursError
 from ..graph.blocks import find_blocks, first_tensor
 from ..importance.oneshot import InputStats, sparsegpt, wanda
@@ -29,6 +30,7 @@ from ..progress import Progress
 from ..selection import Selection, Target, call_model, input_dim, select_targets
 from ..utils import eval_mode
 from .common import config_to_dict, layer_report
+from .nm import parse_nm
 from .registry import register_method
 from .report import PruneReport
 
@@ -38,10 +40,10 @@ __all__ = ["SparseGPT", "Wanda", "calibration_batches", "capture_block_inputs", 
 
 @dataclass(kw_only=True)
 class _OneShot(Selection):
-    sparsity: float = 0.5
-    n: int | None = None
+    sparsity: float = option(0.5, help="fraction of weights to zero, in [0, 1)")
+    n: int | None = option(None, flag="--nm", parse=parse_nm, spread=("n", "m"))
     m: int | None = None
-    calib_batches: int = 16
+    calib_batches: int = option(16, type=positive_int, metavar="N")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..graph.blocks import repeated_blocks
-from ..importance.stats import split_batch
+from ..importance.stats import BatchNormReaders, split_batch
 from ..patches import input_rows, output_rows, refit_blocker, weight_matrix
 from ..progress import Progress
 from ..selection import call_model, input_dim
@@ -118,9 +118,7 @@ def _call_order(model: nn.Module, names: list[str], blocks: list[str], run: Call
     modules = dict(model.named_modules())
     index: dict[str, int] = {}
     counts: dict[str, int] = {}
-    outputs: dict[int, str] = {}
-    alive: list[Any] = []  # outputs stay alive so their ids are not reused during the pass
-    followers: dict[str, str] = {}
+    alive: list[Any] = []  # block outputs stay alive so their ids are not reused during the pass
     chain: list[tuple[str, Tensor | None, Tensor | None]] = []
     step = [0]
     hooks = []
@@ -130,15 +128,6 @@ def _call_order(model: nn.Module, names: list[str], blocks: list[str], run: Call
             counts[name] = counts.get(name, 0) + 1
             index.setdefault(name, step[0])
             step[0] += 1
-            if isinstance(out, Tensor):
-                outputs[id(out)] = name
-                alive.append(out)
-        return hook
-
-    def follow(name: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, inputs: Any) -> None:
-            if inputs and isinstance(inputs[0], Tensor) and id(inputs[0]) in outputs:
-                followers.setdefault(outputs[id(inputs[0])], name)
         return hook
 
     def block(name: str) -> Callable[..., None]:
@@ -152,9 +141,7 @@ def _call_order(model: nn.Module, names: list[str], blocks: list[str], run: Call
 
     for name in names:
         hooks.append(modules[name].register_forward_hook(seen(name)))
-    for name, module in modules.items():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            hooks.append(module.register_forward_pre_hook(follow(name)))
+    readers = BatchNormReaders(model, names)
     for name in blocks:  # after the layers' hooks: a block's index is taken when it returns
         hooks.append(modules[name].register_forward_hook(block(name), with_kwargs=True))
     try:
@@ -163,9 +150,10 @@ def _call_order(model: nn.Module, names: list[str], blocks: list[str], run: Call
     finally:
         for h in hooks:
             h.remove()
+        readers.remove()
     is_chain = bool(blocks) and [c[0] for c in chain] == blocks and all(
         chain[i][1] is chain[i - 1][2] for i in range(1, len(chain)))
-    return index, counts, followers, is_chain
+    return index, counts, readers.followers, is_chain
 
 
 def chain_candidates(model: nn.Module) -> list[str]:
@@ -209,10 +197,40 @@ def _until(run: Callable[[], Any], module: nn.Module, capture: Callable[[Any, An
 
 
 class _Runs:
-    """Zero-argument calls, one per calibration batch, that reach a layer in the dense and the pruned model."""
+    """Zero-argument calls, one per calibration batch, that reach a layer in the dense and the pruned model.
 
-    def __init__(self, dense: list[Callable[[], Any]], pruned: list[Callable[[], Any]]) -> None:
-        self.dense, self.pruned = dense, pruned
+    ``block``: the calls run one whole block of a chain (they return its output), not the model.
+    """
+
+    def __init__(self, dense: list[Callable[[], Any]], pruned: list[Callable[[], Any]],
+                 block: nn.Module | None = None) -> None:
+        self.dense, self.pruned, self.block = dense, pruned, block
+
+
+def adds_to_output(layer: nn.Module, run: Callable[[], Any]) -> bool:
+    """Does ``layer``'s output reach the output of ``run()`` unchanged, added to it (the last layer of a
+    residual branch: a transformer layer's ``down_proj``)? Checked by adding a random tensor to the layer's
+    output and comparing how the result moves."""
+    got: dict[str, Tensor] = {}
+
+    def nudge(_m: nn.Module, _i: Any, out: Any) -> Any:
+        if not isinstance(out, Tensor) or "delta" in got:
+            return None
+        got["delta"] = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out) * (
+            out.detach().float().std().clamp_min(1e-3).to(out.dtype))
+        return out + got["delta"]
+
+    base = first_tensor(run())
+    handle = layer.register_forward_hook(nudge)
+    try:
+        moved = first_tensor(run())
+    finally:
+        handle.remove()
+    delta = got.get("delta")
+    if not isinstance(base, Tensor) or delta is None or moved.shape != delta.shape:
+        return False
+    diff = (moved.float() - base.float()) - delta.float()
+    return bool(diff.abs().max() <= 1e-3 * delta.float().abs().max())
 
 
 def _whole_model_runs(dense: nn.Module, pruned: nn.Module, batches: list[Any]) -> _Runs:
@@ -233,13 +251,19 @@ def _fit_layer(name: str, dense_layer: nn.Module, layer: nn.Module, keep_out: Te
         if not has_intercept(layer, follower):
             return LayerFit(name, "none", note=f"{blocker.split(', so')[0]}, and it has no bias to correct")
         stats = ShiftStats(int(keep_out.numel()))
+    # the last layer of a residual branch is fitted to what makes the block's output match the dense one
+    # (its residual input carries the drift of every cut upstream), not only its own dense output
+    branch_end = runs.block is not None and blocker is None and adds_to_output(layer, runs.pruned[0])
     for i, (run_dense, run_pruned) in enumerate(zip(runs.dense, runs.pruned, strict=True)):
         got: dict[str, Tensor] = {}
-        _until(run_dense, dense_layer, lambda _x, y, got=got: got.__setitem__("y", output_rows(dense_layer, y)))
-        _until(run_pruned, layer, lambda x, y, got=got: got.update(x=x, out=y))
+        if branch_end:
+            _block_target(run_dense, run_pruned, layer, keep_out, got)
+        else:
+            _until(run_dense, dense_layer, lambda _x, y, got=got: got.__setitem__("y", output_rows(dense_layer, y)))
+            _until(run_pruned, layer, lambda x, y, got=got: got.update(x=x, out=y))
         if "y" not in got or "x" not in got:
             return LayerFit(name, "none", note="not called on the calibration data")
-        target = got["y"].index_select(1, keep_out.to(got["y"].device))
+        target = got["y"] if branch_end else got["y"].index_select(1, keep_out.to(got["y"].device))
         if isinstance(stats, FitStats):
             stats.update(input_rows(layer, got["x"]), target, i % parts)
         else:
@@ -260,7 +284,27 @@ def _fit_layer(name: str, dense_layer: nn.Module, layer: nn.Module, keep_out: Te
     if not after < before:  # heavy damping can leave a fit worse than the weights it started from
         return LayerFit(name, "none", before, before, stats.rows, damp, note="the refit did not lower the error")
     apply_fit_(layer, coef, follower)
-    return LayerFit(name, "refit", before, after, stats.rows, damp)
+    return LayerFit(name, "refit", before, after, stats.rows, damp,
+                    note="fitted to the block's output (residual branch)" if branch_end else "")
+
+
+def _block_target(run_dense: Callable[[], Any], run_pruned: Callable[[], Any], layer: nn.Module,
+                  keep_out: Tensor, got: dict[str, Tensor]) -> None:
+    """For a layer whose output is added to its block's output: its input, and the output that would make
+    the pruned block's output equal the dense block's (its output now plus what the block misses)."""
+    def capture(_m: nn.Module, inputs: Any, out: Any) -> None:
+        got.update(x=inputs[0], out=out)
+
+    handle = layer.register_forward_hook(capture)
+    try:
+        pruned_out = first_tensor(run_pruned())
+    finally:
+        handle.remove()
+    dense_out = first_tensor(run_dense())
+    if "out" not in got:
+        return
+    dense_rows = output_rows(layer, dense_out).index_select(1, keep_out.to(dense_out.device))
+    got["y"] = output_rows(layer, got["out"]) + dense_rows - output_rows(layer, pruned_out)
 
 
 def reconstruct_(pruned: nn.Module, dense: nn.Module, targets: dict[str, Tensor], batches: list[Any],
@@ -311,7 +355,7 @@ def reconstruct_(pruned: nn.Module, dense: nn.Module, targets: dict[str, Tensor]
             for b in block_names[: last + 1]:
                 d_block, p_block = dense_modules[b], modules[b]
                 runs = _Runs([lambda a=a, k=k, m=d_block: _fresh_call(m, a, k) for a, k in dense_calls],
-                             [lambda a=a, k=k, m=p_block: _fresh_call(m, a, k) for a, k in pruned_calls])
+                             [lambda a=a, k=k, m=p_block: _fresh_call(m, a, k) for a, k in pruned_calls], p_block)
                 for name in inside[b]:
                     fit(name, runs)
                 dense_calls = [with_hidden(a, k, first_tensor(_fresh_call(d_block, a, k))) for a, k in dense_calls]

@@ -9,6 +9,7 @@ from typing import Any, Protocol, TypeVar
 
 from torch import nn
 
+from ..cli_options import config_flags
 from ..errors import SecateursError
 from ..masks import bake_on_save_pretrained
 from ..utils import describe_names, nonfinite_parameters
@@ -34,12 +35,21 @@ def register_method(config_cls: type[C]) -> Callable[[Method], Method]:
 
     The config must be a dataclass with a class attribute ``method`` naming it
     (the CLI's ``--method`` value). Registering a type or a name twice is an error.
+
+    That is all a new method needs, in its own module: fields declared with
+    :func:`secateurs.cli_options.option` become flags of ``secateurs prune`` (checked
+    here: a malformed declaration is a ``TypeError`` now, not when the CLI runs). A config
+    may also offer ``step_configs(model, steps, example_inputs)`` (the steps of
+    ``prune --finetune-epochs``) and ``scan(model, data, ratios=, batches=, ...)`` with a
+    class attribute ``amount`` naming the field of the fraction to remove
+    (``secateurs sensitivity``); see :class:`~secateurs.Channels`.
     """
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"{config_cls.__name__} must be a dataclass to be a pruning config")
     name = getattr(config_cls, "method", None)
     if not isinstance(name, str) or not name:
         raise TypeError(f"{config_cls.__name__} needs a class attribute `method: ClassVar[str]`")
+    config_flags([config_cls])  # its flags are well formed
 
     def decorator(fn: Method) -> Method:
         if config_cls in _BY_TYPE or name in _BY_NAME:

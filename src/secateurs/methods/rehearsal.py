@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..analysis import _extra_formulas, _no_grad_parameters, count_macs
+from ..analysis import count_macs, flop_counter_mode, no_grad_parameters
 from ..errors import SecateursError
 from ..graph import DependencyGraph
 from ..selection import call_model
@@ -371,10 +371,9 @@ class _RealCheck:
         """Why ``model`` (with ``plan`` applied) fails the check, if it does; else its MACs are kept for ``plan``."""
         if self.broken:
             return _Failure(self.broken, [])
-        counter = (FlopCounterMode(display=False, depth=None, custom_mapping=_extra_formulas())
-                   if self.count and plan is not None else contextlib.nullcontext())
+        counter = flop_counter_mode() if self.count and plan is not None else contextlib.nullcontext()
         try:
-            with _no_grad_parameters(model), counter:
+            with no_grad_parameters(model), counter:
                 out, _ = _run(model, self.inputs, meta=False)
         except _RehearsalError as err:
             return err.failure

@@ -36,6 +36,9 @@ class PruneReport:
     sensitivity: dict[str, Any] | None = None  # the curves behind allocate="sensitivity"
     # channel pruning with reconstruct: per refitted layer, how and its output error before/after
     reconstruction: list[dict[str, Any]] | None = None
+    # what the run achieved, as opposed to what was asked (config): e.g. the share of channels really
+    # removed, which check ran, whether a target was met and the MACs or latency reached
+    outcome: dict[str, Any] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -58,6 +61,7 @@ class PruneReport:
             "seconds": self.seconds,
             "layers": [{**asdict(layer), "sparsity": layer.sparsity} for layer in self.layers],
             "skipped": self.skipped,
+            **({"outcome": self.outcome} if self.outcome else {}),
             **({"plan": self.plan} if self.plan is not None else {}),
             **({"importance": self.importance} if self.importance is not None else {}),
             **({"sensitivity": self.sensitivity} if self.sensitivity is not None else {}),

@@ -40,11 +40,11 @@ from ..graph import DependencyGraph
 from ..importance.elementwise import element_scores
 from ..importance.replay import PrefixReplay
 from ..importance.stats import ReferenceBatches, split_batch, task_loss
-from ..masks import get_mask, plain_name
+from ..masks import get_mask, lowest_k, plain_name
 from ..progress import Progress
 from ..selection import call_model
 from ..utils import eval_mode, first_tensor
-from .common import lowest_k, make_generator
+from .common import make_generator
 
 __all__ = ["DEFAULT_RATIOS", "Curve", "SensitivityResult", "allocate", "allocation_order", "channel_curves",
            "drop_counts", "unstructured_curves"]

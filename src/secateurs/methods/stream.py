@@ -1,6 +1,6 @@
 """Prune a transformers model bigger than memory: one layer at a time, from its safetensors shards to new ones.
 
-The model's skeleton is built on the meta device (:func:`~secateurs.io.specs.hf_skeleton`);
+The model's skeleton is built on the meta device (:func:`~secateurs.io.hf.hf_skeleton`);
 no weight exists until it is needed. Data-free methods (magnitude by ratio or
 threshold, N:M) read, prune and write one tensor at a time. Calibrated methods
 (Wanda, SparseGPT) run the calibration batches through the model up to its
@@ -339,16 +339,15 @@ def prune_streaming(
         read, written and kept.
     """
     from ..io.atomic import atomic_dir
-    from ..io.checkpoint import (
+    from ..io.checkpoint import is_saved_model, read_manifest
+    from ..io.hf import hf_skeleton
+    from ..io.manifest import (
         HISTORY_ATTR,
         finish_transformers_folder,
-        is_saved_model,
         manifest_fields,
-        read_manifest,
         transformers_tensor_record,
     )
     from ..io.shards import SafetensorsFolder, ShardWriter, plan_shards
-    from ..io.specs import hf_skeleton
 
     check_streamable(config)
     start = time.perf_counter()
@@ -582,7 +581,7 @@ def _choose_layers(model: nn.Module, config: Layers, batches: list[Any], slots: 
     chosen = sorted(influence, key=influence.__getitem__)[: config.n]
     chosen.sort(key=[name for name, _ in blocks].index)
     sizes = {name: sum(p.numel() for p in block.parameters()) for name, block in blocks}
-    report.config["importance_used"] = "block_influence"
+    report.outcome["importance_used"] = "block_influence"
     report.layers = [LayerReport(name=n, shape=[sizes[n]], numel=sizes[n], zeros=sizes[n] if n in chosen else 0)
                      for n, _ in blocks]
     report.plan = {"drop": chosen, "candidates": [{"name": n, "stage": "", "score": influence[n],

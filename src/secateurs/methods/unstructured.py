@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from ..cli_options import option, positive_int
 from ..errors import SecateursError
-from ..importance import ELEMENT_IMPORTANCE, element_scores
-from ..masks import get_mask, mask_tied_
+from ..importance import ELEMENT_IMPORTANCE, ElementImportance, element_importance, element_scores
+from ..masks import get_mask, lowest_k, mask_tied_
 from ..selection import Selection, select_targets
-from .common import config_to_dict, layer_report, lowest_k, make_generator
+from .common import config_to_dict, layer_report, make_generator
 from .registry import register_method
 from .report import PruneReport
-from .sensitivity_curves import allocation_order, unstructured_curves
+from .schedule import AGP
+from .sensitivity_curves import SensitivityResult, allocation_order, unstructured_curves
 
 __all__ = ["Unstructured", "layer_keep"]
 
@@ -36,7 +40,8 @@ class Unstructured(Selection):
         threshold: zero every weight with ``|w| <= threshold`` (magnitude only).
         scope: ``"layer"`` gives every layer the same sparsity; ``"global"`` ranks
             all selected weights together, so layers end up with different sparsity.
-        importance: ``"magnitude"`` (|w|) or ``"random"``.
+        importance: ``"magnitude"`` (|w|), ``"random"``, another registered name, or your own
+            :class:`~secateurs.importance.ElementImportance`.
         seed: seed for ``random`` importance.
         allocate: ``"uniform"`` (as ``scope`` says) or ``"sensitivity"``: measure on
             ``data`` how much each layer alone loses at each sparsity, then give
@@ -54,14 +59,17 @@ class Unstructured(Selection):
     """
 
     method: ClassVar[str] = "unstructured"
+    amount: ClassVar[str] = "sparsity"  # the field that says how much to remove
 
-    sparsity: float | None = None
-    threshold: float | None = None
-    scope: Literal["layer", "global"] = "layer"
-    importance: str = "magnitude"
-    seed: int | None = None
-    allocate: Literal["uniform", "sensitivity"] = "uniform"
-    calib_batches: int = 4
+    sparsity: float | None = option(None, help="fraction of weights to zero, in [0, 1)")
+    threshold: float | None = option(None, metavar="T", help="zero every weight with |w| <= T")
+    scope: Literal["layer", "global"] = option("layer", help="rank per layer, or across all layers together")
+    importance: str | ElementImportance = option("magnitude", metavar="NAME", choices=lambda: tuple(ELEMENT_IMPORTANCE),
+                                                 help="criterion: what goes first")
+    seed: int | None = option(None, flag="--seed")
+    allocate: Literal["uniform", "sensitivity"] = option(
+        "uniform", help="sensitivity: measure each channel group or layer alone on --data, and cut where it costs least")
+    calib_batches: int = option(4, type=positive_int, metavar="N", help="batches of --data to use")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,7 +82,7 @@ class Unstructured(Selection):
         if self.threshold is not None:
             if not math.isfinite(self.threshold) or self.threshold < 0:
                 raise SecateursError(f"threshold must be a finite number >= 0, got {self.threshold}")
-            if self.importance != "magnitude":
+            if element_importance(self.importance).name != "magnitude":
                 raise SecateursError("threshold pruning compares |w|: use importance='magnitude'")
         if self.scope not in ("layer", "global"):
             raise SecateursError(f"scope must be 'layer' or 'global', got '{self.scope}'")
@@ -90,10 +98,25 @@ class Unstructured(Selection):
                                      f"ask for at most {MAX_ALLOCATED}, got {self.sparsity}")
         if self.calib_batches < 1:
             raise SecateursError(f"calib_batches must be at least 1, got {self.calib_batches}")
-        if self.importance not in ELEMENT_IMPORTANCE:
-            raise SecateursError(
-                f"unknown importance '{self.importance}': choose one of {', '.join(ELEMENT_IMPORTANCE)}"
-            )
+        element_importance(self.importance)  # a registered name or an ElementImportance, else one line naming them
+
+    def scan(self, model: nn.Module, data: Sequence[Any], *, ratios: Sequence[float], batches: int,
+             example_inputs: Any = None, progress: bool | None = None, replay: bool = True) -> SensitivityResult:
+        """How much each selected layer alone can lose: one curve per layer over the sparsities ``ratios``
+        (what :func:`secateurs.methods.sensitivity.sensitivity` runs for this method)."""
+        targets, _ = select_targets(model, self, example_inputs=example_inputs)
+        return unstructured_curves(model, targets, data, ratios=ratios, batches=batches, importance=self.importance,
+                                   seed=self.seed, progress=progress, replay=replay)
+
+    def step_configs(self, model: nn.Module, steps: int, example_inputs: Any = None) -> Iterator[Unstructured]:
+        """One config per prune step of an iterative run (prune, fine-tune, repeat): the sparsity climbs
+        the cubic AGP curve, big cuts first and small ones near the target."""
+        if self.sparsity is None:
+            raise SecateursError("prune-and-fine-tune steps climb to a sparsity, not a threshold: give sparsity "
+                                 "(CLI: --sparsity)")
+        schedule = AGP(final=self.sparsity, start=0, end=steps, every=1)
+        for k in range(1, steps + 1):
+            yield dataclasses.replace(self, sparsity=schedule.sparsity(k))
 
 
 def layer_keep(config: Unstructured, weight: Tensor, mask: Tensor | None, generator: torch.Generator) -> Tensor:

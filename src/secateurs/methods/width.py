@@ -267,7 +267,7 @@ def uniform_removed(model: nn.Module, graph: DependencyGraph, roles: list[Role],
         raise SecateursError(
             f"no {cls} describes the pruned shapes (tried {min(len(pairs), MAX_CONFIG_CHECKS)} hidden size / head "
             "count pairs nearest the target): prune fewer kinds (--width), change --round-to, or ask for "
-            "per-layer widths with --global and save with secateurs.save")
+            "per-layer widths with --scope global and save with secateurs.save")
     h, k, removed = chosen
     for kind, role, got in (("hidden", hidden, h), ("heads", lead, k)):
         if role is None or got is None or kind not in ratios or role.key in whole:

@@ -17,9 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import SecateursError
-from ..methods import Channels, PruneReport, Unstructured, prune_
-from ..methods.channels import channel_steps, merge_step_reports
-from .schedule import AGP
+from ..methods import PruneReport, prune_
+from ..methods.channels import merge_step_reports
 from .trainer import FinetuneConfig, finetune
 
 __all__ = ["prune_and_finetune_"]
@@ -28,16 +27,12 @@ log = logging.getLogger(__name__)
 
 
 def _steps(model: nn.Module, config: Any, steps: int, example_inputs: Any) -> Iterator[Any]:
-    if isinstance(config, Channels):
-        yield from channel_steps(model, dataclasses.replace(config, steps=steps), example_inputs)
-    elif isinstance(config, Unstructured) and config.sparsity is not None:
-        # The cubic AGP curve over the steps: big cuts first, small ones near the target.
-        schedule = AGP(final=config.sparsity, start=0, end=steps, every=1)
-        for k in range(1, steps + 1):
-            yield dataclasses.replace(config, sparsity=schedule.sparsity(k))
-    else:
+    """The config of each prune step, from the config itself (``step_configs``: channel and unstructured)."""
+    step_configs = getattr(config, "step_configs", None)
+    if step_configs is None:
         raise SecateursError("prune-and-fine-tune steps work with the channel method and with unstructured "
                              "sparsity (not a threshold): use --method channel or --method unstructured --sparsity")
+    return step_configs(model, steps, example_inputs)
 
 
 def prune_and_finetune_(

@@ -744,247 +744,332 @@ def _checkpointing_switches(model: nn.Module) -> tuple[Callable[[], Any], Callab
 def _run(model: nn.Module, dataset: Dataset, options: dict[str, Any], kind: str, config: FinetuneConfig,
          held_out: tuple[Dataset, dict[str, Any]] | None, teacher: nn.Module | None, example_inputs: Any,
          on_epoch_end: Any, world: _World) -> FinetuneResult:
+    training = _Training(model, dataset, options, kind, config, held_out, teacher, example_inputs, on_epoch_end,
+                         world)
     if not config.gradient_checkpointing:
-        return _train(model, dataset, options, kind, config, held_out, teacher, example_inputs, on_epoch_end, world)
+        return training.run()
     enable, disable = _checkpointing_switches(model)
     enable()
     try:
-        return _train(model, dataset, options, kind, config, held_out, teacher, example_inputs, on_epoch_end, world)
+        return training.run()
     finally:
         disable()  # the model leaves as it came
 
 
-def _train(model: nn.Module, dataset: Dataset, options: dict[str, Any], kind: str, config: FinetuneConfig,
-           held_out: tuple[Dataset, dict[str, Any]] | None, teacher: nn.Module | None, example_inputs: Any,
-           on_epoch_end: Any, world: _World) -> FinetuneResult:
-    text = kind == "text"
-    device = _device(config, world)
-    torch.manual_seed(config.seed)
-    if not config.fsdp:  # with FSDP the caller's model stays where it is; a sharded copy trains
-        model.to(device)
-        if teacher is not None:
-            teacher.to(device)  # called under no_grad in eval mode; its own flags stay as the caller set them
-    sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed)
-    batch_size = _per_process(_batch_size(dataset, options, config.batch_size, _DEFAULT_BATCH[kind]), world,
-                              given=bool(options.get("batch_size") or config.batch_size))
-    loader = _loader(dataset, options, batch_size, config, sampler)
-    steps_per_epoch = len(loader)
-    first = _to(next(iter(DataLoader(dataset, batch_size=min(2, len(dataset)),
-                                     collate_fn=options.get("collate_fn")))), device)
-    x0 = _model_inputs(first) if text else split_batch(first)[0]
-    per_item = float(_token_count(first)) / len(first["input_ids"]) if text else None
-    total_steps = _plan(config, sampler, batch_size, world, per_item)
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    if text:
-        _check_objective(model, first)
-    reg = None
-    if config.regularize is not None:
-        reg = make_regularizer(config.regularize, model, strength=config.reg_strength, growth=config.reg_growth,
-                               example_inputs=example_inputs if example_inputs is not None else x0)
-    gradual = None
-    if config.gradual_sparsity is not None:
-        # the last step that runs is total_steps - 1: the schedule must end by then
-        end = max(1, min(round(config.gradual_end * total_steps), total_steps - 1))
-        gradual = GradualPruner(model, AGP(final=config.gradual_sparsity, start=0, end=end,
-                                           every=max(1, min(steps_per_epoch // 4, end))))
+class _Training:
+    """One run of :func:`finetune`, in parts: data and step plan, extras (regularizer, gradual pruning),
+    checkpoint restore, the networks (DDP/FSDP, teacher), the optimizer, then epochs of steps.
 
-    ckpt_path = Path(config.checkpoint_dir) / CHECKPOINT if config.checkpoint_dir else None
-    state = _load_checkpoint(ckpt_path) if config.resume and ckpt_path is not None and ckpt_path.is_file() else None
-    if state is not None:
-        if state.get("total_steps") != total_steps:
-            raise SecateursError(f"checkpoint '{ckpt_path}' was made for {state.get('total_steps')} steps, this run "
-                                 f"has {total_steps}: resume with the same data, batch size, epochs, budget and "
-                                 "processes")
-        if bool(state.get("fsdp")) != config.fsdp:
-            raise SecateursError(f"checkpoint '{ckpt_path}' was written {'with' if state.get('fsdp') else 'without'} "
-                                 f"fsdp: resume it the same way ({'with' if state.get('fsdp') else 'without'} --fsdp)")
-        load_effective_state_(model, state["model"], state["masks"])
+    The parts run in the order they are listed in :meth:`run`; that order is part of the behaviour
+    (the random state each draws from, and a resumed run reaching the same state).
+    """
 
-    net, student, teacher_net = model, model, teacher
-    if config.fsdp:
-        student = _fully_shard(model, device)
-        teacher_net = _fully_shard(teacher, device) if teacher is not None else None
-        net = student
-    if text:
-        call_opts = _call_options(model)
-        teacher_opts = _call_options(teacher) if teacher is not None else {}
-        _check_text(student, teacher_net, first, call_opts, teacher_opts)
-    elif teacher is not None:
-        _check_teacher(teacher_net, student, x0)
-    if config.fsdp:
-        _reshard(student)
+    def __init__(self, model: nn.Module, dataset: Dataset, options: dict[str, Any], kind: str,
+                 config: FinetuneConfig, held_out: tuple[Dataset, dict[str, Any]] | None,
+                 teacher: nn.Module | None, example_inputs: Any, on_epoch_end: Any, world: _World) -> None:
+        self.model, self.dataset, self.options, self.config = model, dataset, options, config
+        self.held_out, self.teacher, self.example_inputs = held_out, teacher, example_inputs
+        self.on_epoch_end, self.world = on_epoch_end, world
+        self.kind, self.text = kind, kind == "text"
+        self.step, self.tokens_seen = 0, 0.0
+        self.result = FinetuneResult(rank=world.rank, world_size=world.size)
 
-    optimizer = _optimizer(student, config)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
-    use_amp = config.amp if config.amp is not None else (device.type == "cuda" or config.amp_dtype is not None)
-    amp_dtype = _AMP_DTYPES[config.amp_dtype] if config.amp_dtype else (
-        torch.float16 if device.type == "cuda" else torch.bfloat16)
-    # float16 overflows without loss scaling; under FSDP the DTensor gradients all-reduce the overflow check
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
-    result = FinetuneResult(rank=world.rank, world_size=world.size)
-    start_epoch, step, tokens_seen = 0, 0, 0.0
-    if state is not None:
+    def run(self) -> FinetuneResult:
+        config = self.config
+        self.device = _device(config, self.world)
+        torch.manual_seed(config.seed)
+        if not config.fsdp:  # with FSDP the caller's model stays where it is; a sharded copy trains
+            self.model.to(self.device)
+            if self.teacher is not None:
+                self.teacher.to(self.device)  # called under no_grad in eval mode; its own flags stay as set
+        self._prepare_data()
+        self._prepare_extras()
+        state = self._read_checkpoint()
+        self._prepare_nets()
+        self._prepare_optimizer()
+        start_epoch = self._restore(state) if state is not None else 0
+        self.net = self.student
+        if self.world.active and not config.fsdp:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.distil = self.teacher_net is not None and config.kd_weight > 0
+
+        if self.text and self.held_out is not None and self.step == 0:
+            self._evaluate_now(0)  # the perplexity before training, on the training device (sharded under FSDP)
+        for epoch in range(start_epoch, self.epochs):
+            if self._budget_spent():
+                break
+            metrics = self._epoch(epoch)
+            self.result.history.append(metrics)
+            # progress=False asks for a quiet run (the demo, benchmarks): the epoch line drops to DEBUG;
+            # under torchrun only rank 0 tells (the metrics are all-reduced: every rank has the same)
+            log.log(logging.DEBUG if config.progress is False or self.world.rank else logging.INFO, "epoch %d/%d: %s",
+                    epoch + 1, self.epochs, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
+            if self.ckpt_path is not None:
+                self._save(epoch + 1)
+            if self.world.active:
+                dist.barrier()  # nobody races ahead of the checkpoint
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(epoch + 1, metrics)
+        if self.held_out is not None:
+            self.result.final = dict(self._evaluate_now(self.epochs))
         if config.fsdp:
+            _gather_(self.model, self.student, self.world.rank)
+        if any(True for _ in masked_tensors(self.model)):
+            self.result.final["masked_tensors"] = sum(1 for _ in masked_tensors(self.model))
+        return self.result
+
+    # ---- set-up ---------------------------------------------------------------------------------
+
+    def _prepare_data(self) -> None:
+        """The sampler and loader, the first batch (for checks and the trace), and the step plan."""
+        dataset, options, config, world = self.dataset, self.options, self.config, self.world
+        self.sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True,
+                                          seed=config.seed)
+        self.batch_size = _per_process(_batch_size(dataset, options, config.batch_size, _DEFAULT_BATCH[self.kind]),
+                                       world, given=bool(options.get("batch_size") or config.batch_size))
+        self.loader = _loader(dataset, options, self.batch_size, config, self.sampler)
+        self.steps_per_epoch = len(self.loader)
+        self.first = _to(next(iter(DataLoader(dataset, batch_size=min(2, len(dataset)),
+                                              collate_fn=options.get("collate_fn")))), self.device)
+        self.x0 = _model_inputs(self.first) if self.text else split_batch(self.first)[0]
+        per_item = float(_token_count(self.first)) / len(self.first["input_ids"]) if self.text else None
+        self.total_steps = _plan(config, self.sampler, self.batch_size, world, per_item)
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        if self.text:
+            _check_objective(self.model, self.first)
+
+    def _prepare_extras(self) -> None:
+        """The sparsity regularizer and the gradual pruning schedule, where asked for."""
+        config = self.config
+        self.reg = None
+        if config.regularize is not None:
+            self.reg = make_regularizer(
+                config.regularize, self.model, strength=config.reg_strength, growth=config.reg_growth,
+                example_inputs=self.example_inputs if self.example_inputs is not None else self.x0)
+        self.gradual = None
+        if config.gradual_sparsity is not None:
+            # the last step that runs is total_steps - 1: the schedule must end by then
+            end = max(1, min(round(config.gradual_end * self.total_steps), self.total_steps - 1))
+            self.gradual = GradualPruner(self.model, AGP(final=config.gradual_sparsity, start=0, end=end,
+                                                         every=max(1, min(self.steps_per_epoch // 4, end))))
+
+    def _read_checkpoint(self) -> dict[str, Any] | None:
+        """A checkpoint to resume from (its weights and masks already loaded), or None."""
+        config = self.config
+        self.ckpt_path = Path(config.checkpoint_dir) / CHECKPOINT if config.checkpoint_dir else None
+        path = self.ckpt_path
+        if not (config.resume and path is not None and path.is_file()):
+            return None
+        state = _load_checkpoint(path)
+        if state.get("total_steps") != self.total_steps:
+            raise SecateursError(f"checkpoint '{path}' was made for {state.get('total_steps')} steps, this run "
+                                 f"has {self.total_steps}: resume with the same data, batch size, epochs, budget "
+                                 "and processes")
+        if bool(state.get("fsdp")) != config.fsdp:
+            how = "with" if state.get("fsdp") else "without"
+            raise SecateursError(f"checkpoint '{path}' was written {how} fsdp: resume it the same way ({how} --fsdp)")
+        load_effective_state_(self.model, state["model"], state["masks"])
+        return state
+
+    def _prepare_nets(self) -> None:
+        """The student (a sharded copy under FSDP) and teacher, checked on the first batch."""
+        config = self.config
+        self.student, self.teacher_net = self.model, self.teacher
+        if config.fsdp:
+            self.student = _fully_shard(self.model, self.device)
+            self.teacher_net = _fully_shard(self.teacher, self.device) if self.teacher is not None else None
+        self.call_opts, self.teacher_opts = {}, {}
+        if self.text:
+            self.call_opts = _call_options(self.model)
+            self.teacher_opts = _call_options(self.teacher) if self.teacher is not None else {}
+            _check_text(self.student, self.teacher_net, self.first, self.call_opts, self.teacher_opts)
+        elif self.teacher is not None:
+            _check_teacher(self.teacher_net, self.student, self.x0)
+        if config.fsdp:
+            _reshard(self.student)
+
+    def _prepare_optimizer(self) -> None:
+        config, device, total = self.config, self.device, self.total_steps
+        self.optimizer = _optimizer(self.student, config)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        self.use_amp = config.amp if config.amp is not None else (device.type == "cuda"
+                                                                   or config.amp_dtype is not None)
+        self.amp_dtype = _AMP_DTYPES[config.amp_dtype] if config.amp_dtype else (
+            torch.float16 if device.type == "cuda" else torch.bfloat16)
+        # float16 overflows without loss scaling; under FSDP the DTensor gradients all-reduce the overflow check
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.use_amp and self.amp_dtype == torch.float16)
+
+    def _restore(self, state: dict[str, Any]) -> int:
+        """Optimizer, schedule, scaler, extras, random state and history from a checkpoint; the epoch to
+        start from."""
+        if self.config.fsdp:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 set_optimizer_state_dict,
             )
 
-            set_optimizer_state_dict(student, optimizer, state["optimizer"],
+            set_optimizer_state_dict(self.student, self.optimizer, state["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         else:
-            optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
-        if reg is not None and state.get("regularizer"):
-            reg.load_state_dict(state["regularizer"])
-        if gradual is not None:
-            gradual.current = float(state.get("gradual", 0.0))
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.reg is not None and state.get("regularizer"):
+            self.reg.load_state_dict(state["regularizer"])
+        if self.gradual is not None:
+            self.gradual.current = float(state.get("gradual", 0.0))
         torch.set_rng_state(state["rng"])
-        if device.type == "cuda" and state.get("cuda_rng"):
+        if self.device.type == "cuda" and state.get("cuda_rng"):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        result.history = list(state["history"])
-        result.evals = list(state.get("evals", []))
-        start_epoch = result.resumed_from = int(state["epoch"])
-        step = int(state.get("step", start_epoch * steps_per_epoch))
-        tokens_seen = float(state.get("tokens", 0.0))
-        log.info("resuming from %s after epoch %d", ckpt_path, start_epoch)
+        self.result.history = list(state["history"])
+        self.result.evals = list(state.get("evals", []))
+        start_epoch = self.result.resumed_from = int(state["epoch"])
+        self.step = int(state.get("step", start_epoch * self.steps_per_epoch))
+        self.tokens_seen = float(state.get("tokens", 0.0))
+        log.info("resuming from %s after epoch %d", self.ckpt_path, start_epoch)
+        return start_epoch
 
-    if world.active and not config.fsdp:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    distil = teacher_net is not None and config.kd_weight > 0
+    # ---- training -------------------------------------------------------------------------------
 
-    def budget_spent() -> bool:
-        return step >= total_steps or (config.max_tokens is not None and tokens_seen >= config.max_tokens)
+    def _budget_spent(self) -> bool:
+        return self.step >= self.total_steps or (self.config.max_tokens is not None
+                                                 and self.tokens_seen >= self.config.max_tokens)
 
-    def evaluate_now(epoch: int) -> dict[str, float]:
+    def _evaluate_now(self, epoch: int) -> dict[str, float]:
         """Held-out metrics after this step, evaluated once however often they are asked for."""
-        if result.evals and result.evals[-1]["step"] == step:
+        result = self.result
+        if result.evals and result.evals[-1]["step"] == self.step:
             return {k[4:]: v for k, v in result.evals[-1].items() if k.startswith("val_")}
-        assert held_out is not None
-        scores = _evaluate(student, *held_out, device=device, lockstep=config.fsdp)
-        if config.fsdp:
-            _reshard(student)
-        result.evals.append({"epoch": epoch, "step": step, **({"tokens": tokens_seen} if text else {}),
+        assert self.held_out is not None
+        scores = _evaluate(self.student, *self.held_out, device=self.device, lockstep=self.config.fsdp)
+        if self.config.fsdp:
+            _reshard(self.student)
+        result.evals.append({"epoch": epoch, "step": self.step, **({"tokens": self.tokens_seen} if self.text else {}),
                              **{f"val_{k}": v for k, v in scores.items()}})
         return scores
 
-    if text and held_out is not None and step == 0:
-        evaluate_now(0)  # the perplexity before training, on the training device (sharded under FSDP)
-    for epoch in range(start_epoch, epochs):
-        if budget_spent():
-            break
-        sampler.set_epoch(epoch)
-        if hasattr(dataset, "set_epoch"):  # e.g. MaskedTokens: fresh masks every epoch
-            dataset.set_epoch(epoch)
-        started = time.perf_counter()
-        net.train()
-        # images: loss sum, correct, count; text: loss, LM loss and KD loss sums (per predicted token), count
-        sums = torch.zeros(4 if text else 3, dtype=torch.float64, device=device)
-        bar = Progress(min(steps_per_epoch, total_steps - step), f"epoch {epoch + 1}/{epochs}",
-                       enabled=config.progress if world.rank == 0 else False)
-        for batch in loader:
-            if budget_spent():
-                break
-            if gradual is not None:
-                gradual(step)
-            batch = _to(batch, device)
-            kd = None
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                if text:
-                    logits = _token_logits(net(**_model_inputs(batch), **call_opts))
-                    lm_sum, count = lm_loss_sum(logits, batch)
-                    task = lm_sum / count.clamp_min(1)
-                    if distil:
-                        with torch.no_grad(), eval_mode(teacher_net):
-                            t_logits = _token_logits(teacher_net(**_model_inputs(batch), **teacher_opts)).float()
-                        keep = batch["attention_mask"].bool() if "attention_mask" in batch else None
-                        kd = _kd_loss(logits.float(), t_logits, config.kd_temperature, keep)
-                else:
-                    x, y = split_batch(batch)
-                    if y is None:
-                        raise SecateursError("training needs labels: batches must be (inputs, labels)")
-                    logits = _logits(call_model(net, x))
-                    task = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-                    if distil:
-                        with torch.no_grad(), eval_mode(teacher_net):
-                            t_logits = _logits(call_model(teacher_net, x)).float()
-                        kd = _kd_loss(logits.float(), t_logits, config.kd_temperature)
-                loss = task if kd is None else (1 - config.kd_weight) * task + config.kd_weight * kd
-            total = loss + reg() if reg is not None else loss
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            step += 1
-            with torch.no_grad():
-                if text:
-                    tokens = _token_count(batch)
-                    if world.active:  # every rank must see the same count to stop at the same step
-                        dist.all_reduce(tokens)
-                    tokens_seen += float(tokens)
-                    n = count.double()
-                    sums += torch.stack([loss.detach().double() * n, task.detach().double() * n,
-                                         (kd.detach().double() if kd is not None else torch.zeros_like(n)) * n,
-                                         n])
-                    bar.update(loss=float(loss.detach()))
-                else:
-                    sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                         torch.tensor(len(y), dtype=torch.float64, device=device)])
-                    bar.update(loss=float(loss.detach()), acc=float(sums[1] / sums[2]))
-            if config.eval_every and held_out is not None and step % config.eval_every == 0:
-                evaluate_now(epoch + 1)
-        bar.close()
-        if world.active:
-            dist.all_reduce(sums)
-            for b in student.buffers():  # BatchNorm statistics: every rank keeps rank 0's
-                dist.broadcast(b, 0)
-        if reg is not None:
-            reg.step()
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": step}
-        if text:
-            loss_sum, lm_sum_, kd_sum, count_ = sums.tolist()
-            metrics.update(tokens=tokens_seen, train_loss=loss_sum / max(count_, 1))
-            if distil:
-                metrics.update(train_lm_loss=lm_sum_ / max(count_, 1), train_kd_loss=kd_sum / max(count_, 1))
+    def _losses(self, batch: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+        """The loss of one batch, its task and distillation parts, the logits, and the count of predicted
+        tokens (text) or the labels (images)."""
+        config, teacher_net = self.config, self.teacher_net
+        kd = None
+        if self.text:
+            logits = _token_logits(self.net(**_model_inputs(batch), **self.call_opts))
+            lm_sum, count = lm_loss_sum(logits, batch)
+            task = lm_sum / count.clamp_min(1)
+            if self.distil:
+                with torch.no_grad(), eval_mode(teacher_net):
+                    t_logits = _token_logits(teacher_net(**_model_inputs(batch), **self.teacher_opts)).float()
+                keep = batch["attention_mask"].bool() if "attention_mask" in batch else None
+                kd = _kd_loss(logits.float(), t_logits, config.kd_temperature, keep)
+            counted = count
         else:
-            loss_sum, correct, count_ = sums.tolist()
-            metrics.update(train_loss=loss_sum / count_, train_accuracy=correct / count_)
-        metrics.update(lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started)
-        if reg is not None:
-            metrics["reg_strength"] = reg.strength
-            metrics["reg_below_1e-2"] = reg.below(1e-2).below
-        if gradual is not None:
-            metrics["sparsity"] = gradual.current
-        if held_out is not None:
-            metrics.update({f"val_{k}": v for k, v in evaluate_now(epoch + 1).items()})
-        result.history.append(metrics)
-        # progress=False asks for a quiet run (the demo, benchmarks): the epoch line drops to DEBUG;
-        # under torchrun only rank 0 tells (the metrics are all-reduced: every rank has the same)
-        log.log(logging.DEBUG if config.progress is False or world.rank else logging.INFO, "epoch %d/%d: %s",
-                epoch + 1, epochs, "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
-        if ckpt_path is not None:
-            _checkpoint(ckpt_path, model, student, optimizer, config, world, {
-                "epoch": epoch + 1, "total_steps": total_steps, "step": step, "tokens": tokens_seen,
-                "fsdp": config.fsdp, "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict(), "regularizer": reg.state_dict() if reg is not None else {},
-                "gradual": gradual.current if gradual is not None else 0.0,
-                "rng": torch.get_rng_state(), "history": result.history, "evals": result.evals,
-                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-            })
-        if world.active:
-            dist.barrier()  # nobody races ahead of the checkpoint
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, metrics)
-    if held_out is not None:
-        result.final = dict(evaluate_now(epochs))
-    if config.fsdp:
-        _gather_(model, student, world.rank)
-    if any(True for _ in masked_tensors(model)):
-        result.final["masked_tensors"] = sum(1 for _ in masked_tensors(model))
-    return result
+            x, y = split_batch(batch)
+            if y is None:
+                raise SecateursError("training needs labels: batches must be (inputs, labels)")
+            logits = _logits(call_model(self.net, x))
+            task = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+            if self.distil:
+                with torch.no_grad(), eval_mode(teacher_net):
+                    t_logits = _logits(call_model(teacher_net, x)).float()
+                kd = _kd_loss(logits.float(), t_logits, config.kd_temperature)
+            counted = y
+        loss = task if kd is None else (1 - config.kd_weight) * task + config.kd_weight * kd
+        return loss, task, kd, logits, counted
+
+    def _optimizer_step(self, loss: Tensor) -> None:
+        total = loss + self.reg() if self.reg is not None else loss
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        self.step += 1
+
+    @torch.no_grad()
+    def _tally(self, sums: Tensor, batch: Any, loss: Tensor, task: Tensor, kd: Tensor | None, logits: Tensor,
+               counted: Tensor, bar: Progress) -> None:
+        """Add one step to the epoch's sums. Images: loss sum, correct, count; text: loss, LM loss and KD
+        loss sums (per predicted token), count."""
+        if self.text:
+            tokens = _token_count(batch)
+            if self.world.active:  # every rank must see the same count to stop at the same step
+                dist.all_reduce(tokens)
+            self.tokens_seen += float(tokens)
+            n = counted.double()
+            sums += torch.stack([loss.detach().double() * n, task.detach().double() * n,
+                                 (kd.detach().double() if kd is not None else torch.zeros_like(n)) * n, n])
+            bar.update(loss=float(loss.detach()))
+        else:
+            y = counted
+            sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                                 torch.tensor(len(y), dtype=torch.float64, device=self.device)])
+            bar.update(loss=float(loss.detach()), acc=float(sums[1] / sums[2]))
+
+    def _epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch of steps (up to the budget); its metrics."""
+        config = self.config
+        self.sampler.set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):  # e.g. MaskedTokens: fresh masks every epoch
+            self.dataset.set_epoch(epoch)
+        started = time.perf_counter()
+        self.net.train()
+        sums = torch.zeros(4 if self.text else 3, dtype=torch.float64, device=self.device)
+        bar = Progress(min(self.steps_per_epoch, self.total_steps - self.step), f"epoch {epoch + 1}/{self.epochs}",
+                       enabled=config.progress if self.world.rank == 0 else False)
+        for batch in self.loader:
+            if self._budget_spent():
+                break
+            if self.gradual is not None:
+                self.gradual(self.step)
+            batch = _to(batch, self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                loss, task, kd, logits, counted = self._losses(batch)
+            self._optimizer_step(loss)
+            self._tally(sums, batch, loss, task, kd, logits, counted, bar)
+            if config.eval_every and self.held_out is not None and self.step % config.eval_every == 0:
+                self._evaluate_now(epoch + 1)
+        bar.close()
+        if self.world.active:
+            dist.all_reduce(sums)
+            for b in self.student.buffers():  # BatchNorm statistics: every rank keeps rank 0's
+                dist.broadcast(b, 0)
+        if self.reg is not None:
+            self.reg.step()
+        return self._metrics(epoch, sums, started)
+
+    def _metrics(self, epoch: int, sums: Tensor, started: float) -> dict[str, Any]:
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": self.step}
+        if self.text:
+            loss_sum, lm_sum, kd_sum, count = sums.tolist()
+            metrics.update(tokens=self.tokens_seen, train_loss=loss_sum / max(count, 1))
+            if self.distil:
+                metrics.update(train_lm_loss=lm_sum / max(count, 1), train_kd_loss=kd_sum / max(count, 1))
+        else:
+            loss_sum, correct, count = sums.tolist()
+            metrics.update(train_loss=loss_sum / count, train_accuracy=correct / count)
+        metrics.update(lr=self.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started)
+        if self.reg is not None:
+            metrics["reg_strength"] = self.reg.strength
+            metrics["reg_below_1e-2"] = self.reg.below(1e-2).below
+        if self.gradual is not None:
+            metrics["sparsity"] = self.gradual.current
+        if self.held_out is not None:
+            metrics.update({f"val_{k}": v for k, v in self._evaluate_now(epoch + 1).items()})
+        return metrics
+
+    def _save(self, epoch: int) -> None:
+        assert self.ckpt_path is not None
+        _checkpoint(self.ckpt_path, self.model, self.student, self.optimizer, self.config, self.world, {
+            "epoch": epoch, "total_steps": self.total_steps, "step": self.step, "tokens": self.tokens_seen,
+            "fsdp": self.config.fsdp, "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(), "regularizer": self.reg.state_dict() if self.reg is not None else {},
+            "gradual": self.gradual.current if self.gradual is not None else 0.0,
+            "rng": torch.get_rng_state(), "history": self.result.history, "evals": self.result.evals,
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+        })
 
 
 def _checkpoint(path: Path, model: nn.Module, student: nn.Module, optimizer: torch.optim.Optimizer,

@@ -193,6 +193,8 @@ def main() -> None:
                         help="MobileNetV2 MACs targets")
     parser.add_argument("--llm-calib", type=int, default=64, help="calibration sequences of 128 tokens (SmolLM2, MiniLM)")
     parser.add_argument("--cache", metavar="DIR", help="keep the trained ResNet-20 here and reuse it")
+    parser.add_argument("--name", default="reconstruct", help="results/NAME.md and .json (a part run alone may "
+                        "keep the others' file)")
     args = parser.parse_args()
     parts = {"mobilenet": (mobilenet_rows, "top-1 agreement"), "resnet": (resnet_rows, "test accuracy"),
              "smollm": (smollm_rows, "perplexity"), "minilm": (minilm_rows, "cosine / top-1 neighbour")}
@@ -209,7 +211,7 @@ def main() -> None:
         part = fn(args)
         rows += part
         sections.append(f"### {name}: {metric}\n\n" + _table(part, metric))
-        write_results("reconstruct", "Layer-wise reconstruction after channel pruning (no fine-tuning)",
+        write_results(args.name, "Layer-wise reconstruction after channel pruning (no fine-tuning)",
                       "\n\n".join(sections), rows, notes)
 
 

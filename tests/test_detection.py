@@ -136,7 +136,7 @@ def test_the_rehearsal_checks_on_real_tensors_when_meta_cannot_run_the_unpruned_
     model = _DataDependent().eval()
     x = torch.randn(2, 3, 12, 12)
     before = _run(model, x).shape
-    with caplog.at_level("WARNING", logger="secateurs.methods.rehearsal"):
+    with caplog.at_level("WARNING", logger="secateurs.surgery.rehearsal"):
         report = secateurs.prune_(model, Channels(ratio=0.5), example_inputs=x)
     assert report.outcome["rehearsal"] == "real"
     warned = [r for r in caplog.records if "cannot run" in r.getMessage()]
@@ -281,7 +281,7 @@ def test_yolov8n_builds_from_its_yaml_and_zeroed_channels_removed_give_the_same_
 
 @needs("torchvision")
 def test_faster_rcnn_reaches_a_macs_target_counted_on_real_tensors():
-    from secateurs.methods.rehearsal import model_macs
+    from secateurs.surgery.rehearsal import model_macs
 
     torch.manual_seed(0)
     model = _small_faster_rcnn().eval()
@@ -300,7 +300,7 @@ def test_faster_rcnn_reaches_a_macs_target_counted_on_real_tensors():
 @needs("torchvision")
 def test_layer_pruning_removes_blocks_of_a_detector_checked_on_real_tensors():
     from secateurs import Layers
-    from secateurs.methods.rehearsal import model_macs
+    from secateurs.surgery.rehearsal import model_macs
 
     torch.manual_seed(0)
     model = _small_faster_rcnn().eval()
@@ -336,7 +336,7 @@ class _KeepsAll(nn.Module):
 
 
 def test_the_real_check_lets_per_image_detection_counts_vary_even_when_both_probes_keep_the_most():
-    from secateurs.methods.rehearsal import _make_real_check
+    from secateurs.surgery.rehearsal import _make_real_check
 
     torch.manual_seed(0)
     model = _KeepsAll().eval()

@@ -9,8 +9,8 @@ from secateurs.graph import build_graph
 
 
 def test_shape_only_rehearsal_still_catches_a_batchnorm_width_mismatch():
-    from secateurs.methods.rehearsal import rehearse
     from secateurs.surgery import Plan
+    from secateurs.surgery.rehearsal import rehearse
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(inplace=True))
     x = torch.randn(1, 3, 8, 8)
@@ -24,8 +24,8 @@ def test_shape_only_rehearsal_still_catches_a_batchnorm_width_mismatch():
 
 
 def test_shape_only_rehearsal_catches_linear_and_layer_norm_width_mismatches():
-    from secateurs.methods.rehearsal import rehearse
     from secateurs.surgery import Plan
+    from secateurs.surgery.rehearsal import rehearse
 
     x = torch.randn(2, 5, 4)
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3))
@@ -43,7 +43,7 @@ def test_shape_only_rehearsal_catches_linear_and_layer_norm_width_mismatches():
 
 
 def test_meta_copy_is_a_deep_copy_on_meta():
-    from secateurs.methods.rehearsal import meta_copy
+    from secateurs.surgery.rehearsal import meta_copy
 
     shared = nn.Linear(4, 4)
     model = nn.Sequential(shared, nn.ReLU(), shared, nn.LayerNorm(4))
@@ -83,7 +83,7 @@ class _HiddenSplit(nn.Module):
 
 
 def test_groups_broken_by_hidden_sizes_are_found_quickly_and_kept_whole(monkeypatch):
-    from secateurs.methods import rehearsal
+    from secateurs.surgery import rehearsal
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), _HiddenSplit(8), _HiddenSplit(8), _HiddenSplit(8),
@@ -138,8 +138,8 @@ def _same_state(a: dict, b: dict) -> bool:
 
 
 def test_plans_are_checked_on_the_model_itself_and_undone_exactly_when_they_fail(monkeypatch):
-    from secateurs.methods import rehearsal
     from secateurs.methods.channels import plan_channels, plan_for
+    from secateurs.surgery import rehearsal
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 10, 10)

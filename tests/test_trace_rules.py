@@ -11,7 +11,7 @@ from conftest import Mixed, needs
 from secateurs import Channels, SecateursError
 from secateurs.graph import build_graph, registry, remove_rule, rule
 from secateurs.graph.rules import attention, detection, elementwise, layers, shape
-from secateurs.methods.rehearsal import macs_of
+from secateurs.surgery.rehearsal import macs_of
 
 
 def _members(graph):

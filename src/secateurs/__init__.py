@@ -34,8 +34,7 @@ from .semi_structured import (
 )
 from .train import AGP, FinetuneConfig, GroupLassoRegularizer, SlimmingRegularizer, finetune
 from .train.iterative import prune_and_finetune_
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "export_model",

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 from .cli_options import positive_int as _positive_int
 from .errors import SecateursError
 from .io.atomic import output_lock
+from .io.manifest import package_version
 from .utils import first_line, launch_rank
 
 __all__ = ["main", "build_parser"]
@@ -62,18 +63,6 @@ def _note_deprecated(namespace: argparse.Namespace, message: str) -> None:
     notes = namespace.__dict__.setdefault("deprecations", [])
     if message not in notes:
         notes.append(message)
-
-
-def _version() -> str:
-    """The installed distribution's version (the package's own when run from a source tree)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("secateurs")
-    except PackageNotFoundError:
-        from . import __version__
-
-        return __version__
 
 
 def _deprecation(message: str, args: argparse.Namespace) -> None:
@@ -183,7 +172,7 @@ def _add_training_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``secateurs`` parser; each command's flags are added by a function of its own below."""
     parser = _Parser(prog="secateurs", description="Prune PyTorch models for real.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
                         help="print the installed version and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

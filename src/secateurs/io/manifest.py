@@ -40,13 +40,15 @@ def jsonable(obj: Any) -> Any:
 
 
 def package_version() -> str:
-    """The installed secateurs version, or ``"unknown"`` when run from a source tree."""
+    """The installed distribution's version (the package's own when run from a source tree)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("secateurs")
     except PackageNotFoundError:
-        return "unknown"
+        from ..version import __version__
+
+        return __version__
 
 
 def write_extra_files(tmp: Path, extra_files: dict[str, Any] | None, size: int, keep: set[str] = frozenset()) -> None:

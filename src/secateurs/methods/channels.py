@@ -35,11 +35,11 @@ from ..selection import Selection
 from ..surgery import CONFIG_STALE_ATTR, apply_plan_
 from ..surgery.compensate import compensate_
 from ..surgery.recalibrate import recalibrate_bn_
+from ..surgery.rehearsal import checked_on, model_macs, plan_macs
 from ..utils import is_transformers_model
 from .common import config_to_dict, keep_count, make_generator
 from .reconstruct import reconstruct_, reconstruction_targets
 from .registry import register_method
-from .rehearsal import checked_on, model_macs, plan_macs
 from .report import LayerReport, PruneReport
 from .sensitivity_curves import (
     DEFAULT_RATIOS,

@@ -23,10 +23,18 @@ from ..importance.stats import ReferenceBatches, split_batch, task_loss
 from ..progress import Progress
 from ..selection import Selection, call_model, declared_module
 from ..surgery import Plan, apply_plan_
+from ..surgery.rehearsal import (
+    checked_on,
+    macs_of,
+    meta_copy,
+    output_shapes,
+    plan_macs,
+    rehearse,
+    to_meta,
+)
 from ..utils import eval_mode, first_line
 from .common import config_to_dict
 from .registry import register_method
-from .rehearsal import checked_on, macs_of, meta_copy, output_shapes, plan_macs, rehearse, to_meta
 from .report import LayerReport, PruneReport
 
 __all__ = ["Layers"]

@@ -35,8 +35,8 @@ from ..errors import SecateursError
 from ..graph import DependencyGraph, Group
 from ..surgery import Plan, apply_plan_
 from ..surgery.hf import config_for_plan
+from ..surgery.rehearsal import apply_checked_, feasible_groups, plan_macs
 from .common import keep_count
-from .rehearsal import apply_checked_, feasible_groups, plan_macs
 from .width import KINDS, Role, role_targets, uniform_removed
 
 if TYPE_CHECKING:

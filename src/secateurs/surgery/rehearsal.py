@@ -49,8 +49,8 @@ from ..analysis import count_macs, flop_counter_mode, no_grad_parameters
 from ..errors import SecateursError
 from ..graph import DependencyGraph
 from ..selection import call_model
-from ..surgery import Plan, apply_plan_
 from ..utils import eval_mode, first_line, map_tensors, output_shapes
+from . import Plan, apply_plan_
 
 __all__ = ["apply_checked_", "checked_on", "feasible_groups", "macs_of", "meta_copy", "model_macs", "output_shapes",
            "plan_macs", "rehearse", "to_meta"]

@@ -15,7 +15,6 @@ from conftest import needs
 from secateurs import Channels, SecateursError, Unstructured
 from secateurs.cli import build_parser, main
 from secateurs.cli_options import (
-    add_config_flags,
     config_flags,
     config_kwargs,
     option,
@@ -127,6 +126,25 @@ def test_every_option_of_every_command_has_help_and_lists_its_choices():
         assert listed in prune  # --importance's criteria, by method, from each config's field
 
 
+def test_built_in_flags_declare_their_help_and_a_method_without_help_breaks_no_command(registry, capsys):
+    from secateurs.cli_options import config_flags
+
+    flags = config_flags(list(registry._BY_NAME.values()))
+    assert [f.option for f in flags.values() if not f.help] == ["--seed", "--device"]  # the command's own
+
+    @dataclass(kw_only=True)
+    class Quiet(Selection):
+        method: ClassVar[str] = "quiet"
+        rows: int = option(1)  # no help given
+
+    registry.register_method(Quiet)(zero_rows)
+    with pytest.raises(SystemExit) as stop:  # the parser still builds
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("secateurs ")
+    prune = " ".join(build_parser().commands["prune"].format_help().split())
+    assert "--rows ROWS the Quiet.rows field" in prune
+
+
 def test_bad_declarations_are_refused_when_a_method_registers(registry):
     @dataclass(kw_only=True)
     class OnByDefault(Selection):
@@ -151,13 +169,6 @@ def test_bad_declarations_are_refused_when_a_method_registers(registry):
     with pytest.raises(TypeError, match="--ratio is a switch for some methods"):
         config_flags([Channels, SwitchRatio])
 
-    @dataclass(kw_only=True)
-    class NoHelp(Selection):
-        method: ClassVar[str] = "bad4"
-        knob: int = option(1)
-
-    with pytest.raises(TypeError, match="--knob has no help"):
-        add_config_flags(argparse.ArgumentParser(), config_flags([NoHelp]), ["bad4"])
 
 
 def _prune_args(*argv):
@@ -191,6 +202,8 @@ def test_scope_is_the_one_python_spelling_and_global_ranking_still_works():
         assert dataclasses.replace(new, scope="layer").scope == "layer"
     with pytest.raises(SecateursError, match="give scope alone"), pytest.warns(DeprecationWarning):
         Channels(ratio=0.5, scope="layer", global_ranking=True)
+    with pytest.warns(DeprecationWarning):  # replace() passes the current scope along: no contradiction
+        assert dataclasses.replace(new, global_ranking=True) == new
     with pytest.raises(SecateursError, match="scope must be 'layer' or 'global'"):
         Channels(ratio=0.5, scope="everywhere")
     assert "global_ranking" not in config_to_dict(new) and config_to_dict(new)["scope"] == "global"

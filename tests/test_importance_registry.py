@@ -242,3 +242,16 @@ def test_element_criterion_of_the_wrong_shape_is_refused():
 
     with pytest.raises(SecateursError, match=r"'flat' gave \(64,\) for a weight of shape \(8, 8\)"):
         secateurs.prune_(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), Unstructured(sparsity=0.5, importance=Flat()))
+
+
+def test_an_instance_needs_a_name_of_its_own():
+    class Nameless(ChannelImportance):
+        def score(self, group, context):
+            return torch.zeros(group.size)
+
+    class Impostor(Nameless):
+        name = "l2"  # a saved config would replay the built-in l2
+
+    for criterion, says in ((Nameless(), "has no name"), (Impostor(), "name of a registered criterion")):
+        with pytest.raises(SecateursError, match=says):
+            Channels(ratio=0.5, importance=criterion)

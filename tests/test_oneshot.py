@@ -73,7 +73,7 @@ def test_llama_is_pruned_block_by_block(config, tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     data = _calibration()
     report = secateurs.prune_(model, config, data=data)
-    assert report.config["blocks"] == 3
+    assert report.outcome["blocks"] == 3
     names = {layer.name for layer in report.layers}
     assert len(names) == 3 * 7 and "lm_head" not in names  # q, k, v, o, gate, up, down in each layer
     weight = model.model.layers[1].mlp.down_proj.weight
@@ -142,7 +142,7 @@ def test_a_plain_mlp_without_blocks_is_calibrated_in_one_pass():
     mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     data = [torch.randn(8, 16) for _ in range(3)]
     report = secateurs.prune_(mlp, SparseGPT(sparsity=0.5, blocksize=8), data=data)
-    assert report.config["blocks"] == 0 and [layer.name for layer in report.layers] == ["0"]
+    assert report.outcome["blocks"] == 0 and [layer.name for layer in report.layers] == ["0"]
     assert float((mlp[0].weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
 
 
@@ -231,6 +231,6 @@ def test_wanda_beats_magnitude_on_real_smollm2():
     magnitude, wanda_model = copy.deepcopy(dense), dense
     secateurs.prune_(magnitude, secateurs.Unstructured(sparsity=0.5), example_inputs=calib[0])
     report = secateurs.prune_(wanda_model, Wanda(sparsity=0.5, calib_batches=2), data=calib)
-    assert report.config["blocks"] == 30 and report.sparsity == pytest.approx(0.5, abs=0.01)
+    assert report.outcome["blocks"] == 30 and report.sparsity == pytest.approx(0.5, abs=0.01)
     ppl_magnitude, ppl_wanda = perplexity(magnitude, held_out), perplexity(wanda_model, held_out)
     assert ppl_wanda < 0.5 * ppl_magnitude  # measured: about 34 against 390 with more calibration

@@ -288,3 +288,15 @@ def test_batchnorm_readers_are_the_same_for_compensation_and_reconstruction():
     _, counts, reconstruction, _ = _call_order(model, layers, [], lambda: model(x))
     assert compensation == reconstruction == {"conv": "bn_a"}  # the first reader, in forward order
     assert counts == {"conv": 1, "conv2": 1, "head": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 50.0])
+def test_a_residual_branch_end_is_found_in_half_precision_too(dtype, scale):
+    from secateurs.methods.reconstruct import adds_to_output
+
+    torch.manual_seed(0)
+    layer, norm = nn.Linear(16, 16).to(dtype), nn.LayerNorm(16).to(dtype)
+    x = (torch.randn(8, 16) * scale).to(dtype)
+    assert adds_to_output(layer, lambda: x + layer(x))
+    assert not adds_to_output(layer, lambda: norm(x + layer(x)))

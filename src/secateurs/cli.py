@@ -820,8 +820,8 @@ def _prune_streamed(args: argparse.Namespace, config: Any) -> int:
                               "command": args.command_line}
 
     def outcome(report: Any, stats: Any) -> dict[str, bytes]:
-        result.update(config=report.config, pruning=report.to_dict(), streamed=stats.to_dict(),
-                      seconds=time.perf_counter() - start)
+        result.update(config=report.config, outcome=report.outcome, pruning=report.to_dict(),
+                      streamed=stats.to_dict(), seconds=time.perf_counter() - start)
         return {"report.json": json.dumps(result, indent=2, default=str).encode()}
 
     report, stats = prune_streaming(

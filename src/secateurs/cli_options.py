@@ -245,9 +245,8 @@ def add_config_flags(parser: argparse.ArgumentParser, flags: dict[str, ConfigFla
         if existing is not None:
             flag.reused, flag.dest = True, existing.dest
             continue
-        if not flag.help:
-            names = ", ".join(f"{cls.__name__}.{f.name}" for cls, f in flag.fields.items())
-            raise TypeError(f"{flag.option} has no help: give option(help=...) on {names}")
+        if not flag.help:  # a method registered without help must not break every other command
+            flag.help = "the " + " / ".join(f"{cls.__name__}.{f.name}" for cls, f in flag.fields.items()) + " field"
         if flag.switch:
             group.add_argument(flag.option, dest=flag.dest, action="store_true",
                                help=_help(flag, methods))

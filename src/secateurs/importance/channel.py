@@ -23,6 +23,7 @@ from ..errors import SecateursError
 from ..graph import DependencyGraph, Group, Member
 from ..patches import refit_blocker
 from ..selection import input_dim
+from .criteria import resolve_criterion
 from .stats import ActivationStats, InputActivationStats, InputGrams, TaylorStats
 
 __all__ = ["CHANNEL_IMPORTANCE", "NEEDS_DATA", "REDUCTIONS", "ChannelImportance", "ScoringContext",
@@ -400,14 +401,8 @@ def register_channel_importance(criterion: ChannelImportance | type[ChannelImpor
 
 
 def channel_importance(criterion: str | ChannelImportance) -> ChannelImportance:
-    """The criterion a config names: a registered name, or an instance as it is."""
-    if isinstance(criterion, ChannelImportance):
-        return criterion
-    found = CHANNEL_IMPORTANCE.get(criterion) if isinstance(criterion, str) else None
-    if found is None:
-        raise SecateursError(f"unknown importance {criterion!r}: choose one of {', '.join(CHANNEL_IMPORTANCE)}, or "
-                             "pass a ChannelImportance (secateurs.importance)")
-    return found
+    """The criterion a config names: a registered name, or an instance with a name of its own."""
+    return resolve_criterion(criterion, ChannelImportance, CHANNEL_IMPORTANCE)
 
 
 class _NeedsData(Set):

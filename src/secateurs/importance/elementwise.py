@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SecateursError
+from .criteria import resolve_criterion
 
 __all__ = ["ELEMENT_IMPORTANCE", "ElementContext", "ElementImportance", "element_importance", "element_scores",
            "register_element_importance"]
@@ -118,14 +119,8 @@ def register_element_importance(criterion: ElementImportance | type[ElementImpor
 
 
 def element_importance(criterion: str | ElementImportance) -> ElementImportance:
-    """The criterion a config names: a registered name, or an instance as it is."""
-    if isinstance(criterion, ElementImportance):
-        return criterion
-    found = ELEMENT_IMPORTANCE.get(criterion) if isinstance(criterion, str) else None
-    if found is None:
-        raise SecateursError(f"unknown importance {criterion!r}: choose one of {', '.join(ELEMENT_IMPORTANCE)}, or "
-                             "pass an ElementImportance (secateurs.importance)")
-    return found
+    """The criterion a config names: a registered name, or an instance with a name of its own."""
+    return resolve_criterion(criterion, ElementImportance, ELEMENT_IMPORTANCE)
 
 
 register_element_importance(_Magnitude())

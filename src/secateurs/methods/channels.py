@@ -121,7 +121,9 @@ class Channels(Selection):
         reconstruct: after surgery, refit every layer that read removed channels by
             least squares so that it reproduces the dense layer's output on ``data``
             (``calib_batches`` batches), layer by layer in forward order on the pruned
-            model's own activations (:mod:`secateurs.methods.reconstruct`). Layers that
+            model's own activations (:mod:`secateurs.methods.reconstruct`); the last
+            layer of a residual branch (``down_proj``) so that its block reproduces the
+            dense block's output. Layers that
             cannot mix channels (grouped convolutions) get their mean output corrected
             instead; the report's ``reconstruction`` lists every layer and its error.
         reconstruct_damp: ridge damping of the refit, relative to the mean squared input;
@@ -276,9 +278,13 @@ def _accept_global_ranking(init: Callable[..., None]) -> Callable[..., None]:
         if global_ranking is not None:
             warnings.warn("Channels(global_ranking=...) is deprecated: use scope='global'", DeprecationWarning,
                           stacklevel=2)
-            if "scope" in kwargs:
-                raise SecateursError("global_ranking is the old spelling of scope: give scope alone")
-            kwargs["scope"] = "global" if global_ranking else "layer"
+            wanted = "global" if global_ranking else "layer"
+            # dataclasses.replace(config, global_ranking=...) passes the current scope along: only a
+            # contradiction is an error
+            if kwargs.get("scope", wanted) != wanted:
+                raise SecateursError(f"global_ranking={global_ranking} contradicts scope={kwargs['scope']!r}: "
+                                     "give scope alone (global_ranking is its old spelling)")
+            kwargs["scope"] = wanted
         init(self, *args, **kwargs)
 
     return __init__
@@ -437,50 +443,50 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     dense = copy.deepcopy(model) if config.reconstruct else None  # the reference every refit reproduces
     # large models take minutes between these stages: say which one runs
     stages = ["tracing", "scoring", "searching", "applying"] + (["reconstructing"] if dense is not None else [])
-    bar = Progress(len(stages), "channel pruning", enabled=None if _tensor_bytes(model) > IN_PLACE_MAX_BYTES else False)
-    bar.update(0, stage=stages[0])
-    graph = build_graph(model, example_inputs, frozen_tensors=chosen.frozen_tensors())
-    graph.groups = chosen.groups(graph.groups)  # include picks groups (a layer and all coupled to it), not tensors
-    if not graph.groups:
-        raise SecateursError("no prunable channel group found: every layer is coupled to the inputs/outputs or ignored")
-    bar.update(stage=stages[1])
-    scores = score_groups(model, graph, config, calibration_stats(model, graph, config, data))
-    expected = graph.output_shapes  # what every rehearsal must still produce
-    bar.update(stage=stages[2])
-    # the dense MACs, counted once (on a meta copy where meta runs the model): the allocation and a MACs
-    # target need them, counted the same way as each plan's
-    dense_macs = functools.cache(lambda: plan_macs(model, None, example_inputs, expected))
-    shares = _sensitivity_shares(model, graph, scores, config, data, example_inputs, expected, dense_macs)
+    with Progress(len(stages), "channel pruning",
+                  enabled=None if _tensor_bytes(model) > IN_PLACE_MAX_BYTES else False) as bar:
+        bar.update(0, stage=stages[0])
+        graph = build_graph(model, example_inputs, frozen_tensors=chosen.frozen_tensors())
+        graph.groups = chosen.groups(graph.groups)  # include picks groups (a layer and all coupled to it), not tensors
+        if not graph.groups:
+            raise SecateursError("no prunable channel group found: every layer is coupled to the inputs/outputs or ignored")
+        bar.update(stage=stages[1])
+        scores = score_groups(model, graph, config, calibration_stats(model, graph, config, data))
+        expected = graph.output_shapes  # what every rehearsal must still produce
+        bar.update(stage=stages[2])
+        # the dense MACs, counted once (on a meta copy where meta runs the model): the allocation and a MACs
+        # target need them, counted the same way as each plan's
+        dense_macs = functools.cache(lambda: plan_macs(model, None, example_inputs, expected))
+        shares = _sensitivity_shares(model, graph, scores, config, data, example_inputs, expected, dense_macs)
 
-    # A small model with a plain ratio gets its plan applied in place and checked there (on
-    # meta twins of its tensors), undone and rehearsed group by group only if that fails:
-    # that saves the meta copy, whose fixed cost dominates for small models. The undo keeps
-    # the old tensors alive until the check passes, so big models (memory, and fresh pages
-    # for every new tensor) rehearse on a meta copy first. So do targets (many plans),
-    # compensation (needs the unpruned model) and transformers models (state in a config).
-    by_ratio = config.target_macs is None and config.target_latency is None
-    planner = Planner(model, graph, scores, config, example_inputs, expected, shares=shares,
-                      roles=classify_roles(model, graph) if uniform else None,
-                      apply_directly=(by_ratio and not config.compensate and getattr(model, "config", None) is None
-                                      and _tensor_bytes(model) <= IN_PLACE_MAX_BYTES))
-    outcome = goal_for(model, config, example_inputs, expected, sensitivity=shares is not None,
-                       dense_macs=dense_macs).search(planner)
-    plan = outcome.candidate.plan
-    bar.update(stage=stages[3])
+        # A small model with a plain ratio gets its plan applied in place and checked there (on
+        # meta twins of its tensors), undone and rehearsed group by group only if that fails:
+        # that saves the meta copy, whose fixed cost dominates for small models. The undo keeps
+        # the old tensors alive until the check passes, so big models (memory, and fresh pages
+        # for every new tensor) rehearse on a meta copy first. So do targets (many plans),
+        # compensation (needs the unpruned model) and transformers models (state in a config).
+        by_ratio = config.target_macs is None and config.target_latency is None
+        planner = Planner(model, graph, scores, config, example_inputs, expected, shares=shares,
+                          roles=classify_roles(model, graph) if uniform else None,
+                          apply_directly=(by_ratio and not config.compensate and getattr(model, "config", None) is None
+                                          and _tensor_bytes(model) <= IN_PLACE_MAX_BYTES))
+        outcome = goal_for(model, config, example_inputs, expected, sensitivity=shares is not None,
+                           dense_macs=dense_macs).search(planner)
+        plan = outcome.candidate.plan
+        bar.update(stage=stages[3])
 
-    compensated = compensate_(model, plan, means.means(), means.followers) if means is not None else None
-    if not planner.applied:
-        apply_plan_(model, plan)
-    if dense is not None:
-        bar.update(stage=stages[4])
-    fits = (reconstruct_(model, dense, reconstruction_targets(dense, plan),
-                         calibration_list(data, config.calib_batches, "reconstruct"), config.reconstruct_damp)
-            if dense is not None else None)
-    del dense
-    if config.recalibrate_bn:
-        recalibrate_bn_(model, data, config.calib_batches)
-    bar.update(stage="done")
-    bar.close()
+        compensated = compensate_(model, plan, means.means(), means.followers) if means is not None else None
+        if not planner.applied:
+            apply_plan_(model, plan)
+        if dense is not None:
+            bar.update(stage=stages[4])
+        fits = (reconstruct_(model, dense, reconstruction_targets(dense, plan),
+                             calibration_list(data, config.calib_batches, "reconstruct"), config.reconstruct_damp)
+                if dense is not None else None)
+        del dense
+        if config.recalibrate_bn:
+            recalibrate_bn_(model, data, config.calib_batches)
+        bar.update(stage="done")
     report = _channel_report(model, config, graph, scores, outcome, planner.width_info(plan) if uniform else None)
     report.outcome["rehearsal"] = checked_on(model, expected)  # "meta", or "real" where meta cannot run it
     if compensated is not None:

@@ -48,7 +48,7 @@ class NM(Selection):
     method: ClassVar[str] = "nm"
 
     n: int = option(2, flag="--nm", metavar="N:M", parse=parse_nm, spread=("n", "m"),
-                    help="keep N of every M consecutive input weights, e.g. 2:4, nm's default")
+                    help="keep N of every M consecutive input weights, e.g. 2:4 (wanda, sparsegpt: instead of --sparsity)")
     m: int = 4
     importance: str | ElementImportance = option("magnitude", metavar="NAME", choices=lambda: tuple(ELEMENT_IMPORTANCE),
                                                  help="criterion: what goes first")

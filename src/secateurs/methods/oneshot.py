@@ -277,5 +277,5 @@ def apply_oneshot(model: nn.Module, config: _OneShot, *, example_inputs: Any = N
                 calls = [with_hidden(args, kwargs, first_tensor(block(*args, **kwargs))) for args, kwargs in calls]
                 bar.update()
             bar.close()
-    report.config["blocks"] = len(blocks)
+    report.outcome["blocks"] = len(blocks)
     return report

@@ -424,7 +424,7 @@ def prune_streaming(
                 shutil.copyfile(folder / name, tmp / name)
                 written.append(name)
         stats.seconds = time.perf_counter() - start
-        report.config["streamed"] = stats.to_dict()
+        report.outcome["streamed"] = stats.to_dict()
         extra = {**(extra_files or {}), **(outcome_files(report, stats) if outcome_files else {})}
         finish_transformers_folder(tmp, model, manifest=manifest_fields(model, report.to_dict(), input_shape),
                                    tensors=records, kept_zeros=kept_zeros, written=sorted(written),

@@ -41,7 +41,7 @@ TIMM = [
     "regnety_002", "regnetx_002", "ghostnet_100", "densenet121", "dla34", "cspresnet50", "cspdarknet53",
     "levit_128s", "mixer_b16_224", "poolformer_s12", "rexnet_100", "dpn68", "hrnet_w18_small", "inception_v4",
     "xception41", "tf_efficientnet_lite0", "mobilevit_xs", "edgenext_xx_small", "coat_lite_tiny", "pvt_v2_b0",
-    "repvgg_a0", "res2net50_26w_4s", "tresnet_m", "nfnet_l0", "beit_base_patch16_224",
+    "repvgg_a0", "res2net50_26w_4s", "tresnet_m", "nfnet_l0", "beit_base_patch16_224", "levit_128", "pit_s_224",
 ]
 
 
@@ -242,6 +242,7 @@ def _tp_text(row: dict) -> str:
 
 def tasks_main(args: argparse.Namespace) -> None:
     names = args.models.split(",") if args.models else task_models()
+    order = {name: i for i, name in enumerate(names)}  # rows stay in this order, resumed or not
     rows: list[dict] = []
     if args.resume:  # keep the rows of models already done (a long run, stopped and started again)
         import json
@@ -252,6 +253,7 @@ def tasks_main(args: argparse.Namespace) -> None:
     for name in names:
         row = run_task(name, args.ratio, None if args.no_tp else args.tp_timeout)
         rows.append(row)
+        rows.sort(key=lambda r: order.get(r["model"], len(order)))
         gc.collect()
         print(row, flush=True)
         write_tasks(rows, args)

@@ -179,3 +179,13 @@ def test_iterative_steps_reach_the_ratio(cnn, digits_input):
     assert len(report.outcome["steps_detail"]) == 3
     assert cnn.features[0].out_channels == 8  # 32 * (1 - 0.75), reached in three re-scored steps
     assert cnn(digits_input).shape == (4, 10)
+
+
+def test_a_macs_target_in_steps_reports_the_share_of_the_dense_model(cnn, digits_input):
+    from secateurs.surgery.rehearsal import model_macs
+
+    dense = model_macs(cnn, digits_input)
+    report = secateurs.prune_(cnn, Channels(target_macs=0.4, steps=2), example_inputs=digits_input)
+    achieved = report.outcome["achieved_macs"]
+    assert achieved == pytest.approx(model_macs(cnn, digits_input) / dense, rel=1e-6)
+    assert achieved <= 0.4 and report.outcome["target_met"]

@@ -37,13 +37,14 @@ def test_target_latency_is_met_with_the_least_pruning(monkeypatch):
     assert 1e-4 * sum(p.numel() for p in model.parameters()) == pytest.approx(log["achieved"])
 
 
-def test_a_model_is_never_left_slower_than_dense(monkeypatch):
+def test_a_model_is_never_left_slower_than_dense(monkeypatch, caplog):
     _fake_clock(monkeypatch, -1)  # a device where narrower layers are slower
     model = _wide_mlp()
     before = sum(p.numel() for p in model.parameters())
     report = secateurs.prune_(model, secateurs.Channels(target_latency=1e-9), example_inputs=torch.randn(8, 256))
     assert sum(p.numel() for p in model.parameters()) == before  # undone
     assert report.outcome["latency_ms"]["achieved"] == report.outcome["latency_ms"]["dense"]
+    assert "nothing was pruned" in caplog.text and "pruned as far as allowed" not in caplog.text
 
 
 def test_real_cpu_latency_target():

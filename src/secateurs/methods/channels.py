@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -387,6 +388,9 @@ def merge_step_reports(reports: list[PruneReport], config: Channels) -> PruneRep
     final = reports[-1]
     final.config = config_to_dict(config)
     final.outcome["steps_detail"] = [r.outcome.get("achieved_ratio") for r in reports]
+    fractions = [r.outcome.get("achieved_macs") for r in reports]
+    if all(f is not None for f in fractions):  # each step's share of the MACs it started from: of the dense model
+        final.outcome["achieved_macs"] = math.prod(fractions)
     if "latency_ms" in final.outcome and "latency_ms" in reports[0].outcome:  # measured before the first step
         final.outcome["latency_ms"] = final.outcome["latency_ms"] | {"dense": reports[0].outcome["latency_ms"]["dense"]}
 

@@ -392,10 +392,12 @@ class LatencyGoal:
             best = planner(hi)
             if self.latency(best.plan) < self.dense:
                 self.log["achieved"] = self.log["trials"][-1]
+                _out_of_reach(planner, f"{self.target:.3g} ms", f"{self.log['achieved']:.3g} ms")
             else:  # never slower than the dense model: undo
                 best = planner(0.0)
                 self.log["achieved"] = self.dense
-            _out_of_reach(planner, f"{self.target:.3g} ms", f"{self.log['achieved']:.3g} ms")
+                log.warning("target %.3g ms is out of reach and no plan allowed was faster than the dense model "
+                            "(%.3g ms): nothing was pruned", self.target, self.dense)
         return Outcome(best, met, {"target_met": met, "latency_ms": self.log})
 
 

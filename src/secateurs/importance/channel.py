@@ -23,7 +23,7 @@ from ..errors import SecateursError
 from ..graph import DependencyGraph, Group, Member
 from ..patches import refit_blocker
 from ..selection import input_dim
-from .criteria import resolve_criterion
+from .criteria import register_criterion, resolve_criterion
 from .stats import ActivationStats, InputActivationStats, InputGrams, TaylorStats
 
 __all__ = ["CHANNEL_IMPORTANCE", "NEEDS_DATA", "REDUCTIONS", "ChannelImportance", "ScoringContext",
@@ -385,19 +385,7 @@ def register_channel_importance(criterion: ChannelImportance | type[ChannelImpor
     Returns:
         ``criterion``.
     """
-    instance = criterion() if isinstance(criterion, type) and issubclass(criterion, ChannelImportance) else criterion
-    if not isinstance(instance, ChannelImportance):
-        raise SecateursError(f"a channel criterion subclasses secateurs.importance.ChannelImportance; got "
-                             f"{type(criterion).__name__}")
-    name = instance.name
-    if not isinstance(name, str) or not name.strip():
-        raise SecateursError(f"{type(instance).__name__} has no name: set its name attribute (e.g. name = "
-                             "'my_criterion') before registering it")
-    if name in CHANNEL_IMPORTANCE:
-        raise SecateursError(f"channel importance '{name}' is already registered ({CHANNEL_IMPORTANCE[name]!r}): "
-                             "give yours another name")
-    CHANNEL_IMPORTANCE[name] = instance
-    return criterion
+    return register_criterion(criterion, ChannelImportance, CHANNEL_IMPORTANCE, "channel")
 
 
 def channel_importance(criterion: str | ChannelImportance) -> ChannelImportance:

@@ -6,7 +6,7 @@ from typing import Any, TypeVar
 
 from ..errors import SecateursError
 
-__all__ = ["resolve_criterion"]
+__all__ = ["register_criterion", "resolve_criterion"]
 
 C = TypeVar("C")
 
@@ -32,3 +32,21 @@ def resolve_criterion(criterion: str | C, base: type[C], registry: dict[str, C])
         raise SecateursError(f"unknown importance {criterion!r}: choose one of {', '.join(registry)}, or pass a "
                              f"{base.__name__} (secateurs.importance)")
     return found
+
+
+def register_criterion(criterion: Any, base: type, registry: dict[str, Any], kind: str) -> Any:
+    """Add ``criterion`` (an instance of ``base``, or a subclass, instantiated with no arguments) to
+    ``registry`` under its name; ``kind`` names the registry in messages. Returns ``criterion``."""
+    instance = criterion() if isinstance(criterion, type) and issubclass(criterion, base) else criterion
+    if not isinstance(instance, base):
+        raise SecateursError(f"a {kind} criterion subclasses secateurs.importance.{base.__name__}; got "
+                             f"{type(criterion).__name__}")
+    name = instance.name
+    if not isinstance(name, str) or not name.strip():
+        raise SecateursError(f"{type(instance).__name__} has no name: set its name attribute (e.g. name = "
+                             "'my_criterion') before registering it")
+    if name in registry:
+        raise SecateursError(f"{kind} importance '{name}' is already registered ({registry[name]!r}): "
+                             "give yours another name")
+    registry[name] = instance
+    return criterion

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SecateursError
-from .criteria import resolve_criterion
+from .criteria import register_criterion, resolve_criterion
 
 __all__ = ["ELEMENT_IMPORTANCE", "ElementContext", "ElementImportance", "element_importance", "element_scores",
            "register_element_importance"]
@@ -103,19 +103,7 @@ def register_element_importance(criterion: ElementImportance | type[ElementImpor
     Returns:
         ``criterion``.
     """
-    instance = criterion() if isinstance(criterion, type) and issubclass(criterion, ElementImportance) else criterion
-    if not isinstance(instance, ElementImportance):
-        raise SecateursError(f"an element-wise criterion subclasses secateurs.importance.ElementImportance; got "
-                             f"{type(criterion).__name__}")
-    name = instance.name
-    if not isinstance(name, str) or not name.strip():
-        raise SecateursError(f"{type(instance).__name__} has no name: set its name attribute (e.g. name = "
-                             "'my_criterion') before registering it")
-    if name in ELEMENT_IMPORTANCE:
-        raise SecateursError(f"element importance '{name}' is already registered ({ELEMENT_IMPORTANCE[name]!r}): "
-                             "give yours another name")
-    ELEMENT_IMPORTANCE[name] = instance
-    return criterion
+    return register_criterion(criterion, ElementImportance, ELEMENT_IMPORTANCE, "element")
 
 
 def element_importance(criterion: str | ElementImportance) -> ElementImportance:

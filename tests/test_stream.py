@@ -118,6 +118,34 @@ def test_streamed_layer_pruning_equals_in_memory(tmp_path):
         prune_streaming(src, tmp_path / "o2", Layers(n=1, importance="magnitude"), data=data)
 
 
+@pytest.mark.parametrize("width", ["ffn=0.25", "heads=0.5,ffn=0.25", "hidden=0.25"])
+def test_streamed_width_pruning_equals_in_memory(width, tmp_path):
+    """Widths planned on the meta skeleton from weights read tensor by tensor: the same plan, the same
+    folder (every layer narrower, the config saying so) as pruning the loaded model."""
+    from transformers import AutoModelForCausalLM
+
+    from secateurs import Channels
+    from secateurs.methods.stream import prune_streaming
+
+    src = _llama_folder(tmp_path / "src", tokenizer=False, tie=True)
+    config = Channels(width=width, importance="l2")
+    model = secateurs.load_model(f"hf:{src}")
+    ids = secateurs.example_inputs(model)  # what the streamed plan traces with, as the CLI's in-memory path does
+    expected = secateurs.prune_(model, config, example_inputs=ids)
+    report, stats = prune_streaming(src, tmp_path / "out", config)
+    assert report.plan == expected.plan and report.outcome["widths"] == expected.outcome["widths"]
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    want = model.state_dict()
+    assert set(stock.state_dict()) == set(want)
+    assert all(torch.equal(v, want[k]) for k, v in stock.state_dict().items())
+    assert stock.config.intermediate_size == model.config.intermediate_size < 128 or width == "hidden=0.25"
+    assert torch.equal(stock(ids).logits, model(ids).logits)
+    assert stats.bytes_written < stats.bytes_read
+    with pytest.raises(SecateursError, match="need the whole model"):
+        prune_streaming(src, tmp_path / "o2", Channels(width="ffn", ratio=0.25, importance="minitron"),
+                        data=_calibration())
+
+
 def test_shard_writer_round_trips_with_safetensors(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -234,7 +262,9 @@ def test_cli_stream_writes_a_stock_loadable_folder(tmp_path, capsys):
     # bad input: one line, exit 2, nothing at --out
     for argv, message in [
         (["secateurs.zoo:DigitsCNN", "--method", "unstructured", "--sparsity", "0.5"], "hf:DIR"),
-        ([f"hf:{src}", "--method", "channel", "--ratio", "0.5"], "needs the whole model"),
+        ([f"hf:{src}", "--method", "channel", "--ratio", "0.5", "--importance", "taylor", "--data", "pydoc"],
+         "need the whole model"),
+        ([f"hf:{src}", "--method", "channel", "--ratio", "0.5", "--scope", "global"], "need the whole model"),
         ([f"hf:{src}", "--method", "wanda", "--sparsity", "0.5"], "calibrates on text"),
         ([f"hf:{src}", "--method", "unstructured", "--sparsity", "0.5", "--report"], "--report needs the whole"),
         ([f"hf:{src}", "--method", "unstructured", "--sparsity", "0.5", "--save-format", "secateurs"], "transformers"),

@@ -12,7 +12,7 @@ import functools
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -33,7 +33,7 @@ from ..importance.channel import (
 from ..importance.stats import InputMeans, calibration_list, split_batch
 from ..progress import Progress
 from ..selection import Selection
-from ..surgery import CONFIG_STALE_ATTR, apply_plan_
+from ..surgery import CONFIG_STALE_ATTR, Plan, apply_plan_
 from ..surgery.compensate import compensate_
 from ..surgery.recalibrate import recalibrate_bn_
 from ..surgery.rehearsal import checked_on, model_macs, plan_macs
@@ -49,12 +49,21 @@ from .sensitivity_curves import (
     allocation_order,
     channel_curves,
 )
-from .strategy import LatencyGoal, Outcome, Planner, goal_for, plan_channels, plan_for, round_to_for
+from .strategy import (
+    LatencyGoal,
+    Outcome,
+    Planner,
+    RatioGoal,
+    goal_for,
+    plan_channels,
+    plan_for,
+    round_to_for,
+)
 from .width import classify_roles
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Channels", "calibration_stats", "channel_steps", "merge_step_reports", "plan_channels", "score_groups"]
+__all__ = ["Channels", "calibration_stats", "channel_steps", "merge_step_reports", "plan_channels", "plan_uniform_widths", "score_groups"]
 
 # Models up to this many bytes of tensors get their plan applied in place and checked there
 # (see _prune_once); bigger ones rehearse on a meta copy first.
@@ -309,10 +318,16 @@ def calibration_stats(model: nn.Module, graph: DependencyGraph, config: Channels
     return criterion.collect(model, graph, data, config.calib_batches)
 
 
-def score_groups(model: nn.Module, graph: DependencyGraph, config: Channels, stats: Any) -> dict[int, Tensor]:
-    """Group id -> importance of each of its channels, by ``config.importance`` (``stats``: what it collected)."""
+def score_groups(model: nn.Module, graph: DependencyGraph, config: Channels, stats: Any, *,
+                 tensors: Mapping[str, Tensor] | None = None) -> dict[int, Tensor]:
+    """Group id -> importance of each of its channels, by ``config.importance`` (``stats``: what it collected).
+
+    ``tensors``: the model's parameters and buffers by name, where they are not in ``model`` itself (a
+    meta skeleton whose weights are read from disk as the criterion asks for them).
+    """
     named_params = dict(model.named_parameters())
-    tensors = named_params | dict(model.named_buffers())
+    if tensors is None:
+        tensors = named_params | dict(model.named_buffers())
     norm_scales = {
         f"{n}.weight" for n, m in model.named_modules()
         if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)) and getattr(m, "weight", None) is not None
@@ -502,6 +517,30 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     if config.ratio is not None and shares is None and not uniform:
         _warn_rounded_away(graph, config, outcome.candidate.removed, outcome.candidate.failed)
     return report
+
+
+def plan_uniform_widths(model: nn.Module, config: Channels, example_inputs: Any, *,
+                        tensors: Mapping[str, Tensor] | None = None) -> tuple[Plan, PruneReport]:
+    """The plan channel pruning would apply to a transformers ``model`` by a plain ratio or ``width``,
+    and its report, without changing ``model``: for a model whose weights live elsewhere (a meta
+    skeleton streamed from disk, with ``tensors`` reading them). Data-free criteria only; the same
+    plan :func:`~secateurs.prune_` applies to the same weights."""
+    criterion = channel_importance(config.importance)
+    if criterion.needs_data or not _uniform_widths(model, config) or config.target_macs is not None \
+            or config.target_latency is not None:
+        raise SecateursError("planning without the weights in memory takes a transformers model, a ratio or "
+                             "--width, and a criterion that needs no data (l1, l2, ...)")
+    chosen = config.resolve(model)
+    graph = build_graph(model, example_inputs, frozen_tensors=chosen.frozen_tensors())
+    graph.groups = chosen.groups(graph.groups)
+    if not graph.groups:
+        raise SecateursError("no prunable channel group found: every layer is coupled to the inputs/outputs or ignored")
+    scores = score_groups(model, graph, config, None, tensors=tensors)
+    planner = Planner(model, graph, scores, config, example_inputs, graph.output_shapes,
+                      roles=classify_roles(model, graph))
+    outcome = RatioGoal(config.ratio if config.ratio is not None else 0.0).search(planner)
+    plan = outcome.candidate.plan
+    return plan, _channel_report(model, config, graph, scores, outcome, planner.width_info(plan))
 
 
 def _channel_report(model: nn.Module, config: Channels, graph: DependencyGraph, scores: dict[int, Tensor],

@@ -11,7 +11,10 @@ layer's inputs, write its weights into the output shards and free them. This is
 the same computation, in the same order, as the in-memory path
 (:mod:`secateurs.methods.oneshot`), so the result is the same. Layer pruning by
 block influence walks the dense model the same way to score every layer, then
-copies the layers it keeps under their new names, with the config updated.
+copies the layers it keeps under their new names, with the config updated. Channel
+pruning by widths (every layer the same shape, a criterion that needs no data) plans
+on the skeleton, reading each weight from disk when the criterion scores it, then
+copies every tensor cut to its new widths, with the config updated.
 
 Memory holds one layer, its statistics and the calibration activations (which
 spill to disk beyond a budget); the output folder is a standard transformers
@@ -21,6 +24,7 @@ manifest beside it, written atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -28,7 +32,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +43,7 @@ from torch import Tensor, nn
 
 from ..errors import SecateursError
 from ..graph.blocks import repeated_blocks
+from ..importance.channel import channel_importance
 from ..importance.layer import block_influence
 from ..importance.stats import split_batch
 from ..masks import finalize_, masked_tensors
@@ -47,6 +52,7 @@ from ..selection import Target, select_targets
 from ..surgery import Plan, apply_plan_
 from ..surgery.layers import name_after_drop
 from ..utils import first_tensor, map_tensors, total_memory
+from .channels import Channels, plan_uniform_widths
 from .common import config_to_dict, layer_report, make_generator
 from .layers import Layers
 from .nm import NM, nm_keep
@@ -101,6 +107,15 @@ def check_streamable(config: Any) -> None:
         if config.include is not None or config.ignore or config.filter_fn is not None:
             raise SecateursError("streaming chooses among all of the model's layers: drop --include/--ignore, or "
                                  "--stream")
+        return
+    if isinstance(config, Channels):
+        if channel_importance(config.importance).needs_data or config.scope == "global" \
+                or config.allocate != "uniform" or config.include is not None or config.filter_fn is not None \
+                or config.target_macs is not None or config.target_latency is not None or config.steps != 1 \
+                or config.compensate or config.recalibrate_bn or config.reconstruct:
+            raise SecateursError("streaming channel pruning cuts every layer to the same widths (--ratio or "
+                                 "--width) by a criterion that needs no data (l1, l2, ...); data-driven criteria, "
+                                 "targets, global ranking, steps and repairs need the whole model: drop --stream")
         return
     if isinstance(config, Unstructured):
         if config.scope == "global":
@@ -388,7 +403,11 @@ def prune_streaming(
     if isinstance(config, Layers):
         with torch.no_grad(), tempfile.TemporaryDirectory(dir=out.resolve().parent, prefix=".activations-") as spill:
             renamed = _choose_layers(model, config, batches, slots, read, report, stats, dev, budget, Path(spill))
-    infos = {renamed[k]: info for k, info in weights.tensors.items() if renamed[k] is not None}
+    cuts: dict[str, dict[int, Tensor]] = {}  # channel pruning: stored name -> dim -> the indices kept
+    if isinstance(config, Channels):
+        report, cuts = _plan_widths(model, config, slots, read, input_shape)
+        stats.layers = len(repeated_blocks(model))
+    infos = {renamed[k]: _cut_info(info, cuts.get(k)) for k, info in weights.tensors.items() if renamed[k] is not None}
     files = plan_shards(infos, max_shard_size)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, {k: (i.dtype, i.shape) for k, i in infos.items()}, files)
@@ -406,17 +425,19 @@ def prune_streaming(
 
         with torch.no_grad():
             # layer pruning chose above: its kept layers are copied below under their new names
-            if batches is None:
+            if isinstance(config, Channels):
+                pass  # planned above: the tensors are cut as they are copied below
+            elif batches is None:
                 _stream_data_free(model, config, slots, read, write, report, stats)
             elif not isinstance(config, Layers):
                 with tempfile.TemporaryDirectory(dir=tmp, prefix=".activations-") as spill:
                     _stream_calibrated(model, config, batches, slots, read, write, report, stats, dev, budget,
                                        Path(spill))
-            for key in weights.tensors:  # everything the method left alone, as it was
+            for key in weights.tensors:  # everything the method left alone, as it was (or narrower)
                 if renamed[key] is not None and renamed[key] not in records:
-                    write(key, read(key), None)
+                    write(key, _cut(read(key), cuts.get(key)), None)
         written = writer.close()
-        if isinstance(config, Layers):  # the config now says how many layers there are
+        if isinstance(config, (Layers, Channels)):  # the config now says how many layers there are, or how wide
             model.config.to_json_file(str(tmp / "config.json"))
             written.append("config.json")
         for name in _COPIED:
@@ -430,6 +451,71 @@ def prune_streaming(
                                    tensors=records, kept_zeros=kept_zeros, written=sorted(written),
                                    extra_files=extra, size=stats.bytes_written)
     return report, stats
+
+
+class _StoredTensors(Mapping):
+    """The skeleton's parameters and buffers by name, each read from the input shards when asked for
+    (and not kept): what a data-free criterion scores without the model in memory."""
+
+    def __init__(self, model: nn.Module, slots: _Slots, read: Callable[[str], Tensor]) -> None:
+        self._keys = {name: slots.key_of[id(t)] for name, t in [*model.named_parameters(), *model.named_buffers()]
+                      if id(t) in slots.key_of}
+        self._read = read
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._read(self._keys[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _plan_widths(model: nn.Module, config: Channels, slots: _Slots, read: Callable[[str], Tensor],
+                 input_shape: list[int] | None) -> tuple[PruneReport, dict[str, dict[int, Tensor]]]:
+    """Channel pruning by widths on the skeleton: the plan from the weights on disk (read tensor by tensor
+    for the scores), applied to the skeleton (its config takes the new widths); per stored tensor, the
+    indices each dim keeps."""
+    from ..io.inputs import example_inputs
+
+    x = example_inputs(model, input_shape)
+    plan, report = plan_uniform_widths(model, config, x, tensors=_StoredTensors(model, slots, read))
+    if "config" in report.skipped:
+        raise SecateursError("the transformers config cannot describe these widths, and a streamed folder must "
+                             "reload with from_pretrained: keep widths a multiple of the head count (--round-to) "
+                             "or prune in memory (--no-stream)")
+    plan = plan.normalized()
+    named = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    cuts: dict[str, dict[int, Tensor]] = {}
+    for name, dims in plan.remove.items():
+        key = slots.key_of.get(id(named[name]))
+        if key is None:
+            continue  # a computed buffer: the skeleton's surgery below narrows it
+        size = named[name].shape
+        for dim, gone in dims.items():
+            keep = torch.ones(size[dim], dtype=torch.bool)
+            keep[gone] = False
+            cuts.setdefault(key, {})[dim] = keep.nonzero().flatten()
+    apply_plan_(model, plan)  # meta tensors: only the shapes, the sizes and the config change
+    return report, cuts
+
+
+def _cut(t: Tensor, keep: dict[int, Tensor] | None) -> Tensor:
+    for dim, idx in (keep or {}).items():
+        t = t.index_select(dim, idx.to(t.device))
+    return t
+
+
+def _cut_info(info: Any, keep: dict[int, Tensor] | None) -> Any:
+    """A stored tensor's record with the shape it will be written in."""
+    if not keep:
+        return info
+    shape = list(info.shape)
+    for dim, idx in keep.items():
+        shape[dim] = int(idx.numel())
+    size = math.prod(shape) * info.dtype.itemsize
+    return dataclasses.replace(info, shape=tuple(shape), end=info.begin + size)
 
 
 def _stream_data_free(model: nn.Module, config: Any, slots: _Slots, read: Any, write: Any,

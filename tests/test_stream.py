@@ -146,6 +146,36 @@ def test_streamed_width_pruning_equals_in_memory(width, tmp_path):
                         data=_calibration())
 
 
+def test_streamed_width_pruning_with_reconstruction_equals_in_memory(tmp_path):
+    """The refits of reconstruction made one layer at a time (dense and pruned layer side by side) are the
+    ones made with the whole model in memory."""
+    from transformers import AutoModelForCausalLM
+
+    from secateurs import Channels
+    from secateurs.methods.stream import prune_streaming
+
+    src = _llama_folder(tmp_path / "src", dtype=torch.float32, tokenizer=False, tie=True)
+    data = _calibration(6)
+    config = Channels(width="heads=0.5,ffn=0.25", importance="l2", reconstruct=True, calib_batches=6)
+    model = secateurs.load_model(f"hf:{src}")
+    expected = secateurs.prune_(model, config, example_inputs=secateurs.example_inputs(model), data=data)
+    report, stats = prune_streaming(src, tmp_path / "out", config, data=data)
+    assert report.plan == expected.plan
+    assert [(f["name"], f["how"], f["damp"]) for f in report.reconstruction] == \
+        [(f["name"], f["how"], f["damp"]) for f in expected.reconstruction]
+    assert any(f["how"] == "refit" for f in report.reconstruction)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    want = model.state_dict()
+    for key, value in stock.state_dict().items():
+        torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-6, msg=key)
+    ids = data[0]["input_ids"]
+    torch.testing.assert_close(stock(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(SecateursError, match="outside it"):  # a pruned hidden size: the LM head is refitted too
+        prune_streaming(src, tmp_path / "o2", Channels(width="hidden=0.25", reconstruct=True), data=data)
+    with pytest.raises(SecateursError, match="pass data="):
+        prune_streaming(src, tmp_path / "o3", config)
+
+
 def test_shard_writer_round_trips_with_safetensors(tmp_path):
     from safetensors.torch import load_file, save_file
 

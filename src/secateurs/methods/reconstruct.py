@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DAMP = 0.01  # with one calibration batch there is nothing to cross-validate on
 
-__all__ = ["LayerFit", "adds_to_output", "chain_candidates", "reconstruct_", "reconstruction_targets"]
+__all__ = ["LayerFit", "adds_to_output", "advance_calls", "chain_candidates", "reconstruct_", "reconstruction_targets",
+           "refit_block"]
 
 
 @dataclass
@@ -383,3 +384,36 @@ def reconstruct_(pruned: nn.Module, dense: nn.Module, targets: dict[str, Tensor]
     log.info("reconstructed %d of %d layers in %.1f s", sum(f.how != "none" for f in fits.values()), len(targets),
              time.perf_counter() - began)
     return [fits[n] for n in targets]
+
+
+def refit_block(dense_block: nn.Module, pruned_block: nn.Module, dense_calls: list[tuple[tuple, dict]],
+                pruned_calls: list[tuple[tuple, dict]], targets: dict[str, Tensor], *, prefix: str = "",
+                damp: float | None = None) -> list[LayerFit]:
+    """Refit ``targets`` (names inside the block -> kept output rows) of ``pruned_block`` from cached calls
+    of both blocks (``(args, kwargs)`` per calibration batch), in forward order, as :func:`reconstruct_`
+    does for each block of a chain: for a caller that holds one block at a time (streaming).
+    ``prefix`` names the block in the fits' names."""
+    modules, dense_modules = dict(pruned_block.named_modules()), dict(dense_block.named_modules())
+    args, kwargs = pruned_calls[0]
+    index, counts, followers, _ = _call_order(pruned_block, list(targets), [],
+                                              lambda: _fresh_call(pruned_block, args, kwargs))
+    runs = _Runs([lambda a=a, k=k: _fresh_call(dense_block, a, k) for a, k in dense_calls],
+                 [lambda a=a, k=k: _fresh_call(pruned_block, a, k) for a, k in pruned_calls], pruned_block)
+    fits: dict[str, LayerFit] = {}
+    full = {name: f"{prefix}.{name}" if prefix else name for name in targets}
+    for name in targets:
+        if counts.get(name, 0) == 0:
+            fits[name] = LayerFit(full[name], "none", note="not called on the calibration data")
+        elif counts[name] > 1:
+            fits[name] = LayerFit(full[name], "none", note=f"called {counts[name]} times per forward (shared weights)")
+    with torch.no_grad(), eval_mode(pruned_block), eval_mode(dense_block):
+        for name in sorted((n for n in targets if n not in fits), key=index.__getitem__):
+            follower = modules.get(followers[name]) if name in followers else None
+            fits[name] = _fit_layer(full[name], dense_modules[name], modules[name], targets[name], follower, runs, damp)
+    return [fits[n] for n in targets]
+
+
+def advance_calls(block: nn.Module, calls: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """The calls of the next block of a chain: ``block`` run on each call, its output as the hidden states."""
+    with torch.no_grad(), eval_mode(block):
+        return [with_hidden(a, k, first_tensor(_fresh_call(block, a, k))) for a, k in calls]

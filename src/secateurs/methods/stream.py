@@ -14,7 +14,9 @@ block influence walks the dense model the same way to score every layer, then
 copies the layers it keeps under their new names, with the config updated. Channel
 pruning by widths (every layer the same shape, a criterion that needs no data) plans
 on the skeleton, reading each weight from disk when the criterion scores it, then
-copies every tensor cut to its new widths, with the config updated.
+copies every tensor cut to its new widths, with the config updated; with
+reconstruction, the dense and the pruned layer are read side by side, one layer at a
+time, each fed its own model's activations, and the refitted layer is written.
 
 Memory holds one layer, its statistics and the calibration activations (which
 spill to disk beyond a budget); the output folder is a standard transformers
@@ -45,7 +47,7 @@ from ..errors import SecateursError
 from ..graph.blocks import repeated_blocks
 from ..importance.channel import channel_importance
 from ..importance.layer import block_influence
-from ..importance.stats import split_batch
+from ..importance.stats import calibration_list, split_batch
 from ..masks import finalize_, masked_tensors
 from ..progress import Progress
 from ..selection import Target, select_targets
@@ -64,6 +66,7 @@ from .oneshot import (
     oneshot_targets,
     prune_block,
 )
+from .reconstruct import advance_calls, reconstruction_targets, refit_block
 from .report import LayerReport, PruneReport
 from .unstructured import Unstructured, layer_keep
 
@@ -112,10 +115,11 @@ def check_streamable(config: Any) -> None:
         if channel_importance(config.importance).needs_data or config.scope == "global" \
                 or config.allocate != "uniform" or config.include is not None or config.filter_fn is not None \
                 or config.target_macs is not None or config.target_latency is not None or config.steps != 1 \
-                or config.compensate or config.recalibrate_bn or config.reconstruct:
+                or config.compensate or config.recalibrate_bn:
             raise SecateursError("streaming channel pruning cuts every layer to the same widths (--ratio or "
-                                 "--width) by a criterion that needs no data (l1, l2, ...); data-driven criteria, "
-                                 "targets, global ranking, steps and repairs need the whole model: drop --stream")
+                                 "--width) by a criterion that needs no data (l1, l2, ...), and may --reconstruct; "
+                                 "data-driven criteria, targets, global ranking, steps and other repairs need the "
+                                 "whole model: drop --stream")
         return
     if isinstance(config, Unstructured):
         if config.scope == "global":
@@ -404,8 +408,11 @@ def prune_streaming(
         with torch.no_grad(), tempfile.TemporaryDirectory(dir=out.resolve().parent, prefix=".activations-") as spill:
             renamed = _choose_layers(model, config, batches, slots, read, report, stats, dev, budget, Path(spill))
     cuts: dict[str, dict[int, Tensor]] = {}  # channel pruning: stored name -> dim -> the indices kept
+    width_plan = None
     if isinstance(config, Channels):
-        report, cuts = _plan_widths(model, config, slots, read, input_shape)
+        if config.reconstruct and data is None:
+            raise SecateursError("reconstruct refits layers on data: pass data= (CLI: --data)")
+        report, cuts, width_plan = _plan_widths(model, config, slots, read, input_shape)
         stats.layers = len(repeated_blocks(model))
     infos = {renamed[k]: _cut_info(info, cuts.get(k)) for k, info in weights.tensors.items() if renamed[k] is not None}
     files = plan_shards(infos, max_shard_size)
@@ -425,7 +432,12 @@ def prune_streaming(
 
         with torch.no_grad():
             # layer pruning chose above: its kept layers are copied below under their new names
-            if isinstance(config, Channels):
+            if isinstance(config, Channels) and config.reconstruct:
+                dense = hf_skeleton(folder, trust_code=trust_code, dtype=dtype, stored=weights.tensors)
+                report.reconstruction = [f.to_dict() for f in _stream_reconstruct(
+                    dense, model, width_plan, config, data, _Slots(dense, weights.tensors), slots, read,
+                    lambda key: _cut(read(key), cuts.get(key)), write, dev)]
+            elif isinstance(config, Channels):
                 pass  # planned above: the tensors are cut as they are copied below
             elif batches is None:
                 _stream_data_free(model, config, slots, read, write, report, stats)
@@ -498,7 +510,59 @@ def _plan_widths(model: nn.Module, config: Channels, slots: _Slots, read: Callab
             keep[gone] = False
             cuts.setdefault(key, {})[dim] = keep.nonzero().flatten()
     apply_plan_(model, plan)  # meta tensors: only the shapes, the sizes and the config change
-    return report, cuts
+    return report, cuts, plan
+
+
+def _stream_reconstruct(dense: nn.Module, pruned: nn.Module, plan: Plan, config: Channels, data: Any,
+                        dense_slots: _Slots, slots: _Slots, read: Callable[[str], Tensor],
+                        read_cut: Callable[[str], Tensor], write: Any, device: torch.device) -> list[Any]:
+    """Reconstruction (:mod:`.reconstruct`) one layer at a time: the dense and the pruned layer in memory
+    together, each fed its own model's activations, the pruned one refitted and written, then both freed."""
+    targets = reconstruction_targets(dense, plan)
+    blocks = [name for name, _ in repeated_blocks(pruned)]
+    outside = [t for t in targets if not any(t.startswith(b + ".") for b in blocks)]
+    if outside:
+        raise SecateursError(f"streaming reconstructs layers inside the model's layer stack; {outside[0]} is "
+                             "outside it (a pruned hidden size reaches the LM head): prune in memory "
+                             "(--no-stream) or leave the hidden size (--width heads,ffn)")
+    batches = calibration_list(data, config.calib_batches, "reconstruct")
+    dense_modules, modules = dict(dense.named_modules()), dict(pruned.named_modules())
+
+    def first_calls(model: nn.Module, model_slots: _Slots, reader: Callable[[str], Tensor]) -> list:
+        in_stack = {id(m) for b in blocks for m in dict(model.named_modules())[b].modules()}
+        around = [m for m in model.modules() if id(m) not in in_stack]
+        with _materialise_on_call(around, model_slots, reader, device):
+            calls = capture_block_inputs(model, dict(model.named_modules())[blocks[0]],
+                                         [map_tensors(b, lambda x: x.to(device)) for b in batches])
+        model_slots.release()
+        return calls
+
+    dense_calls = first_calls(dense, dense_slots, read)
+    pruned_calls = first_calls(pruned, slots, read_cut)
+    fits: list[Any] = []
+    bar = Progress(len(blocks), f"reconstructing {len(blocks)} layers", enabled=None)
+    for name in blocks:
+        for model_slots, reader, model in ((dense_slots, read, dense), (slots, read_cut, pruned)):
+            for key in model_slots.keys_under(name):
+                model_slots.put(key, reader(key))
+            for sub in dict(model.named_modules())[name].modules():
+                model_slots.move_buffers(sub, device)
+        inside = {t[len(name) + 1:]: keep for t, keep in targets.items() if t.startswith(name + ".")}
+        if inside:
+            fits += refit_block(dense_modules[name], modules[name], dense_calls, pruned_calls, inside,
+                                prefix=name, damp=config.reconstruct_damp)
+        dense_calls = advance_calls(dense_modules[name], dense_calls)
+        pruned_calls = advance_calls(modules[name], pruned_calls)
+        for key in slots.keys_under(name):  # refitted: written as they are now
+            module, attr, _ = slots.owner[key]
+            write(key, getattr(module, attr).detach().cpu(), None)
+        dense_slots.release()
+        slots.release()
+        _release_freed_memory()
+        bar.update(layer=name)
+    bar.close()
+    order = list(targets)
+    return sorted(fits, key=lambda f: order.index(f.name))
 
 
 def _cut(t: Tensor, keep: dict[int, Tensor] | None) -> Tensor:

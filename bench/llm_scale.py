@@ -72,7 +72,7 @@ SHAPES: dict[str, tuple[dict[str, Any], str]] = {
                   num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5),
              "a smoke test"),
 }
-METHODS = ("wanda", "sparsegpt24", "width-ffn25")  # width-ffn25: 25% of FFN neurons, l2 (secateurs only)
+METHODS = ("wanda", "sparsegpt24", "width-ffn25", "width-ffn25-minitron")  # width: 25% of FFN neurons (secateurs only)
 TOOLS = ("secateurs-stream", "secateurs-memory", "llmcompressor", "llmcompressor-offload")
 # llmcompressor-offload: llm-compressor's own answer to models bigger than memory (accelerate's disk offload)
 # with this share of the model's weights allowed in CPU memory, the streaming path's goal minus a margin
@@ -87,7 +87,9 @@ def tool_command(tool: str, method: str, model: Path, out: Path, *, device: str,
     if tool.startswith("secateurs"):
         method_flags = {"wanda": ["--method", "wanda", "--sparsity", "0.5"],
                         "sparsegpt24": ["--method", "sparsegpt", "--nm", "2:4"],
-                        "width-ffn25": ["--method", "channel", "--width", "ffn=0.25", "--importance", "l2"]}[method]
+                        "width-ffn25": ["--method", "channel", "--width", "ffn=0.25", "--importance", "l2"],
+                        "width-ffn25-minitron": ["--method", "channel", "--width", "ffn=0.25", "--importance",
+                                                 "minitron"]}[method]
         # --no-stream: prune also streams on its own when the weights pass a third of the machine's memory
         path_flags = {"secateurs-stream": ["--stream"], "secateurs-memory": ["--no-stream"]}[tool]
         secateurs = Path(sys.executable).with_name("secateurs")
@@ -315,7 +317,7 @@ def check_pruned(folder: Path, method: str) -> dict[str, Any]:
     (2:4: at most 2 nonzeros in every group of 4 along the input)."""
     from safetensors import safe_open
 
-    if method == "width-ffn25":  # every layer's FFN a quarter narrower, the config saying so
+    if method.startswith("width-ffn25"):  # every layer's FFN a quarter narrower, the config saying so
         size = json.loads((folder / "config.json").read_text())["intermediate_size"]
         return {"intermediate_size": size, "check": "ok" if size in (4224, 6144, 516) else "wrong width"}
     found: dict[str, Any] = {}

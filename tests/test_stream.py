@@ -141,9 +141,33 @@ def test_streamed_width_pruning_equals_in_memory(width, tmp_path):
     assert stock.config.intermediate_size == model.config.intermediate_size < 128 or width == "hidden=0.25"
     assert torch.equal(stock(ids).logits, model(ids).logits)
     assert stats.bytes_written < stats.bytes_read
-    with pytest.raises(SecateursError, match="need the whole model"):
-        prune_streaming(src, tmp_path / "o2", Channels(width="ffn", ratio=0.25, importance="minitron"),
+    with pytest.raises(SecateursError, match="need the whole model"):  # taylor needs gradients
+        prune_streaming(src, tmp_path / "o2", Channels(width="ffn", ratio=0.25, importance="taylor"),
                         data=_calibration())
+
+
+@pytest.mark.parametrize("width", ["heads=0.5,ffn=0.25", "hidden=0.25"])
+def test_streamed_width_pruning_by_minitron_equals_in_memory(width, tmp_path):
+    """A criterion that collects on data by forwards only (minitron): its forwards run with each layer read
+    as it is called and freed when it returns, and give the statistics, so the plan and the folder, of
+    the model in memory."""
+    from transformers import AutoModelForCausalLM
+
+    from secateurs import Channels
+    from secateurs.methods.stream import prune_streaming
+
+    src = _llama_folder(tmp_path / "src", dtype=torch.float32, tokenizer=False, tie=True)
+    data = _calibration()
+    config = Channels(width=width, importance="minitron", calib_batches=4)
+    model = secateurs.load_model(f"hf:{src}")
+    expected = secateurs.prune_(model, config, example_inputs=secateurs.example_inputs(model), data=data)
+    report, stats = prune_streaming(src, tmp_path / "out", config, data=data)
+    assert report.plan == expected.plan and report.importance == expected.importance
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    want = model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in stock.state_dict().items())
+    with pytest.raises(SecateursError, match="measured on data"):
+        prune_streaming(src, tmp_path / "o2", config)
 
 
 def test_streamed_width_pruning_with_reconstruction_equals_in_memory(tmp_path):

@@ -276,6 +276,9 @@ class ChannelImportance(abc.ABC):
         name: what configs, the CLI and reports call it.
         needs_data: pruning refuses to run without ``data`` (``collect`` is still
             called whenever data is given, so a criterion may use data when it has some).
+        forward_only: ``collect`` only runs forwards (no gradients) and keeps statistics of a size
+            bounded by the layers' widths, so it also works on a model streamed from disk layer by
+            layer (``--stream``).
 
     Example:
         >>> import torch, secateurs
@@ -300,6 +303,7 @@ class ChannelImportance(abc.ABC):
 
     name: str = ""
     needs_data: bool = False
+    forward_only: bool = False
 
     def collect(self, model: nn.Module, graph: DependencyGraph, data: Any, batches: int) -> Any:
         """Statistics measured on up to ``batches`` batches of ``data``, once, before any group is scored.
@@ -348,9 +352,10 @@ class _DataCriterion(_WeightCriterion):
     needs_data = True
 
     def __init__(self, name: str, fn: Callable[..., list[Tensor]],
-                 measure: Callable[[nn.Module, DependencyGraph, Any, int], Any]) -> None:
+                 measure: Callable[[nn.Module, DependencyGraph, Any, int], Any], *, forward_only: bool = False) -> None:
         super().__init__(name, fn)
         self._measure = measure
+        self.forward_only = forward_only
 
     def collect(self, model: nn.Module, graph: DependencyGraph, data: Any, batches: int) -> Any:
         return self._measure(model, graph, data, batches)
@@ -420,9 +425,10 @@ for _builtin in (
     _WeightCriterion("random", _random),
     _DataCriterion("taylor", _taylor, lambda model, graph, data, n: TaylorStats(model).run(data, n).scores),
     _DataCriterion("activation", _activation,
-                   lambda model, graph, data, n: ActivationStats(model).run(data, n).per_channel()),
+                   lambda model, graph, data, n: ActivationStats(model).run(data, n).per_channel(), forward_only=True),
     _DataCriterion("minitron", _minitron,
-                   lambda model, graph, data, n: InputActivationStats(model).run(data, n).per_channel()),
+                   lambda model, graph, data, n: InputActivationStats(model).run(data, n).per_channel(),
+                   forward_only=True),
     _DataCriterion("obs", _obs, _input_grams),
 ):
     register_channel_importance(_builtin)

@@ -6,6 +6,7 @@ strategy (how many channels each group loses) -> plan -> surgery.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -520,22 +521,25 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
 
 
 def plan_uniform_widths(model: nn.Module, config: Channels, example_inputs: Any, *,
-                        tensors: Mapping[str, Tensor] | None = None) -> tuple[Plan, PruneReport]:
+                        tensors: Mapping[str, Tensor] | None = None, data: Any = None,
+                        runnable: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                        ) -> tuple[Plan, PruneReport]:
     """The plan channel pruning would apply to a transformers ``model`` by a plain ratio or ``width``,
     and its report, without changing ``model``: for a model whose weights live elsewhere (a meta
-    skeleton streamed from disk, with ``tensors`` reading them). Data-free criteria only; the same
-    plan :func:`~secateurs.prune_` applies to the same weights."""
-    criterion = channel_importance(config.importance)
-    if criterion.needs_data or not _uniform_widths(model, config) or config.target_macs is not None \
-            or config.target_latency is not None:
-        raise SecateursError("planning without the weights in memory takes a transformers model, a ratio or "
-                             "--width, and a criterion that needs no data (l1, l2, ...)")
+    skeleton streamed from disk, with ``tensors`` reading them). A data-driven criterion collects its
+    statistics on ``data`` inside ``runnable()``, which makes the model able to run (its weights read
+    as each module is called); the same plan :func:`~secateurs.prune_` applies to the same weights and data."""
+    if not _uniform_widths(model, config) or config.target_macs is not None or config.target_latency is not None:
+        raise SecateursError("planning without the weights in memory takes a transformers model and a ratio or "
+                             "--width")
     chosen = config.resolve(model)
     graph = build_graph(model, example_inputs, frozen_tensors=chosen.frozen_tensors())
     graph.groups = chosen.groups(graph.groups)
     if not graph.groups:
         raise SecateursError("no prunable channel group found: every layer is coupled to the inputs/outputs or ignored")
-    scores = score_groups(model, graph, config, None, tensors=tensors)
+    with runnable():
+        stats = calibration_stats(model, graph, config, data)
+    scores = score_groups(model, graph, config, stats, tensors=tensors)
     planner = Planner(model, graph, scores, config, example_inputs, graph.output_shapes,
                       roles=classify_roles(model, graph))
     outcome = RatioGoal(config.ratio if config.ratio is not None else 0.0).search(planner)

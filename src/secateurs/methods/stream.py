@@ -112,14 +112,15 @@ def check_streamable(config: Any) -> None:
                                  "--stream")
         return
     if isinstance(config, Channels):
-        if channel_importance(config.importance).needs_data or config.scope == "global" \
+        criterion = channel_importance(config.importance)
+        if (criterion.needs_data and not criterion.forward_only) or config.scope == "global" \
                 or config.allocate != "uniform" or config.include is not None or config.filter_fn is not None \
                 or config.target_macs is not None or config.target_latency is not None or config.steps != 1 \
                 or config.compensate or config.recalibrate_bn:
             raise SecateursError("streaming channel pruning cuts every layer to the same widths (--ratio or "
-                                 "--width) by a criterion that needs no data (l1, l2, ...), and may --reconstruct; "
-                                 "data-driven criteria, targets, global ranking, steps and other repairs need the "
-                                 "whole model: drop --stream")
+                                 "--width) by a criterion that needs no data (l1, l2, ...) or only runs forwards "
+                                 "(minitron, activation), and may --reconstruct; taylor and obs, targets, global "
+                                 "ranking, steps and other repairs need the whole model: drop --stream")
         return
     if isinstance(config, Unstructured):
         if config.scope == "global":
@@ -412,7 +413,7 @@ def prune_streaming(
     if isinstance(config, Channels):
         if config.reconstruct and data is None:
             raise SecateursError("reconstruct refits layers on data: pass data= (CLI: --data)")
-        report, cuts, width_plan = _plan_widths(model, config, slots, read, input_shape)
+        report, cuts, width_plan = _plan_widths(model, config, slots, read, input_shape, data, dev)
         stats.layers = len(repeated_blocks(model))
     infos = {renamed[k]: _cut_info(info, cuts.get(k)) for k, info in weights.tensors.items() if renamed[k] is not None}
     files = plan_shards(infos, max_shard_size)
@@ -485,14 +486,18 @@ class _StoredTensors(Mapping):
 
 
 def _plan_widths(model: nn.Module, config: Channels, slots: _Slots, read: Callable[[str], Tensor],
-                 input_shape: list[int] | None) -> tuple[PruneReport, dict[str, dict[int, Tensor]]]:
+                 input_shape: list[int] | None, data: Any, device: torch.device,
+                 ) -> tuple[PruneReport, dict[str, dict[int, Tensor]], Plan]:
     """Channel pruning by widths on the skeleton: the plan from the weights on disk (read tensor by tensor
-    for the scores), applied to the skeleton (its config takes the new widths); per stored tensor, the
-    indices each dim keeps."""
+    for the scores; a data-driven criterion runs its forwards with each layer read as it runs), applied
+    to the skeleton (its config takes the new widths); per stored tensor, the indices each dim keeps."""
     from ..io.inputs import example_inputs
 
     x = example_inputs(model, input_shape)
-    plan, report = plan_uniform_widths(model, config, x, tensors=_StoredTensors(model, slots, read))
+    if data is not None:
+        data = [map_tensors(b, lambda t: t.to(device)) for b in calibration_list(data, config.calib_batches, "channels")]
+    plan, report = plan_uniform_widths(model, config, x, tensors=_StoredTensors(model, slots, read), data=data,
+                                       runnable=lambda: _streamed_forward(model, slots, read, device))
     if "config" in report.skipped:
         raise SecateursError("the transformers config cannot describe these widths, and a streamed folder must "
                              "reload with from_pretrained: keep widths a multiple of the head count (--round-to) "
@@ -563,6 +568,25 @@ def _stream_reconstruct(dense: nn.Module, pruned: nn.Module, plan: Plan, config:
     bar.close()
     order = list(targets)
     return sorted(fits, key=lambda f: order.index(f.name))
+
+
+@contextmanager
+def _streamed_forward(model: nn.Module, slots: _Slots, read: Callable[[str], Tensor],
+                      device: torch.device) -> Iterator[None]:
+    """The skeleton runs: every module reads its stored tensors when it is called, and what was read is
+    freed each time a layer of the stack returns (so a forward holds one layer, plus the embeddings)."""
+    def free(_m: nn.Module, _args: Any, _out: Any) -> None:
+        slots.release()
+        _release_freed_memory()
+
+    handles = [block.register_forward_hook(free) for _, block in repeated_blocks(model)]
+    try:
+        with torch.no_grad(), _materialise_on_call(list(model.modules()), slots, read, device):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+        slots.release()
 
 
 def _cut(t: Tensor, keep: dict[int, Tensor] | None) -> Tensor:

@@ -312,6 +312,12 @@ def test_cli_stream_writes_a_stock_loadable_folder(tmp_path, capsys):
     code = main(["prune", f"hf:{src}", "--method", "layer", "--layers", "1", "--calib-samples", "4", "--seq-len", "16",
                  "--stream", "--out", str(tmp_path / "layer"), "-q"])
     assert code == 0 and AutoModelForCausalLM.from_pretrained(tmp_path / "layer").config.num_hidden_layers == 2
+    code = main(["prune", f"hf:{src}", "--method", "channel", "--width", "ffn=0.25", "--importance", "minitron",
+                 "--reconstruct", "--data", "pydoc", "--calib-samples", "4", "--seq-len", "16", "--stream",
+                 "--out", str(tmp_path / "width"), "-q"])
+    assert code == 0 and AutoModelForCausalLM.from_pretrained(tmp_path / "width").config.intermediate_size == 96
+    report = json.loads((tmp_path / "width" / "report.json").read_text())["pruning"]
+    assert {f["how"] for f in report["reconstruction"]} == {"refit"}
     capsys.readouterr()
     # bad input: one line, exit 2, nothing at --out
     for argv, message in [

@@ -795,6 +795,7 @@ def _prune_streamed(args: argparse.Namespace, config: Any) -> int:
     import gc
 
     from .data.text import token_batches
+    from .importance.channel import channel_importance
     from .io.specs import load_tokenizer
     from .methods.stream import prune_streaming
 
@@ -803,9 +804,11 @@ def _prune_streamed(args: argparse.Namespace, config: Any) -> int:
         args.data = "pydoc"  # as in memory: a language model's layers are chosen on text
         logging.getLogger(__name__).info("choosing layers on calibration text: --data pydoc (pass --data to "
                                          "choose another)")
-    if config.method in ("wanda", "sparsegpt", "layer"):
+    calibrated = config.method in ("wanda", "sparsegpt", "layer") or (config.method == "channel" and (
+        config.reconstruct or channel_importance(config.importance).needs_data))
+    if calibrated:
         if args.data is None:
-            raise SecateursError(f"{config.method} calibrates on text: pass --data pydoc or --data text:FILE")
+            raise SecateursError(f"{config.method} calibrates on text here: pass --data pydoc or --data text:FILE")
         from .data.specs import check_data_spec
 
         check_data_spec(args.data, images=False)
@@ -826,7 +829,8 @@ def _prune_streamed(args: argparse.Namespace, config: Any) -> int:
 
     report, stats = prune_streaming(
         _hf_folder(args.model), args.out, config, data=data, device=args.device, overwrite=args.overwrite,
-        max_shard_size=args.max_shard_size, extra_files=tokenizer_files, input_shape=[1, args.seq_len], trust_code=args.trust_code, outcome_files=outcome)
+        max_shard_size=args.max_shard_size, extra_files=tokenizer_files, input_shape=[1, args.seq_len],
+        trust_code=args.trust_code, outcome_files=outcome)
     if args.json:
         _emit_json(result)
         return 0

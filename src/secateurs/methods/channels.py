@@ -33,7 +33,7 @@ from ..importance.channel import (
 )
 from ..importance.stats import InputMeans, calibration_list, split_batch
 from ..progress import Progress
-from ..selection import Selection
+from ..selection import ResolvedSelection, Selection
 from ..surgery import CONFIG_STALE_ATTR, Plan, apply_plan_
 from ..surgery.compensate import compensate_
 from ..surgery.recalibrate import recalibrate_bn_
@@ -466,10 +466,7 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     with Progress(len(stages), "channel pruning",
                   enabled=None if _tensor_bytes(model) > IN_PLACE_MAX_BYTES else False) as bar:
         bar.update(0, stage=stages[0])
-        graph = build_graph(model, example_inputs, frozen_tensors=chosen.frozen_tensors())
-        graph.groups = chosen.groups(graph.groups)  # include picks groups (a layer and all coupled to it), not tensors
-        if not graph.groups:
-            raise SecateursError("no prunable channel group found: every layer is coupled to the inputs/outputs or ignored")
+        graph = _selected_graph(model, chosen, example_inputs)
         bar.update(stage=stages[1])
         scores = score_groups(model, graph, config, calibration_stats(model, graph, config, data))
         expected = graph.output_shapes  # what every rehearsal must still produce
@@ -520,6 +517,15 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     return report
 
 
+def _selected_graph(model: nn.Module, chosen: ResolvedSelection, example_inputs: Any) -> DependencyGraph:
+    """The model's channel groups the selection ``chosen`` (resolved from the config) keeps."""
+    graph = build_graph(model, example_inputs, frozen_tensors=chosen.frozen_tensors())
+    graph.groups = chosen.groups(graph.groups)  # include picks groups (a layer and all coupled to it), not tensors
+    if not graph.groups:
+        raise SecateursError("no prunable channel group found: every layer is coupled to the inputs/outputs or ignored")
+    return graph
+
+
 def plan_uniform_widths(model: nn.Module, config: Channels, example_inputs: Any, *,
                         tensors: Mapping[str, Tensor] | None = None, data: Any = None,
                         runnable: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
@@ -532,11 +538,7 @@ def plan_uniform_widths(model: nn.Module, config: Channels, example_inputs: Any,
     if not _uniform_widths(model, config) or config.target_macs is not None or config.target_latency is not None:
         raise SecateursError("planning without the weights in memory takes a transformers model and a ratio or "
                              "--width")
-    chosen = config.resolve(model)
-    graph = build_graph(model, example_inputs, frozen_tensors=chosen.frozen_tensors())
-    graph.groups = chosen.groups(graph.groups)
-    if not graph.groups:
-        raise SecateursError("no prunable channel group found: every layer is coupled to the inputs/outputs or ignored")
+    graph = _selected_graph(model, config.resolve(model), example_inputs)
     with runnable():
         stats = calibration_stats(model, graph, config, data)
     scores = score_groups(model, graph, config, stats, tensors=tensors)

@@ -40,7 +40,7 @@ from ..importance.stats import BatchNormReaders, split_batch
 from ..patches import input_rows, output_rows, refit_blocker, weight_matrix
 from ..progress import Progress
 from ..selection import call_model, input_dim
-from ..surgery import Plan
+from ..surgery import Plan, kept_indices
 from ..surgery.reconstruct import (
     FitStats,
     ShiftStats,
@@ -111,10 +111,7 @@ def reconstruction_targets(model: nn.Module, plan: Plan) -> dict[str, Tensor]:
         if layer.weight.dim() < 2 or not dims.get(input_dim(layer)):
             continue
         out_dim = _output_dim(layer)
-        gone = torch.tensor(dims.get(out_dim, []), dtype=torch.long)
-        keep = torch.ones(layer.weight.shape[out_dim], dtype=torch.bool)
-        keep[gone] = False
-        out[name] = keep.nonzero().flatten()
+        out[name] = kept_indices(layer.weight.shape[out_dim], torch.tensor(dims.get(out_dim, []), dtype=torch.long))
     return out
 
 
@@ -323,6 +320,15 @@ def _block_target(run_dense: Callable[[], Any], run_pruned: Callable[[], Any], l
     got["y"] = output_rows(layer, got["out"]) + dense_rows - output_rows(layer, pruned_out)
 
 
+def _uncallable(name: str, calls: int) -> LayerFit | None:
+    """Why a layer called ``calls`` times per forward cannot be refitted, as its fit record (None: it can)."""
+    if calls == 0:
+        return LayerFit(name, "none", note="not called on the calibration data")
+    if calls > 1:
+        return LayerFit(name, "none", note=f"called {calls} times per forward (shared weights)")
+    return None
+
+
 def reconstruct_(pruned: nn.Module, dense: nn.Module, targets: dict[str, Tensor], batches: list[Any],
                  damp: float | None = None) -> list[LayerFit]:
     """Refit ``targets`` (layer name -> kept output rows, :func:`reconstruction_targets`) of ``pruned``
@@ -342,12 +348,7 @@ def reconstruct_(pruned: nn.Module, dense: nn.Module, targets: dict[str, Tensor]
     first = split_batch(batches[0])[0]
     index, counts, followers, chained = _call_order(
         pruned, list(targets), block_names, lambda: call_model(pruned, no_cache_inputs(pruned, first)))
-    fits: dict[str, LayerFit] = {}
-    for name in targets:
-        if counts.get(name, 0) == 0:
-            fits[name] = LayerFit(name, "none", note="not called on the calibration data")
-        elif counts[name] > 1:
-            fits[name] = LayerFit(name, "none", note=f"called {counts[name]} times per forward (shared weights)")
+    fits = {name: fit for name in targets if (fit := _uncallable(name, counts.get(name, 0))) is not None}
     order = sorted((n for n in targets if n not in fits), key=index.__getitem__)
     inside = {b: [n for n in order if n.startswith(b + ".")] for b in block_names} if chained else {}
     in_blocks = {n for names in inside.values() for n in names}
@@ -375,8 +376,8 @@ def reconstruct_(pruned: nn.Module, dense: nn.Module, targets: dict[str, Tensor]
                              [lambda a=a, k=k, m=p_block: _fresh_call(m, a, k) for a, k in pruned_calls], p_block)
                 for name in inside[b]:
                     fit(name, runs)
-                dense_calls = [with_hidden(a, k, first_tensor(_fresh_call(d_block, a, k))) for a, k in dense_calls]
-                pruned_calls = [with_hidden(a, k, first_tensor(_fresh_call(p_block, a, k))) for a, k in pruned_calls]
+                dense_calls = advance_calls(d_block, dense_calls)
+                pruned_calls = advance_calls(p_block, pruned_calls)
         for name in order:  # after the blocks (or all, without them)
             if name not in in_blocks and start is not None and index[name] >= start:
                 fit(name, whole)
@@ -399,13 +400,8 @@ def refit_block(dense_block: nn.Module, pruned_block: nn.Module, dense_calls: li
                                               lambda: _fresh_call(pruned_block, args, kwargs))
     runs = _Runs([lambda a=a, k=k: _fresh_call(dense_block, a, k) for a, k in dense_calls],
                  [lambda a=a, k=k: _fresh_call(pruned_block, a, k) for a, k in pruned_calls], pruned_block)
-    fits: dict[str, LayerFit] = {}
     full = {name: f"{prefix}.{name}" if prefix else name for name in targets}
-    for name in targets:
-        if counts.get(name, 0) == 0:
-            fits[name] = LayerFit(full[name], "none", note="not called on the calibration data")
-        elif counts[name] > 1:
-            fits[name] = LayerFit(full[name], "none", note=f"called {counts[name]} times per forward (shared weights)")
+    fits = {name: fit for name in targets if (fit := _uncallable(full[name], counts.get(name, 0))) is not None}
     with torch.no_grad(), eval_mode(pruned_block), eval_mode(dense_block):
         for name in sorted((n for n in targets if n not in fits), key=index.__getitem__):
             follower = modules.get(followers[name]) if name in followers else None

@@ -51,7 +51,7 @@ from ..importance.stats import calibration_list, split_batch
 from ..masks import finalize_, masked_tensors
 from ..progress import Progress
 from ..selection import Target, select_targets
-from ..surgery import Plan, apply_plan_
+from ..surgery import Plan, apply_plan_, kept_indices
 from ..surgery.layers import name_after_drop
 from ..utils import first_tensor, map_tensors, total_memory
 from .channels import Channels, plan_uniform_widths
@@ -509,11 +509,8 @@ def _plan_widths(model: nn.Module, config: Channels, slots: _Slots, read: Callab
         key = slots.key_of.get(id(named[name]))
         if key is None:
             continue  # a computed buffer: the skeleton's surgery below narrows it
-        size = named[name].shape
         for dim, gone in dims.items():
-            keep = torch.ones(size[dim], dtype=torch.bool)
-            keep[gone] = False
-            cuts.setdefault(key, {})[dim] = keep.nonzero().flatten()
+            cuts.setdefault(key, {})[dim] = kept_indices(named[name].shape[dim], gone)
     apply_plan_(model, plan)  # meta tensors: only the shapes, the sizes and the config change
     return report, cuts, plan
 
@@ -524,40 +521,27 @@ def _stream_reconstruct(dense: nn.Module, pruned: nn.Module, plan: Plan, config:
     """Reconstruction (:mod:`.reconstruct`) one layer at a time: the dense and the pruned layer in memory
     together, each fed its own model's activations, the pruned one refitted and written, then both freed."""
     targets = reconstruction_targets(dense, plan)
-    blocks = [name for name, _ in repeated_blocks(pruned)]
+    pruned_blocks, dense_blocks = repeated_blocks(pruned), repeated_blocks(dense)
+    blocks = [name for name, _ in pruned_blocks]
     outside = [t for t in targets if not any(t.startswith(b + ".") for b in blocks)]
     if outside:
         raise SecateursError(f"streaming reconstructs layers inside the model's layer stack; {outside[0]} is "
                              "outside it (a pruned hidden size reaches the LM head): prune in memory "
                              "(--no-stream) or leave the hidden size (--width heads,ffn)")
     batches = calibration_list(data, config.calib_batches, "reconstruct")
-    dense_modules, modules = dict(dense.named_modules()), dict(pruned.named_modules())
-
-    def first_calls(model: nn.Module, model_slots: _Slots, reader: Callable[[str], Tensor]) -> list:
-        in_stack = {id(m) for b in blocks for m in dict(model.named_modules())[b].modules()}
-        around = [m for m in model.modules() if id(m) not in in_stack]
-        with _materialise_on_call(around, model_slots, reader, device):
-            calls = capture_block_inputs(model, dict(model.named_modules())[blocks[0]],
-                                         [map_tensors(b, lambda x: x.to(device)) for b in batches])
-        model_slots.release()
-        return calls
-
-    dense_calls = first_calls(dense, dense_slots, read)
-    pruned_calls = first_calls(pruned, slots, read_cut)
+    dense_calls = _first_layer_calls(dense, dense_blocks, batches, dense_slots, read, device)
+    pruned_calls = _first_layer_calls(pruned, pruned_blocks, batches, slots, read_cut, device)
     fits: list[Any] = []
     bar = Progress(len(blocks), f"reconstructing {len(blocks)} layers", enabled=None)
-    for name in blocks:
-        for model_slots, reader, model in ((dense_slots, read, dense), (slots, read_cut, pruned)):
-            for key in model_slots.keys_under(name):
-                model_slots.put(key, reader(key))
-            for sub in dict(model.named_modules())[name].modules():
-                model_slots.move_buffers(sub, device)
+    for (name, pruned_block), (_, dense_block) in zip(pruned_blocks, dense_blocks, strict=True):
+        _load_layer(dense_slots, read, name, dense_block, device)
+        _load_layer(slots, read_cut, name, pruned_block, device)
         inside = {t[len(name) + 1:]: keep for t, keep in targets.items() if t.startswith(name + ".")}
         if inside:
-            fits += refit_block(dense_modules[name], modules[name], dense_calls, pruned_calls, inside,
+            fits += refit_block(dense_block, pruned_block, dense_calls, pruned_calls, inside,
                                 prefix=name, damp=config.reconstruct_damp)
-        dense_calls = advance_calls(dense_modules[name], dense_calls)
-        pruned_calls = advance_calls(modules[name], pruned_calls)
+        dense_calls = advance_calls(dense_block, dense_calls)
+        pruned_calls = advance_calls(pruned_block, pruned_calls)
         for key in slots.keys_under(name):  # refitted: written as they are now
             module, attr, _ = slots.owner[key]
             write(key, getattr(module, attr).detach().cpu(), None)
@@ -667,6 +651,38 @@ def _stream_calibrated(model: nn.Module, config: Wanda | SparseGPT, batches: lis
     _walk_layers(model, blocks, batches, slots, read, stats, device, budget, spill, before=prune, done=save)
 
 
+def _first_layer_calls(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: list[Any], slots: _Slots,
+                       read: Callable[[str], Tensor], device: torch.device) -> list[tuple[tuple, dict]]:
+    """The arguments the first layer of the stack gets for every calibration batch: the model run up to
+    it, reading only the modules that run before it (the embeddings), which are freed again."""
+    in_stack = {id(m) for _, b in blocks for m in b.modules()}
+    outside = [m for m in model.modules() if id(m) not in in_stack]
+    on_device = [map_tensors(split_batch(b)[0], lambda x: x.to(device)) for b in batches]
+    with _materialise_on_call(outside, slots, read, device):
+        try:
+            calls = capture_block_inputs(model, blocks[0][1], on_device)
+        except SecateursError:
+            raise
+        except Exception as exc:
+            raise SecateursError(f"cannot run the model up to its first layer with weights read on demand "
+                                 f"({str(exc).splitlines()[0][:120]}): prune in memory (--no-stream)") from None
+    slots.release()
+    _release_freed_memory()
+    if len(calls) != len(batches):
+        raise SecateursError("the model's first layer did not run on every calibration batch: prune in memory "
+                             "(--no-stream)")
+    return calls
+
+
+def _load_layer(slots: _Slots, read: Callable[[str], Tensor], name: str, block: nn.Module,
+                device: torch.device) -> None:
+    """Layer ``name``'s stored tensors read into the skeleton, its computed buffers moved to ``device``."""
+    for key in slots.keys_under(name):
+        slots.put(key, read(key))
+    for sub in block.modules():
+        slots.move_buffers(sub, device)
+
+
 def _walk_layers(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: list[Any], slots: _Slots,
                  read: Any, stats: StreamStats, device: torch.device, budget: int, spill: Path, *,
                  before: Callable[[str, nn.Module, Iterator[tuple[tuple, dict]]], None] | None = None,
@@ -681,23 +697,7 @@ def _walk_layers(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches:
     if not blocks:
         raise SecateursError("the model has no stack of layers of one kind to stream through: prune in memory "
                              "(--no-stream)")
-    in_stack = {id(m) for _, b in blocks for m in b.modules()}
-    outside = [m for m in model.modules() if id(m) not in in_stack]
-    on_device = [map_tensors(split_batch(b)[0], lambda x: x.to(device)) for b in batches]
-    with _materialise_on_call(outside, slots, read, device):
-        try:
-            calls = capture_block_inputs(model, blocks[0][1], on_device)
-        except SecateursError:
-            raise
-        except Exception as exc:
-            raise SecateursError(f"cannot run the model up to its first layer with weights read on demand "
-                                 f"({str(exc).splitlines()[0][:120]}): prune in memory (--no-stream)") from None
-    slots.release()
-    _release_freed_memory()
-    del on_device
-    if len(calls) != len(batches):
-        raise SecateursError("the model's first layer did not run on every calibration batch: prune in memory "
-                             "(--no-stream)")
+    calls = _first_layer_calls(model, blocks, batches, slots, read, device)
     acts = _Activations(budget, spill, device, stats)
     templates = []
     for i, (args, kwargs) in enumerate(calls):
@@ -708,10 +708,7 @@ def _walk_layers(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches:
     bar = Progress(len(blocks), f"streaming {len(blocks)} layers", enabled=None)
     for name, block in blocks:
         began = time.perf_counter()
-        for key in slots.keys_under(name):
-            slots.put(key, read(key))
-        for sub in block.modules():
-            slots.move_buffers(sub, device)
+        _load_layer(slots, read, name, block, device)
         if before is not None:
             before(name, block, (_call(acts.get(i), *templates[i]) for i in range(len(templates))))
         nxt = _Activations(budget, spill, device, stats)

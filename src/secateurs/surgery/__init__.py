@@ -25,7 +25,7 @@ from ..provenance import CONFIG_STALE_ATTR, SOURCE_ATTR, STRUCTURE_ATTR, attach_
 from .hf import update_hf_config_
 from .layers import drop_modules_
 
-__all__ = ["Plan", "apply_plan_", "register_updater", "CONFIG_STALE_ATTR", "STRUCTURE_ATTR"]
+__all__ = ["Plan", "apply_plan_", "kept_indices", "register_updater", "CONFIG_STALE_ATTR", "STRUCTURE_ATTR"]
 
 
 @dataclass
@@ -79,6 +79,14 @@ class Plan:
 
     def is_empty(self) -> bool:
         return not self.drop and not any(ix for dims in self.remove.values() for ix in dims.values())
+
+
+def kept_indices(size: int, removed: Any) -> Tensor:
+    """The indices of ``range(size)`` not in ``removed`` (a list or tensor of indices), ascending, on the CPU
+    (also under ``torch.device("meta")``)."""
+    keep = torch.ones(size, dtype=torch.bool, device="cpu")
+    keep[removed] = False
+    return keep.nonzero().flatten()
 
 
 def _ints(values: Any) -> list[int]:
@@ -305,9 +313,7 @@ def apply_plan_(model: nn.Module, plan: Plan) -> nn.Module:
             same_cut = (size, tuple(indices))
             keep = kept.get(same_cut)
             if keep is None:
-                keep_mask = torch.ones(size, dtype=torch.bool, device="cpu")  # also under torch.device("meta")
-                keep_mask[indices] = False
-                keep = kept[same_cut] = keep_mask.nonzero().flatten()
+                keep = kept[same_cut] = kept_indices(size, indices)
             for owner, attr in slots:
                 key = (id(getattr(owner, attr)), dim)
                 if key in done:

@@ -272,3 +272,33 @@ def test_cli_minitron_importance_calibrates_a_language_model_on_pydoc(tmp_path, 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["pruning"]["importance"]["criterion"] == "minitron"
     assert report["pruning"]["outcome"]["widths"]["ffn"] == [48, 64]
+
+
+def test_only_the_kinds_being_cut_are_scored_and_the_plan_is_the_same(monkeypatch):
+    """An FFN-only cut scores the FFN groups alone: the hidden group's score would read every projection
+    of the model (and float32 copies of the embeddings), and a kind kept whole never reads its scores."""
+    from secateurs.methods import channels as channels_module
+
+    scored: list[str] = []
+    score_channels = channels_module.score_channels
+
+    def recording(criterion, group, context):
+        scored.append(group.describe())
+        return score_channels(criterion, group, context)
+
+    model, _, x = _family("llama")
+    full, _, _ = _family("llama")
+    monkeypatch.setattr(channels_module, "score_channels", recording)
+    report = secateurs.prune_(model, Channels(width={"ffn": 0.25}), example_inputs=x)
+    assert len(scored) == model.config.num_hidden_layers
+    assert all("mlp.down_proj" in name and "embed_tokens" not in name for name in scored)
+    assert sorted(report.importance["groups"]) == sorted(scored)
+    assert _dims(model.config)["ffn"] == 72
+    scored.clear()
+    # every kind cut: every group is scored, and the FFN plan is the one above
+    everything = secateurs.prune_(full, Channels(ratio=0.25, width="hidden=0.25,heads=0.5,ffn=0.25"),
+                                  example_inputs=x)
+    assert len(scored) == len(everything.importance["groups"]) > model.config.num_hidden_layers
+    gate = "model.layers.1.mlp.gate_proj.weight"
+    only_ffn, every_kind = report.plan["remove"][gate], everything.plan["remove"][gate]
+    assert only_ffn[next(iter(only_ffn))] == every_kind[next(k for k in every_kind if str(k) == "0")]

@@ -42,6 +42,9 @@ class InputStats:
             self.hessian.addmm_(x32.T, x32)
 
 
+_SCORE_CHUNK = 1 << 22  # entries of a weight scored at once
+
+
 def _keep(scores: Tensor, sparsity: float, n: int | None, m: int | None) -> Tensor:
     """Per output row: keep the highest scores (unstructured), or ``n`` of every ``m`` inputs."""
     if n is not None and m is not None:
@@ -56,7 +59,14 @@ def _keep(scores: Tensor, sparsity: float, n: int | None, m: int | None) -> Tens
 def wanda(weight: Tensor, stats: InputStats, sparsity: float, n: int | None = None, m: int | None = None) -> Tensor:
     """Wanda (Sun et al. 2023): score ``|W_ij| * ||X_j||_2``, compared within each output row."""
     norm = (stats.sq_norm / max(stats.count, 1)).sqrt().to(weight.device, torch.float32)
-    return _keep(weight.detach().abs().float() * norm, sparsity, n, m)
+    # rows are ranked alone, so they are scored a few million entries at a time: the float32 scores and
+    # top-k indices of a whole large projection would take several times the weight's own memory
+    keep = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+    step = max(1, _SCORE_CHUNK // max(weight.shape[1], 1))
+    for start in range(0, weight.shape[0], step):
+        rows = weight[start : start + step].detach()
+        keep[start : start + step] = _keep(rows.abs().float() * norm, sparsity, n, m)
+    return keep
 
 
 def sparsegpt(weight: Tensor, stats: InputStats, sparsity: float, n: int | None = None, m: int | None = None,
@@ -106,6 +116,6 @@ def sparsegpt(weight: Tensor, stats: InputStats, sparsity: float, n: int | None 
             block[:, j] = pruned
             errors[:, j] = err
         w[:, start:end] = block
-        w[:, end:] -= errors @ hinv[start:end, end:]
+        w[:, end:].addmm_(errors, hinv[start:end, end:], alpha=-1)  # in place: no temporary of w's size
         keep[:, start:end] = ~drop
     return w.to(weight.device, weight.dtype), keep.to(weight.device)

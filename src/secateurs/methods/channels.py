@@ -60,7 +60,7 @@ from .strategy import (
     plan_for,
     round_to_for,
 )
-from .width import classify_roles
+from .width import Role, classify_roles, groups_to_score
 
 log = logging.getLogger(__name__)
 
@@ -320,11 +320,12 @@ def calibration_stats(model: nn.Module, graph: DependencyGraph, config: Channels
 
 
 def score_groups(model: nn.Module, graph: DependencyGraph, config: Channels, stats: Any, *,
-                 tensors: Mapping[str, Tensor] | None = None) -> dict[int, Tensor]:
+                 tensors: Mapping[str, Tensor] | None = None, only: set[int] | None = None) -> dict[int, Tensor]:
     """Group id -> importance of each of its channels, by ``config.importance`` (``stats``: what it collected).
 
     ``tensors``: the model's parameters and buffers by name, where they are not in ``model`` itself (a
-    meta skeleton whose weights are read from disk as the criterion asks for them).
+    meta skeleton whose weights are read from disk as the criterion asks for them). ``only``: the ids
+    of the groups to score (default: all).
     """
     named_params = dict(model.named_parameters())
     if tensors is None:
@@ -336,7 +337,7 @@ def score_groups(model: nn.Module, graph: DependencyGraph, config: Channels, sta
     context = ScoringContext(tensors=tensors, params=set(named_params), norm_scales=norm_scales,
                              reduction=config.reduction, generator=make_generator(config.seed), stats=stats, cache={})
     criterion = channel_importance(config.importance)
-    return {g.id: score_channels(criterion, g, context) for g in graph.groups}
+    return {g.id: score_channels(criterion, g, context) for g in graph.groups if only is None or g.id in only}
 
 
 def _warn_rounded_away(graph: DependencyGraph, config: Channels, removed: dict[int, Tensor],
@@ -468,7 +469,9 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
         bar.update(0, stage=stages[0])
         graph = _selected_graph(model, chosen, example_inputs)
         bar.update(stage=stages[1])
-        scores = score_groups(model, graph, config, calibration_stats(model, graph, config, data))
+        roles = classify_roles(model, graph) if uniform else None
+        scores = score_groups(model, graph, config, calibration_stats(model, graph, config, data),
+                              only=_groups_to_score(roles, config))
         expected = graph.output_shapes  # what every rehearsal must still produce
         bar.update(stage=stages[2])
         # the dense MACs, counted once (on a meta copy where meta runs the model): the allocation and a MACs
@@ -484,7 +487,7 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
         # compensation (needs the unpruned model) and transformers models (state in a config).
         by_ratio = config.target_macs is None and config.target_latency is None
         planner = Planner(model, graph, scores, config, example_inputs, expected, shares=shares,
-                          roles=classify_roles(model, graph) if uniform else None,
+                          roles=roles,
                           apply_directly=(by_ratio and not config.compensate and getattr(model, "config", None) is None
                                           and _tensor_bytes(model) <= IN_PLACE_MAX_BYTES))
         outcome = goal_for(model, config, example_inputs, expected, sensitivity=shares is not None,
@@ -541,9 +544,9 @@ def plan_uniform_widths(model: nn.Module, config: Channels, example_inputs: Any,
     graph = _selected_graph(model, config.resolve(model), example_inputs)
     with runnable():
         stats = calibration_stats(model, graph, config, data)
-    scores = score_groups(model, graph, config, stats, tensors=tensors)
-    planner = Planner(model, graph, scores, config, example_inputs, graph.output_shapes,
-                      roles=classify_roles(model, graph))
+    roles = classify_roles(model, graph)
+    scores = score_groups(model, graph, config, stats, tensors=tensors, only=_groups_to_score(roles, config))
+    planner = Planner(model, graph, scores, config, example_inputs, graph.output_shapes, roles=roles)
     outcome = RatioGoal(config.ratio if config.ratio is not None else 0.0).search(planner)
     plan = outcome.candidate.plan
     return plan, _channel_report(model, config, graph, scores, outcome, planner.width_info(plan))
@@ -581,8 +584,16 @@ def _channel_report(model: nn.Module, config: Channels, graph: DependencyGraph, 
         report.skipped[f"call {call}"] = f"not understood ({count}x): tensors through it were kept"
     report.plan = candidate.plan.to_dict()
     report.importance = {"criterion": channel_importance(config.importance).name, "groups": {
-        g.describe(): _score_summary(scores[g.id], removed[g.id]) for g in graph.groups}}
+        g.describe(): _score_summary(scores[g.id], removed[g.id]) for g in graph.groups if g.id in scores}}
     return report
+
+
+def _groups_to_score(roles: list[Role] | None, config: Channels) -> set[int] | None:
+    """Transformers widths: only the groups of the kinds being cut need scores (sensitivity allocation
+    measures every group, so it scores them all)."""
+    if roles is None or config.allocate == "sensitivity":
+        return None
+    return groups_to_score(roles, config.width, config.ratio)
 
 
 def _uniform_widths(model: nn.Module, config: Channels) -> bool:

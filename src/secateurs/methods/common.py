@@ -35,7 +35,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def layer_report(name: str, mask: Tensor) -> LayerReport:
     return LayerReport(
-        name=name, shape=list(mask.shape), numel=mask.numel(), zeros=int((~mask).sum())
+        name=name, shape=list(mask.shape), numel=mask.numel(), zeros=mask.numel() - int(mask.count_nonzero())
     )
 
 

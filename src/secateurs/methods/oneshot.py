@@ -28,11 +28,11 @@ from ..importance.stats import calibration_list, split_batch
 from ..masks import get_mask, mask_tied_
 from ..progress import Progress
 from ..selection import Selection, Target, call_model, input_dim, select_targets
-from ..utils import eval_mode
+from ..utils import eval_mode, release_freed_memory
 from .common import config_to_dict, layer_report
 from .nm import parse_nm
 from .registry import register_method
-from .report import PruneReport
+from .report import LayerReport, PruneReport
 
 __all__ = ["SparseGPT", "Wanda", "calibration_batches", "capture_block_inputs", "no_cache_inputs", "oneshot_targets", "prune_block",
            "with_hidden"]
@@ -150,6 +150,9 @@ def _weight_2d(target: Target) -> Tensor:
     return target.weight.T if _transposed(target) else target.weight
 
 
+_TRIM_AFTER = 1 << 22  # weights this large hand their pruning's freed memory back at once
+
+
 def _prune_targets(model: nn.Module, targets: list[Target], stats: dict[str, InputStats],
                    config: _OneShot, report: PruneReport) -> None:
     for t in targets:
@@ -157,20 +160,29 @@ def _prune_targets(model: nn.Module, targets: list[Target], stats: dict[str, Inp
         if s is None or not s.count:
             report.skipped[t.name] = "never ran on the calibration data"
             continue
-        weight, flip = _weight_2d(t), _transposed(t)
-        if isinstance(config, SparseGPT):
-            last = all(other is not s for other in stats.values())  # no other layer shares these
-            new, keep = sparsegpt(weight, s, config.sparsity, config.n, config.m, config.damp, config.blocksize,
-                                  consume=last)
-            masked = get_mask(t.module, t.tensor) is not None
-            original = t.module.parametrizations[t.tensor].original if masked else getattr(t.module, t.tensor)
-            with torch.no_grad():
-                original.copy_(new.T if flip else new)  # SparseGPT updates the weights it keeps
-        else:
-            keep = wanda(weight, s, config.sparsity, config.n, config.m)
-        if flip:
-            keep = keep.T
-        report.layers.append(layer_report(t.name, mask_tied_(model, t.module, keep, t.tensor)))
+        last = all(other is not s for other in stats.values())  # no other layer shares these
+        report.layers.append(_prune_target(model, t, s, config, consume=last))
+        del s
+        if t.weight.numel() >= _TRIM_AFTER:
+            release_freed_memory()  # the scores and copies of a large layer: not on top of the next one's
+
+
+def _prune_target(model: nn.Module, t: Target, s: InputStats, config: _OneShot, *, consume: bool) -> LayerReport:
+    """Prune one weight on its input statistics (``consume``: SparseGPT may use up their Hessian)."""
+    weight, flip = _weight_2d(t), _transposed(t)
+    if isinstance(config, SparseGPT):
+        new, keep = sparsegpt(weight, s, config.sparsity, config.n, config.m, config.damp, config.blocksize,
+                              consume=consume)
+        masked = get_mask(t.module, t.tensor) is not None
+        original = t.module.parametrizations[t.tensor].original if masked else getattr(t.module, t.tensor)
+        with torch.no_grad():
+            original.copy_(new.T if flip else new)  # SparseGPT updates the weights it keeps
+        del new  # a float32 copy of the weight: gone before the mask is set
+    else:
+        keep = wanda(weight, s, config.sparsity, config.n, config.m)
+    if flip:
+        keep = keep.T
+    return layer_report(t.name, mask_tied_(model, t.module, keep, t.tensor))
 
 
 class _Collector:
@@ -221,6 +233,7 @@ def prune_block(model: nn.Module, block: nn.Module, targets: list[Target], confi
             collector.run(lambda a=args, k=kwargs: block(*a, **k))
     finally:
         collector.remove()
+    release_freed_memory()  # the forwards' temporaries, before the pruning's own
     _prune_targets(model, targets, collector.stats, config, report)
 
 

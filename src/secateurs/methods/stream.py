@@ -53,7 +53,7 @@ from ..progress import Progress
 from ..selection import Target, select_targets
 from ..surgery import Plan, apply_plan_, kept_indices
 from ..surgery.layers import name_after_drop
-from ..utils import first_tensor, map_tensors, total_memory
+from ..utils import first_tensor, map_tensors, release_freed_memory, total_memory
 from .channels import Channels, plan_uniform_widths
 from .common import config_to_dict, layer_report, make_generator
 from .layers import Layers
@@ -178,17 +178,6 @@ def _all_finite(t: Tensor) -> bool:
     check would briefly need more memory than the table itself."""
     flat = t.reshape(-1)
     return all(bool(chunk.isfinite().all()) for chunk in flat.split(1 << 22))
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed by the last layer back to the OS (glibc keeps large freed blocks otherwise, and the
-    process's footprint would creep up layer by layer)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 class _Slots:
@@ -396,6 +385,9 @@ def prune_streaming(
     kept_zeros: dict[str, Tensor] = {}
 
     def read(key: str) -> Tensor:
+        # what the last tensors used is free by now: glibc would keep it (a freed embedding table stays
+        # resident in the heap), and the next read would come on top
+        release_freed_memory()
         t = weights.read(key, dev)
         stats.bytes_read += t.numel() * t.element_size()
         if t.is_floating_point() and not getattr(config, "allow_nonfinite", False) and not _all_finite(t):
@@ -547,7 +539,7 @@ def _stream_reconstruct(dense: nn.Module, pruned: nn.Module, plan: Plan, config:
             write(key, getattr(module, attr).detach().cpu(), None)
         dense_slots.release()
         slots.release()
-        _release_freed_memory()
+        release_freed_memory()
         bar.update(layer=name)
     bar.close()
     order = list(targets)
@@ -561,7 +553,7 @@ def _streamed_forward(model: nn.Module, slots: _Slots, read: Callable[[str], Ten
     freed each time a layer of the stack returns (so a forward holds one layer, plus the embeddings)."""
     def free(_m: nn.Module, _args: Any, _out: Any) -> None:
         slots.release()
-        _release_freed_memory()
+        release_freed_memory()
 
     handles = [block.register_forward_hook(free) for _, block in repeated_blocks(model)]
     try:
@@ -667,7 +659,7 @@ def _first_layer_calls(model: nn.Module, blocks: list[tuple[str, nn.Module]], ba
             raise SecateursError(f"cannot run the model up to its first layer with weights read on demand "
                                  f"({str(exc).splitlines()[0][:120]}): prune in memory (--no-stream)") from None
     slots.release()
-    _release_freed_memory()
+    release_freed_memory()
     if len(calls) != len(batches):
         raise SecateursError("the model's first layer did not run on every calibration batch: prune in memory "
                              "(--no-stream)")
@@ -724,7 +716,7 @@ def _walk_layers(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches:
         if done is not None:
             done(name, block)
         slots.release()
-        _release_freed_memory()
+        release_freed_memory()
         stats.layers += 1
         stats.per_layer_seconds.append(time.perf_counter() - began)
         done_count = len(stats.per_layer_seconds)

@@ -38,7 +38,7 @@ from ..errors import SecateursError
 from ..graph import DependencyGraph, Group
 from .common import keep_count
 
-__all__ = ["KINDS", "Role", "classify_roles", "parse_width", "role_targets", "uniform_removed"]
+__all__ = ["KINDS", "Role", "classify_roles", "groups_to_score", "parse_width", "role_targets", "uniform_removed"]
 
 KINDS = ("hidden", "heads", "ffn")
 
@@ -170,6 +170,23 @@ def role_targets(roles: list[Role], ratios: dict[str, float], round_to: int,
         targets[role.key] = (keep_count(role.size, ratio, _multiple(role, round_to)) if ratio > 0 and role.key not in whole
                              else role.size)
     return targets
+
+
+def groups_to_score(roles: list[Role], width: dict[str, float | None] | None, ratio: float | None) -> set[int]:
+    """Ids of the groups a uniform plan may cut: those of the kinds ``width`` prunes (every kind without a
+    width spec, as ``ratio`` does), and the extras that follow the hidden size. The others keep every
+    channel, so their scores would never be read: for the hidden size that spares reading every
+    projection of the model (and float32 copies of the embeddings and LM head) for an FFN-only cut.
+    """
+    kinds = width if width is not None else dict.fromkeys(KINDS)
+    cut = {kind for kind, r in kinds.items() if (r if r is not None else (ratio or 0.0)) > 0}
+    hidden = next((r for r in roles if r.kind == "hidden"), None)
+    ids = set()
+    for role in roles:
+        follows_hidden = role.kind == "extra" and hidden is not None and role.size == hidden.size
+        if role.kind in cut or (follows_hidden and "hidden" in cut):
+            ids.update(g.id for g in role.groups)
+    return ids
 
 
 def _multiple(role: Role, round_to: int) -> int:

@@ -302,3 +302,29 @@ def test_only_the_kinds_being_cut_are_scored_and_the_plan_is_the_same(monkeypatc
     gate = "model.layers.1.mlp.gate_proj.weight"
     only_ffn, every_kind = report.plan["remove"][gate], everything.plan["remove"][gate]
     assert only_ffn[next(iter(only_ffn))] == every_kind[next(k for k in every_kind if str(k) == "0")]
+
+
+def test_pruning_one_model_leaves_another_built_from_the_same_config_object_alone(tmp_path):
+    """transformers keeps the config object a model was built from: two models built from one config
+    share it. Pruning one (its widths, then its layers) gives it a config of its own; the other
+    keeps its config, which still describes its weights, and prunes the same way afterwards."""
+    import transformers as T
+
+    config = T.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    first, second = T.LlamaForCausalLM(config).eval(), T.LlamaForCausalLM(config).eval()
+    assert first.config is second.config
+    x = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
+    secateurs.prune_(first, Channels(width="heads=0.5,ffn=0.25"), example_inputs=x)
+    secateurs.prune_(first, secateurs.Layers(n=1, importance="magnitude"), example_inputs=x)
+    assert (config.intermediate_size, config.num_key_value_heads, config.num_hidden_layers) == (128, 2, 3)
+    assert second.config is config
+    assert (first.config.intermediate_size, first.config.num_key_value_heads, first.config.num_hidden_layers) == \
+        (96, 1, 2)
+    for layer in first.model.layers:  # the modules that held the config hold the new one
+        assert layer.self_attn.config is first.config and layer.mlp.config is first.config
+    second.save_pretrained(tmp_path / "second")
+    T.LlamaForCausalLM.from_pretrained(tmp_path / "second")  # its config still describes its weights
+    report = secateurs.prune_(second, Channels(width="heads=0.5,ffn=0.25"), example_inputs=x)
+    assert report.outcome["widths"] == {"hidden": [64, 64], "heads": [1, 2], "ffn": [96, 128]}

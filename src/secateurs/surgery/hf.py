@@ -11,6 +11,7 @@ rebuilds exactly the pruned shapes, checked on the meta device.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -18,7 +19,9 @@ from torch import nn
 
 from ..utils import is_transformers_model
 
-__all__ = ["config_for_plan", "config_misfits", "update_hf_config_"]
+__all__ = ["config_for_plan", "config_misfits", "own_config_", "update_hf_config_"]
+
+OWNS_CONFIG_ATTR = "_secateurs_owns_config"
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -52,6 +55,29 @@ def config_misfits(model: nn.Module) -> str:
     return "; ".join(diff[:2]) + (f" and {len(diff) - 2} more" if len(diff) > 2 else "")
 
 
+def own_config_(model: nn.Module) -> None:
+    """Give ``model`` a config object of its own before pruning changes it, in place.
+
+    transformers keeps the very config object a model was built from, and
+    ``Model(config)`` twice shares it: shrinking one model's config would
+    silently change the other's (which then saves a ``config.json`` that does
+    not describe its weights). The copy replaces the old object (and its
+    sub-configs) wherever the model's modules hold it; done once per model.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not is_transformers_model(model) or getattr(model, OWNS_CONFIG_ATTR, False):
+        return
+    from transformers import PretrainedConfig
+
+    memo: dict[int, Any] = {}
+    copy.deepcopy(config, memo)
+    for module in model.modules():
+        for key, value in list(vars(module).items()):
+            if isinstance(value, PretrainedConfig) and id(value) in memo:
+                module.__dict__[key] = memo[id(value)]
+    model.__dict__[OWNS_CONFIG_ATTR] = True
+
+
 def update_hf_config_(model: nn.Module, changes: dict[int, set[int]]) -> dict[str, int] | None:
     """Update ``model.config`` after surgery; ``changes`` maps old sizes to their new sizes.
 
@@ -66,6 +92,8 @@ def update_hf_config_(model: nn.Module, changes: dict[int, set[int]]) -> dict[st
         return {}
     chosen = _solve(model, config, _shapes(model) | _head_dims(model), changes)
     if chosen is not None:
+        own_config_(model)
+        config = model.config
         for key, value in chosen.items():
             setattr(config, key, value)
         _sync_int_attributes_(model)

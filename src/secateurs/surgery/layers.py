@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import SecateursError
 from ..provenance import CONFIG_STALE_ATTR
 from ..utils import is_transformers_model
-from .hf import config_misfits
+from .hf import config_misfits, own_config_
 
 __all__ = ["drop_modules_"]
 
@@ -58,6 +58,7 @@ def drop_modules_(model: nn.Module, paths: list[str]) -> None:
     for path in outermost:
         parent, _, key = path.rpartition(".")
         by_container.setdefault(parent, []).append(key)
+    own_config_(model)  # the count changes below: not in a config object other models share
     config_before = _config_snapshot(model)
     # deepest containers first: renumbering an outer list must not move an inner path
     for parent in sorted(by_container, key=lambda p: p.count(".") + bool(p), reverse=True):

@@ -63,14 +63,15 @@ class LabelTrace:
         parent = torch.arange(self.num_labels)
         if not self.edges_a:
             return parent
-        a = torch.cat(self.edges_a)
-        b = torch.cat(self.edges_b)
         while True:
-            pa, pb = parent[a], parent[b]
-            low = torch.minimum(pa, pb)
             new = parent.clone()
-            new.scatter_reduce_(0, pa, low, reduce="amin")
-            new.scatter_reduce_(0, pb, low, reduce="amin")
+            # edge list by edge list: a large model's edges would take several times their own memory
+            # concatenated and gathered at once (the minimum is the same in any order)
+            for a, b in zip(self.edges_a, self.edges_b, strict=True):
+                pa, pb = parent[a.long()], parent[b.long()]
+                low = torch.minimum(pa, pb)
+                new.scatter_reduce_(0, pa, low, reduce="amin")
+                new.scatter_reduce_(0, pb, low, reduce="amin")
             while True:  # pointer jumping: every label points at its current root
                 jumped = new[new]
                 if torch.equal(jumped, new):
@@ -133,8 +134,10 @@ class Tracer(TorchFunctionMode):
         if a.numel() and b.numel():
             if a.shape != b.shape:
                 a, b = torch.broadcast_tensors(a, b)
-            self.edges_a.append(a.reshape(-1).clone())
-            self.edges_b.append(b.reshape(-1).clone())
+            # labels fit 32 bits up to 2**31 of them: half the memory of the edges the trace keeps
+            dtype = torch.int32 if self.next_label < 2**31 else torch.long
+            self.edges_a.append(a.reshape(-1).to(dtype, copy=True))
+            self.edges_b.append(b.reshape(-1).to(dtype, copy=True))
 
     def freeze(self, labels: Tensor) -> None:
         self.couple(labels, torch.zeros_like(labels))

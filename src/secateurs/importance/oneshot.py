@@ -42,7 +42,7 @@ class InputStats:
             self.hessian.addmm_(x32.T, x32)
 
 
-_SCORE_CHUNK = 1 << 22  # entries of a weight scored at once
+_SCORE_CHUNK = 1 << 20  # entries of a weight scored at once (about 20 MB of temporaries)
 
 
 def _keep(scores: Tensor, sparsity: float, n: int | None, m: int | None) -> Tensor:

@@ -21,7 +21,8 @@ class InputStats:
     Squared norms accumulate in float64 (a vector: exact enough to rank by, for
     free); the Hessian ``X^T X`` in float32 whatever the inputs' dtype, as
     SparseGPT's reference does: half the memory of float64 for a matrix that,
-    for a 70B model's down projection, holds 28672^2 entries.
+    for a 70B model's down projection, holds 28672^2 entries. With the Hessian,
+    its diagonal is the squared norms (no float64 copy of every input is made).
     """
 
     def __init__(self, in_features: int, hessian: bool):
@@ -36,10 +37,15 @@ class InputStats:
             self.sq_norm = self.sq_norm.to(x.device)
             self.hessian = None if self.hessian is None else self.hessian.to(x.device)
         self.count += x.shape[0]
-        self.sq_norm += x.to(torch.float64).pow(2).sum(0)
-        if self.hessian is not None:
+        if self.hessian is None:
+            self.sq_norm += x.to(torch.float64).square_().sum(0)
+        else:
             x32 = x.to(torch.float32)
             self.hessian.addmm_(x32.T, x32)
+
+    def squared_norms(self) -> Tensor:
+        """Sum of each input feature's squares over the tokens seen."""
+        return self.sq_norm if self.hessian is None else self.hessian.diagonal().to(torch.float64)
 
 
 _SCORE_CHUNK = 1 << 20  # entries of a weight scored at once (about 20 MB of temporaries)
@@ -58,7 +64,7 @@ def _keep(scores: Tensor, sparsity: float, n: int | None, m: int | None) -> Tens
 
 def wanda(weight: Tensor, stats: InputStats, sparsity: float, n: int | None = None, m: int | None = None) -> Tensor:
     """Wanda (Sun et al. 2023): score ``|W_ij| * ||X_j||_2``, compared within each output row."""
-    norm = (stats.sq_norm / max(stats.count, 1)).sqrt().to(weight.device, torch.float32)
+    norm = (stats.squared_norms() / max(stats.count, 1)).sqrt().to(weight.device, torch.float32)
     # rows are ranked alone, so they are scored a few million entries at a time: the float32 scores and
     # top-k indices of a whole large projection would take several times the weight's own memory
     keep = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
@@ -92,7 +98,10 @@ def sparsegpt(weight: Tensor, stats: InputStats, sparsity: float, n: int | None 
     h[dead, dead] = 1
     w[:, dead] = 0
     h.diagonal().add_(damp * torch.diag(h).mean())
-    hinv = torch.linalg.cholesky(h, out=h)
+    # h is symmetric, so its transpose is the same matrix in column-major order: LAPACK factorises that
+    # view truly in place, where a row-major out= gets a full-size temporary at each of the three steps
+    hinv = h.mT
+    torch.linalg.cholesky(hinv, out=hinv)
     torch.cholesky_inverse(hinv, out=hinv)
     torch.linalg.cholesky(hinv, upper=True, out=hinv)
     keep = torch.ones_like(w, dtype=torch.bool)

@@ -316,7 +316,12 @@ def test_pruning_one_model_leaves_another_built_from_the_same_config_object_alon
     first, second = T.LlamaForCausalLM(config).eval(), T.LlamaForCausalLM(config).eval()
     assert first.config is second.config
     x = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
-    secateurs.prune_(first, Channels(width="heads=0.5,ffn=0.25"), example_inputs=x)
+    report = secateurs.prune_(first, Channels(width="heads=0.5,ffn=0.25"), example_inputs=x)
+    # the tracer linked layer_idx 2 and num_key_value_groups 2 to the 2 KV heads by value; the layers
+    # keep them (their config says so), and so does the plan in the report
+    assert report.plan["attrs"] == {}
+    assert [(layer.self_attn.layer_idx, layer.self_attn.num_key_value_groups) for layer in first.model.layers] == \
+        [(0, 2), (1, 2), (2, 2)]
     secateurs.prune_(first, secateurs.Layers(n=1, importance="magnitude"), example_inputs=x)
     assert (config.intermediate_size, config.num_key_value_heads, config.num_hidden_layers) == (128, 2, 3)
     assert second.config is config

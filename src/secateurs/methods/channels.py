@@ -508,6 +508,7 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
             recalibrate_bn_(model, data, config.calib_batches)
         bar.update(stage="done")
     report = _channel_report(model, config, graph, scores, outcome, planner.width_info(plan) if uniform else None)
+    report.plan = plan_as_applied(model, report.plan)
     report.outcome["rehearsal"] = checked_on(model, expected)  # "meta", or "real" where meta cannot run it
     if compensated is not None:
         report.outcome["compensated_layers"] = len(compensated)
@@ -518,6 +519,23 @@ def _prune_once(model: nn.Module, config: Channels, example_inputs: Any, data: A
     if config.ratio is not None and shares is None and not uniform:
         _warn_rounded_away(graph, config, outcome.candidate.removed, outcome.candidate.failed)
     return report
+
+
+def plan_as_applied(model: nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
+    """``plan`` (as a dict) with only the size attributes ``model`` (pruned by it) now holds.
+
+    The tracer links attributes to dims by value, so an attribute that merely
+    equals a pruned size (a ``layer_idx`` of 2 beside 2 KV heads) is in the
+    plan; a transformers model's attributes are then reset from its updated
+    config, and the plan in the report should say what was done.
+    """
+    attrs = {}
+    for mod_name, values in plan.get("attrs", {}).items():
+        module = model.get_submodule(mod_name)
+        kept = {attr: value for attr, value in values.items() if vars(module).get(attr) == value}
+        if kept:
+            attrs[mod_name] = kept
+    return {**plan, "attrs": attrs}
 
 
 def _selected_graph(model: nn.Module, chosen: ResolvedSelection, example_inputs: Any) -> DependencyGraph:

@@ -54,7 +54,7 @@ from ..selection import Target, select_targets
 from ..surgery import Plan, apply_plan_, kept_indices
 from ..surgery.layers import name_after_drop
 from ..utils import first_tensor, map_tensors, release_freed_memory, total_memory
-from .channels import Channels, plan_uniform_widths
+from .channels import Channels, plan_as_applied, plan_uniform_widths
 from .common import config_to_dict, layer_report, make_generator
 from .layers import Layers
 from .nm import NM, nm_keep
@@ -504,6 +504,7 @@ def _plan_widths(model: nn.Module, config: Channels, slots: _Slots, read: Callab
         for dim, gone in dims.items():
             cuts.setdefault(key, {})[dim] = kept_indices(named[name].shape[dim], gone)
     apply_plan_(model, plan)  # meta tensors: only the shapes, the sizes and the config change
+    report.plan = plan_as_applied(model, report.plan)
     return report, cuts, plan
 
 

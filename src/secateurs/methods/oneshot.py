@@ -161,9 +161,10 @@ def _prune_targets(model: nn.Module, targets: list[Target], stats: dict[str, Inp
             report.skipped[t.name] = "never ran on the calibration data"
             continue
         last = all(other is not s for other in stats.values())  # no other layer shares these
-        report.layers.append(_prune_target(model, t, s, config, consume=last))
+        layer = _prune_target(model, t, s, config, consume=last)
+        report.layers.append(layer)
         del s
-        if t.weight.numel() >= _TRIM_AFTER:
+        if layer.numel >= _TRIM_AFTER:  # (not t.weight: masked now, reading it would compute a masked copy)
             release_freed_memory()  # the scores and copies of a large layer: not on top of the next one's
 
 

@@ -37,7 +37,7 @@ from ..surgery import Plan, apply_plan_
 from ..surgery.hf import config_for_plan
 from ..surgery.rehearsal import apply_checked_, feasible_groups, plan_macs
 from .common import keep_count
-from .width import KINDS, Role, role_targets, uniform_removed
+from .width import Role, kind_ratios, role_targets, uniform_removed
 
 if TYPE_CHECKING:
     from .channels import Channels
@@ -213,8 +213,7 @@ class Planner:
         over many): it is searched and rehearsed once.
         """
         config, roles = self.config, self.roles or []
-        kinds = config.width if config.width is not None else dict.fromkeys(KINDS)
-        ratios = {k: (v if v is not None else ratio) for k, v in kinds.items()}
+        ratios = kind_ratios(config.width, ratio)
         role_of = {g.id: r for r in roles for g in r.groups}
         while True:
             targets = role_targets(roles, ratios, round_to_for(config), self._whole_roles)

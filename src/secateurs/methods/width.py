@@ -38,7 +38,8 @@ from ..errors import SecateursError
 from ..graph import DependencyGraph, Group
 from .common import keep_count
 
-__all__ = ["KINDS", "Role", "classify_roles", "groups_to_score", "parse_width", "role_targets", "uniform_removed"]
+__all__ = ["KINDS", "Role", "classify_roles", "follows_hidden", "groups_to_score", "kind_ratios", "parse_width",
+           "role_targets", "uniform_removed"]
 
 KINDS = ("hidden", "heads", "ffn")
 
@@ -172,21 +173,28 @@ def role_targets(roles: list[Role], ratios: dict[str, float], round_to: int,
     return targets
 
 
+def kind_ratios(width: dict[str, float | None] | None, ratio: float) -> dict[str, float]:
+    """Removal ratio per kind: each kind ``width`` names at its own ratio or at ``ratio``; every kind
+    at ``ratio`` without a width spec. Kinds not in the result are kept whole."""
+    kinds = width if width is not None else dict.fromkeys(KINDS)
+    return {k: (v if v is not None else ratio) for k, v in kinds.items()}
+
+
+def follows_hidden(role: Role, hidden: Role | None) -> bool:
+    """An extra role as wide as the hidden size keeps the hidden size's count (it is the same width)."""
+    return role.kind == "extra" and hidden is not None and role.size == hidden.size
+
+
 def groups_to_score(roles: list[Role], width: dict[str, float | None] | None, ratio: float | None) -> set[int]:
     """Ids of the groups a uniform plan may cut: those of the kinds ``width`` prunes (every kind without a
     width spec, as ``ratio`` does), and the extras that follow the hidden size. The others keep every
     channel, so their scores would never be read: for the hidden size that spares reading every
     projection of the model (and float32 copies of the embeddings and LM head) for an FFN-only cut.
     """
-    kinds = width if width is not None else dict.fromkeys(KINDS)
-    cut = {kind for kind, r in kinds.items() if (r if r is not None else (ratio or 0.0)) > 0}
+    cut = {kind for kind, r in kind_ratios(width, ratio or 0.0).items() if (r or 0.0) > 0}
     hidden = next((r for r in roles if r.kind == "hidden"), None)
-    ids = set()
-    for role in roles:
-        follows_hidden = role.kind == "extra" and hidden is not None and role.size == hidden.size
-        if role.kind in cut or (follows_hidden and "hidden" in cut):
-            ids.update(g.id for g in role.groups)
-    return ids
+    return {g.id for role in roles if role.kind in cut or (follows_hidden(role, hidden) and "hidden" in cut)
+            for g in role.groups}
 
 
 def _multiple(role: Role, round_to: int) -> int:
@@ -229,8 +237,7 @@ def uniform_removed(model: nn.Module, graph: DependencyGraph, roles: list[Role],
     hidden = next((r for r in roles if r.kind == "hidden"), None)
     heads = [r for r in roles if r.kind == "heads"]
     lead = max(heads, key=lambda r: r.size * r.unit * len(r.groups)) if heads else None
-    extras = [r for r in roles if r.kind == "extra" and hidden is not None and r.size == hidden.size
-              and r.key not in whole]
+    extras = [r for r in roles if follows_hidden(r, hidden) and r.key not in whole]
 
     def removal(hidden_keep: int | None, heads_keep: int | None) -> dict[int, Tensor]:
         keep = dict(targets)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import SecateursError
 from ..masks import lowest_k, nm_mask
 
 __all__ = ["InputStats", "sparsegpt", "wanda"]
@@ -30,8 +31,11 @@ class InputStats:
         self.in_features = in_features
         self.sq_norm = torch.zeros(in_features, dtype=torch.float64)
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32) if hessian else None
+        self._factor: tuple[float, Tensor, Tensor] | None = None  # (damp, H^-1 factor, dead inputs), once spent
 
     def update(self, x: Tensor) -> None:
+        if self._factor is not None:
+            raise SecateursError("these input statistics were spent on SparseGPT: collect new ones")
         x = x.detach().reshape(-1, x.shape[-1])
         if self.sq_norm.device != x.device:  # first batch: follow the layer to its device
             self.sq_norm = self.sq_norm.to(x.device)
@@ -45,7 +49,39 @@ class InputStats:
 
     def squared_norms(self) -> Tensor:
         """Sum of each input feature's squares over the tokens seen."""
+        if self._factor is not None:
+            raise SecateursError("these input statistics were spent on SparseGPT: collect new ones")
         return self.sq_norm if self.hessian is None else self.hessian.diagonal().to(torch.float64)
+
+    def inverse_hessian(self, damp: float, consume: bool = False) -> tuple[Tensor, Tensor]:
+        """SparseGPT's upper Cholesky factor of the damped inverse Hessian, and the inputs that were always zero.
+
+        ``H = X^T X / count`` is damped by ``damp`` times its mean diagonal (always-zero inputs get a 1 on the
+        diagonal). One matrix of the Hessian's size (a 70B model's down projection: 28672^2) is factorised
+        in place. With ``consume`` it is the statistics' own: the factor is kept, so layers that share these
+        statistics (q/k/v, gate/up) reuse it, and the statistics serve nothing else afterwards.
+        """
+        if self._factor is not None:
+            if self._factor[0] != damp:
+                raise SecateursError(f"these input statistics were spent on SparseGPT with damp "
+                                     f"{self._factor[0]}: collect new ones for damp {damp}")
+            return self._factor[1], self._factor[2]
+        if self.hessian is None:
+            raise SecateursError("SparseGPT needs the inputs' Hessian: collect the statistics with hessian=True")
+        h = self.hessian.div_(max(self.count, 1)) if consume else self.hessian / max(self.count, 1)
+        dead = torch.diag(h) == 0  # inputs that were always zero: their weights cannot matter
+        h[dead, dead] = 1
+        h.diagonal().add_(damp * torch.diag(h).mean())
+        # h is symmetric, so its transpose is the same matrix in column-major order: LAPACK factorises that
+        # view truly in place, where a row-major out= gets a full-size temporary at each of the three steps
+        hinv = h.mT
+        torch.linalg.cholesky(hinv, out=hinv)
+        torch.cholesky_inverse(hinv, out=hinv)
+        torch.linalg.cholesky(hinv, upper=True, out=hinv)
+        if consume:
+            self.hessian = None
+            self._factor = (damp, hinv, dead)
+        return hinv, dead
 
 
 _SCORE_CHUNK = 1 << 20  # entries of a weight scored at once (about 20 MB of temporaries)
@@ -76,34 +112,23 @@ def wanda(weight: Tensor, stats: InputStats, sparsity: float, n: int | None = No
 
 
 def sparsegpt(weight: Tensor, stats: InputStats, sparsity: float, n: int | None = None, m: int | None = None,
-              damp: float = 0.01, blocksize: int = 128, consume: bool = False) -> tuple[Tensor, Tensor]:
+              damp: float = 0.01, blocksize: int = 128, consume: bool = False,
+              dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """SparseGPT (Frantar & Alistarh 2023): prune columns left to right and let the remaining
     columns absorb each removal's error, using the inverse Hessian of the layer inputs.
 
     The Hessian ``X^T X`` is damped by ``damp`` times its mean diagonal; masks
     are chosen per block of ``blocksize`` columns (per ``m`` columns for N:M)
     from ``w^2 / [H^-1]_jj^2``, and the updates outside a block are applied
-    lazily once the block is done. Returns ``(new_weight, keep_mask)``. With ``consume``
-    the statistics' Hessian is used up in place (no copy of it is made).
+    lazily once the block is done. Returns ``(new_weight, keep_mask)``, the new weight in ``dtype``
+    (default: the weight's; ``torch.float32`` returns the working copy itself, without a second one).
+    With ``consume`` the statistics' Hessian is factorised in place (no copy of it is made) and the
+    factor is kept for other weights that share the statistics (see :meth:`InputStats.inverse_hessian`).
     """
-    assert stats.hessian is not None
-    w = weight.detach().to(stats.hessian.device, torch.float32, copy=True)
-    rows, cols = w.shape
-    # one matrix of the Hessian's size (a 70B model's is 28672^2), factorised in place; with ``consume``
-    # it is the statistics' own, which are spent afterwards
-    h = stats.hessian.div_(max(stats.count, 1)) if consume else stats.hessian / max(stats.count, 1)
-    if consume:
-        stats.hessian = None
-    dead = torch.diag(h) == 0  # inputs that were always zero: their weights cannot matter
-    h[dead, dead] = 1
+    hinv, dead = stats.inverse_hessian(damp, consume=consume)
+    w = weight.detach().to(hinv.device, torch.float32, copy=True)
+    cols = w.shape[1]
     w[:, dead] = 0
-    h.diagonal().add_(damp * torch.diag(h).mean())
-    # h is symmetric, so its transpose is the same matrix in column-major order: LAPACK factorises that
-    # view truly in place, where a row-major out= gets a full-size temporary at each of the three steps
-    hinv = h.mT
-    torch.linalg.cholesky(hinv, out=hinv)
-    torch.cholesky_inverse(hinv, out=hinv)
-    torch.linalg.cholesky(hinv, upper=True, out=hinv)
     keep = torch.ones_like(w, dtype=torch.bool)
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
@@ -127,4 +152,4 @@ def sparsegpt(weight: Tensor, stats: InputStats, sparsity: float, n: int | None 
         w[:, start:end] = block
         w[:, end:].addmm_(errors, hinv[start:end, end:], alpha=-1)  # in place: no temporary of w's size
         keep[:, start:end] = ~drop
-    return w.to(weight.device, weight.dtype), keep.to(weight.device)
+    return w.to(weight.device, dtype or weight.dtype), keep.to(weight.device)

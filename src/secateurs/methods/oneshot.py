@@ -160,20 +160,21 @@ def _prune_targets(model: nn.Module, targets: list[Target], stats: dict[str, Inp
         if s is None or not s.count:
             report.skipped[t.name] = "never ran on the calibration data"
             continue
-        last = all(other is not s for other in stats.values())  # no other layer shares these
-        layer = _prune_target(model, t, s, config, consume=last)
+        layer = _prune_target(model, t, s, config)
         report.layers.append(layer)
         del s
         if layer.numel >= _TRIM_AFTER:  # (not t.weight: masked now, reading it would compute a masked copy)
             release_freed_memory()  # the scores and copies of a large layer: not on top of the next one's
 
 
-def _prune_target(model: nn.Module, t: Target, s: InputStats, config: _OneShot, *, consume: bool) -> LayerReport:
-    """Prune one weight on its input statistics (``consume``: SparseGPT may use up their Hessian)."""
+def _prune_target(model: nn.Module, t: Target, s: InputStats, config: _OneShot) -> LayerReport:
+    """Prune one weight on its input statistics (SparseGPT spends their Hessian on its inverse's factor,
+    which the other layers sharing the statistics reuse)."""
     weight, flip = _weight_2d(t), _transposed(t)
     if isinstance(config, SparseGPT):
+        # the float32 working copy comes back as it is: copy_ rounds it into the weight's dtype, as .to would
         new, keep = sparsegpt(weight, s, config.sparsity, config.n, config.m, config.damp, config.blocksize,
-                              consume=consume)
+                              consume=True, dtype=torch.float32)
         masked = get_mask(t.module, t.tensor) is not None
         original = t.module.parametrizations[t.tensor].original if masked else getattr(t.module, t.tensor)
         with torch.no_grad():

@@ -640,6 +640,7 @@ def _stream_calibrated(model: nn.Module, config: Wanda | SparseGPT, batches: lis
         for key in slots.keys_under(name):
             module, attr, _ = slots.owner[key]
             write(key, getattr(module, attr), masks.get(key))
+        masks.clear()  # (a byte per weight: not held through the next layer's calibration and pruning)
 
     _walk_layers(model, blocks, batches, slots, read, stats, device, budget, spill, before=prune, done=save)
 

@@ -111,24 +111,47 @@ def wanda(weight: Tensor, stats: InputStats, sparsity: float, n: int | None = No
     return keep
 
 
+_SOLVE_CHUNK = 1 << 22  # N:M rows solved at once: about this many float32 entries (16 MB) of working copy
+
+
 def sparsegpt(weight: Tensor, stats: InputStats, sparsity: float, n: int | None = None, m: int | None = None,
               damp: float = 0.01, blocksize: int = 128, consume: bool = False,
-              dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+              out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """SparseGPT (Frantar & Alistarh 2023): prune columns left to right and let the remaining
     columns absorb each removal's error, using the inverse Hessian of the layer inputs.
 
     The Hessian ``X^T X`` is damped by ``damp`` times its mean diagonal; masks
     are chosen per block of ``blocksize`` columns (per ``m`` columns for N:M)
     from ``w^2 / [H^-1]_jj^2``, and the updates outside a block are applied
-    lazily once the block is done. Returns ``(new_weight, keep_mask)``, the new weight in ``dtype``
-    (default: the weight's; ``torch.float32`` returns the working copy itself, without a second one).
+    lazily once the block is done. Returns ``(new_weight, keep_mask)``, the new weight in the weight's
+    dtype, written into ``out`` when given (which may be ``weight`` itself: pruned in place).
     With ``consume`` the statistics' Hessian is factorised in place (no copy of it is made) and the
     factor is kept for other weights that share the statistics (see :meth:`InputStats.inverse_hessian`).
+
+    The work is done on a float32 copy of the weight. With N:M every output row is pruned on its own,
+    so the rows are solved a few million entries at a time; an unstructured mask is chosen over all
+    rows of a block, so the whole weight is copied at once.
     """
     hinv, dead = stats.inverse_hessian(damp, consume=consume)
-    w = weight.detach().to(hinv.device, torch.float32, copy=True)
+    rows, cols = weight.shape
+    result = torch.empty_like(weight) if out is None else out
+    keep = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+    step = rows if n is None or m is None else max(1, _SOLVE_CHUNK // max(cols, 1))
+    for first in range(0, rows, step):
+        w = weight[first : first + step].detach().to(hinv.device, torch.float32, copy=True)
+        w[:, dead] = 0
+        kept = _solve(w, hinv, sparsity, n, m, blocksize)
+        with torch.no_grad():
+            result[first : first + step].copy_(w)  # (rounded into the weight's dtype)
+        keep[first : first + step] = kept
+        del w, kept
+    return result, keep
+
+
+def _solve(w: Tensor, hinv: Tensor, sparsity: float, n: int | None, m: int | None, blocksize: int) -> Tensor:
+    """SparseGPT on the float32 rows ``w`` (updated in place) with the inverse Hessian's factor ``hinv``;
+    returns their keep-mask."""
     cols = w.shape[1]
-    w[:, dead] = 0
     keep = torch.ones_like(w, dtype=torch.bool)
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
@@ -152,4 +175,4 @@ def sparsegpt(weight: Tensor, stats: InputStats, sparsity: float, n: int | None 
         w[:, start:end] = block
         w[:, end:].addmm_(errors, hinv[start:end, end:], alpha=-1)  # in place: no temporary of w's size
         keep[:, start:end] = ~drop
-    return w.to(weight.device, dtype or weight.dtype), keep.to(weight.device)
+    return keep

@@ -172,14 +172,12 @@ def _prune_target(model: nn.Module, t: Target, s: InputStats, config: _OneShot) 
     which the other layers sharing the statistics reuse)."""
     weight, flip = _weight_2d(t), _transposed(t)
     if isinstance(config, SparseGPT):
-        # the float32 working copy comes back as it is: copy_ rounds it into the weight's dtype, as .to would
-        new, keep = sparsegpt(weight, s, config.sparsity, config.n, config.m, config.damp, config.blocksize,
-                              consume=True, dtype=torch.float32)
         masked = get_mask(t.module, t.tensor) is not None
         original = t.module.parametrizations[t.tensor].original if masked else getattr(t.module, t.tensor)
-        with torch.no_grad():
-            original.copy_(new.T if flip else new)  # SparseGPT updates the weights it keeps
-        del new  # a float32 copy of the weight: gone before the mask is set
+        # SparseGPT updates the weights it keeps: written straight into the stored weight, whose masked
+        # entries are zero already (so it reads the same numbers as ``weight``)
+        _, keep = sparsegpt(original.T if flip else original, s, config.sparsity, config.n, config.m, config.damp,
+                            config.blocksize, consume=True, out=original.T if flip else original)
     else:
         keep = wanda(weight, s, config.sparsity, config.n, config.m)
     if flip:

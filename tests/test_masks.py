@@ -81,3 +81,31 @@ def test_effective_state_dict_has_plain_keys(mlp):
 
 
 MLP_KEYS = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "head.weight", "head.bias"]
+
+
+def test_setting_a_mask_computes_no_masked_copy_and_keeps_nan_out(monkeypatch):
+    """Masking a weight (or masking it again) never evaluates the parametrization: for a large
+    projection that would be a masked copy of the weight, just to be looked at. Pruned slots read
+    zero even where the stored value was inf or nan."""
+    from secateurs.masks import Mask, get_mask, set_mask_
+
+    layer = nn.Linear(8, 4)
+    with torch.no_grad():
+        layer.weight[0, 0], layer.weight[1, 1], layer.weight[2, 2] = float("nan"), float("inf"), -1.5
+    calls = []
+    original_forward = Mask.forward
+    monkeypatch.setattr(Mask, "forward", lambda self, x: calls.append(1) or original_forward(self, x))
+    first = torch.ones(4, 8, dtype=torch.bool)
+    first[0, 0] = first[1, 1] = False
+    set_mask_(layer, first)
+    second = torch.ones(4, 8, dtype=torch.bool)
+    second[2, 2] = False
+    set_mask_(layer, second)
+    assert calls == []
+    assert torch.equal(get_mask(layer), first & second)
+    stored = layer.parametrizations.weight.original
+    assert torch.equal(stored == 0, ~(first & second)) and not bool(torch.signbit(stored[2, 2]))
+    weight = layer.weight  # the parametrization runs here, once
+    assert calls == [1] and torch.isfinite(weight).all() and torch.equal(weight == 0, ~(first & second))
+    with pytest.raises(secateurs.SecateursError, match="does not fit"):
+        set_mask_(layer, torch.ones(3, 8, dtype=torch.bool))

@@ -249,3 +249,72 @@ def test_wanda_scores_a_few_rows_at_a_time_with_the_same_mask(monkeypatch, nm):
     sliced = wanda(w, _stats(x, False), 0.5, n, m)
     assert torch.equal(whole, sliced)
     assert int((~sliced).sum()) == w.numel() // 2
+
+
+def test_sparsegpt_nm_solves_a_few_rows_at_a_time_with_the_same_result(monkeypatch):
+    """N:M prunes every output row on its own, so solving the rows in slices (to bound the float32
+    working copy of a large projection) keeps the same weights; an unstructured mask is chosen over
+    all rows of a block, so it is never sliced."""
+    from secateurs.importance import oneshot as oneshot_importance
+
+    w, x = _layer_problem(4)
+    whole_w, whole_keep = sparsegpt(w, _stats(x, True), 0.5, 2, 4, blocksize=16)
+    monkeypatch.setattr(oneshot_importance, "_SOLVE_CHUNK", 5 * w.shape[1] + 3)  # 5 rows, a ragged last slice
+    sliced_w, sliced_keep = sparsegpt(w, _stats(x, True), 0.5, 2, 4, blocksize=16)
+    assert torch.equal(whole_keep, sliced_keep)
+    torch.testing.assert_close(sliced_w, whole_w, rtol=1e-6, atol=1e-6)
+    unstructured, _ = sparsegpt(w, _stats(x, True), 0.5, blocksize=16)
+    monkeypatch.setattr(oneshot_importance, "_SOLVE_CHUNK", 1 << 22)
+    assert torch.equal(unstructured, sparsegpt(w, _stats(x, True), 0.5, blocksize=16)[0])
+
+
+def test_sparsegpt_writes_into_out_in_the_weights_dtype():
+    w, x = _layer_problem(5)
+    w16 = w.to(torch.bfloat16)
+    expected, keep = sparsegpt(w16, _stats(x, True), 0.5, 2, 4)
+    assert expected.dtype == torch.bfloat16
+    inplace = w16.clone()
+    result, keep2 = sparsegpt(inplace, _stats(x, True), 0.5, 2, 4, out=inplace)
+    assert result is inplace and torch.equal(keep, keep2)
+    assert torch.equal(inplace.view(torch.int16), expected.view(torch.int16))
+    assert bool((inplace[~keep] == 0).all())
+
+
+def test_weights_sharing_statistics_share_one_inverse_hessian_factor():
+    """q/k/v (and gate/up) read the same input: the first to be pruned factorises the Hessian in place,
+    the others reuse the factor, with the very results each would get from its own copy."""
+    _, x = _layer_problem(6)
+    gen = torch.Generator().manual_seed(7)
+    weights = [torch.randn(24, 64, generator=gen) for _ in range(3)]
+    separate = [sparsegpt(w, _stats(x, True), 0.5, 2, 4, consume=True) for w in weights]
+    shared_stats = _stats(x, True)
+    shared = [sparsegpt(w, shared_stats, 0.5, 2, 4, consume=True) for w in weights]
+    assert shared_stats.hessian is None  # factorised in place: no second matrix of the Hessian's size
+    for (w_a, k_a), (w_b, k_b) in zip(separate, shared, strict=True):
+        assert torch.equal(w_a, w_b) and torch.equal(k_a, k_b)
+    kept = _stats(x, True)
+    sparsegpt(weights[0], kept, 0.5, 2, 4)  # without consume the statistics stay as they were
+    assert torch.equal(kept.hessian, _stats(x, True).hessian)
+    with pytest.raises(SecateursError, match="spent on SparseGPT"):
+        shared_stats.update(x)
+    with pytest.raises(SecateursError, match="spent on SparseGPT"):
+        shared_stats.squared_norms()
+    with pytest.raises(SecateursError, match="damp 0.01: collect new ones for damp 0.1"):
+        sparsegpt(weights[0], shared_stats, 0.5, 2, 4, damp=0.1)
+    with pytest.raises(SecateursError, match="needs the inputs' Hessian"):
+        sparsegpt(weights[0], _stats(x, False), 0.5)
+
+
+def test_hessian_of_wide_inputs_is_accumulated_a_few_tokens_at_a_time(monkeypatch):
+    from secateurs.importance import oneshot as oneshot_importance
+
+    _, x = _layer_problem(8)
+    whole = _stats(x, True).hessian
+    monkeypatch.setattr(oneshot_importance, "_UPDATE_CHUNK", 7 * x.shape[1])  # 7 tokens at a time
+    chunked = _stats(x, True)
+    exact = (x.double().T @ x.double()).float()
+    scale = float(exact.abs().max())
+    for hessian in (whole, chunked.hessian):  # float32 sums in another order: the same up to rounding
+        torch.testing.assert_close(hessian, exact, rtol=1e-4, atol=1e-5 * scale)
+    assert not torch.equal(chunked.hessian, torch.zeros_like(exact))
+    assert chunked.count == x.shape[0]

@@ -51,8 +51,8 @@ class Mask(nn.Module):
         self.register_buffer("mask", mask.to(torch.bool))
 
     def forward(self, x: Tensor) -> Tensor:
-        # masked_fill rather than a multiply: inf/nan in a pruned slot stays out.
-        return x.masked_fill(~self.mask, 0)
+        # a select rather than a multiply: inf/nan in a pruned slot stays out (and no inverted copy of the mask)
+        return torch.where(self.mask, x, 0)
 
 
 def _mask_module(module: nn.Module, name: str) -> Mask | None:
@@ -75,22 +75,25 @@ def set_mask_(module: nn.Module, mask: Tensor, name: str = "weight") -> Tensor:
 
     Returns the mask now in force.
     """
-    current = getattr(module, name)
+    existing = _mask_module(module, name)
+    # the stored tensor, not the masked one a parametrized attribute would compute just to be looked at
+    current = module.parametrizations[name].original if existing is not None else getattr(module, name)
     if mask.shape != current.shape:
         raise SecateursError(
             f"mask of shape {tuple(mask.shape)} does not fit {name} of shape {tuple(current.shape)}"
         )
     mask = mask.to(device=current.device, dtype=torch.bool)
-    existing = _mask_module(module, name)
     if existing is not None:
         existing.mask.logical_and_(mask)
         mask = existing.mask
     else:
-        parametrize.register_parametrization(module, name, Mask(mask))
-    # Keep the stored original consistent with what the model computes.
+        # unsafe: skips evaluating the new parametrization once to check that it keeps the shape and dtype (a
+        # masked copy of the weight, which a Mask always keeps)
+        parametrize.register_parametrization(module, name, Mask(mask), unsafe=True)
+    # Keep the stored original consistent with what the model computes (in place, no inverted mask).
     with torch.no_grad():
         original = module.parametrizations[name].original
-        original.masked_fill_(~mask, 0)
+        torch.where(mask, original, torch.zeros((), dtype=original.dtype, device=original.device), out=original)
     return mask
 
 

@@ -16,6 +16,9 @@ from ..masks import lowest_k, nm_mask
 __all__ = ["InputStats", "sparsegpt", "wanda"]
 
 
+_UPDATE_CHUNK = 1 << 20  # input entries copied to float32 at once for the Hessian (4 MB)
+
+
 class InputStats:
     """Running statistics of a Linear layer's inputs (rows are tokens), kept on the inputs' device.
 
@@ -43,9 +46,10 @@ class InputStats:
         self.count += x.shape[0]
         if self.hessian is None:
             self.sq_norm += x.to(torch.float64).square_().sum(0)
-        else:
-            x32 = x.to(torch.float32)
-            self.hessian.addmm_(x32.T, x32)
+        else:  # float32 copies of a few hundred tokens at a time, not of every token of a wide input
+            for part in x.split(max(1, _UPDATE_CHUNK // max(x.shape[1], 1))):
+                x32 = part.to(torch.float32)
+                self.hessian.addmm_(x32.T, x32)
 
     def squared_norms(self) -> Tensor:
         """Sum of each input feature's squares over the tokens seen."""

@@ -13,6 +13,7 @@ earlier ones and compensate (SparseGPT) or rank (Wanda) with them.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -195,18 +196,19 @@ class _Collector:
 
     def __init__(self, targets: list[Target], hessian: bool) -> None:
         self.stats: dict[str, InputStats] = {}
-        self._seen: list[tuple[Tensor, str]] = []
+        self._seen: list[tuple[weakref.ref, str]] = []
         self._hessian = hessian
         self._handles = [t.module.register_forward_hook(
             lambda mod, inp, out, t=t: self._update(t, inp[0])) for t in targets]
 
     def _update(self, target: Target, x: Tensor) -> None:
-        # the same tensor *object* (not the same memory: a freed input's memory is soon another's)
-        first = next((name for seen, name in self._seen if seen is x), None)
+        # the same tensor *object* (not the same memory: a freed input's memory is soon another's); held
+        # weakly, so that each input is freed when its call is done with it (a dead reference matches nothing)
+        first = next((name for seen, name in self._seen if seen() is x), None)
         if first is not None and first != target.name:
             self.stats.setdefault(target.name, self.stats[first])
             return
-        self._seen.append((x, target.name))
+        self._seen.append((weakref.ref(x), target.name))
         if target.name not in self.stats:
             self.stats[target.name] = InputStats(_weight_2d(target).shape[1], self._hessian)
         self.stats[target.name].update(x)
@@ -231,9 +233,9 @@ def prune_block(model: nn.Module, block: nn.Module, targets: list[Target], confi
     try:
         for args, kwargs in calls:
             collector.run(lambda a=args, k=kwargs: block(*a, **k))
+            release_freed_memory()  # each forward's temporaries: not on top of the next one's, nor the pruning's
     finally:
         collector.remove()
-    release_freed_memory()  # the forwards' temporaries, before the pruning's own
     _prune_targets(model, targets, collector.stats, config, report)
 
 

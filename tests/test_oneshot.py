@@ -311,6 +311,7 @@ def test_hessian_of_wide_inputs_is_accumulated_a_few_tokens_at_a_time(monkeypatc
     _, x = _layer_problem(8)
     whole = _stats(x, True).hessian
     monkeypatch.setattr(oneshot_importance, "_UPDATE_CHUNK", 7 * x.shape[1])  # 7 tokens at a time
+    monkeypatch.setattr(oneshot_importance, "_UPDATE_MIN_TOKENS", 1)
     chunked = _stats(x, True)
     exact = (x.double().T @ x.double()).float()
     scale = float(exact.abs().max())

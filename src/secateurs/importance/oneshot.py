@@ -16,7 +16,8 @@ from ..masks import lowest_k, nm_mask
 __all__ = ["InputStats", "sparsegpt", "wanda"]
 
 
-_UPDATE_CHUNK = 1 << 20  # input entries copied to float32 at once for the Hessian (4 MB)
+_UPDATE_CHUNK = 1 << 20  # input entries copied to float32 at once for the Hessian (4 MB)...
+_UPDATE_MIN_TOKENS = 128  # ...but at least this many tokens: each update passes over the whole Hessian
 
 
 class InputStats:
@@ -47,7 +48,7 @@ class InputStats:
         if self.hessian is None:
             self.sq_norm += x.to(torch.float64).square_().sum(0)
         else:  # float32 copies of a few hundred tokens at a time, not of every token of a wide input
-            for part in x.split(max(1, _UPDATE_CHUNK // max(x.shape[1], 1))):
+            for part in x.split(max(_UPDATE_MIN_TOKENS, _UPDATE_CHUNK // max(x.shape[1], 1))):
                 x32 = part.to(torch.float32)
                 self.hessian.addmm_(x32.T, x32)
 
@@ -133,14 +134,17 @@ def sparsegpt(weight: Tensor, stats: InputStats, sparsity: float, n: int | None 
     factor is kept for other weights that share the statistics (see :meth:`InputStats.inverse_hessian`).
 
     The work is done on a float32 copy of the weight. With N:M every output row is pruned on its own,
-    so the rows are solved a few million entries at a time; an unstructured mask is chosen over all
-    rows of a block, so the whole weight is copied at once.
+    so on the CPU the rows are solved a few million entries at a time; an unstructured mask is chosen
+    over all rows of a block, so the whole weight is copied at once.
     """
     hinv, dead = stats.inverse_hessian(damp, consume=consume)
     rows, cols = weight.shape
     result = torch.empty_like(weight) if out is None else out
     keep = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
-    step = rows if n is None or m is None else max(1, _SOLVE_CHUNK // max(cols, 1))
+    # rows in slices on the CPU, where the copy counts against the process's memory; an accelerator's
+    # column loop is bound by kernel launches, which slicing would multiply
+    sliced = n is not None and m is not None and hinv.device.type == "cpu"
+    step = max(1, _SOLVE_CHUNK // max(cols, 1)) if sliced else rows
     for first in range(0, rows, step):
         w = weight[first : first + step].detach().to(hinv.device, torch.float32, copy=True)
         w[:, dead] = 0

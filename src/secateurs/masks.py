@@ -25,6 +25,7 @@ __all__ = [
     "Mask",
     "unparametrize_",
     "get_mask",
+    "masked_original",
     "set_mask_",
     "masked_tensors",
     "finalize_",
@@ -70,19 +71,26 @@ def get_mask(module: nn.Module, name: str = "weight") -> Tensor | None:
     return None if m is None else m.mask
 
 
+def masked_original(module: nn.Module, name: str = "weight") -> Tensor:
+    """The tensor stored for ``module.<name>``: under a mask its parametrization's original (whose pruned
+    entries are zero), otherwise the attribute itself; never a masked copy computed just to be read."""
+    if _mask_module(module, name) is not None:
+        return module.parametrizations[name].original
+    return getattr(module, name)
+
+
 def set_mask_(module: nn.Module, mask: Tensor, name: str = "weight") -> Tensor:
     """Mask ``module.<name>`` in place; an existing mask is intersected (zeros stay zero).
 
     Returns the mask now in force.
     """
-    existing = _mask_module(module, name)
-    # the stored tensor, not the masked one a parametrized attribute would compute just to be looked at
-    current = module.parametrizations[name].original if existing is not None else getattr(module, name)
+    current = masked_original(module, name)
     if mask.shape != current.shape:
         raise SecateursError(
             f"mask of shape {tuple(mask.shape)} does not fit {name} of shape {tuple(current.shape)}"
         )
     mask = mask.to(device=current.device, dtype=torch.bool)
+    existing = _mask_module(module, name)
     if existing is not None:
         existing.mask.logical_and_(mask)
         mask = existing.mask

@@ -38,8 +38,7 @@ class InputStats:
         self._factor: tuple[float, Tensor, Tensor] | None = None  # (damp, H^-1 factor, dead inputs), once spent
 
     def update(self, x: Tensor) -> None:
-        if self._factor is not None:
-            raise SecateursError("these input statistics were spent on SparseGPT: collect new ones")
+        self._check_unspent()
         x = x.detach().reshape(-1, x.shape[-1])
         if self.sq_norm.device != x.device:  # first batch: follow the layer to its device
             self.sq_norm = self.sq_norm.to(x.device)
@@ -54,9 +53,12 @@ class InputStats:
 
     def squared_norms(self) -> Tensor:
         """Sum of each input feature's squares over the tokens seen."""
+        self._check_unspent()
+        return self.sq_norm if self.hessian is None else self.hessian.diagonal().to(torch.float64)
+
+    def _check_unspent(self) -> None:
         if self._factor is not None:
             raise SecateursError("these input statistics were spent on SparseGPT: collect new ones")
-        return self.sq_norm if self.hessian is None else self.hessian.diagonal().to(torch.float64)
 
     def inverse_hessian(self, damp: float, consume: bool = False) -> tuple[Tensor, Tensor]:
         """SparseGPT's upper Cholesky factor of the damped inverse Hessian, and the inputs that were always zero.

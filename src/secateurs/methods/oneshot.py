@@ -26,7 +26,7 @@ from ..errors import SecateursError
 from ..graph.blocks import find_blocks, first_tensor
 from ..importance.oneshot import InputStats, sparsegpt, wanda
 from ..importance.stats import calibration_list, split_batch
-from ..masks import get_mask, mask_tied_
+from ..masks import mask_tied_, masked_original
 from ..progress import Progress
 from ..selection import Selection, Target, call_model, input_dim, select_targets
 from ..utils import eval_mode, release_freed_memory
@@ -171,16 +171,16 @@ def _prune_targets(model: nn.Module, targets: list[Target], stats: dict[str, Inp
 def _prune_target(model: nn.Module, t: Target, s: InputStats, config: _OneShot) -> LayerReport:
     """Prune one weight on its input statistics (SparseGPT spends their Hessian on its inverse's factor,
     which the other layers sharing the statistics reuse)."""
-    weight, flip = _weight_2d(t), _transposed(t)
+    flip = _transposed(t)
     if isinstance(config, SparseGPT):
-        masked = get_mask(t.module, t.tensor) is not None
-        original = t.module.parametrizations[t.tensor].original if masked else getattr(t.module, t.tensor)
-        # SparseGPT updates the weights it keeps: written straight into the stored weight, whose masked
-        # entries are zero already (so it reads the same numbers as ``weight``)
-        _, keep = sparsegpt(original.T if flip else original, s, config.sparsity, config.n, config.m, config.damp,
-                            config.blocksize, consume=True, out=original.T if flip else original)
+        # SparseGPT updates the weights it keeps: solved from and written straight into the stored weight,
+        # whose masked entries are zero already (the numbers the masked weight would compute)
+        stored = masked_original(t.module, t.tensor)
+        stored = stored.T if flip else stored
+        _, keep = sparsegpt(stored, s, config.sparsity, config.n, config.m, config.damp, config.blocksize,
+                            consume=True, out=stored)
     else:
-        keep = wanda(weight, s, config.sparsity, config.n, config.m)
+        keep = wanda(_weight_2d(t), s, config.sparsity, config.n, config.m)
     if flip:
         keep = keep.T
     return layer_report(t.name, mask_tied_(model, t.module, keep, t.tensor))

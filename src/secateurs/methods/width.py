@@ -191,7 +191,7 @@ def groups_to_score(roles: list[Role], width: dict[str, float | None] | None, ra
     channel, so their scores would never be read: for the hidden size that spares reading every
     projection of the model (and float32 copies of the embeddings and LM head) for an FFN-only cut.
     """
-    cut = {kind for kind, r in kind_ratios(width, ratio or 0.0).items() if (r or 0.0) > 0}
+    cut = {kind for kind, r in kind_ratios(width, ratio or 0.0).items() if r > 0}
     hidden = next((r for r in roles if r.kind == "hidden"), None)
     return {g.id for role in roles if role.kind in cut or (follows_hidden(role, hidden) and "hidden" in cut)
             for g in role.groups}

@@ -12,6 +12,7 @@ from conftest import needs
 from secateurs import SecateursError, SparseGPT, Wanda
 from secateurs.cli import main
 from secateurs.importance.oneshot import InputStats, sparsegpt, wanda
+from secateurs.masks import finalize_
 from secateurs.methods.nm import nm_mask
 
 
@@ -319,3 +320,83 @@ def test_hessian_of_wide_inputs_is_accumulated_a_few_tokens_at_a_time(monkeypatc
         torch.testing.assert_close(hessian, exact, rtol=1e-4, atol=1e-5 * scale)
     assert not torch.equal(chunked.hessian, torch.zeros_like(exact))
     assert chunked.count == x.shape[0]
+
+
+class _GatedMLP(nn.Module):
+    """A LLaMA-style MLP block: the widest layer (down) runs last; ``down_twice`` runs it a second time."""
+
+    def __init__(self, down_twice: bool = False):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(16, 64), nn.Linear(16, 64), nn.Linear(64, 16)
+        self.down_twice, self.out_features = down_twice, 16
+
+    def forward(self, x):
+        y = self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+        return self.down(self.up(y)) if self.down_twice else x + y
+
+
+class _WideFirst(nn.Module):
+    """The widest layer runs first: pruning it first would change what the next one is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide, self.narrow = nn.Linear(64, 16), nn.Linear(16, 8)
+        self.out_features = 8
+
+    def forward(self, x):
+        return self.narrow(self.wide(x))
+
+
+def _block_pruned(block, calls, example, widest_first, monkeypatch):
+    """The block pruned by SparseGPT 2:4, its report, and the most Hessian bytes alive at any update."""
+    import weakref
+
+    from secateurs.importance import oneshot as oneshot_importance
+    from secateurs.methods.oneshot import oneshot_targets, prune_block
+    from secateurs.methods.report import PruneReport
+
+    alive, peak = weakref.WeakSet(), [0]
+    original = oneshot_importance.InputStats.update
+
+    def update(self, x):
+        alive.add(self)
+        original(self, x)
+        peak[0] = max(peak[0], sum(s.hessian.numel() * 4 for s in alive if s.hessian is not None))
+
+    monkeypatch.setattr(oneshot_importance.InputStats, "update", update)
+    config = SparseGPT(n=2, m=4, blocksize=8)
+    report = PruneReport(method="sparsegpt", config={})
+    model = nn.Sequential(block, nn.Linear(block.out_features, 4))  # (the model's output layer stays dense)
+    targets = [t for t in oneshot_targets(model, config, example, report) if t.module_name.startswith("0.")]
+    with torch.no_grad():
+        prune_block(model, block, targets, config, report, calls, widest_first=widest_first)
+    finalize_(block)
+    return block.state_dict(), [layer.name for layer in report.layers], peak[0]  # (the head is not pruned)
+
+
+@pytest.mark.parametrize("kind", ["runs-last", "runs-twice", "runs-first"])
+def test_widest_layer_pruned_on_a_pass_of_its_own_gives_the_same_answer(kind, monkeypatch):
+    """The widest layer (a down projection) is pruned alone first when it runs last in every call: its
+    Hessian is never held with the others', and every weight comes out bitwise the same. When it does not
+    run last, the statistics are collected on two passes and used together: the same answer again."""
+    def make():
+        torch.manual_seed(0)
+        if kind == "runs-first":
+            return _WideFirst(), 64
+        return _GatedMLP(down_twice=kind == "runs-twice"), 16
+
+    block, width = make()
+    gen = torch.Generator().manual_seed(3)
+    calls = [((torch.randn(4, 8, width, generator=gen),), {}) for _ in range(3)]
+    one_pass, order, peak_one = _block_pruned(block, calls, calls[0][0][0], False, monkeypatch)
+    two_pass, order_two, peak_two = _block_pruned(make()[0], calls, calls[0][0][0], True, monkeypatch)
+    assert order_two == order
+    for key, value in one_pass.items():
+        assert torch.equal(two_pass[key], value), key
+    if kind == "runs-last":  # down's Hessian (64^2) alone, never with gate/up's shared one (16^2)
+        assert (peak_one, peak_two) == ((64 * 64 + 16 * 16) * 4, 64 * 64 * 4)
+    else:
+        assert peak_two == peak_one
+    # calls that can be walked once only: one pass, the same answer
+    once, _, peak_once = _block_pruned(make()[0], iter(calls), calls[0][0][0], True, monkeypatch)
+    assert peak_once == peak_one and all(torch.equal(once[k], v) for k, v in one_pass.items())

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -227,16 +227,95 @@ class _Collector:
 
 
 def prune_block(model: nn.Module, block: nn.Module, targets: list[Target], config: _OneShot,
-                report: PruneReport, calls: Iterable[tuple[tuple, dict]]) -> None:
-    """Prune ``targets`` (layers inside ``block``) on the statistics of the calls ``block(*args, **kwargs)``."""
+                report: PruneReport, calls: Iterable[tuple[tuple, dict]], *, widest_first: bool = False) -> None:
+    """Prune ``targets`` (layers inside ``block``) on the statistics of the calls ``block(*args, **kwargs)``.
+
+    With ``widest_first`` (SparseGPT, and ``calls`` that can be walked twice), the layer with the widest
+    input is pruned on a pass of its own when it runs after all the others in every call (an MLP's down
+    projection): its Hessian, the largest, is then never held alongside the others'. The answer is the
+    same: pruning a layer cannot change what the layers that ran before it were given. Otherwise (or if
+    it does not run last) its statistics are kept and the others' collected on a second pass, as one.
+    """
+    first = _widest_last_candidate(targets) if widest_first and isinstance(config, SparseGPT) and \
+        not isinstance(calls, Iterator) else None
+    if first is None:
+        _prune_targets(model, targets, _collect(block, targets, config, calls), config, report)
+        return
+    with _RunOrder(targets) as order:
+        stats = _collect(block, [first], config, calls, order)
+    rest = [t for t in targets if t is not first]
+    done = len(report.layers)
+    if order.runs_last(first):
+        _prune_targets(model, [first], stats, config, report)
+        _prune_targets(model, rest, _collect(block, rest, config, calls), config, report)
+        by_name = {layer.name: layer for layer in report.layers[done:]}  # the report lists them in order
+        report.layers[done:] = [by_name[t.name] for t in targets if t.name in by_name]
+    else:
+        stats.update(_collect(block, rest, config, calls))
+        _prune_targets(model, targets, stats, config, report)
+
+
+def _collect(block: nn.Module, targets: list[Target], config: _OneShot, calls: Iterable[tuple[tuple, dict]],
+             order: _RunOrder | None = None) -> dict[str, InputStats]:
+    """The input statistics of ``targets`` over one pass of the calls of ``block`` (``order`` told of each)."""
     collector = _Collector(targets, isinstance(config, SparseGPT))
     try:
         for args, kwargs in calls:
+            if order is not None:
+                order.new_call()
             collector.run(lambda a=args, k=kwargs: block(*a, **k))
             release_freed_memory()  # each forward's temporaries: not on top of the next one's, nor the pruning's
     finally:
         collector.remove()
-    _prune_targets(model, targets, collector.stats, config, report)
+    return collector.stats
+
+
+def _widest_last_candidate(targets: list[Target]) -> Target | None:
+    """The target with the widest input, if pruning it alone first could save memory: there are others,
+    and it shares its weight with none of them (their answers would depend on the order)."""
+    if len(targets) < 2:
+        return None
+    widest = max(targets, key=lambda t: _weight_2d(t).shape[1])
+    storage = masked_original(widest.module, widest.tensor).untyped_storage().data_ptr()
+    if any(t is not widest and masked_original(t.module, t.tensor).untyped_storage().data_ptr() == storage
+           for t in targets):
+        return None
+    return widest
+
+
+class _RunOrder:
+    """Which targets' modules start and end, in order, in each call (forward hooks)."""
+
+    def __init__(self, targets: list[Target]) -> None:
+        self._targets = targets
+        self.calls: list[list[tuple[str, str]]] = []
+        self._handles: list[Any] = []
+
+    def _record(self, event: tuple[str, str]) -> None:
+        self.calls[-1].append(event)
+
+    def __enter__(self) -> _RunOrder:
+        for t in self._targets:
+            self._handles.append(t.module.register_forward_pre_hook(
+                lambda mod, args, n=t.name: self._record(("start", n))))
+            self._handles.append(t.module.register_forward_hook(
+                lambda mod, args, out, n=t.name: self._record(("end", n))))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def new_call(self) -> None:
+        self.calls.append([])
+
+    def runs_last(self, target: Target) -> bool:
+        """Whether in every call ``target`` ran at most once, and nothing but its own end came after its start."""
+        for events in self.calls:
+            starts = [i for i, event in enumerate(events) if event == ("start", target.name)]
+            if len(starts) > 1 or (starts and events[starts[0] + 1:] != [("end", target.name)]):
+                return False
+        return True
 
 
 def oneshot_targets(model: nn.Module, config: _OneShot, example: Any, report: PruneReport) -> list[Target]:

@@ -34,7 +34,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,6 +274,16 @@ class _Activations:
         path = self._files.pop(i, None)
         if path is not None:
             path.unlink()
+
+
+class _Calls:
+    """A layer's calls on the current activations, walked as often as needed (spilled ones are read again)."""
+
+    def __init__(self, acts: _Activations, templates: list[tuple[tuple, dict, bool]]) -> None:
+        self.acts, self.templates = acts, templates
+
+    def __iter__(self) -> Iterator[tuple[tuple, dict]]:
+        return (_call(self.acts.get(i), *template) for i, template in enumerate(self.templates))
 
 
 def _take_hidden(args: tuple, kwargs: dict) -> tuple[Tensor, tuple, dict, bool]:
@@ -628,8 +638,9 @@ def _stream_calibrated(model: nn.Module, config: Wanda | SparseGPT, batches: lis
             inside[owner].append(t)
     masks: dict[str, Tensor] = {}
 
-    def prune(name: str, block: nn.Module, calls: Iterator[tuple[tuple, dict]]) -> None:
-        prune_block(model, block, inside[name], config, report, calls)
+    def prune(name: str, block: nn.Module, calls: Iterable[tuple[tuple, dict]]) -> None:
+        # the widest layer (the MLP's down projection) alone first: its Hessian is not held with the others'
+        prune_block(model, block, inside[name], config, report, calls, widest_first=True)
         # baked before the outputs pass: the same numbers as masked weights, without a masked copy of
         # every weight in every call
         masks.clear()
@@ -679,13 +690,13 @@ def _load_layer(slots: _Slots, read: Callable[[str], Tensor], name: str, block: 
 
 def _walk_layers(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: list[Any], slots: _Slots,
                  read: Any, stats: StreamStats, device: torch.device, budget: int, spill: Path, *,
-                 before: Callable[[str, nn.Module, Iterator[tuple[tuple, dict]]], None] | None = None,
+                 before: Callable[[str, nn.Module, Iterable[tuple[tuple, dict]]], None] | None = None,
                  each: Callable[[str, Tensor, Tensor], None] | None = None,
                  done: Callable[[str, nn.Module], None] | None = None) -> None:
     """Walk the calibration batches through the layer stack, one layer in memory at a time.
 
     For each layer: its tensors are read; ``before(name, layer, calls)`` sees its inputs (and may
-    prune it); its outputs are computed (``each(name, input, output)`` for every batch) and become the
+    prune it; it can walk ``calls`` more than once); its outputs are computed (``each(name, input, output)`` for every batch) and become the
     next layer's inputs; ``done(name, layer)`` runs; its tensors are freed.
     """
     if not blocks:
@@ -704,7 +715,7 @@ def _walk_layers(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches:
         began = time.perf_counter()
         _load_layer(slots, read, name, block, device)
         if before is not None:
-            before(name, block, (_call(acts.get(i), *templates[i]) for i in range(len(templates))))
+            before(name, block, _Calls(acts, templates))
         nxt = _Activations(budget, spill, device, stats)
         for i in range(len(templates)):
             x = acts.get(i)

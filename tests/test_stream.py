@@ -147,13 +147,15 @@ def test_streamed_width_pruning_equals_in_memory(width, tmp_path):
 
 
 @pytest.mark.parametrize("width", ["heads=0.5,ffn=0.25", "hidden=0.25"])
-def test_streamed_width_pruning_by_minitron_equals_in_memory(width, tmp_path):
+def test_streamed_width_pruning_by_minitron_equals_in_memory(width, tmp_path, monkeypatch):
     """A criterion that collects on data by forwards only (minitron): its forwards run with each layer read
     as it is called and freed when it returns, and give the statistics, so the plan and the folder, of
-    the model in memory."""
+    the model in memory. Heads and FFN neurons are read inside the layers: each forward ends after the
+    last layer, without the LM head (tied here: the embedding table, read once more per forward)."""
     from transformers import AutoModelForCausalLM
 
     from secateurs import Channels
+    from secateurs.io.shards import SafetensorsFolder
     from secateurs.methods.stream import prune_streaming
 
     src = _llama_folder(tmp_path / "src", dtype=torch.float32, tokenizer=False, tie=True)
@@ -161,13 +163,48 @@ def test_streamed_width_pruning_by_minitron_equals_in_memory(width, tmp_path):
     config = Channels(width=width, importance="minitron", calib_batches=4)
     model = secateurs.load_model(f"hf:{src}")
     expected = secateurs.prune_(model, config, example_inputs=secateurs.example_inputs(model), data=data)
+    reads = []
+    original = SafetensorsFolder.read
+    monkeypatch.setattr(SafetensorsFolder, "read", lambda self, key, *a, **k: reads.append(key) or original(
+        self, key, *a, **k))
     report, stats = prune_streaming(src, tmp_path / "out", config, data=data)
+    # the final norm and the LM head run only when the hidden size is measured (the LM head reads it);
+    # otherwise the norm is read once, to be copied, and the embeddings once per forward and once more
+    if width == "hidden=0.25":
+        assert reads.count("model.norm.weight") >= 4 + 1
+    else:
+        assert reads.count("model.norm.weight") == 1 and reads.count("model.embed_tokens.weight") == 4 + 1
     assert report.plan == expected.plan and report.importance == expected.importance
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     want = model.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in stock.state_dict().items())
     with pytest.raises(SecateursError, match="measured on data"):
         prune_streaming(src, tmp_path / "o2", config)
+
+
+def test_a_streamed_forward_ends_after_the_stack_only_when_nothing_later_is_watched():
+    from torch import nn
+
+    from secateurs.methods.stream import _watched_from_here
+
+    head = nn.Linear(2, 2)
+    root = nn.Sequential(nn.Linear(2, 2), head)
+    modules = [root, head]
+    ours = {root.register_forward_pre_hook(lambda *a: None).id, head.register_forward_pre_hook(lambda *a: None).id}
+    assert not _watched_from_here(modules, {id(root)}, set(), ours)  # only our own hooks
+    watcher = head.register_forward_hook(lambda *a: None)
+    assert _watched_from_here(modules, {id(root)}, set(), ours)  # the head is still to run, and watched
+    assert not _watched_from_here(modules, {id(root), id(head)}, {id(head)}, ours)  # it ran already
+    watcher.remove()
+    watcher = root.register_forward_hook(lambda *a: None)  # the model's own output is watched
+    assert _watched_from_here(modules, {id(root)}, set(), ours)
+    watcher.remove()
+    watcher = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)  # every module's
+    try:
+        assert _watched_from_here(modules, {id(root)}, set(), ours)
+    finally:
+        watcher.remove()
+    assert not _watched_from_here(modules, {id(root)}, set(), ours)
 
 
 def test_streamed_width_pruning_with_reconstruction_equals_in_memory(tmp_path):

@@ -374,6 +374,13 @@ def _input_grams(model: nn.Module, graph: DependencyGraph, data: Any, batches: i
     return InputGrams(model, sorted(layers)).run(data, batches).grams
 
 
+def _input_activations(model: nn.Module, graph: DependencyGraph, data: Any, batches: int) -> dict[str, Tensor]:
+    """Mean |input| per channel of every layer that reads a group's channels (the votes :func:`_minitron`
+    counts; other layers are not watched, so a forward can end once the last of them has run)."""
+    weights = {m.tensor for g in graph.groups for m in g.members}
+    return InputActivationStats(model, weights).run(data, batches).per_channel()
+
+
 CHANNEL_IMPORTANCE: dict[str, ChannelImportance] = {}
 """Every criterion usable by name, built-in and registered: name -> :class:`ChannelImportance`."""
 
@@ -426,9 +433,7 @@ for _builtin in (
     _DataCriterion("taylor", _taylor, lambda model, graph, data, n: TaylorStats(model).run(data, n).scores),
     _DataCriterion("activation", _activation,
                    lambda model, graph, data, n: ActivationStats(model).run(data, n).per_channel(), forward_only=True),
-    _DataCriterion("minitron", _minitron,
-                   lambda model, graph, data, n: InputActivationStats(model).run(data, n).per_channel(),
-                   forward_only=True),
+    _DataCriterion("minitron", _minitron, _input_activations, forward_only=True),
     _DataCriterion("obs", _obs, _input_grams),
 ):
     register_channel_importance(_builtin)

@@ -20,7 +20,7 @@ from ..patches import input_rows
 from ..selection import call_model, input_dim
 from ..utils import eval_mode, first_tensor
 
-__all__ = ["BatchNormReaders", "ReferenceBatches", "calibration_list", "InputGrams", "TaylorStats", "ActivationStats", "InputActivationStats", "InputMeans", "forward_batches",
+__all__ = ["BatchNormReaders", "ReferenceBatches", "calibration_list", "InputGrams", "TaylorStats", "ActivationStats", "InputActivationStats", "InputMeans", "StopForward", "forward_batches",
            "split_batch", "task_loss"]
 
 
@@ -58,11 +58,17 @@ def task_loss(out: Any, batch: Any, reference: Any = None) -> Tensor:
     return (logits.float() - ref.float()).pow(2).mean() / ref.float().pow(2).mean().clamp_min(1e-12)
 
 
+class StopForward(Exception):
+    """Raised inside a forward that :func:`forward_batches` runs, once nothing left in it is watched: that
+    batch's forward ends there (its output is not needed, only what hooks saw)."""
+
+
 def forward_batches(model: nn.Module, data: Iterable[Any], max_batches: int, hooks: list[Any],
                     after_batch: Any = None) -> int:
     """Run ``model`` (eval mode, no gradients) on up to ``max_batches`` batches, then remove ``hooks``.
 
-    ``after_batch()`` runs after each batch. Returns the number of batches seen.
+    ``after_batch()`` runs after each batch. A forward may end early by raising :class:`StopForward`.
+    Returns the number of batches seen.
     """
     seen = 0
     try:
@@ -70,7 +76,10 @@ def forward_batches(model: nn.Module, data: Iterable[Any], max_batches: int, hoo
             for i, batch in enumerate(data):
                 if i >= max_batches:
                     break
-                call_model(model, split_batch(batch)[0])
+                try:
+                    call_model(model, split_batch(batch)[0])
+                except StopForward:
+                    pass
                 seen += 1
                 if after_batch is not None:
                     after_batch()
@@ -185,11 +194,13 @@ class InputActivationStats:
     keyed by the weight's parameter name (a tied weight under its first name) and
     shaped to broadcast against it along its input dim: ``(1, in)`` for
     ``nn.Linear``, ``(in, 1)`` for ``Conv1D``, whose weight is stored ``(in, out)``.
-    A layer called several times per forward averages over its calls.
+    A layer called several times per forward averages over its calls. ``weights``: the
+    names (as keyed) of the weights whose layers are watched (default: every layer).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, weights: Iterable[str] | None = None) -> None:
         self.model = model
+        self.weights = None if weights is None else set(weights)  # the weights whose layers to watch (default: all)
         self.sums: dict[str, Tensor] = {}
         self.calls: dict[str, int] = {}
         self.input_dim: dict[str, int] = {}
@@ -200,9 +211,11 @@ class InputActivationStats:
 
         hf = sys.modules.get("transformers.pytorch_utils")
         conv1d = getattr(hf, "Conv1D", None)
-        first_name = {}
-        for name, p in self.model.named_parameters():
+        first_name: dict[int, str] = {}
+        aliases: dict[int, set[str]] = {}  # a tied weight's every name (the graph may use any of them)
+        for name, p in self.model.named_parameters(remove_duplicate=False):
             first_name.setdefault(id(p), name)
+            aliases.setdefault(id(p), set()).add(name)
         hooks = []
         for mod_name, module in self.model.named_modules():
             transposed = conv1d is not None and isinstance(module, conv1d)
@@ -213,6 +226,8 @@ class InputActivationStats:
             elif id(module.weight) in first_name:
                 key = first_name[id(module.weight)]
             else:
+                continue
+            if self.weights is not None and self.weights.isdisjoint({key, *aliases.get(id(module.weight), ())}):
                 continue
             self.input_dim[key] = 0 if transposed else 1
             hooks.append(module.register_forward_hook(self._hook(key)))

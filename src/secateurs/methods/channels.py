@@ -560,10 +560,12 @@ def plan_uniform_widths(model: nn.Module, config: Channels, example_inputs: Any,
         raise SecateursError("planning without the weights in memory takes a transformers model and a ratio or "
                              "--width")
     graph = _selected_graph(model, config.resolve(model), example_inputs)
-    with runnable():
-        stats = calibration_stats(model, graph, config, data)
     roles = classify_roles(model, graph)
-    scores = score_groups(model, graph, config, stats, tensors=tensors, only=_groups_to_score(roles, config))
+    only = _groups_to_score(roles, config)
+    scored = graph if only is None else dataclasses.replace(graph, groups=[g for g in graph.groups if g.id in only])
+    with runnable():  # (a criterion measures only the groups it will score: a forward may end sooner)
+        stats = calibration_stats(model, scored, config, data)
+    scores = score_groups(model, graph, config, stats, tensors=tensors, only=only)
     planner = Planner(model, graph, scores, config, example_inputs, graph.output_shapes, roles=roles)
     outcome = RatioGoal(config.ratio if config.ratio is not None else 0.0).search(planner)
     plan = outcome.candidate.plan

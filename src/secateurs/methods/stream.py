@@ -47,7 +47,7 @@ from ..errors import SecateursError
 from ..graph.blocks import repeated_blocks
 from ..importance.channel import channel_importance
 from ..importance.layer import block_influence
-from ..importance.stats import calibration_list, split_batch
+from ..importance.stats import StopForward, calibration_list, split_batch
 from ..masks import finalize_, masked_tensors
 from ..progress import Progress
 from ..selection import Target, select_targets
@@ -301,9 +301,10 @@ def _call(hidden: Tensor, rest: tuple, kwargs: dict, positional: bool) -> tuple[
 
 
 @contextmanager
-def _materialise_on_call(modules: list[nn.Module], slots: _Slots, read: Any, device: torch.device) -> Iterator[None]:
+def _materialise_on_call(modules: list[nn.Module], slots: _Slots, read: Any,
+                         device: torch.device) -> Iterator[list[Any]]:
     """Modules outside the layer stack get their stored tensors (and move their computed buffers) when first
-    called: running the model up to its first layer touches only the embeddings."""
+    called: running the model up to its first layer touches only the embeddings. Gives the hooks' handles."""
     def hook(module: nn.Module, args: Any) -> None:
         for value in [*module._parameters.values(), *module._buffers.values()]:
             key = slots.key_of.get(id(value)) if value is not None else None
@@ -313,7 +314,7 @@ def _materialise_on_call(modules: list[nn.Module], slots: _Slots, read: Any, dev
 
     handles = [m.register_forward_pre_hook(hook) for m in modules]
     try:
-        yield
+        yield handles
     finally:
         for h in handles:
             h.remove()
@@ -561,19 +562,61 @@ def _stream_reconstruct(dense: nn.Module, pruned: nn.Module, plan: Plan, config:
 def _streamed_forward(model: nn.Module, slots: _Slots, read: Callable[[str], Tensor],
                       device: torch.device) -> Iterator[None]:
     """The skeleton runs: every module reads its stored tensors when it is called, and what was read is
-    freed each time a layer of the stack returns (so a forward holds one layer, plus the embeddings)."""
+    freed each time a layer of the stack returns (so a forward holds one layer, plus the embeddings).
+
+    A forward ends after the last layer of the stack when nothing still to run (the final norm, the LM
+    head, the model's own forward hooks) is watched by a hook: the statistics a criterion collects
+    inside the layers need neither the LM head's weights nor its logits."""
+    blocks = repeated_blocks(model)
+    in_stack = {id(m) for _, b in blocks for m in b.modules()}
+    outside = [m for m in model.modules() if id(m) not in in_stack]
+    started: set[int] = set()
+    finished: set[int] = set()
+    ours: set[int] = set()
+
     def free(_m: nn.Module, _args: Any, _out: Any) -> None:
         slots.release()
         release_freed_memory()
 
-    handles = [block.register_forward_hook(free) for _, block in repeated_blocks(model)]
+    def end_after_stack(_m: nn.Module, _args: Any, _out: Any) -> None:
+        if not _watched_from_here(outside, started, finished, ours):
+            raise StopForward
+
+    def start(m: nn.Module, _args: Any) -> None:
+        if m is model:  # a new forward
+            started.clear()
+            finished.clear()
+        started.add(id(m))
+
+    handles = [block.register_forward_hook(free) for _, block in blocks]
+    if blocks:
+        handles.append(blocks[-1][1].register_forward_hook(end_after_stack))
+    for m in outside:
+        handles.append(m.register_forward_pre_hook(start))
+        handles.append(m.register_forward_hook(lambda m, _a, _o: finished.add(id(m))))
     try:
-        with torch.no_grad(), _materialise_on_call(list(model.modules()), slots, read, device):
+        with torch.no_grad(), _materialise_on_call(list(model.modules()), slots, read, device) as materialising:
+            ours.update(h.id for h in [*handles, *materialising])
             yield
     finally:
         for h in handles:
             h.remove()
         slots.release()
+
+
+def _watched_from_here(outside: list[nn.Module], started: set[int], finished: set[int], ours: set[int]) -> bool:
+    """Whether a hook other than ours would still see something of this forward: a forward hook of a module
+    that has not returned yet, a pre-hook of one that has not started, or a global module hook."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    for m in outside:
+        if id(m) not in finished and any(k not in ours for k in m._forward_hooks):
+            return True
+        if id(m) not in started and any(k not in ours for k in m._forward_pre_hooks):
+            return True
+    return False
 
 
 def _cut(t: Tensor, keep: dict[int, Tensor] | None) -> Tensor:

@@ -347,8 +347,9 @@ class _WideFirst(nn.Module):
         return self.narrow(self.wide(x))
 
 
-def _block_pruned(block, calls, example, widest_first, monkeypatch):
-    """The block pruned by SparseGPT 2:4, its report, and the most Hessian bytes alive at any update."""
+def _block_pruned(block, calls, example, widest_first, monkeypatch, leave_out=None):
+    """The block pruned by SparseGPT 2:4 (all its Linears but ``leave_out``), its report, the most Hessian
+    bytes alive at any update, and how many times the block ran."""
     import weakref
 
     from secateurs.importance import oneshot as oneshot_importance
@@ -367,18 +368,25 @@ def _block_pruned(block, calls, example, widest_first, monkeypatch):
     config = SparseGPT(n=2, m=4, blocksize=8)
     report = PruneReport(method="sparsegpt", config={})
     model = nn.Sequential(block, nn.Linear(block.out_features, 4))  # (the model's output layer stays dense)
-    targets = [t for t in oneshot_targets(model, config, example, report) if t.module_name.startswith("0.")]
+    targets = [t for t in oneshot_targets(model, config, example, report)
+               if t.module_name.startswith("0.") and t.module_name != f"0.{leave_out}"]
+    runs = []
+    hook = block.register_forward_pre_hook(lambda *a: runs.append(1))
     with torch.no_grad():
         prune_block(model, block, targets, config, report, calls, widest_first=widest_first)
+    hook.remove()
     finalize_(block)
-    return block.state_dict(), [layer.name for layer in report.layers], peak[0]  # (the head is not pruned)
+    return block.state_dict(), [layer.name for layer in report.layers], peak[0], len(runs)  # (the head stays)
 
 
-@pytest.mark.parametrize("kind", ["runs-last", "runs-twice", "runs-first"])
+@pytest.mark.parametrize("kind", ["runs-last", "runs-twice", "runs-first", "tie"])
 def test_widest_layer_pruned_on_a_pass_of_its_own_gives_the_same_answer(kind, monkeypatch):
     """The widest layer (a down projection) is pruned alone first when it runs last in every call: its
     Hessian is never held with the others', and every weight comes out bitwise the same. When it does not
-    run last, the statistics are collected on two passes and used together: the same answer again."""
+    run last, the statistics are collected on two passes and used together: the same answer again. When
+    no layer is wider than all others (gate/up without down), there is one pass."""
+    leave_out = "down" if kind == "tie" else None
+
     def make():
         torch.manual_seed(0)
         if kind == "runs-first":
@@ -388,15 +396,18 @@ def test_widest_layer_pruned_on_a_pass_of_its_own_gives_the_same_answer(kind, mo
     block, width = make()
     gen = torch.Generator().manual_seed(3)
     calls = [((torch.randn(4, 8, width, generator=gen),), {}) for _ in range(3)]
-    one_pass, order, peak_one = _block_pruned(block, calls, calls[0][0][0], False, monkeypatch)
-    two_pass, order_two, peak_two = _block_pruned(make()[0], calls, calls[0][0][0], True, monkeypatch)
-    assert order_two == order
+    x = calls[0][0][0]
+    one_pass, order, peak_one, runs_one = _block_pruned(block, calls, x, False, monkeypatch, leave_out)
+    two_pass, order_two, peak_two, runs_two = _block_pruned(make()[0], calls, x, True, monkeypatch, leave_out)
+    assert order_two == order and runs_one == len(calls)
     for key, value in one_pass.items():
         assert torch.equal(two_pass[key], value), key
     if kind == "runs-last":  # down's Hessian (64^2) alone, never with gate/up's shared one (16^2)
         assert (peak_one, peak_two) == ((64 * 64 + 16 * 16) * 4, 64 * 64 * 4)
     else:
         assert peak_two == peak_one
+    assert runs_two == (1 if kind == "tie" else 2) * len(calls)
     # calls that can be walked once only: one pass, the same answer
-    once, _, peak_once = _block_pruned(make()[0], iter(calls), calls[0][0][0], True, monkeypatch)
-    assert peak_once == peak_one and all(torch.equal(once[k], v) for k, v in one_pass.items())
+    once, _, peak_once, runs_once = _block_pruned(make()[0], iter(calls), x, True, monkeypatch, leave_out)
+    assert peak_once == peak_one and runs_once == len(calls)
+    assert all(torch.equal(once[k], v) for k, v in one_pass.items())

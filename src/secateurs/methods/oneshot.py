@@ -233,8 +233,9 @@ def prune_block(model: nn.Module, block: nn.Module, targets: list[Target], confi
     With ``widest_first`` (SparseGPT, and ``calls`` that can be walked twice), the layer with the widest
     input is pruned on a pass of its own when it runs after all the others in every call (an MLP's down
     projection): its Hessian, the largest, is then never held alongside the others'. The answer is the
-    same: pruning a layer cannot change what the layers that ran before it were given. Otherwise (or if
-    it does not run last) its statistics are kept and the others' collected on a second pass, as one.
+    same: pruning a layer cannot change what the layers that ran before it were given. When it does not
+    run last, its statistics are kept, the others' are collected on a second pass, and all are pruned
+    as after one pass.
     """
     first = _widest_last_candidate(targets) if widest_first and isinstance(config, SparseGPT) and \
         not isinstance(calls, Iterator) else None
@@ -271,11 +272,15 @@ def _collect(block: nn.Module, targets: list[Target], config: _OneShot, calls: I
 
 
 def _widest_last_candidate(targets: list[Target]) -> Target | None:
-    """The target with the widest input, if pruning it alone first could save memory: there are others,
-    and it shares its weight with none of them (their answers would depend on the order)."""
+    """The target with the widest input, if pruning it alone first could save memory: it is wider than
+    every other target (a tie, such as gate/up with the down projection left out, saves nothing worth a
+    pass), and it shares its weight with none of them (their answers would depend on the order)."""
     if len(targets) < 2:
         return None
-    widest = max(targets, key=lambda t: _weight_2d(t).shape[1])
+    widths = [_weight_2d(t).shape[1] for t in targets]
+    widest = targets[widths.index(max(widths))]
+    if widths.count(max(widths)) > 1:
+        return None
     storage = masked_original(widest.module, widest.tensor).untyped_storage().data_ptr()
     if any(t is not widest and masked_original(t.module, t.tensor).untyped_storage().data_ptr() == storage
            for t in targets):

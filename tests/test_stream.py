@@ -342,12 +342,27 @@ def test_too_little_disk_and_a_device_without_cuda(tmp_path, monkeypatch):
         with pytest.raises(SecateursError, match="no CUDA GPU"):
             stream.prune_streaming(src, tmp_path / "o", Unstructured(sparsity=0.5), device="cuda")
     def no_bf16(a, b, *rest):
-        raise RuntimeError('"addmm" not implemented for \'BFloat16\'')
+        if a.dtype == torch.bfloat16:
+            raise RuntimeError('"addmm" not implemented for \'BFloat16\'')
+        return a @ b.T
 
     with monkeypatch.context() as m:  # a device without bf16 kernels
         m.setattr(torch.nn.functional, "linear", no_bf16)
         with pytest.raises(SecateursError, match="bfloat16, which cpu cannot compute in"):
             stream.prune_streaming(src, tmp_path / "o", Unstructured(sparsity=0.5))
+
+    def broken(a, b, *rest):
+        raise RuntimeError("CUDA error: unspecified launch failure")
+
+    with monkeypatch.context() as m:  # a device that computes nothing: not the dtype's fault
+        m.setattr(torch.nn.functional, "linear", broken)
+        with pytest.raises(SecateursError, match="cpu cannot compute at all .CUDA error: unspecified launch "
+                                                 "failure.: check the GPU and its driver"):
+            stream.prune_streaming(src, tmp_path / "o", Unstructured(sparsity=0.5))
+    for device in ("meta", "xpu", "mps"):
+        with pytest.raises(SecateursError, match=f"streaming computes on cpu or cuda..N., not on {device}"):
+            stream.prune_streaming(src, tmp_path / "o", Unstructured(sparsity=0.5), device=device)
+    assert stream._device("cpu:3") == torch.device("cpu") and stream._device(None) == torch.device("cpu")
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(stream.shutil, "disk_usage", lambda p: usage._replace(free=1000))
     with pytest.raises(SecateursError, match="GiB free"):
@@ -424,3 +439,61 @@ def test_real_smollm2_streamed_equals_in_memory(tmp_path):
     _, stats = prune_streaming(tmp_path / "src", tmp_path / "out", config, data=data)
     assert stats.layers == 30
     _assert_same_state(expected, tmp_path / "out")
+
+
+def test_cli_device_without_stream_and_a_gpu_out_of_memory_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    from secateurs.cli import main
+    from secateurs.methods import stream
+
+    src = _llama_folder(tmp_path / "src")
+    capsys.readouterr()  # transformers' own progress bar while writing it
+    base = ["prune", f"hf:{src}", "--method", "wanda", "--sparsity", "0.5", "--data", "pydoc", "--calib-samples", "4",
+            "--seq-len", "16"]
+    # in memory, --device would be silently ignored (the one-shot pass runs on the CPU): refused instead
+    assert main([*base, "--no-stream", "--device", "cuda", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("secateurs: error: --device cuda sets where --stream prunes") and err.count("\n") == 1
+    assert not (tmp_path / "a").exists()
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.30 GiB.\nmore")
+
+    monkeypatch.setattr(stream, "prune_streaming", out_of_memory)
+    assert main([*base, "--stream", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err == ("secateurs: error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 3.30 GiB. "
+                   "more): use a smaller --batch-size/--seq-len/--calib-samples, a GPU with more memory, or "
+                   "--device cpu\n")
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", [Wanda(sparsity=0.5), SparseGPT(n=2, m=4)], ids=["wanda", "sparsegpt-2:4"])
+def test_streamed_on_a_gpu_matches_the_cpu(config, tmp_path):
+    """Each layer and its activations on the GPU: the same model as on the CPU, up to the kernels' rounding
+    (a mask may flip where two scores tie within it), and the GPU's peak memory reported."""
+    from safetensors.torch import load_file
+
+    from secateurs.methods.stream import prune_streaming
+
+    src = _llama_folder(tmp_path / "src", tokenizer=False)
+    data = _calibration()
+    prune_streaming(src, tmp_path / "cpu", config, data=data, device="cpu")
+    _, stats = prune_streaming(src, tmp_path / "gpu", config, data=data, device="cuda", activation_budget=3000)
+    assert stats.device.startswith("cuda:") and stats.gpu_peak_bytes > 0 and stats.spilled_bytes > 0
+    read = {}
+    for name in ("cpu", "gpu"):
+        read[name] = {}
+        for f in sorted((tmp_path / name).glob("*.safetensors")):
+            read[name] |= load_file(f)
+    assert set(read["cpu"]) == set(read["gpu"])
+    for key, cpu in read["cpu"].items():
+        gpu = read["gpu"][key]
+        assert gpu.dtype == cpu.dtype == torch.bfloat16, key
+        if "layers" in key and "proj" in key:
+            assert float(((gpu == 0) != (cpu == 0)).float().mean()) < 0.02, key  # the same masks, but for ties
+            assert float((gpu == 0).float().mean()) == pytest.approx(0.5, abs=0.01), key
+            assert float((gpu.float() - cpu.float()).norm() / cpu.float().norm()) < 0.05, key
+        else:  # copied through the GPU untouched
+            assert torch.equal(gpu, cpu), key

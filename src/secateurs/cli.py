@@ -151,7 +151,8 @@ def _add_training_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     if not prefix:
         p.add_argument("--gradual-sparsity", type=float, metavar="F",
                        help="gradual magnitude pruning (AGP cubic schedule) to this unstructured sparsity")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N: where training runs (default: CUDA when available)"
+                   + ("; with --stream, where each layer is pruned (default: cpu)" if prefix else ""))
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (default: on for CUDA, or with --amp-dtype)")
     p.add_argument("--amp-dtype", choices=["bf16", "fp16"],
@@ -661,6 +662,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_output_dir(Path(args.out), args.overwrite)  # fail before the slow part
     if _streams(args, config):
         return _prune_streamed(args, config)
+    if args.device is not None and not args.finetune_epochs:
+        raise SecateursError(f"--device {args.device} sets where --stream prunes and where --finetune-epochs "
+                             "trains; pruning in memory runs on the CPU: add --stream (a transformers folder, "
+                             "hf:DIR) or drop --device")
     if args.data is not None:
         from .data.specs import check_data_spec
 
@@ -849,7 +854,8 @@ def _prune_streamed(args: argparse.Namespace, config: Any) -> int:
     sparse = 1 - stats.nonzero_params / max(stats.params, 1)
     print(f"params {stats.params:,}  nonzero {stats.nonzero_params:,} ({sparse:.1%} zero)  "
           f"written {stats.bytes_written / 2**20:.1f} MiB"
-          + (f"  activations spilled {stats.spilled_bytes / 2**20:.1f} MiB" if stats.spilled_bytes else ""))
+          + (f"  activations spilled {stats.spilled_bytes / 2**20:.1f} MiB" if stats.spilled_bytes else "")
+          + (f"  GPU peak {stats.gpu_peak_bytes / 2**30:.2f} GiB" if stats.gpu_peak_bytes is not None else ""))
     return 0
 
 
@@ -1294,6 +1300,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except Exception as exc:  # a bug of ours: still one line, the traceback with -v
         logging.getLogger(__name__).debug("traceback", exc_info=True)
+        oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)  # a GPU's (not a MemoryError)
+        if oom is not None and isinstance(exc, oom):
+            print(f"secateurs: error: the GPU ran out of memory ({_one_line(str(exc))[:160]}): use a smaller "
+                  "--batch-size/--seq-len/--calib-samples, a GPU with more memory, or --device cpu", file=sys.stderr)
+            return EXIT_BAD_INPUT
         print(f"secateurs: error: unexpected {type(exc).__name__} ({_one_line(str(exc) or '-')}): this is a bug; "
               "rerun with -v to see the traceback and please report it", file=sys.stderr)
         return EXIT_BUG

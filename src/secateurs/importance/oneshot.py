@@ -33,16 +33,23 @@ class InputStats:
     def __init__(self, in_features: int, hessian: bool):
         self.count = 0
         self.in_features = in_features
-        self.sq_norm = torch.zeros(in_features, dtype=torch.float64)
-        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32) if hessian else None
+        self.with_hessian = hessian
+        # made on the first batch's device (a GPU's Hessian never passes through host memory)
+        self.sq_norm: Tensor | None = None
+        self.hessian: Tensor | None = None
         self._factor: tuple[float, Tensor, Tensor] | None = None  # (damp, H^-1 factor, dead inputs), once spent
+
+    def _allocate(self, device: torch.device) -> None:
+        if self.with_hessian:
+            self.hessian = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=device)
+        else:
+            self.sq_norm = torch.zeros(self.in_features, dtype=torch.float64, device=device)
 
     def update(self, x: Tensor) -> None:
         self._check_unspent()
         x = x.detach().reshape(-1, x.shape[-1])
-        if self.sq_norm.device != x.device:  # first batch: follow the layer to its device
-            self.sq_norm = self.sq_norm.to(x.device)
-            self.hessian = None if self.hessian is None else self.hessian.to(x.device)
+        if self.count == 0 and self.sq_norm is None and self.hessian is None:
+            self._allocate(x.device)
         self.count += x.shape[0]
         if self.hessian is None:
             self.sq_norm += x.to(torch.float64).square_().sum(0)
@@ -54,6 +61,8 @@ class InputStats:
     def squared_norms(self) -> Tensor:
         """Sum of each input feature's squares over the tokens seen."""
         self._check_unspent()
+        if self.sq_norm is None and self.hessian is None:  # no batch yet
+            self._allocate(torch.device("cpu"))
         return self.sq_norm if self.hessian is None else self.hessian.diagonal().to(torch.float64)
 
     def _check_unspent(self) -> None:
@@ -73,8 +82,10 @@ class InputStats:
                 raise SecateursError(f"these input statistics were spent on SparseGPT with damp "
                                      f"{self._factor[0]}: collect new ones for damp {damp}")
             return self._factor[1], self._factor[2]
-        if self.hessian is None:
+        if not self.with_hessian:
             raise SecateursError("SparseGPT needs the inputs' Hessian: collect the statistics with hessian=True")
+        if self.hessian is None:  # no batch yet
+            self._allocate(torch.device("cpu"))
         h = self.hessian.div_(max(self.count, 1)) if consume else self.hessian / max(self.count, 1)
         dead = torch.diag(h) == 0  # inputs that were always zero: their weights cannot matter
         h[dead, dead] = 1

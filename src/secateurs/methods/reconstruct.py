@@ -227,7 +227,8 @@ def adds_to_output(layer: nn.Module, run: Callable[[], Any]) -> bool:
         if not isinstance(out, Tensor) or "delta" in got or not isinstance(base, Tensor):
             return None
         scale = base.detach().float().std().clamp_min(1e-3)
-        noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)) * scale
+        # drawn on the CPU (the same draw on every device), then moved: scale is on out's device
+        noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.device) * scale
         got["delta"] = noise.to(out)
         return out + got["delta"]
 

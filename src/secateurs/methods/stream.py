@@ -92,6 +92,8 @@ class StreamStats:
     spilled_bytes: int = 0
     device: str = "cpu"
     seconds: float = 0.0
+    gpu_peak_bytes: int | None = None  # on a GPU: the most its allocator held at once (torch.cuda.max_memory_allocated)
+    gpu_reserved_bytes: int | None = None  # ... and the most it reserved from the driver (max_memory_reserved)
     per_layer_seconds: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,23 +136,37 @@ def check_streamable(config: Any) -> None:
 
 
 def _device(device: str | torch.device | None) -> torch.device:
+    """The device to stream on: the CPU, or a CUDA GPU with its index (``cuda`` is the current one)."""
     try:
         dev = torch.device(device or "cpu")
     except RuntimeError:
         raise SecateursError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise SecateursError(f"--device {device}: streaming computes on cpu or cuda[:N], not on {dev.type}")
+    if not torch.cuda.is_available():
         raise SecateursError(f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise SecateursError(f"--device {device}: there are only {torch.cuda.device_count()} GPUs (cuda:0 ...)")
-    return dev
+    # an explicit index: tensors compare equal by device, and nothing depends on the current device
+    return torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
 
 
 def _check_compute(dtype: torch.dtype, device: torch.device) -> None:
     """Refuse a dtype the device cannot multiply in, before any layer is read."""
-    try:
-        a = torch.ones(4, 4, dtype=dtype, device=device)
+    def multiply(dt: torch.dtype) -> None:
+        a = torch.ones(4, 4, dtype=dt, device=device)
         torch.nn.functional.linear(a, a)
+
+    try:
+        multiply(dtype)
     except (RuntimeError, NotImplementedError, TypeError) as exc:
+        try:
+            multiply(torch.float32)
+        except (RuntimeError, NotImplementedError, TypeError):  # not the dtype: the device itself is broken
+            raise SecateursError(f"{device} cannot compute at all ({str(exc).splitlines()[0][:100]}): check the "
+                                 "GPU and its driver (nvidia-smi), or use --device cpu") from None
         raise SecateursError(f"the weights are {str(dtype).removeprefix('torch.')}, which {device} cannot compute "
                              f"in ({str(exc).splitlines()[0][:100]}): use another --device") from None
 
@@ -377,6 +393,8 @@ def prune_streaming(
     if out.resolve() == folder.resolve():
         raise SecateursError("--out is the input folder: write the pruned model to a new folder")
     dev = _device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     weights = SafetensorsFolder(folder)
     floats = [i.dtype for i in weights.tensors.values() if i.dtype.is_floating_point]
     dtype = max(set(floats), key=floats.count) if floats else torch.float32
@@ -461,6 +479,9 @@ def prune_streaming(
                 shutil.copyfile(folder / name, tmp / name)
                 written.append(name)
         stats.seconds = time.perf_counter() - start
+        if dev.type == "cuda":
+            stats.gpu_peak_bytes = torch.cuda.max_memory_allocated(dev)
+            stats.gpu_reserved_bytes = torch.cuda.max_memory_reserved(dev)
         report.outcome["streamed"] = stats.to_dict()
         extra = {**(extra_files or {}), **(outcome_files(report, stats) if outcome_files else {})}
         finish_transformers_folder(tmp, model, manifest=manifest_fields(model, report.to_dict(), input_shape),

@@ -66,6 +66,12 @@ def _assert_same_state(expected: dict, folder) -> None:
         assert torch.equal(got[key], value), key  # bitwise
 
 
+def _digest(folder) -> dict[str, str]:
+    import hashlib
+
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.is_file()}
+
+
 CONFIGS = [Wanda(sparsity=0.5), Wanda(n=2, m=4), SparseGPT(sparsity=0.5, blocksize=16), SparseGPT(n=2, m=4),
            Unstructured(sparsity=0.6), Unstructured(threshold=0.02), NM(n=2, m=4)]
 
@@ -77,6 +83,7 @@ def test_streamed_equals_in_memory_bitwise(config, tmp_path):
     src = _llama_folder(tmp_path / "src", tokenizer=False)
     data = _calibration()
     expected = _in_memory(src, config, data)
+    before = _digest(src)
     # a tiny activation budget: every layer's outputs spill to disk and come back
     report, stats = prune_streaming(src, tmp_path / "out", config, data=data, activation_budget=2000)
     _assert_same_state(expected, tmp_path / "out")
@@ -90,7 +97,7 @@ def test_streamed_equals_in_memory_bitwise(config, tmp_path):
     # secateurs.load gets the masks back from the manifest
     again = secateurs.load(tmp_path / "out")
     assert len(list(masked_tensors(again))) == 21
-    assert os.listdir(tmp_path / "src") == os.listdir(tmp_path / "src")  # input untouched
+    assert _digest(src) == before  # the input untouched, byte for byte
 
 
 def test_streamed_layer_pruning_equals_in_memory(tmp_path):
@@ -365,7 +372,7 @@ def test_too_little_disk_and_a_device_without_cuda(tmp_path, monkeypatch):
     assert stream._device("cpu:3") == torch.device("cpu") and stream._device(None) == torch.device("cpu")
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(stream.shutil, "disk_usage", lambda p: usage._replace(free=1000))
-    with pytest.raises(SecateursError, match="GiB free"):
+    with pytest.raises(SecateursError, match=r"--out needs about 64 MiB free on .*, which has 0 MiB"):
         stream.prune_streaming(src, tmp_path / "o", Unstructured(sparsity=0.5))
     assert not (tmp_path / "o").exists()
 
@@ -497,3 +504,50 @@ def test_streamed_on_a_gpu_matches_the_cpu(config, tmp_path):
             assert float((gpu.float() - cpu.float()).norm() / cpu.float().norm()) < 0.05, key
         else:  # copied through the GPU untouched
             assert torch.equal(gpu, cpu), key
+
+
+@pytest.mark.parametrize("config", [Wanda(sparsity=0.5), SparseGPT(n=2, m=4), NM(n=2, m=4)], ids=lambda c: c.method)
+def test_a_folder_of_mixed_dtypes_streams_as_it_loads(config, tmp_path):
+    """float32 norms beside bfloat16 weights (as some exports store them): computed and written in the model's
+    dtype, as transformers and the in-memory path load them; the streamed folder is the in-memory one."""
+    from safetensors.torch import load_file, save_file
+
+    from secateurs.methods.stream import prune_streaming
+
+    src = _llama_folder(tmp_path / "src", tokenizer=False)
+    for f in src.glob("*.safetensors"):
+        tensors = load_file(f)
+        save_file({k: v.float() if "norm" in k else v for k, v in tensors.items()}, f, metadata={"format": "pt"})
+    data = _calibration()
+    expected = _in_memory(src, config, data)
+    assert all(v.dtype == torch.bfloat16 for v in expected.values() if v.is_floating_point())
+    prune_streaming(src, tmp_path / "out", config, data=data)
+    _assert_same_state(expected, tmp_path / "out")
+
+
+def test_the_disk_check_counts_spilled_activations_and_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+    from types import SimpleNamespace
+
+    from secateurs.cli import main
+    from secateurs.methods import stream
+
+    model = SimpleNamespace(config=SimpleNamespace(hidden_size=4096))
+    batches = [{"input_ids": torch.zeros(4, 2048, dtype=torch.long)} for _ in range(4)]  # 32768 tokens
+    inputs_and_outputs = 2 * 32768 * 4096 * 2  # bf16: 512 MiB
+    assert stream._spill_estimate(model, batches, torch.bfloat16, 100 << 20) == inputs_and_outputs - (100 << 20)
+    assert stream._spill_estimate(model, batches, torch.bfloat16, 1 << 30) == 0
+    assert stream._spill_estimate(model, None, torch.bfloat16, 0) == 0
+
+    src = _llama_folder(tmp_path / "src")
+    capsys.readouterr()
+
+    def full(*args, **kwargs):  # the disk fills up after the checks (another process wrote meanwhile)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stream, "prune_streaming", full)
+    code = main(["prune", f"hf:{src}", "--method", "wanda", "--sparsity", "0.5", "--data", "pydoc",
+                 "--calib-samples", "4", "--seq-len", "16", "--stream", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err == ("secateurs: error: the disk filled up while writing ([Errno 28] No space left on "
+                                 "device): free some space, or choose another --out (or TMPDIR)\n")

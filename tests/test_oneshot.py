@@ -411,3 +411,21 @@ def test_widest_layer_pruned_on_a_pass_of_its_own_gives_the_same_answer(kind, mo
     once, _, peak_once, runs_once = _block_pruned(make()[0], iter(calls), x, True, monkeypatch, leave_out)
     assert peak_once == peak_one and runs_once == len(calls)
     assert all(torch.equal(once[k], v) for k, v in one_pass.items())
+
+
+def test_calibration_forwards_build_no_kv_cache():
+    """Every statistics pass (forward_batches: width scores, layer scores) asks a transformers-style model not
+    to build a KV cache it would throw away; a batch that says otherwise is left as it is."""
+    from secateurs.importance.stats import forward_batches
+
+    seen = []
+
+    class CausalLM(nn.Module):
+        def forward(self, input_ids, use_cache=True):
+            seen.append(use_cache)
+            return input_ids.float()
+
+    batches = [{"input_ids": torch.zeros(1, 4, dtype=torch.long)},
+               {"input_ids": torch.zeros(1, 4, dtype=torch.long), "use_cache": True}]
+    assert forward_batches(CausalLM(), batches, 2, []) == 2
+    assert seen == [False, True]

@@ -157,3 +157,27 @@ def test_multihead_attention_in_proj_is_pruned_and_round_trips(tmp_path):
     loaded = secateurs.load(tmp_path / "m", trust_code=True)  # a test-local class
     assert secateurs.get_mask(loaded.att, "in_proj_weight") is not None
     assert_same_model(loaded, model, x)
+
+
+def test_stacked_expert_weights_are_reported_left_dense_not_silently_skipped():
+    """Fused mixture-of-experts weights (one matrix per expert in a 3-D parameter) are no layer type the
+    methods prune: the report says so, where it would otherwise leave most of an MoE model dense unsaid."""
+
+    class Experts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = nn.Parameter(torch.randn(4, 16, 8))  # 4 experts
+            self.pos = nn.Parameter(torch.randn(1, 5, 8))  # a position embedding: not a stack of matrices
+
+        def forward(self, x):
+            return torch.einsum("bi,eoi->bo", x, self.up) + self.pos.sum()
+
+    model = nn.Sequential(nn.Linear(8, 8), Experts(), nn.Linear(16, 4))
+    report = secateurs.prune_(model, secateurs.Unstructured(sparsity=0.5, prune_output_layer=True),
+                              example_inputs=torch.randn(2, 8))
+    assert report.skipped == {"1.up": "a stack of 4 weight matrices in Experts (fused mixture-of-experts weights, "
+                                      "say), which is not a layer type secateurs prunes: left dense"}
+    assert bool((model[1].up != 0).all())
+    ignored = secateurs.prune_(nn.Sequential(nn.Linear(8, 8), Experts(), nn.Linear(16, 4)),
+                               secateurs.Unstructured(sparsity=0.5, ignore=["1"]), example_inputs=torch.randn(2, 8))
+    assert "1.up" not in ignored.skipped  # what the user chose to leave alone is not reported again

@@ -37,7 +37,7 @@ class Progress:
         ...     for _ in range(3):
         ...         bar.update(loss=0.5)
         >>> out.getvalue().strip()
-        'epoch 1 3/3 loss 0.5000'
+        'epoch 1 3/3 loss 0.5000 in 0s'
     """
 
     def __init__(self, total: int, desc: str, *, enabled: bool | None = True, stream: TextIO | None = None) -> None:
@@ -52,6 +52,9 @@ class Progress:
         self._tty = enabled and bool(getattr(self.stream, "isatty", lambda: False)())
         self._last_draw = 0.0
         self._start = time.perf_counter()
+        if self._tty:  # at once: the first step of a long job (a 70B model's layer) can take minutes
+            self.stream.write("\r" + self._line(bar=True))
+            self.stream.flush()
 
     def update(self, n: int = 1, **postfix: Any) -> None:
         """Advance by ``n`` steps and show ``postfix`` values (e.g. ``loss=0.31``)."""
@@ -85,6 +88,20 @@ class Progress:
             parts.append("[" + "#" * done + "." * (20 - done) + "]")
         parts.append(f"{self.count}/{self.total}")
         parts += [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.postfix.items()]
-        if bar:
-            parts.append(f"{time.perf_counter() - self._start:.0f}s")
+        elapsed = time.perf_counter() - self._start
+        if not bar:
+            return " ".join([*parts, f"in {_duration(elapsed)}"])
+        parts.append(f"elapsed {_duration(elapsed)}")
+        if 0 < self.count < self.total:  # the steps so far, at their mean pace
+            parts.append(f"left ~{_duration(elapsed / self.count * (self.total - self.count))}")
         return " ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

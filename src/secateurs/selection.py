@@ -15,6 +15,7 @@ Wanda), channel groups (structured) and blocks (layer pruning) alike.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -209,6 +210,18 @@ class ResolvedSelection:
                 raise SecateursError(f"'{pattern}' cannot be removed: {why}, so an identity cannot stand in for it")
         return chosen
 
+    def _stacked_weights(self, types: tuple[type[nn.Module], ...]) -> dict[str, str]:
+        """3-D weights (one matrix per expert) of included modules of other types: said, not silently left."""
+        found = {}
+        for mod_name, module in self.modules.items():
+            if isinstance(module, types) or not self.included(mod_name) or self.refused(mod_name, module):
+                continue
+            for pname, p in module.named_parameters(recurse=False):
+                reason = _stacked_weight_reason(module, p)
+                if reason is not None:
+                    found[f"{mod_name}.{pname}" if mod_name else pname] = reason
+        return found
+
     def targets(
         self, *, example_inputs: Any = None, types: tuple[type[nn.Module], ...] | None = None
     ) -> tuple[list[Target], dict[str, str]]:
@@ -239,6 +252,7 @@ class ResolvedSelection:
                 else:
                     owner[weight_key(module, tensor)] = name
                     targets.append(Target(name, mod_name, module, tensor))
+        skipped.update(self._stacked_weights(types))
         if not targets:
             hint = ""
             if output is not None and output in skipped and "output layer" in skipped[output]:
@@ -295,6 +309,14 @@ def call_model(model: nn.Module, example_inputs: Any, **options: Any) -> Any:
     return model(example_inputs, **options)
 
 
+def no_cache_inputs(model: nn.Module, inputs: Any) -> Any:
+    """A transformers model must not build a KV cache during calibration (a forward that only feeds hooks)."""
+    if isinstance(inputs, dict) and "use_cache" not in inputs \
+            and "use_cache" in inspect.signature(model.forward).parameters:
+        return {**inputs, "use_cache": False}
+    return inputs
+
+
 def observe(model: nn.Module, example_inputs: Any, hooks: list[Any]) -> Any:
     """One forward in eval mode without gradients, watched by ``hooks`` (handles), which are removed after."""
     try:
@@ -333,6 +355,14 @@ def select_targets(
     layers (tied weights) is one target; the other users are reported.
     """
     return selection.resolve(model).targets(example_inputs=example_inputs, types=types)
+
+
+def _stacked_weight_reason(module: nn.Module, p: torch.Tensor) -> str | None:
+    """Why a stack of weight matrices in a layer of another type is left dense (None: not such a stack)."""
+    if p.dim() != 3 or not p.is_floating_point() or min(p.shape) < 2:
+        return None  # a position embedding (1, tokens, width), a class token: not a stack of matrices
+    return (f"a stack of {p.shape[0]} weight matrices in {type(module).__name__} (fused mixture-of-experts "
+            "weights, say), which is not a layer type secateurs prunes: left dense")
 
 
 def _unprunable_reason(module: nn.Module, tensor: str) -> str | None:

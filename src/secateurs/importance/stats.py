@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import SecateursError
 from ..patches import input_rows
-from ..selection import call_model, input_dim
+from ..selection import call_model, input_dim, no_cache_inputs
 from ..utils import eval_mode, first_tensor
 
 __all__ = ["BatchNormReaders", "ReferenceBatches", "calibration_list", "InputGrams", "TaylorStats", "ActivationStats", "InputActivationStats", "InputMeans", "StopForward", "forward_batches", "forward_may_stop",
@@ -88,7 +88,7 @@ def forward_batches(model: nn.Module, data: Iterable[Any], max_batches: int, hoo
                     break
                 may_stop = _MAY_STOP.set(True)
                 try:
-                    call_model(model, split_batch(batch)[0])
+                    call_model(model, no_cache_inputs(model, split_batch(batch)[0]))
                 except StopForward:
                     pass
                 finally:

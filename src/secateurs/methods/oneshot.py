@@ -12,7 +12,6 @@ earlier ones and compensate (SparseGPT) or rank (Wanda) with them.
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from ..importance.oneshot import InputStats, sparsegpt, wanda
 from ..importance.stats import calibration_list, split_batch
 from ..masks import mask_tied_, masked_original
 from ..progress import Progress
-from ..selection import Selection, Target, call_model, input_dim, select_targets
+from ..selection import Selection, Target, call_model, input_dim, no_cache_inputs, select_targets
 from ..utils import eval_mode, release_freed_memory
 from .common import config_to_dict, layer_report
 from .nm import parse_nm
@@ -97,13 +96,6 @@ class SparseGPT(_OneShot):
 
 class _Stop(Exception):
     """Raised by the capture hook: the rest of the model need not run."""
-
-
-def no_cache_inputs(model: nn.Module, inputs: Any) -> Any:
-    """A transformers model must not build a KV cache during calibration."""
-    if isinstance(inputs, dict) and "use_cache" in inspect.signature(model.forward).parameters:
-        return {**inputs, "use_cache": False}
-    return inputs
 
 
 def _blocks(model: nn.Module, example: Any) -> list[str]:

@@ -693,23 +693,25 @@ def _stream_data_free(model: nn.Module, config: Any, slots: _Slots, read: Any, w
     targets, skipped = select_targets(model, config)
     report.skipped.update(skipped)
     gen = make_generator(config.seed)
-    bar = Progress(len(targets), f"streaming {config.method}", enabled=None)
-    for t in targets:
+    # progress and stats count the model's layers (a weight outside the stack, such as the head, is one)
+    blocks = [name for name, _ in repeated_blocks(model)]
+    unit = {t.name: next((b for b in blocks if t.module_name.startswith(b + ".")), t.name) for t in targets}
+    units = list(dict.fromkeys(unit.values()))
+    bar = Progress(len(units), f"streaming {len(units)} layers", enabled=None)
+    for i, t in enumerate(targets):
         key = slots.key_of[id(t.weight)]
         weight = read(key)
-        if isinstance(config, NM):
-            keep = nm_keep(config, t.module, t.tensor, weight, gen)
-            if isinstance(keep, str):
-                report.skipped[t.name] = keep
-                write(key, weight, None)
-                bar.update(layer=t.name)
-                continue
+        keep = nm_keep(config, t.module, t.tensor, weight, gen) if isinstance(config, NM) else \
+            layer_keep(config, weight, None, gen)
+        if isinstance(keep, str):  # N:M cannot apply to this weight
+            report.skipped[t.name] = keep
+            write(key, weight, None)
         else:
-            keep = layer_keep(config, weight, None, gen)
-        write(key, weight.masked_fill(~keep, 0), keep)
-        report.layers.append(layer_report(t.name, keep))
-        stats.layers += 1
-        bar.update(layer=t.name)
+            write(key, weight.masked_fill(~keep, 0), keep)
+            report.layers.append(layer_report(t.name, keep))
+        if i + 1 == len(targets) or unit[targets[i + 1].name] != unit[t.name]:
+            stats.layers += 1
+            bar.update(layer=unit[t.name])
     bar.close()
     if isinstance(config, NM) and not report.layers:
         raise SecateursError(f"no selected layer has an input size divisible by {config.m}; choose a smaller M or "
@@ -827,9 +829,7 @@ def _walk_layers(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches:
         release_freed_memory()
         stats.layers += 1
         stats.per_layer_seconds.append(time.perf_counter() - began)
-        done_count = len(stats.per_layer_seconds)
-        remaining = sum(stats.per_layer_seconds) / done_count * (len(blocks) - done_count)
-        bar.update(layer=name, left=f"{math.ceil(remaining)}s")
+        bar.update(layer=name)
     bar.close()
 
 

@@ -167,3 +167,14 @@ def test_pickled_exports_need_trust_and_corrupt_files_fail_cleanly(tmp_path, cap
         assert main(["analyze", str(tmp_path / name), "--trust-pickle", "--input-shape", "1,1,8,8"]) == 2
         err = capsys.readouterr().err
         assert "cannot read" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_export_with_inputs_the_model_cannot_take_is_one_line_exit_2(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    code = main(["export", "secateurs.zoo:DigitsCNN", "--input-shape", "1,3,8,8", "--format", "onnx",
+                 "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("secateurs: error: the model's forward failed on the example inputs (RuntimeError: ")
+    assert err.rstrip().endswith("check the example inputs (--input-shape)")
+    assert not out.exists() and os.listdir(tmp_path) == []

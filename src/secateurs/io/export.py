@@ -211,8 +211,14 @@ def export_model(
         inputs = tuple(t.expand(2, *t.shape[1:]).clone() if isinstance(t, Tensor) and t.dim() > 0 else t
                        for t in inputs)
     work = finalize_(copy.deepcopy(model)).eval()
-    with torch.no_grad():
-        reference = first_tensor(call_model(work, inputs)).float().cpu()
+    try:
+        with torch.no_grad():
+            reference = first_tensor(call_model(work, inputs)).float().cpu()
+    except SecateursError:
+        raise
+    except Exception as exc:  # the model's own code on inputs it does not take: one line, not a traceback
+        raise SecateursError(f"the model's forward failed on the example inputs ({type(exc).__name__}: "
+                             f"{first_line(exc)}): check the example inputs (--input-shape)") from None
     folded = fold_batchnorm_(work, inputs) if fold_bn else []
     device = torch.device("cuda") if half and torch.cuda.is_available() else torch.device("cpu")
     if half:

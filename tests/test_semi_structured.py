@@ -116,6 +116,15 @@ def masks_and_originals(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch
     return out
 
 
+def pruned_net_as_it_was(dtype=torch.float16):
+    """A pruned net, its input, its masks and parameters, and its output: what every undo must give back."""
+    model, x = pruned_net(dtype)
+    before = masks_and_originals(model)
+    with torch.no_grad():
+        reference = model(x)
+    return model, x, before, reference
+
+
 def assert_restored(model: nn.Module, before: dict, x: torch.Tensor, reference: torch.Tensor) -> None:
     """Every layer dense and masked as before, the very same Parameter objects, the same outputs."""
     assert semi_structured_names(model) == []
@@ -178,10 +187,7 @@ def test_dtype_casts_the_model_and_inputs():
 
 
 def test_min_speedup_threshold_leaves_the_model_as_it_was():
-    model, x = pruned_net()
-    before = masks_and_originals(model)
-    with torch.no_grad():
-        reference = model(x)
+    model, x, before, reference = pruned_net_as_it_was()
     report = run_swap(model, x, min_speedup=2.0)
     big = report.layers[0]
     assert 1 < big.speedup < 2 and not big.swapped
@@ -225,10 +231,7 @@ def test_whole_model_slower_undoes_every_swap():
 
 
 def test_outputs_that_move_undo_every_swap():
-    model, x = pruned_net()
-    before = masks_and_originals(model)
-    with torch.no_grad():
-        reference = model(x)
+    model, x, before, reference = pruned_net_as_it_was()
     report = run_swap(model, x, to_sparse=lambda w: w.detach().clone().as_subclass(WrongIn3D))
     assert report.layers[0].speedup > 1.05  # the layer alone, on 2-D inputs, looked right and faster
     assert report.output_error > 2e-2
@@ -256,10 +259,7 @@ def test_a_kernel_that_refuses_a_weight_is_reported():
 
 
 def test_an_error_while_timing_puts_everything_back():
-    model, x = pruned_net()
-    before = masks_and_originals(model)
-    with torch.no_grad():
-        reference = model(x)
+    model, x, before, reference = pruned_net_as_it_was()
     timer = ModelTimer()
 
     def failing(fn):
@@ -293,10 +293,7 @@ class FailsIn3D(FakeSparse):
 
 
 def test_a_model_that_fails_with_the_sparse_weights_is_put_back():
-    model, x = pruned_net()
-    before = masks_and_originals(model)
-    with torch.no_grad():
-        reference = model(x)
+    model, x, before, reference = pruned_net_as_it_was()
     report = run_swap(model, x, to_sparse=lambda w: w.detach().clone().as_subclass(FailsIn3D))
     assert report.layers[0].speedup > 1.05  # alone, on 2-D inputs, it worked and won
     assert report.undone == ("undone: the model failed with the sparse weights (NotImplementedError: "

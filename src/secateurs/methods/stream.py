@@ -259,6 +259,11 @@ class _Slots:
                 self._saved.append((module, attr, False, value))
                 module._buffers[attr] = value.to(device)
 
+    def dtype(self, key: str) -> torch.dtype:
+        """The dtype the skeleton holds stored tensor ``key`` in."""
+        module, attr, _ = self.owner[key]
+        return getattr(module, attr).dtype
+
     def keys_under(self, prefix: str) -> list[str]:
         return [k for k in self.owner if k.startswith(prefix + ".")]
 
@@ -413,12 +418,6 @@ def prune_streaming(
     weights = SafetensorsFolder(folder)
     floats = [i.dtype for i in weights.tensors.values() if i.dtype.is_floating_point]
     dtype = max(set(floats), key=floats.count) if floats else torch.float32
-    # floating tensors stored in another dtype (float32 norms beside bfloat16 weights) are computed and
-    # written in the model's, as transformers (and the in-memory path) load them
-    recast = {k for k, i in weights.tensors.items() if i.dtype.is_floating_point and i.dtype != dtype}
-    if recast:
-        log.info("%d tensors stored in another floating dtype (%s) are computed and written in %s, the model's",
-                 len(recast), next(iter(recast)), str(dtype).removeprefix("torch."))
     _check_compute(dtype, dev)
     if isinstance(config, Layers) and data is None:
         raise SecateursError("layers are chosen on calibration text: pass data= (CLI: --data pydoc or text:FILE)")
@@ -427,6 +426,13 @@ def prune_streaming(
     budget = activation_budget if activation_budget is not None else _default_budget(dev)
     _check_disk(out, weights.nbytes + _spill_estimate(model, batches, dtype, budget))
     slots = _Slots(model, weights.tensors)
+    # floating tensors stored in another dtype than the skeleton holds them in (float32 norms beside bfloat16
+    # weights) are computed and written in the skeleton's, as transformers (and the in-memory path) load them
+    recast = {k: slot for k, i in weights.tensors.items()
+              if i.dtype.is_floating_point and (slot := slots.dtype(k)).is_floating_point and slot != i.dtype}
+    if recast:
+        log.info("%d tensors stored in another floating dtype (%s) are computed and written in the model's",
+                 len(recast), next(iter(recast)))
     prior = read_manifest(folder) if is_saved_model(folder) else {}
     setattr(model, HISTORY_ATTR, prior.get("history", []))
     prior_masked = {k for k, v in prior.get("tensors", {}).items() if isinstance(v, dict) and v.get("masked")}
@@ -441,7 +447,7 @@ def prune_streaming(
         release_freed_memory()
         t = weights.read(key, dev)
         if key in recast:
-            t = t.to(dtype)
+            t = t.to(recast[key])
         stats.bytes_read += t.numel() * t.element_size()
         if t.is_floating_point() and not getattr(config, "allow_nonfinite", False) and not _all_finite(t):
             raise SecateursError(f"weights of {key} contain NaN/inf: fix the model or pass allow_nonfinite=True "
@@ -459,7 +465,7 @@ def prune_streaming(
             raise SecateursError("reconstruct refits layers on data: pass data= (CLI: --data)")
         report, cuts, width_plan = _plan_widths(model, config, slots, read, input_shape, data, dev)
         stats.layers = len(repeated_blocks(model))
-    infos = {renamed[k]: _cut_info(_with_dtype(info, dtype) if k in recast else info, cuts.get(k))
+    infos = {renamed[k]: _cut_info(_with_dtype(info, recast[k]) if k in recast else info, cuts.get(k))
              for k, info in weights.tensors.items() if renamed[k] is not None}
     files = plan_shards(infos, max_shard_size)
     with atomic_dir(out, overwrite=overwrite) as tmp:

@@ -342,6 +342,8 @@ def test_damaged_folders_are_refused_in_one_line(tmp_path):
 
 
 def test_too_little_disk_and_a_device_without_cuda(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
     from secateurs.methods import stream
 
     src = _llama_folder(tmp_path / "src", tokenizer=False)
@@ -366,6 +368,13 @@ def test_too_little_disk_and_a_device_without_cuda(tmp_path, monkeypatch):
         with pytest.raises(SecateursError, match="cpu cannot compute at all .CUDA error: unspecified launch "
                                                  "failure.: check the GPU and its driver"):
             stream.prune_streaming(src, tmp_path / "o", Unstructured(sparsity=0.5))
+    fp8 = tmp_path / "fp8"
+    shutil.copytree(src, fp8)
+    for f in fp8.glob("*.safetensors"):  # weights quantized to float8 (norms too)
+        save_file({k: v.to(torch.float8_e4m3fn) for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    with pytest.raises(SecateursError, match="stored in float8_e4m3fn, and streaming computes in the stored dtype: "
+                                             "convert the folder to bfloat16, float16 or float32 first"):
+        stream.prune_streaming(fp8, tmp_path / "o", Unstructured(sparsity=0.5))
     for device in ("meta", "xpu", "mps"):
         with pytest.raises(SecateursError, match=f"streaming computes on cpu or cuda..N., not on {device}"):
             stream.prune_streaming(src, tmp_path / "o", Unstructured(sparsity=0.5), device=device)

@@ -418,6 +418,9 @@ def prune_streaming(
     weights = SafetensorsFolder(folder)
     floats = [i.dtype for i in weights.tensors.values() if i.dtype.is_floating_point]
     dtype = max(set(floats), key=floats.count) if floats else torch.float32
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise SecateursError(f"the weights are stored in {str(dtype).removeprefix('torch.')}, and streaming computes "
+                             "in the stored dtype: convert the folder to bfloat16, float16 or float32 first")
     _check_compute(dtype, dev)
     if isinstance(config, Layers) and data is None:
         raise SecateursError("layers are chosen on calibration text: pass data= (CLI: --data pydoc or text:FILE)")

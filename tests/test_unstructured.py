@@ -181,3 +181,49 @@ def test_stacked_expert_weights_are_reported_left_dense_not_silently_skipped():
     ignored = secateurs.prune_(nn.Sequential(nn.Linear(8, 8), Experts(), nn.Linear(16, 4)),
                                secateurs.Unstructured(sparsity=0.5, ignore=["1"]), example_inputs=torch.randn(2, 8))
     assert "1.up" not in ignored.skipped  # what the user chose to leave alone is not reported again
+
+
+class _MoE(nn.Module):
+    """A router (one output per expert) beside its experts, as mixture-of-experts blocks have them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(8, 4)
+        self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.other = nn.Linear(8, 3)  # beside the experts too, but not one output per expert: not a router
+
+    def forward(self, x):
+        weights = self.gate(x).softmax(-1)
+        return sum(w.unsqueeze(-1) * e(x) for w, e in zip(weights.unbind(-1), self.experts, strict=True)) \
+            + self.other(x).sum(-1, keepdim=True)
+
+
+def test_a_mixture_of_experts_router_is_left_dense_unless_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(_MoE(), nn.Linear(8, 2))
+    report = secateurs.prune_(model, secateurs.Unstructured(sparsity=0.5), example_inputs=torch.randn(2, 8))
+    assert report.skipped["0.gate"] == ("router of 4 experts (pruning it changes which experts run): name it in "
+                                        "include to prune it")
+    assert bool((model[0].gate.weight != 0).all())
+    assert {layer.name for layer in report.layers} == {"0.experts.0", "0.experts.1", "0.experts.2", "0.experts.3",
+                                                       "0.other"}
+    named = secateurs.prune_(nn.Sequential(_MoE(), nn.Linear(8, 2)),
+                             secateurs.Unstructured(sparsity=0.5, include=["0.gate"]), example_inputs=torch.randn(2, 8))
+    assert [layer.name for layer in named.layers] == ["0.gate"]
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("transformers") is None, reason="needs transformers")
+def test_mixtral_fused_experts_are_reported_and_its_router_left_dense():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           num_experts_per_tok=2, max_position_embeddings=32)
+    model = MixtralForCausalLM(config)
+    report = secateurs.prune_(model, secateurs.Wanda(sparsity=0.5, calib_batches=1),
+                              data=[{"input_ids": torch.randint(0, 64, (1, 8))}])
+    # transformers 5's Mixtral router is a module of its own (no Linear): never a candidate, so left dense
+    assert "model.layers.0.mlp.gate" not in report.skipped and bool((model.model.layers[0].mlp.gate.weight != 0).all())
+    assert report.skipped["model.layers.0.mlp.experts.gate_up_proj"].startswith("a stack of 4 weight matrices")
+    assert {layer.name for layer in report.layers} == {f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"}

@@ -210,6 +210,26 @@ class ResolvedSelection:
                 raise SecateursError(f"'{pattern}' cannot be removed: {why}, so an identity cannot stand in for it")
         return chosen
 
+    def _routers(self) -> dict[str, int]:
+        """Mixture-of-experts routers: a Linear beside an ``experts`` module, with one output per expert
+        (the experts a ModuleList, or stacked in 3-D weights). Name -> number of experts."""
+        found = {}
+        for name, module in self.modules.items():
+            if not isinstance(module, nn.Linear):
+                continue
+            parent, _, _ = name.rpartition(".")
+            experts = self.modules.get(f"{parent}.experts" if parent else "experts")
+            if experts is None:
+                continue
+            if isinstance(experts, nn.ModuleList):
+                count = len(experts)
+            else:
+                stacks = [p.shape[0] for p in experts.parameters(recurse=False) if p.dim() == 3]
+                count = stacks[0] if stacks else 0
+            if count > 1 and module.out_features == count:
+                found[name] = count
+        return found
+
     def _stacked_weights(self, types: tuple[type[nn.Module], ...]) -> dict[str, str]:
         """3-D weights (one matrix per expert) of included modules of other types: said, not silently left."""
         found = {}
@@ -234,6 +254,7 @@ class ResolvedSelection:
                 raise SecateursError(f"include name '{pattern}' matches no prunable layer; check the spelling "
                                      "against `secateurs analyze` output")
         output = None if selection.prune_output_layer else find_output_layer(self.model, example_inputs)
+        routers = self._routers()
         targets: list[Target] = []
         skipped: dict[str, str] = {}
         owner: dict[int, str] = {}  # tensor identity -> the target that prunes it
@@ -247,6 +268,9 @@ class ResolvedSelection:
                     skipped[name] = reason
                 elif mod_name == output:
                     skipped[name] = "output layer (set prune_output_layer=True to prune it)"
+                elif mod_name in routers and not any(matches(mod_name, p) for p in selection.include or ()):
+                    skipped[name] = (f"router of {routers[mod_name]} experts (pruning it changes which experts run): "
+                                     "name it in include to prune it")
                 elif weight_key(module, tensor) in owner:
                     skipped[name] = f"shares its weight with {owner[weight_key(module, tensor)]} (masked together)"
                 else:

@@ -17,6 +17,7 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -1272,53 +1273,67 @@ def main(argv: list[str] | None = None) -> int:
         if launch_rank() != 0 and level == logging.INFO:
             level = logging.WARNING  # under torchrun rank 0 tells what happens; the others only warn
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    ours = logging.getLogger("secateurs")  # set even where logging was configured before (an application
-    saved_level = ours.level  # calling main, pytest): basicConfig then does nothing; put back after
-    ours.setLevel(level)
+    # the level is also set where logging was configured before (an application calling main, pytest),
+    # where basicConfig does nothing
+    with _logger_level("secateurs", level):
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _logger_level(name: str, level: int) -> Iterator[None]:
+    """Logger ``name`` at ``level`` for the block, put back after."""
+    logger = logging.getLogger(name)
+    saved = logger.level
+    logger.setLevel(level)
     try:
-        if args.quiet:  # only errors: not the libraries' warnings either (tracer, deprecations)
-            import warnings
-
-            warnings.simplefilter("ignore")
-        if args.command in TIMING_COMMANDS:
-            from .analysis import steady_allocator
-
-            steady_allocator()  # steady latencies: no page faults per large activation
-        try:
-            outputs = _outputs(args)
-            _check_outputs(args, outputs)  # before anything is created, even a lock file
-            with contextlib.ExitStack() as locks:
-                if launch_rank() == 0:  # under torchrun only rank 0 writes, so only it locks
-                    for path in outputs.values():
-                        locks.enter_context(output_lock(path))
-                return COMMANDS[args.command](args)
-        except SecateursError as exc:
-            print(f"secateurs: error: {_in_cli_words(_one_line(str(exc)), args.command)}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except KeyboardInterrupt:
-            print("secateurs: interrupted", file=sys.stderr)
-            return 130
-        except MemoryError:
-            print("secateurs: error: out of memory: use a smaller --input-shape/--batch-size, or a machine with more "
-                  "memory", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except Exception as exc:  # a bug of ours: still one line, the traceback with -v
-            logging.getLogger(__name__).debug("traceback", exc_info=True)
-            if _disk_full(exc):  # the checks before writing estimate; a disk shared with others can still fill up
-                print(f"secateurs: error: the disk filled up while writing ({_one_line(str(exc))[:160]}): free some "
-                      "space, or choose another --out (or TMPDIR)", file=sys.stderr)
-                return EXIT_BAD_INPUT
-            oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)  # a GPU's (not a MemoryError)
-            if oom is not None and isinstance(exc, oom):
-                print(f"secateurs: error: the GPU ran out of memory ({_one_line(str(exc))[:160]}): use a smaller "
-                      "--batch-size/--seq-len/--calib-samples, a GPU with more memory, or --device cpu", file=sys.stderr)
-                return EXIT_BAD_INPUT
-            print(f"secateurs: error: unexpected {type(exc).__name__} ({_one_line(str(exc) or '-')}): this is a bug; "
-                  "rerun with -v to see the traceback and please report it", file=sys.stderr)
-            return EXIT_BUG
-
+        yield
     finally:
-        ours.setLevel(saved_level)
+        logger.setLevel(saved)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """One command, its errors as one line each (the exit codes of :func:`main`)."""
+    if args.quiet:  # only errors: not the libraries' warnings either (tracer, deprecations)
+        import warnings
+
+        warnings.simplefilter("ignore")
+    if args.command in TIMING_COMMANDS:
+        from .analysis import steady_allocator
+
+        steady_allocator()  # steady latencies: no page faults per large activation
+    try:
+        outputs = _outputs(args)
+        _check_outputs(args, outputs)  # before anything is created, even a lock file
+        with contextlib.ExitStack() as locks:
+            if launch_rank() == 0:  # under torchrun only rank 0 writes, so only it locks
+                for path in outputs.values():
+                    locks.enter_context(output_lock(path))
+            return COMMANDS[args.command](args)
+    except SecateursError as exc:
+        print(f"secateurs: error: {_in_cli_words(_one_line(str(exc)), args.command)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("secateurs: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("secateurs: error: out of memory: use a smaller --input-shape/--batch-size, or a machine with more "
+              "memory", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # a bug of ours: still one line, the traceback with -v
+        logging.getLogger(__name__).debug("traceback", exc_info=True)
+        if _disk_full(exc):  # the checks before writing estimate; a disk shared with others can still fill up
+            print(f"secateurs: error: the disk filled up while writing ({_one_line(str(exc))[:160]}): free some "
+                  "space, or choose another --out (or TMPDIR)", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)  # a GPU's (not a MemoryError)
+        if oom is not None and isinstance(exc, oom):
+            print(f"secateurs: error: the GPU ran out of memory ({_one_line(str(exc))[:160]}): use a smaller "
+                  "--batch-size/--seq-len/--calib-samples, a GPU with more memory, or --device cpu", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(f"secateurs: error: unexpected {type(exc).__name__} ({_one_line(str(exc) or '-')}): this is a bug; "
+              "rerun with -v to see the traceback and please report it", file=sys.stderr)
+        return EXIT_BUG
+
 
 def _disk_full(exc: BaseException) -> bool:
     """A full disk or quota, as an OSError or as a library's own error (safetensors' says 'os error 28')."""

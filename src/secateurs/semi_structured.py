@@ -615,7 +615,7 @@ def _check_whole(winners: list[_Held], opts: _Options, time_ms: Timer, report: S
 def _measure(h: _Held, opts: _Options, convert: ToSparse, time_ms: Timer) -> None:
     """Time one layer dense and sparse; keep its sparse weight in ``h.sparse`` only if it wins and matches
     (by ``min_speedup`` at its own token count, and not slower at any of ``also_tokens``)."""
-    weight, bias, rec = h.dense, h.module.bias, h.record
+    weight, rec = h.dense, h.record
     try:
         sparse = convert(weight.detach())
     except (RuntimeError, ValueError, NotImplementedError) as exc:
@@ -623,23 +623,10 @@ def _measure(h: _Held, opts: _Options, convert: ToSparse, time_ms: Timer) -> Non
         return
     timed = {}
     for tokens in dict.fromkeys([rec.tokens or 1, *opts.also_tokens]):
-        x = torch.randn(tokens, weight.shape[1], device=weight.device, dtype=weight.dtype)
-        try:
-            dense_out = F.linear(x, weight, bias)
-            sparse_out = F.linear(x, sparse, bias)
-        except (RuntimeError, ValueError, NotImplementedError) as exc:
-            rec.reason = f"the sparse kernel failed at {tokens} tokens per call: {first_line(exc)}"
+        timed[tokens] = _time_both(weight, sparse, h.module.bias, tokens, opts, time_ms)
+        if isinstance(timed[tokens], str):
+            rec.reason = timed[tokens]
             return
-        error = relative_error(dense_out, sparse_out)
-        tol = opts.tolerance or _TOLERANCE.get(weight.dtype, 1e-3)
-        if error > tol:
-            rec.reason = f"sparse output differs ({error:.2e} relative, tolerance {tol:g})"
-            return
-        dense_ms = sparse_ms = float("inf")
-        for _ in range(opts.rounds):  # interleaved, each keeps its best round: drift hits both alike
-            dense_ms = min(dense_ms, time_ms(lambda x=x: F.linear(x, weight, bias)))
-            sparse_ms = min(sparse_ms, time_ms(lambda x=x: F.linear(x, sparse, bias)))
-        timed[tokens] = (dense_ms, max(sparse_ms, 1e-9))
     rec.dense_ms, rec.sparse_ms = timed[rec.tokens or 1]
     rec.also = {t: timed[t][0] / timed[t][1] for t in opts.also_tokens}
     speedup = rec.dense_ms / rec.sparse_ms
@@ -647,12 +634,33 @@ def _measure(h: _Held, opts: _Options, convert: ToSparse, time_ms: Timer) -> Non
         rec.reason = (f"slower: measured {speedup:.2f}x" if speedup < 1
                       else f"not fast enough: measured {speedup:.2f}x < {opts.min_speedup:g}x")
         return
-    losing = [t for t, x in rec.also.items() if x < 1]
+    losing = [t for t, ratio in rec.also.items() if ratio < 1]
     if losing:
         rec.reason = f"slower at {losing[0]} token{'s' if losing[0] > 1 else ''} per call: measured " \
                      f"{rec.also[losing[0]]:.2f}x"
         return
     h.sparse, rec.swapped, rec.reason = nn.Parameter(sparse, requires_grad=False), True, ""
+
+
+def _time_both(weight: Tensor, sparse: Tensor, bias: Tensor | None, tokens: int, opts: _Options,
+               time_ms: Timer) -> tuple[float, float] | str:
+    """``(dense_ms, sparse_ms)`` of one layer at ``tokens`` per call, once the sparse output is checked
+    against the dense one; or why the sparse kernel cannot stand in for it there."""
+    x = torch.randn(tokens, weight.shape[1], device=weight.device, dtype=weight.dtype)
+    try:
+        dense_out = F.linear(x, weight, bias)
+        sparse_out = F.linear(x, sparse, bias)
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        return f"the sparse kernel failed at {tokens} tokens per call: {first_line(exc)}"
+    error = relative_error(dense_out, sparse_out)
+    tol = opts.tolerance or _TOLERANCE.get(weight.dtype, 1e-3)
+    if error > tol:
+        return f"sparse output differs ({error:.2e} relative, tolerance {tol:g})"
+    dense_ms = sparse_ms = float("inf")
+    for _ in range(opts.rounds):  # interleaved, each keeps its best round: drift hits both alike
+        dense_ms = min(dense_ms, time_ms(lambda: F.linear(x, weight, bias)))
+        sparse_ms = min(sparse_ms, time_ms(lambda: F.linear(x, sparse, bias)))
+    return dense_ms, max(sparse_ms, 1e-9)
 
 
 def _keep_mask_record(h: _Held) -> None:

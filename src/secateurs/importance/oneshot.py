@@ -40,6 +40,9 @@ class InputStats:
         self._factor: tuple[float, Tensor, Tensor] | None = None  # (damp, H^-1 factor, dead inputs), once spent
 
     def _allocate(self, device: torch.device) -> None:
+        """The running sums, on ``device``, unless they exist already (once spent, nothing is allocated)."""
+        if self.sq_norm is not None or self.hessian is not None or self._factor is not None:
+            return
         if self.with_hessian:
             self.hessian = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=device)
         else:
@@ -48,8 +51,7 @@ class InputStats:
     def update(self, x: Tensor) -> None:
         self._check_unspent()
         x = x.detach().reshape(-1, x.shape[-1])
-        if self.count == 0 and self.sq_norm is None and self.hessian is None:
-            self._allocate(x.device)
+        self._allocate(x.device)  # on the first batch
         self.count += x.shape[0]
         if self.hessian is None:
             self.sq_norm += x.to(torch.float64).square_().sum(0)
@@ -61,8 +63,7 @@ class InputStats:
     def squared_norms(self) -> Tensor:
         """Sum of each input feature's squares over the tokens seen."""
         self._check_unspent()
-        if self.sq_norm is None and self.hessian is None:  # no batch yet
-            self._allocate(torch.device("cpu"))
+        self._allocate(torch.device("cpu"))  # when no batch came
         return self.sq_norm if self.hessian is None else self.hessian.diagonal().to(torch.float64)
 
     def _check_unspent(self) -> None:
@@ -84,8 +85,7 @@ class InputStats:
             return self._factor[1], self._factor[2]
         if not self.with_hessian:
             raise SecateursError("SparseGPT needs the inputs' Hessian: collect the statistics with hessian=True")
-        if self.hessian is None:  # no batch yet
-            self._allocate(torch.device("cpu"))
+        self._allocate(torch.device("cpu"))  # when no batch came
         h = self.hessian.div_(max(self.count, 1)) if consume else self.hessian / max(self.count, 1)
         dead = torch.diag(h) == 0  # inputs that were always zero: their weights cannot matter
         h[dead, dead] = 1

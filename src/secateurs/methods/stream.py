@@ -696,6 +696,11 @@ def _cut_info(info: Any, keep: dict[int, Tensor] | None) -> Any:
     return dataclasses.replace(info, shape=tuple(shape), end=info.begin + size)
 
 
+def _owning_block(t: Target, blocks: Iterable[str]) -> str | None:
+    """The layer of the stack (by name) that holds target ``t``; None outside the stack."""
+    return next((b for b in blocks if t.module_name.startswith(b + ".")), None)
+
+
 def _stream_data_free(model: nn.Module, config: Any, slots: _Slots, read: Any, write: Any,
                       report: PruneReport, stats: StreamStats) -> None:
     """Magnitude (per layer, or by threshold) and N:M: each weight on its own, in the in-memory order."""
@@ -704,23 +709,26 @@ def _stream_data_free(model: nn.Module, config: Any, slots: _Slots, read: Any, w
     gen = make_generator(config.seed)
     # progress and stats count the model's layers (a weight outside the stack, such as the head, is one)
     blocks = [name for name, _ in repeated_blocks(model)]
-    unit = {t.name: next((b for b in blocks if t.module_name.startswith(b + ".")), t.name) for t in targets}
-    units = list(dict.fromkeys(unit.values()))
-    bar = Progress(len(units), f"streaming {len(units)} layers", enabled=None)
-    for i, t in enumerate(targets):
-        key = slots.key_of[id(t.weight)]
-        weight = read(key)
-        keep = nm_keep(config, t.module, t.tensor, weight, gen) if isinstance(config, NM) else \
-            layer_keep(config, weight, None, gen)
-        if isinstance(keep, str):  # N:M cannot apply to this weight
-            report.skipped[t.name] = keep
-            write(key, weight, None)
-        else:
-            write(key, weight.masked_fill(~keep, 0), keep)
-            report.layers.append(layer_report(t.name, keep))
-        if i + 1 == len(targets) or unit[targets[i + 1].name] != unit[t.name]:
-            stats.layers += 1
-            bar.update(layer=unit[t.name])
+
+    def layer_of(t: Target) -> str:
+        return _owning_block(t, blocks) or t.name
+
+    count = len({layer_of(t) for t in targets})
+    bar = Progress(count, f"streaming {count} layers", enabled=None)
+    for layer, weights in itertools.groupby(targets, key=layer_of):
+        for t in weights:
+            key = slots.key_of[id(t.weight)]
+            weight = read(key)
+            keep = nm_keep(config, t.module, t.tensor, weight, gen) if isinstance(config, NM) else \
+                layer_keep(config, weight, None, gen)
+            if isinstance(keep, str):  # N:M cannot apply to this weight
+                report.skipped[t.name] = keep
+                write(key, weight, None)
+            else:
+                write(key, weight.masked_fill(~keep, 0), keep)
+                report.layers.append(layer_report(t.name, keep))
+        stats.layers += 1
+        bar.update(layer=layer)
     bar.close()
     if isinstance(config, NM) and not report.layers:
         raise SecateursError(f"no selected layer has an input size divisible by {config.m}; choose a smaller M or "
@@ -735,7 +743,7 @@ def _stream_calibrated(model: nn.Module, config: Wanda | SparseGPT, batches: lis
     targets = oneshot_targets(model, config, None, report)
     inside: dict[str, list[Target]] = {name: [] for name, _ in blocks}
     for t in targets:
-        owner = next((name for name, _ in blocks if t.module_name.startswith(name + ".")), None)
+        owner = _owning_block(t, inside)
         if owner is None:
             report.skipped[t.name] = "outside the model's layer stack (streaming prunes inside it; prune in memory " \
                                      "to include it)"

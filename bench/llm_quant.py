@@ -1,6 +1,6 @@
 """Prune, then quantize, the real SmolLM2-135M-Instruct: perplexity and size of what a user downloads.
 
-Dense, Wanda 50%, SparseGPT 50% and SparseGPT 2:4, each saved three ways: a plain
+Dense, Wanda 50% and 2:4, SparseGPT 50% and 2:4, each saved three ways: a plain
 transformers folder (float32, unquantized), and compressed-tensors folders with the
 Linear weights quantized weight-only and symmetric by the compressed-tensors library
 (int8 per output channel; int4 in groups along the input). Every folder is loaded back
@@ -70,6 +70,7 @@ def main() -> None:
     variants = {
         "dense": None,
         "Wanda 50%": secateurs.Wanda(sparsity=0.5, calib_batches=len(calib)),
+        "Wanda 2:4": secateurs.Wanda(n=2, m=4, calib_batches=len(calib)),
         "SparseGPT 50%": secateurs.SparseGPT(sparsity=0.5, calib_batches=len(calib)),
         "SparseGPT 2:4": secateurs.SparseGPT(n=2, m=4, calib_batches=len(calib)),
     }

@@ -432,6 +432,30 @@ def test_cli_stream_writes_a_stock_loadable_folder(tmp_path, capsys):
         assert not (tmp_path / "bad").exists()
 
 
+def test_a_tokenizer_that_is_not_the_models_is_one_line(tmp_path, capsys):
+    """Token ids past the model's embedding (a foreign tokenizer in the folder) are refused before any
+    forward, streamed or in memory, for calibration and for perplexity: not an index error deep inside."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from secateurs.cli import main
+
+    src = tmp_path / "src"
+    config = LlamaConfig(vocab_size=VOCAB // 2, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(src)
+    _tokenizer().save_pretrained(src)  # VOCAB ids: twice the model's rows
+    capsys.readouterr()
+    for argv in (["prune", "--method", "wanda", "--sparsity", "0.5", "--stream"],
+                 ["prune", "--method", "sparsegpt", "--sparsity", "0.5", "--no-stream"],
+                 ["eval", "--ppl", "pydoc"]):
+        extra = ["--out", str(tmp_path / "out")] if argv[0] == "prune" else []
+        data = ["--data", "pydoc", "--calib-samples", "2"] if argv[0] == "prune" else ["--max-batches", "1"]
+        code = main([argv[0], f"hf:{src}", *argv[1:], *data, "--seq-len", "16", *extra])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "not this model's" in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def smollm2_folder(tmp_path_factory):
     """SmolLM2-135M (30 layers, grouped-query attention) as a transformers folder, and calibration batches."""

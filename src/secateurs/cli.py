@@ -540,17 +540,19 @@ def _batch_size(args: argparse.Namespace) -> int:
     return 4 if args.data is not None and is_text_spec(args.data) else 32
 
 
-def _calibration(args: argparse.Namespace, config: Any, x: Any) -> list[Any]:
+def _calibration(args: argparse.Namespace, config: Any, x: Any, model: Any) -> list[Any]:
     """Batches named by ``--data``: images for vision models, tokenized text for language models."""
     from .data import batches
-    from .data.text import is_text_spec, token_batches
+    from .data.text import check_token_ids, is_text_spec, token_batches
 
     count = getattr(config, "calib_batches", 8)
     if is_text_spec(args.data):
         from .io.specs import load_tokenizer
 
-        return token_batches(args.data, load_tokenizer(args.model), seq_len=args.seq_len,
-                             batch_size=_batch_size(args), max_batches=count)
+        tokens = token_batches(args.data, load_tokenizer(args.model), seq_len=args.seq_len,
+                               batch_size=_batch_size(args), max_batches=count)
+        check_token_ids(model, tokens)
+        return tokens
     return batches(args.data, batch_size=_batch_size(args), input_shape=list(x.shape), max_batches=count,
                    seed=args.seed)
 
@@ -685,7 +687,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_finite(model, config)  # before analyze warns about the same weights
     dense = _dense_twin(args, model)  # timed beside the pruned model at the end, when memory allows
     before = analyze(model, x, latency=not args.no_latency and dense is None).to_dict()
-    data = _calibration(args, config, x) if args.data is not None else None
+    data = _calibration(args, config, x, model) if args.data is not None else None
     if args.finetune_epochs:
         report, steps = _prune_and_finetune(args, config, model, x, data)
     else:
@@ -927,7 +929,7 @@ def _text_data(args: argparse.Namespace, model: Any) -> tuple[Any, Any, dict[str
 
     The tokenizer is the model's own, or the teacher's when the model's folder has none.
     """
-    from .data.text import MaskedTokens, TokenSequences, generates, token_batches
+    from .data.text import MaskedTokens, TokenSequences, check_token_ids, generates, token_batches
     from .io.specs import load_tokenizer
 
     source = args.model
@@ -943,8 +945,11 @@ def _text_data(args: argparse.Namespace, model: Any) -> tuple[Any, Any, dict[str
                                  f"'{args.teacher}' has one: give the model as hf:FOLDER, a .gguf file, or a folder "
                                  "pruned from one") from None
     size = args.batch_size or 4
-    train, val = (TokenSequences(token_batches(args.data, tokenizer, seq_len=args.seq_len, batch_size=size,
-                                               split=split)) for split in ("train", "test"))
+    splits = [token_batches(args.data, tokenizer, seq_len=args.seq_len, batch_size=size, split=split)
+              for split in ("train", "test")]
+    for part in splits:
+        check_token_ids(model, part)
+    train, val = (TokenSequences(part) for part in splits)
     if generates(model) is False:  # a masked LM learns to fill in masked tokens
         train, val = (MaskedTokens.for_tokenizer(part, tokenizer, seed=args.seed) for part in (train, val))
     return train, val, _tokenizer_files(source)
@@ -1064,7 +1069,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     check_data_spec(args.data)
     model, x = _load(args)
     batches = args.calib_batches or (-(-args.calib_samples // _batch_size(args)) if args.calib_samples else 4)
-    data = _calibration(args, argparse.Namespace(calib_batches=batches), x)
+    data = _calibration(args, argparse.Namespace(calib_batches=batches), x, model)
     scan = sensitivity(model, data, example_inputs=x, ratios=ratios, batches=batches, config=cfg,
                        progress=not args.quiet)
     result = scan.to_dict() | {"model": args.model}

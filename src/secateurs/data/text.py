@@ -23,8 +23,8 @@ from torch.utils.data import Dataset
 
 from ..errors import SecateursError
 
-__all__ = ["IGNORE_INDEX", "TEXT_HELP", "MaskedTokens", "TokenSequences", "generates", "is_text_spec", "lm_loss_sum",
-           "masked_batches", "perplexity", "read_text", "token_batches"]
+__all__ = ["IGNORE_INDEX", "TEXT_HELP", "MaskedTokens", "TokenSequences", "check_token_ids", "generates", "is_text_spec",
+           "lm_loss_sum", "masked_batches", "perplexity", "read_text", "token_batches"]
 
 IGNORE_INDEX = -100  # a label that no loss counts (torch's cross_entropy default, and transformers')
 
@@ -67,6 +67,21 @@ def token_batches(spec: str, tokenizer: Any, *, seq_len: int = 128, batch_size: 
     return out[:max_batches] if max_batches else out
 
 
+def check_token_ids(model: torch.nn.Module, batches: Sequence[Any]) -> None:
+    """Refuse token batches whose ids the model's input embedding has no row for (a tokenizer that is not
+    the model's own): the forward would fail deep inside with an index error."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        rows = getattr(get(), "num_embeddings", None) if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        rows = None
+    ids = [b["input_ids"] for b in batches if isinstance(b, dict) and isinstance(b.get("input_ids"), Tensor)]
+    top = max((int(t.max()) for t in ids if t.numel()), default=-1)
+    if rows is not None and top >= rows:
+        raise SecateursError(f"the tokenizer gives token id {top}, but the model's embedding has only {rows} rows: "
+                             "the tokenizer is not this model's; put the model's own tokenizer in its folder")
+
+
 def perplexity(model: torch.nn.Module, batches: Sequence[dict[str, Tensor]]) -> float:
     """exp of the mean cross-entropy over every predicted token.
 
@@ -76,6 +91,7 @@ def perplexity(model: torch.nn.Module, batches: Sequence[dict[str, Tensor]]) -> 
     """
     from ..utils import eval_mode
 
+    check_token_ids(model, batches)
     total, count = 0.0, 0
     with torch.no_grad(), eval_mode(model):
         for batch in batches:

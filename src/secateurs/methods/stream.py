@@ -394,6 +394,7 @@ def prune_streaming(
         ``(report, stats)``: the pruning report (as :func:`secateurs.prune_` gives) and what was
         read, written and kept.
     """
+    from ..data.text import check_token_ids
     from ..io.atomic import atomic_dir
     from ..io.checkpoint import is_saved_model, read_manifest
     from ..io.hf import hf_skeleton
@@ -426,6 +427,8 @@ def prune_streaming(
         raise SecateursError("layers are chosen on calibration text: pass data= (CLI: --data pydoc or text:FILE)")
     batches = calibration_batches(config, data) if isinstance(config, (Wanda, SparseGPT, Layers)) else None
     model = hf_skeleton(folder, trust_code=trust_code, dtype=dtype, stored=weights.tensors)
+    if batches is not None:
+        check_token_ids(model, batches)
     budget = activation_budget if activation_budget is not None else _default_budget(dev)
     _check_disk(out, weights.nbytes + _spill_estimate(model, batches, dtype, budget))
     slots = _Slots(model, weights.tensors)

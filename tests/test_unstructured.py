@@ -213,7 +213,7 @@ def test_a_mixture_of_experts_router_is_left_dense_unless_named():
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("transformers") is None, reason="needs transformers")
-def test_mixtral_fused_experts_are_reported_and_its_router_left_dense():
+def test_mixtral_fused_experts_are_pruned_per_expert_and_its_router_left_dense():
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
@@ -225,5 +225,8 @@ def test_mixtral_fused_experts_are_reported_and_its_router_left_dense():
                               data=[{"input_ids": torch.randint(0, 64, (1, 8))}])
     # transformers 5's Mixtral router is a module of its own (no Linear): never a candidate, so left dense
     assert "model.layers.0.mlp.gate" not in report.skipped and bool((model.model.layers[0].mlp.gate.weight != 0).all())
+    # the fused experts are pruned expert by expert (tests/test_moe.py); a data-free method reports them
+    assert {layer.name for layer in report.layers} == {f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"} | {
+        f"model.layers.0.mlp.experts.{p}" for p in ("gate_up_proj", "down_proj")}
+    report = secateurs.prune_(model, secateurs.NM(n=2, m=4))
     assert report.skipped["model.layers.0.mlp.experts.gate_up_proj"].startswith("a stack of 4 weight matrices")
-    assert {layer.name for layer in report.layers} == {f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"}

@@ -125,8 +125,9 @@ def finalize_(model: nn.Module) -> nn.Module:
     The weight stays the same ``Parameter`` object, so optimizers keep working.
     """
     for full, module, tname, mask in list(masked_tensors(model)):
-        plist = module.parametrizations[tname]
-        if len(plist) != 1 or len(module.parametrizations) != 1:
+        if not parametrize.is_parametrized(module):
+            continue  # baked with another tensor of its module
+        if any(len(plist) != 1 or not isinstance(plist[0], Mask) for plist in module.parametrizations.values()):
             raise SecateursError(
                 f"{full} has other parametrizations besides a pruning mask; "
                 "remove those first (torch.nn.utils.parametrize.remove_parametrizations)"
@@ -136,17 +137,22 @@ def finalize_(model: nn.Module) -> nn.Module:
 
 
 def unparametrize_(module: nn.Module, tname: str, mask: Tensor) -> None:
-    """Make ``module.<tname>`` a plain parameter again, its masked-out entries zeroed, in place."""
+    """Make ``module.<tname>`` a plain parameter again, its masked-out entries zeroed, in place; the
+    module's other masked tensors (fused experts' stacks, say) are baked with it."""
     # Not torch's remove_parametrizations: it deletes the property from the
     # module's generated class, and deepcopy shares that class between copies,
     # so finalizing a copy would break the original. Swapping the instance back
-    # to its base class touches only this instance.
-    original = module.parametrizations[tname].original
+    # to its base class touches only this instance (and so bakes all its tensors at once).
+    masks = {name: plist[0].mask for name, plist in module.parametrizations.items()}
+    masks[tname] = mask
+    originals = {name: module.parametrizations[name].original for name in masks}
     with torch.no_grad():
-        original.masked_fill_(~mask, 0)
+        for name, original in originals.items():
+            original.masked_fill_(~masks[name], 0)
     del module._modules["parametrizations"]
     module.__class__ = module.__class__.__bases__[0]
-    module.register_parameter(tname, original)
+    for name, original in originals.items():
+        module.register_parameter(name, original)
 
 
 def plain_name(key: str) -> str:

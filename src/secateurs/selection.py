@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from .cli_options import option
 from .errors import SecateursError
-from .masks import Mask, weight_key
+from .masks import Mask, masked_original, weight_key
 from .utils import eval_mode
 
 if TYPE_CHECKING:
@@ -230,27 +230,31 @@ class ResolvedSelection:
                 found[name] = count
         return found
 
-    def _stacked_weights(self, types: tuple[type[nn.Module], ...]) -> dict[str, str]:
-        """3-D weights (one matrix per expert) of included modules of other types: said, not silently left."""
+    def _stacked_weights(self, types: tuple[type[nn.Module], ...]) -> dict[str, tuple[str, nn.Module, str, str]]:
+        """3-D weights (one matrix per expert) of included modules of other types.
+        Name -> (module name, module, tensor name, why a method that cannot prune them leaves them dense)."""
         found = {}
         for mod_name, module in self.modules.items():
             if isinstance(module, types) or not self.included(mod_name) or self.refused(mod_name, module):
                 continue
-            for pname, p in module.named_parameters(recurse=False):
+            masked = list(module.parametrizations) if parametrize.is_parametrized(module) else []
+            for pname, p in [*module.named_parameters(recurse=False), *((n, masked_original(module, n)) for n in masked)]:
                 reason = _stacked_weight_reason(module, p)
                 if reason is not None:
-                    found[f"{mod_name}.{pname}" if mod_name else pname] = reason
+                    found[f"{mod_name}.{pname}" if mod_name else pname] = (mod_name, module, pname, reason)
         return found
 
     def targets(
-        self, *, example_inputs: Any = None, types: tuple[type[nn.Module], ...] | None = None
+        self, *, example_inputs: Any = None, types: tuple[type[nn.Module], ...] | None = None, stacked: bool = False
     ) -> tuple[list[Target], dict[str, str]]:
         """The weight tensors to prune and the candidates left out; see :func:`select_targets`."""
         selection = self.selection
         types = types or prunable_types()
         candidates = [(n, m) for n, m in self.modules.items() if isinstance(m, types)]
+        stacks = self._stacked_weights(types)
         for pattern in selection.include or ():
-            if not any(matches(n, pattern) for n, _ in candidates):
+            if not any(matches(n, pattern) for n, _ in candidates) and \
+                    not (stacked and any(matches(mod_name, pattern) for mod_name, *_ in stacks.values())):
                 raise SecateursError(f"include name '{pattern}' matches no prunable layer; check the spelling "
                                      "against `secateurs analyze` output")
         output = None if selection.prune_output_layer else find_output_layer(self.model, example_inputs)
@@ -276,7 +280,11 @@ class ResolvedSelection:
                 else:
                     owner[weight_key(module, tensor)] = name
                     targets.append(Target(name, mod_name, module, tensor))
-        skipped.update(self._stacked_weights(types))
+        for name, (mod_name, module, tensor, reason) in stacks.items():
+            if stacked:
+                targets.append(Target(name, mod_name, module, tensor, stacked=True))
+            else:
+                skipped[name] = reason
         if not targets:
             hint = ""
             if output is not None and output in skipped and "output layer" in skipped[output]:
@@ -359,6 +367,7 @@ class Target:
     module_name: str
     module: nn.Module
     tensor: str = "weight"
+    stacked: bool = False  # a 3-D stack of matrices, one per expert (fused mixture-of-experts weights)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -371,14 +380,16 @@ def select_targets(
     *,
     example_inputs: Any = None,
     types: tuple[type[nn.Module], ...] | None = None,
+    stacked: bool = False,
 ) -> tuple[list[Target], dict[str, str]]:
     """Return ``(targets, skipped)``.
 
     ``targets`` lists the weight tensors to prune in model order; ``skipped``
     maps names of candidates left out to the reason. A tensor shared by several
-    layers (tied weights) is one target; the other users are reported.
+    layers (tied weights) is one target; the other users are reported. With ``stacked``, 3-D weights
+    (one matrix per expert, in modules of other types) are targets too (``Target.stacked``), after the others.
     """
-    return selection.resolve(model).targets(example_inputs=example_inputs, types=types)
+    return selection.resolve(model).targets(example_inputs=example_inputs, types=types, stacked=stacked)
 
 
 def _stacked_weight_reason(module: nn.Module, p: torch.Tensor) -> str | None:

@@ -13,7 +13,7 @@ from torch import Tensor
 from ..errors import SecateursError
 from ..masks import lowest_k, nm_mask
 
-__all__ = ["InputStats", "sparsegpt", "wanda"]
+__all__ = ["InputStats", "magnitude_keep", "sparsegpt", "wanda"]
 
 
 _UPDATE_CHUNK = 1 << 20  # input entries copied to float32 at once for the Hessian (4 MB)...
@@ -116,17 +116,28 @@ def _keep(scores: Tensor, sparsity: float, n: int | None, m: int | None) -> Tens
     return keep
 
 
-def wanda(weight: Tensor, stats: InputStats, sparsity: float, n: int | None = None, m: int | None = None) -> Tensor:
-    """Wanda (Sun et al. 2023): score ``|W_ij| * ||X_j||_2``, compared within each output row."""
-    norm = (stats.squared_norms() / max(stats.count, 1)).sqrt().to(weight.device, torch.float32)
+def _keep_rows(weight: Tensor, norm: Tensor | None, sparsity: float, n: int | None, m: int | None) -> Tensor:
+    """Per output row, the keep-mask of the scores ``|W_ij|`` (times ``norm_j`` when given)."""
     # rows are ranked alone, so they are scored a few million entries at a time: the float32 scores and
     # top-k indices of a whole large projection would take several times the weight's own memory
     keep = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
     step = max(1, _SCORE_CHUNK // max(weight.shape[1], 1))
     for start in range(0, weight.shape[0], step):
-        rows = weight[start : start + step].detach()
-        keep[start : start + step] = _keep(rows.abs().float() * norm, sparsity, n, m)
+        scores = weight[start : start + step].detach().abs().float()
+        keep[start : start + step] = _keep(scores if norm is None else scores.mul_(norm), sparsity, n, m)
     return keep
+
+
+def magnitude_keep(weight: Tensor, sparsity: float, n: int | None = None, m: int | None = None) -> Tensor:
+    """Keep the largest ``|W_ij|`` of each output row (or ``n`` of every ``m`` inputs): Wanda with every
+    input's norm equal, for a weight no calibration data reached."""
+    return _keep_rows(weight, None, sparsity, n, m)
+
+
+def wanda(weight: Tensor, stats: InputStats, sparsity: float, n: int | None = None, m: int | None = None) -> Tensor:
+    """Wanda (Sun et al. 2023): score ``|W_ij| * ||X_j||_2``, compared within each output row."""
+    norm = (stats.squared_norms() / max(stats.count, 1)).sqrt().to(weight.device, torch.float32)
+    return _keep_rows(weight, norm, sparsity, n, m)
 
 
 _SOLVE_CHUNK = 1 << 22  # N:M rows solved at once: about this many float32 entries (16 MB) of working copy

@@ -12,6 +12,8 @@ earlier ones and compensate (SparseGPT) or rank (Wanda) with them.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -19,11 +21,13 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..cli_options import option, positive_int
 from ..errors import SecateursError
 from ..graph.blocks import find_blocks, first_tensor
-from ..importance.oneshot import InputStats, sparsegpt, wanda
+from ..importance.experts import ExpertStats, StackedInputs, eager_experts, stack_identities
+from ..importance.oneshot import InputStats, magnitude_keep, sparsegpt, wanda
 from ..importance.stats import calibration_list, split_batch
 from ..masks import mask_tied_, masked_original
 from ..progress import Progress
@@ -33,6 +37,8 @@ from .common import config_to_dict, layer_report
 from .nm import parse_nm
 from .registry import register_method
 from .report import LayerReport, PruneReport
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SparseGPT", "Wanda", "calibration_batches", "capture_block_inputs", "no_cache_inputs", "oneshot_targets", "prune_block",
            "with_hidden"]
@@ -146,14 +152,20 @@ def _weight_2d(target: Target) -> Tensor:
 _TRIM_AFTER = 1 << 22  # weights this large hand their pruning's freed memory back at once
 
 
-def _prune_targets(model: nn.Module, targets: list[Target], stats: dict[str, InputStats],
+def _prune_targets(model: nn.Module, targets: list[Target], stats: dict[str, InputStats | ExpertStats],
                    config: _OneShot, report: PruneReport) -> None:
     for t in targets:
         s = stats.pop(t.name, None)  # shared statistics stay alive while another target holds them
         if s is None or not s.count:
-            report.skipped[t.name] = "never ran on the calibration data"
+            report.skipped[t.name] = ("no expert's matrix was multiplied where secateurs can see it (F.linear or @ "
+                                      "on one expert's matrix)" if t.stacked else "never ran on the calibration data")
             continue
-        layer = _prune_target(model, t, s, config)
+        if isinstance(s, ExpertStats):
+            layer = _prune_stacked(model, t, s, config, report)
+            if layer is None:
+                continue
+        else:
+            layer = _prune_target(model, t, s, config)
         report.layers.append(layer)
         del s
         if layer.numel >= _TRIM_AFTER:  # (not t.weight: masked now, reading it would compute a masked copy)
@@ -178,6 +190,37 @@ def _prune_target(model: nn.Module, t: Target, s: InputStats, config: _OneShot) 
     return layer_report(t.name, mask_tied_(model, t.module, keep, t.tensor))
 
 
+def _prune_stacked(model: nn.Module, t: Target, s: ExpertStats, config: _OneShot,
+                   report: PruneReport) -> LayerReport | None:
+    """Prune each expert's matrix of a stacked weight on the tokens routed to that expert; an expert no
+    calibration token reached is pruned by magnitude (said in ``report.outcome["experts_by_magnitude"]``)."""
+    stored = masked_original(t.module, t.tensor)  # (experts, out, in), or (experts, in, out) when transposed
+    inputs = stored.shape[1] if s.transposed else stored.shape[2]
+    if config.m is not None and inputs % config.m:
+        report.skipped[t.name] = f"input size {inputs} is not a multiple of {config.m}"
+        return None
+    keep = torch.empty(stored.shape, dtype=torch.bool, device=stored.device)
+    unrouted = []
+    for expert in range(stored.shape[0]):
+        w = stored[expert].T if s.transposed else stored[expert]  # (out, in), a view of the stored weight
+        stats = s.experts.pop(expert, None)
+        if stats is None or not stats.count:
+            unrouted.append(expert)
+            kept = magnitude_keep(w, config.sparsity, config.n, config.m)
+        elif isinstance(config, SparseGPT):
+            _, kept = sparsegpt(w, stats, config.sparsity, config.n, config.m, config.damp, config.blocksize,
+                                consume=True, out=w)
+        else:
+            kept = wanda(w, stats, config.sparsity, config.n, config.m)
+        keep[expert] = kept.T if s.transposed else kept
+        del stats
+    if unrouted:
+        report.outcome.setdefault("experts_by_magnitude", {})[t.name] = unrouted
+        log.warning("%s: %d of %d experts got no calibration token and are pruned by weight magnitude (more "
+                    "calibration data reaches more experts)", t.name, len(unrouted), stored.shape[0])
+    return layer_report(t.name, mask_tied_(model, t.module, keep, t.tensor))
+
+
 class _Collector:
     """Input statistics of some Linear layers, gathered by forward hooks.
 
@@ -187,11 +230,41 @@ class _Collector:
     """
 
     def __init__(self, targets: list[Target], hessian: bool) -> None:
-        self.stats: dict[str, InputStats] = {}
+        self.stats: dict[str, InputStats | ExpertStats] = {}
         self._seen: list[tuple[weakref.ref, str]] = []
         self._hessian = hessian
         self._handles = [t.module.register_forward_hook(
-            lambda mod, inp, out, t=t: self._update(t, inp[0])) for t in targets]
+            lambda mod, inp, out, t=t: self._update(t, inp[0])) for t in targets if not t.stacked]
+        stacks: dict[nn.Module, dict[str, str]] = {}  # a module's stacked weights: tensor name -> target name
+        for t in targets:
+            if t.stacked:
+                stacks.setdefault(t.module, {})[t.tensor] = t.name
+                self.stats[t.name] = ExpertStats(hessian)
+        for module, names in stacks.items():
+            self._watch(module, names)
+
+    def _watch(self, module: nn.Module, names: dict[str, str]) -> None:
+        """While ``module`` runs, the products with each expert's matrix of its stacked weights are seen."""
+        active: list[Any] = []
+
+        def enter(mod: nn.Module, args: Any) -> None:
+            cache = parametrize.cached()
+            cache.__enter__()  # a masked stack is computed once per call, and is one tensor the mode can know
+            mode = StackedInputs(stack_identities(mod, names), self._update_expert)
+            mode.__enter__()
+            active.append((cache, mode))
+
+        def leave(mod: nn.Module, args: Any, out: Any) -> None:
+            if active:
+                cache, mode = active.pop()
+                mode.__exit__(None, None, None)
+                cache.__exit__(None, None, None)
+
+        self._handles.append(module.register_forward_pre_hook(enter))
+        self._handles.append(module.register_forward_hook(leave, always_call=True))
+
+    def _update_expert(self, name: str, expert: int, rows: Tensor, transposed: bool) -> None:
+        self.stats[name].update(expert, rows, transposed)
 
     def _update(self, target: Target, x: Tensor) -> None:
         # the same tensor *object* (not the same memory: a freed input's memory is soon another's); held
@@ -317,12 +390,14 @@ class _RunOrder:
 
 def oneshot_targets(model: nn.Module, config: _OneShot, example: Any, report: PruneReport) -> list[Target]:
     """The Linear-like weights ``config`` selects; the others go into ``report.skipped`` with the reason."""
-    targets, skipped = select_targets(model, config, example_inputs=example)
+    targets, skipped = select_targets(model, config, example_inputs=example, stacked=True)
     report.skipped.update(skipped)
     kept = []
     for t in targets:
         w = t.weight
-        if w.dim() != 2 or t.tensor != "weight":
+        if t.stacked:
+            kept.append(t)  # one matrix per expert; their input side is known once they run (N:M checked then)
+        elif w.dim() != 2 or t.tensor != "weight":
             report.skipped[t.name] = "not a Linear-like layer (one-shot methods prune Linear and Conv1D weights)"
         elif config.m is not None and _weight_2d(t).shape[1] % config.m:
             report.skipped[t.name] = f"input size {_weight_2d(t).shape[1]} is not a multiple of {config.m}"
@@ -345,7 +420,9 @@ def apply_oneshot(model: nn.Module, config: _OneShot, *, example_inputs: Any = N
     example = example_inputs if example_inputs is not None else split_batch(batches[0])[0]
     report = PruneReport(method=config.method, config=config_to_dict(config))
     targets = oneshot_targets(model, config, example, report)
-    with torch.no_grad(), eval_mode(model):
+    # stacked expert weights are read one expert at a time (transformers' fused expert kernels are switched off)
+    experts = eager_experts(model) if any(t.stacked for t in targets) else contextlib.nullcontext()
+    with torch.no_grad(), eval_mode(model), experts:
         blocks = _blocks(model, example)
         modules = dict(model.named_modules())
         inside = {name: [t for t in targets if t.module_name.startswith(name + ".")] for name in blocks}
@@ -365,7 +442,8 @@ def apply_oneshot(model: nn.Module, config: _OneShot, *, example_inputs: Any = N
             for name in blocks:
                 block = modules[name]
                 prune_block(model, block, inside[name], config, report, calls)
-                calls = [with_hidden(args, kwargs, first_tensor(block(*args, **kwargs))) for args, kwargs in calls]
+                with parametrize.cached():  # a masked weight is computed once per call, not once per use
+                    calls = [with_hidden(args, kwargs, first_tensor(block(*args, **kwargs))) for args, kwargs in calls]
                 bar.update()
             bar.close()
     report.outcome["blocks"] = len(blocks)

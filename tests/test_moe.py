@@ -1,0 +1,249 @@
+"""Wanda and SparseGPT on fused mixture-of-experts weights: one 3-D tensor holds every expert's matrix.
+
+The reference is the same model with its experts as separate Linear layers: pruning either must give the
+same masks and weights, expert by expert, on the tokens the router sent to that expert.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import secateurs
+from conftest import needs
+from secateurs import SparseGPT, Wanda
+from secateurs.importance.oneshot import magnitude_keep
+from secateurs.masks import finalize_
+
+D, H, E = 16, 24, 4
+
+
+class FusedExperts(nn.Module):
+    """Stacked weights, read as transformers' eager experts do: ``F.linear`` with ``(out, in)`` matrices, and
+    ``@`` with ``(in, out)`` ones (GPT-OSS's layout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(E, 2 * H, D) / D**0.5)
+        self.w_out = nn.Parameter(torch.randn(E, H, D) / H**0.5)  # (in, out) per expert
+
+    def forward(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for expert in chosen.unique():
+            rows = torch.where(chosen == expert)[0]
+            gate, up = F.linear(x[rows], self.w_in[expert]).chunk(2, dim=-1)
+            out[rows] = (F.silu(gate) * up) @ self.w_out[expert]
+        return out
+
+
+class Expert(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_in = nn.Linear(D, 2 * H, bias=False)
+        self.w_out = nn.Linear(H, D, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_in(x).chunk(2, dim=-1)
+        return self.w_out(F.silu(gate) * up)
+
+
+class SeparateExperts(nn.ModuleList):
+    def forward(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for expert in chosen.unique():
+            rows = torch.where(chosen == expert)[0]
+            out[rows] = self[int(expert)](x[rows])
+        return out
+
+
+class Layer(nn.Module):
+    def __init__(self, experts: nn.Module, silent: int | None) -> None:
+        super().__init__()
+        self.attn = nn.Linear(D, D)
+        self.router = nn.Linear(D, E, bias=False)
+        self.experts = experts
+        self.silent = silent  # an expert the router never picks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x)
+        flat = x.reshape(-1, D)
+        logits = self.router(flat)
+        if self.silent is not None:
+            logits[:, self.silent] = -torch.inf
+        return x + self.experts(flat, logits.argmax(-1)).view_as(x)
+
+
+class TinyMoE(nn.Module):
+    def __init__(self, fused: bool, silent: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(Layer(FusedExperts() if fused else SeparateExperts(Expert() for _ in range(E)),
+                                          silent) for _ in range(3))
+        self.head = nn.Linear(D, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _pair(silent: int | None = None) -> tuple[TinyMoE, TinyMoE]:
+    fused, separate = TinyMoE(True, silent), TinyMoE(False, silent)
+    with torch.no_grad():
+        for f, s in zip(fused.layers, separate.layers, strict=True):
+            s.attn.load_state_dict(f.attn.state_dict())
+            s.router.load_state_dict(f.router.state_dict())
+            for e, expert in enumerate(s.experts):
+                expert.w_in.weight.copy_(f.experts.w_in[e])
+                expert.w_out.weight.copy_(f.experts.w_out[e].T)
+        separate.head.load_state_dict(fused.head.state_dict())
+    return fused, separate
+
+
+def _data(batches: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(2, 12, D, generator=g) for _ in range(batches)]
+
+
+@pytest.mark.parametrize("config", [Wanda(sparsity=0.5, calib_batches=3), Wanda(n=2, m=4, calib_batches=3),
+                                    SparseGPT(sparsity=0.5, calib_batches=3), SparseGPT(n=2, m=4, calib_batches=3)],
+                         ids=["wanda", "wanda-2:4", "sparsegpt", "sparsegpt-2:4"])
+def test_fused_experts_are_pruned_like_separate_ones(config):
+    fused, separate = _pair()
+    data = _data()
+    report = secateurs.prune_(fused, config, data=data)
+    secateurs.prune_(separate, config, data=data)
+    names = {layer.name for layer in report.layers}
+    assert {f"layers.{i}.experts.{w}" for i in range(3) for w in ("w_in", "w_out")} <= names
+    assert "layers.0.router" in report.skipped and "experts_by_magnitude" not in report.outcome
+    finalize_(fused), finalize_(separate)
+    for f, s in zip(fused.layers, separate.layers, strict=True):
+        for e, expert in enumerate(s.experts):
+            torch.testing.assert_close(f.experts.w_in[e], expert.w_in.weight, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(f.experts.w_out[e].T, expert.w_out.weight, rtol=1e-4, atol=1e-5)
+            assert torch.equal(f.experts.w_in[e] == 0, expert.w_in.weight == 0)
+        assert float((f.experts.w_in == 0).float().mean()) == pytest.approx(0.5)
+    x = _data(1)[0]
+    torch.testing.assert_close(fused(x), separate(x), rtol=1e-4, atol=1e-5)
+
+
+def test_an_expert_no_token_reaches_is_pruned_by_magnitude(caplog):
+    fused = TinyMoE(True, silent=2)
+    dense = fused.layers[1].experts.w_in[2].detach().clone()
+    report = secateurs.prune_(fused, Wanda(sparsity=0.5, calib_batches=3), data=_data())
+    assert report.outcome["experts_by_magnitude"] == {f"layers.{i}.experts.{w}": [2] for i in range(3)
+                                                      for w in ("w_in", "w_out")}
+    assert "1 of 4 experts got no calibration token" in caplog.text
+    kept = fused.layers[1].experts.w_in[2] != 0
+    assert torch.equal(kept, magnitude_keep(dense, 0.5))
+
+
+def test_methods_that_cannot_prune_stacks_still_say_so():
+    fused = TinyMoE(True)
+    report = secateurs.prune_(fused, secateurs.Unstructured(sparsity=0.5))
+    assert "stack of 4 weight matrices" in report.skipped["layers.0.experts.w_in"]
+    assert float((fused.layers[0].experts.w_in == 0).float().mean()) == 0
+
+
+def _mixtral(vocab: int):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=64)
+    return MixtralForCausalLM(config).eval()
+
+
+@needs("transformers")
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_mixtral_experts_are_pruned_and_stock_transformers_loads_them(tmp_path, capsys, method):
+    """A transformers MoE (fused experts, grouped_mm by default), pruned from its folder by the CLI: every
+    expert's matrices come out 50% sparse per row in the folder stock from_pretrained loads."""
+    from transformers import AutoModelForCausalLM
+
+    from secateurs.cli import main
+    from test_stream import VOCAB, _tokenizer
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    _mixtral(VOCAB).save_pretrained(src)
+    _tokenizer().save_pretrained(src)
+    code = main(["prune", f"hf:{src}", "--method", method, "--sparsity", "0.5", "--data", "pydoc",
+                 "--calib-samples", "8", "--seq-len", "16", "--no-stream", "--out", str(out), "--json", "-q"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    pruned = {layer["name"] for layer in result["pruning"]["layers"]}
+    assert {f"model.layers.{i}.mlp.experts.{w}" for i in range(2) for w in ("gate_up_proj", "down_proj")} <= pruned
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.get_experts_implementation()[""] == "grouped_mm"
+    for layer in model.model.layers:
+        for w in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+            zeros = (w == 0).sum(-1)  # Wanda: half of every row; SparseGPT: half of every expert's matrix
+            assert torch.equal(zeros if method == "wanda" else zeros.sum(-1) // w.shape[1],
+                               torch.full(zeros.shape if method == "wanda" else zeros.shape[:1], w.shape[2] // 2))
+        assert not (layer.self_attn.q_proj.weight == 0).all()
+    assert torch.isfinite(model(torch.arange(10)[None]).logits).all()
+    # only the experts: named by --include; streaming cannot read experts that transformers fuses on load
+    code = main(["prune", f"hf:{src}", "--method", method, "--sparsity", "0.5", "--data", "pydoc", "--include",
+                 "*.experts", "--calib-samples", "4", "--seq-len", "16", "--out", str(tmp_path / "experts"), "-q"])
+    assert code == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "experts")
+    assert (model.model.layers[1].mlp.experts.down_proj == 0).float().mean() == 0.5
+    assert not (model.model.layers[1].self_attn.q_proj.weight == 0).any()
+    capsys.readouterr()
+    code = main(["prune", f"hf:{src}", "--method", method, "--sparsity", "0.5", "--data", "pydoc", "--stream",
+                 "--out", str(tmp_path / "streamed")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--no-stream" in err and len(err.splitlines()) == 1, err
+
+
+@needs("transformers")
+def test_mixtral_statistics_follow_the_router():
+    """The statistics of a transformers expert count exactly the tokens its router picked it for."""
+    from secateurs.importance.experts import ExpertStats, StackedInputs, eager_experts
+
+    model = _mixtral(100)
+    experts = model.model.layers[0].mlp.experts
+    stats = ExpertStats(hessian=False)
+    picked: list[torch.Tensor] = []
+    hook = model.model.layers[0].mlp.gate.register_forward_hook(lambda mod, inp, out: picked.append(out[2]))
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), eager_experts(model):
+        assert model.get_experts_implementation()[""] == "eager"
+        mode = StackedInputs({id(experts.gate_up_proj): "gate_up"},
+                             lambda name, e, rows, t: stats.update(e, rows, t))
+
+        def enter(mod, args):
+            mode.__enter__()
+
+        def leave(mod, args, out):
+            mode.__exit__(None, None, None)
+
+        handles = [experts.register_forward_pre_hook(enter), experts.register_forward_hook(leave), hook]
+        model(ids)
+        for h in handles:
+            h.remove()
+    assert model.get_experts_implementation()[""] == "grouped_mm"
+    counts = torch.bincount(picked[0].flatten(), minlength=4)
+    assert {e: s.count for e, s in stats.experts.items()} == {e: int(c) for e, c in enumerate(counts) if c}
+    assert stats.transposed is False and sum(counts) == 2 * 8 * 2
+
+
+@needs("transformers")
+def test_gpt_oss_experts_keep_n_of_m_along_their_input_dimension():
+    """GPT-OSS stores each expert's matrix as (in, out) and multiplies with ``@``: 2:4 runs along dim 1."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    config = GptOssConfig(vocab_size=100, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                          num_experts_per_tok=2, max_position_embeddings=64, layer_types=["full_attention"] * 2)
+    model = GptOssForCausalLM(config).eval()
+    data = [{"input_ids": torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(i))} for i in range(4)]
+    secateurs.prune_(model, Wanda(n=2, m=4, calib_batches=4), data=data)
+    for w in (model.model.layers[1].mlp.experts.gate_up_proj, model.model.layers[1].mlp.experts.down_proj):
+        experts, inputs, outputs = w.shape
+        groups = (w != 0).view(experts, inputs // 4, 4, outputs).sum(2)
+        assert bool((groups == 2).all())

@@ -197,6 +197,12 @@ def test_mixtral_experts_are_pruned_and_stock_transformers_loads_them(tmp_path, 
                  "--out", str(tmp_path / "streamed")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--no-stream" in err and len(err.splitlines()) == 1, err
+    # compressed-tensors quantizes only Linear layers, and transformers cannot load its folder of float experts
+    code = main(["prune", f"hf:{src}", "--method", method, "--sparsity", "0.5", "--data", "pydoc",
+                 "--save-format", "compressed-tensors", "--quantize", "int8", "--out", str(tmp_path / "ct")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "fused 3-D weight" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "ct").exists()
 
 
 @needs("transformers")

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "observe", "matches", "ResolvedSelection",
-    "Selection", "Target", "find_output_layer", "input_dim", "prunable_types", "select_targets", "weight_names",
+    "Selection", "Target", "find_output_layer", "input_dim", "prunable_types", "select_targets", "stacked_weight_names",
+    "weight_names",
 ]
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -390,6 +391,14 @@ def select_targets(
     (one matrix per expert, in modules of other types) are targets too (``Target.stacked``), after the others.
     """
     return selection.resolve(model).targets(example_inputs=example_inputs, types=types, stacked=stacked)
+
+
+def stacked_weight_names(model: nn.Module) -> list[str]:
+    """Names of the 3-D stacks of weight matrices (fused mixture-of-experts weights) in ``model``."""
+    types = prunable_types()
+    return [f"{mod_name}.{pname}" if mod_name else pname for mod_name, module in model.named_modules()
+            if not isinstance(module, types)
+            for pname, p in module.named_parameters(recurse=False) if _stacked_weight_reason(module, p) is not None]
 
 
 def _stacked_weight_reason(module: nn.Module, p: torch.Tensor) -> str | None:

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..errors import SecateursError
 from ..masks import effective_state_dict, finalize_
+from ..selection import stacked_weight_names
 from ..surgery.hf import config_misfits
 from ..utils import first_line, is_transformers_model
 from .arch import attach_source, require
@@ -135,6 +136,12 @@ def check_compressed(model: nn.Module, layout: str, quantize: str | Quantization
                              "are transformers folders: save it with --save-format secateurs")
     if quantization is None:
         raise SecateursError(NO_SPARSE_FORMAT)
+    stacks = stacked_weight_names(model)
+    if stacks:
+        raise SecateursError(f"'{stacks[0]}' is a fused 3-D weight holding every expert's matrix ({len(stacks)} such "
+                             "weights in the model): compressed-tensors quantizes experts only as separate Linear "
+                             "layers, and stock transformers cannot load a compressed-tensors folder whose experts "
+                             "stay unquantized: save it with --save-format transformers")
     _require_library()
     _quantized_layers(model, quantization)
     return quantization

@@ -140,10 +140,23 @@ def test_an_expert_no_token_reaches_is_pruned_by_magnitude(caplog):
     assert torch.equal(kept, magnitude_keep(dense, 0.5))
 
 
-def test_methods_that_cannot_prune_stacks_still_say_so():
+def test_magnitude_ranks_each_expert_alone_and_n_m_leaves_stacks_dense():
+    fused, separate = _pair()
+    secateurs.prune_(fused, secateurs.Unstructured(sparsity=0.5))
+    secateurs.prune_(separate, secateurs.Unstructured(sparsity=0.5))
+    for f, s in zip(fused.layers, separate.layers, strict=True):
+        assert torch.equal((f.experts.w_in == 0).float().mean(dim=(1, 2)), torch.full((E,), 0.5))
+        for e, expert in enumerate(s.experts):
+            assert torch.equal(f.experts.w_in[e] == 0, expert.w_in.weight == 0)
+            assert torch.equal(f.experts.w_out[e].T == 0, expert.w_out.weight == 0)
+    report = secateurs.prune_(fused, secateurs.Unstructured(threshold=0.1))  # on top of the masks
+    assert bool((fused.layers[0].experts.w_in.abs() > 0.1).eq(fused.layers[0].experts.w_in != 0).all())
+    assert "layers.0.experts.w_in" in {layer.name for layer in report.layers}
+    # N:M runs along each expert's inputs, which only a forward tells apart from its outputs: left dense, said
     fused = TinyMoE(True)
-    report = secateurs.prune_(fused, secateurs.Unstructured(sparsity=0.5))
+    report = secateurs.prune_(fused, secateurs.NM(n=2, m=4))
     assert "stack of 4 weight matrices" in report.skipped["layers.0.experts.w_in"]
+    assert "wanda, sparsegpt" in report.skipped["layers.0.experts.w_in"]
     assert float((fused.layers[0].experts.w_in == 0).float().mean()) == 0
 
 
@@ -208,7 +221,8 @@ def test_mixtral_experts_are_pruned_and_stock_transformers_loads_them(tmp_path, 
 @needs("transformers")
 def test_mixtral_statistics_follow_the_router():
     """The statistics of a transformers expert count exactly the tokens its router picked it for."""
-    from secateurs.importance.experts import ExpertStats, StackedInputs, eager_experts
+    from secateurs.importance.experts import ExpertStats, StackedInputs
+    from secateurs.utils import eager_experts
 
     model = _mixtral(100)
     experts = model.model.layers[0].mlp.experts
@@ -253,3 +267,21 @@ def test_gpt_oss_experts_keep_n_of_m_along_their_input_dimension():
         experts, inputs, outputs = w.shape
         groups = (w != 0).view(experts, inputs // 4, 4, outputs).sum(2)
         assert bool((groups == 2).all())
+
+
+@needs("transformers")
+def test_analyze_counts_the_experts_macs_and_their_sparsity():
+    """The experts' products are counted (one expert at a time: the FLOP counter has no grouped_mm formula),
+    and shrink with their weights."""
+    model = _mixtral(100)
+    ids = torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(0))
+    before = secateurs.analyze(model, ids, latency=False, size=False)
+    experts = {layer.name: layer for layer in before.layers if layer.name.endswith("mlp.experts")}
+    # each of the 16 tokens runs through 2 of the 4 experts: (32 -> 2 x 64) and (64 -> 32) per expert
+    assert [layer.macs for layer in experts.values()] == [16 * 2 * (32 * 128 + 64 * 32)] * 2
+    assert model.get_experts_implementation()[""] == "grouped_mm"
+    secateurs.prune_(model, Wanda(sparsity=0.5, calib_batches=2),
+                     data=[{"input_ids": torch.randint(0, 100, (2, 16))} for _ in range(2)])
+    after = secateurs.analyze(model, ids, latency=False, size=False)
+    pruned = sum(layer.macs for layer in before.layers if layer.name.endswith(("experts", "_proj")))
+    assert after.macs == before.macs and after.nonzero_macs == before.macs - pruned // 2

@@ -159,9 +159,10 @@ def test_multihead_attention_in_proj_is_pruned_and_round_trips(tmp_path):
     assert_same_model(loaded, model, x)
 
 
-def test_stacked_expert_weights_are_reported_left_dense_not_silently_skipped():
-    """Fused mixture-of-experts weights (one matrix per expert in a 3-D parameter) are no layer type the
-    methods prune: the report says so, where it would otherwise leave most of an MoE model dense unsaid."""
+def test_stacked_expert_weights_are_pruned_or_reported_never_silently_skipped():
+    """Fused mixture-of-experts weights (one matrix per expert in a 3-D parameter): magnitude prunes each
+    expert's matrix alone; a method that cannot prune them (N:M needs each expert's input side, Wanda the
+    tokens each expert got, which an einsum over all experts does not show) says so in the report."""
 
     class Experts(nn.Module):
         def __init__(self) -> None:
@@ -175,11 +176,21 @@ def test_stacked_expert_weights_are_reported_left_dense_not_silently_skipped():
     model = nn.Sequential(nn.Linear(8, 8), Experts(), nn.Linear(16, 4))
     report = secateurs.prune_(model, secateurs.Unstructured(sparsity=0.5, prune_output_layer=True),
                               example_inputs=torch.randn(2, 8))
+    assert report.skipped == {} and "1.up" in {layer.name for layer in report.layers}
+    assert torch.equal((model[1].up == 0).sum(dim=(1, 2)), torch.full((4,), 64))
+    assert bool((model[1].pos != 0).all())
+    model = nn.Sequential(nn.Linear(8, 8), Experts(), nn.Linear(16, 4))
+    report = secateurs.prune_(model, secateurs.NM(n=2, m=4, prune_output_layer=True),
+                              example_inputs=torch.randn(2, 8))
     assert report.skipped == {"1.up": "a stack of 4 weight matrices in Experts (fused mixture-of-experts weights, "
-                                      "say), which is not a layer type secateurs prunes: left dense"}
+                                      "say), which this method cannot prune: left dense (wanda, sparsegpt and "
+                                      "unstructured with uniform allocation prune them expert by expert)"}
+    report = secateurs.prune_(model, secateurs.Wanda(sparsity=0.5, calib_batches=1, prune_output_layer=True),
+                              data=[torch.randn(2, 8)])
+    assert "where secateurs can see it" in report.skipped["1.up"]
     assert bool((model[1].up != 0).all())
     ignored = secateurs.prune_(nn.Sequential(nn.Linear(8, 8), Experts(), nn.Linear(16, 4)),
-                               secateurs.Unstructured(sparsity=0.5, ignore=["1"]), example_inputs=torch.randn(2, 8))
+                               secateurs.NM(n=2, m=4, ignore=["1"]), example_inputs=torch.randn(2, 8))
     assert "1.up" not in ignored.skipped  # what the user chose to leave alone is not reported again
 
 

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import SecateursError
 from .masks import effective_parameters, finalize_, masked_tensors
 from .selection import call_model, weight_names
-from .utils import describe_names, eval_mode, first_line, nonfinite_parameters
+from .utils import describe_names, eager_experts, eval_mode, first_line, nonfinite_parameters
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,8 @@ def count_macs(model: nn.Module, inputs: Any) -> tuple[int, dict[str, int]]:
     """Multiply-accumulates of one forward on ``inputs``: the total and the count per module name."""
     counter = flop_counter_mode()
     try:
-        with torch.no_grad(), no_grad_parameters(model), eval_mode(model), counter:
+        # fused experts counted as they run one expert at a time (the counter has no formula for grouped_mm)
+        with torch.no_grad(), no_grad_parameters(model), eval_mode(model), eager_experts(model), counter:
             call_model(model, inputs)
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         shape = list(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
@@ -380,8 +381,13 @@ def analyze(
         wnames = [prefix + w for w in weight_names(module) if prefix + w in own]
         weight = own[wnames[0]] if wnames else None
         macs = _self_macs(module, name, per_module)
+        # fused experts: one 3-D stack per projection, every product is with one expert's matrix
+        stacks = [k for k, v in own.items() if v.dim() == 3 and v.is_floating_point() and not wnames]
         if wnames == [prefix + "weight"] and weight is not None and weight.numel():
             nonzero_macs += round(macs * nonzeros[prefix + "weight"] / weight.numel())
+        elif stacks:  # exact when every expert is as sparse as the others (each ranked alone), else an estimate
+            weight = own[stacks[0]]
+            nonzero_macs += round(macs * sum(nonzeros[k] for k in stacks) / sum(own[k].numel() for k in stacks))
         else:  # e.g. attention: its matmuls with activations do not shrink with its weights
             nonzero_macs += macs
         layers.append(

@@ -406,7 +406,8 @@ def _stacked_weight_reason(module: nn.Module, p: torch.Tensor) -> str | None:
     if p.dim() != 3 or not p.is_floating_point() or min(p.shape) < 2:
         return None  # a position embedding (1, tokens, width), a class token: not a stack of matrices
     return (f"a stack of {p.shape[0]} weight matrices in {type(module).__name__} (fused mixture-of-experts "
-            "weights, say), which is not a layer type secateurs prunes: left dense")
+            "weights, say), which this method cannot prune: left dense (wanda, sparsegpt and unstructured with "
+            "uniform allocation prune them expert by expert)")
 
 
 def _unprunable_reason(module: nn.Module, tensor: str) -> str | None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["describe_names", "eval_mode", "total_memory", "first_line", "is_transformers_model", "launch_env", "launch_rank",
+__all__ = ["describe_names", "eager_experts", "eval_mode", "total_memory", "first_line", "is_transformers_model", "launch_env", "launch_rank",
            "first_tensor", "nonfinite_parameters", "output_shapes"]
 
 
@@ -35,6 +35,22 @@ def eval_mode(model: nn.Module, training: bool = False) -> Iterator[nn.Module]:
     finally:
         for m, training_before in modes:
             m.training = training_before
+
+
+@contextlib.contextmanager
+def eager_experts(model: nn.Module) -> Iterator[None]:
+    """A transformers model runs its experts one at a time (``eager``) inside; other models are left as they are."""
+    get = getattr(model, "get_experts_implementation", None)
+    put = getattr(model, "set_experts_implementation", None)
+    before = get() if callable(get) and callable(put) else None
+    if not before or all(v in (None, "eager") for v in before.values()):
+        yield
+        return
+    put("eager")
+    try:
+        yield
+    finally:
+        put(before)
 
 
 def launch_env(name: str, default: int) -> int:

@@ -10,14 +10,13 @@ per-model code, and nothing changes what the forward computes.
 
 A product is ``F.linear(x, stack[e])`` (the matrix is ``(out, in)``) or ``x @ stack[e]`` /
 ``torch.matmul(x, stack[e])`` (the matrix is ``(in, out)``: ``transposed``). transformers' fused kernels
-(``grouped_mm``) multiply every expert at once and cannot be read this way: :func:`eager_experts` switches a
+(``grouped_mm``) multiply every expert at once and cannot be read this way: :func:`secateurs.utils.eager_experts` switches a
 transformers model to its per-expert ``eager`` implementation for the duration.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from .oneshot import InputStats
 
-__all__ = ["ExpertStats", "StackedInputs", "eager_experts", "stack_identities"]
+__all__ = ["ExpertStats", "StackedInputs", "stack_identities"]
 
 OnInput = Callable[[str, int, Tensor, bool], None]
 
@@ -103,19 +102,3 @@ def stack_identities(module: nn.Module, names: dict[str, str]) -> dict[int, str]
     """``id -> target name`` of ``module``'s stacks (``tensor name -> target name``), as its forward reads them
     (call inside ``parametrize.cached()``, so that a masked stack is one tensor for the whole forward)."""
     return {id(getattr(module, tensor)): name for tensor, name in names.items()}
-
-
-@contextmanager
-def eager_experts(model: nn.Module) -> Iterator[None]:
-    """A transformers model runs its experts one at a time (``eager``) inside; other models are left as they are."""
-    get = getattr(model, "get_experts_implementation", None)
-    put = getattr(model, "set_experts_implementation", None)
-    before = get() if callable(get) and callable(put) else None
-    if not before or all(v in (None, "eager") for v in before.values()):
-        yield
-        return
-    put("eager")
-    try:
-        yield
-    finally:
-        put(before)

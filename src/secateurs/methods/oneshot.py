@@ -26,13 +26,13 @@ from torch.nn.utils import parametrize
 from ..cli_options import option, positive_int
 from ..errors import SecateursError
 from ..graph.blocks import find_blocks, first_tensor
-from ..importance.experts import ExpertStats, StackedInputs, eager_experts, stack_identities
+from ..importance.experts import ExpertStats, StackedInputs, stack_identities
 from ..importance.oneshot import InputStats, magnitude_keep, sparsegpt, wanda
 from ..importance.stats import calibration_list, split_batch
 from ..masks import mask_tied_, masked_original
 from ..progress import Progress
 from ..selection import Selection, Target, call_model, input_dim, no_cache_inputs, select_targets
-from ..utils import eval_mode, release_freed_memory
+from ..utils import eager_experts, eval_mode, release_freed_memory
 from .common import config_to_dict, layer_report
 from .nm import parse_nm
 from .registry import register_method

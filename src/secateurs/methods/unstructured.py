@@ -128,16 +128,29 @@ def layer_keep(config: Unstructured, weight: Tensor, mask: Tensor | None, genera
     return ~lowest_k(scores, round(config.sparsity * scores.numel()))
 
 
+def _target_keep(config: Unstructured, t: Any, generator: torch.Generator) -> Tensor:
+    """:func:`layer_keep` of a target; a stack of experts' matrices is ranked expert by expert."""
+    mask = get_mask(t.module, t.tensor)
+    if not t.stacked:
+        return layer_keep(config, t.weight, mask, generator)
+    weight = t.weight
+    return torch.stack([layer_keep(config, weight[e], None if mask is None else mask[e], generator)
+                        for e in range(weight.shape[0])])
+
+
 @register_method(Unstructured)
 def apply_unstructured(
     model: nn.Module, config: Unstructured, *, example_inputs: Any = None, data: Any = None
 ) -> PruneReport:
-    targets, skipped = select_targets(model, config, example_inputs=example_inputs)
+    # fused expert weights (one 3-D stack per projection): each expert's matrix is a layer of its own; the
+    # sensitivity scan measures layers as modules, which a stack's experts are not
+    targets, skipped = select_targets(model, config, example_inputs=example_inputs,
+                                      stacked=config.allocate == "uniform")
     report = PruneReport(method=config.method, config=config_to_dict(config), skipped=skipped)
 
     gen = make_generator(config.seed)
     if config.threshold is not None or (config.scope == "layer" and config.allocate == "uniform"):
-        keeps = {t.name: layer_keep(config, t.weight, get_mask(t.module, t.tensor), gen) for t in targets}
+        keeps = {t.name: _target_keep(config, t, gen) for t in targets}
     else:
         scores = {
             t.name: element_scores(config.importance, t.weight, get_mask(t.module, t.tensor), gen)

@@ -286,6 +286,8 @@ class ResolvedSelection:
                 targets.append(Target(name, mod_name, module, tensor, stacked=True))
             else:
                 skipped[name] = reason
+        position = {name: i for i, name in enumerate(self.modules)}
+        targets.sort(key=lambda t: position[t.module_name])  # model order, stacks among the layers (stable)
         if not targets:
             hint = ""
             if output is not None and output in skipped and "output layer" in skipped[output]:
@@ -388,7 +390,7 @@ def select_targets(
     ``targets`` lists the weight tensors to prune in model order; ``skipped``
     maps names of candidates left out to the reason. A tensor shared by several
     layers (tied weights) is one target; the other users are reported. With ``stacked``, 3-D weights
-    (one matrix per expert, in modules of other types) are targets too (``Target.stacked``), after the others.
+    (one matrix per expert, in modules of other types) are targets too (``Target.stacked``).
     """
     return selection.resolve(model).targets(example_inputs=example_inputs, types=types, stacked=stacked)
 

@@ -48,12 +48,13 @@ from ..graph.blocks import repeated_blocks
 from ..importance.channel import channel_importance
 from ..importance.layer import block_influence
 from ..importance.stats import StopForward, calibration_list, forward_may_stop, split_batch
+from ..io.convert import ConvertedFolder, Reverter, converted_folder
 from ..masks import finalize_, masked_tensors
 from ..progress import Progress
 from ..selection import Target, select_targets
 from ..surgery import Plan, apply_plan_, kept_indices
 from ..surgery.layers import name_after_drop
-from ..utils import first_tensor, map_tensors, release_freed_memory, total_memory
+from ..utils import eager_experts, first_tensor, map_tensors, release_freed_memory, total_memory
 from .channels import Channels, plan_as_applied, plan_uniform_widths
 from .common import config_to_dict, layer_report, make_generator
 from .layers import Layers
@@ -427,6 +428,10 @@ def prune_streaming(
         raise SecateursError("layers are chosen on calibration text: pass data= (CLI: --data pydoc or text:FILE)")
     batches = calibration_batches(config, data) if isinstance(config, (Wanda, SparseGPT, Layers)) else None
     model = hf_skeleton(folder, trust_code=trust_code, dtype=dtype, stored=weights.tensors)
+    # a checkpoint whose tensors transformers converts on load (one matrix per expert, fused into one 3-D
+    # weight) is read under the model's names, and written back under the checkpoint's, as save_pretrained does
+    weights = converted_folder(weights, model)
+    reverter = Reverter(model) if isinstance(weights, ConvertedFolder) else None
     if batches is not None:
         check_token_ids(model, batches)
     budget = activation_budget if activation_budget is not None else _default_budget(dev)
@@ -473,20 +478,24 @@ def prune_streaming(
         stats.layers = len(repeated_blocks(model))
     infos = {renamed[k]: _cut_info(_with_dtype(info, recast[k]) if k in recast else info, cuts.get(k))
              for k, info in weights.tensors.items() if renamed[k] is not None}
+    if reverter is not None:  # the checkpoint's tensors, each in the file of the model tensor it is part of
+        infos = {name: part for key, info in infos.items() for name, part in reverter.infos(key, info).items()}
     files = plan_shards(infos, max_shard_size)
+    done: set[str] = set()  # the model tensors written
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, {k: (i.dtype, i.shape) for k, i in infos.items()}, files)
 
         def write(key: str, tensor: Tensor, mask: Tensor | None) -> None:
-            if mask is None and key in prior_masked:
-                mask = tensor != 0  # pruned before: its zeros stay pruned
-            key = renamed[key]
-            writer.write(key, tensor)
-            records[key] = transformers_tensor_record(key, tensor, mask, kept_zeros)
-            stats.bytes_written += tensor.numel() * tensor.element_size()
-            if tensor.is_floating_point():
-                stats.params += tensor.numel()
-                stats.nonzero_params += int(tensor.count_nonzero())
+            done.add(key)
+            for old, new, part, part_mask in _checkpoint_pieces(reverter, key, renamed[key], tensor, mask):
+                if part_mask is None and old in prior_masked:
+                    part_mask = part != 0  # pruned before: its zeros stay pruned
+                writer.write(new, part)
+                records[new] = transformers_tensor_record(new, part, part_mask, kept_zeros)
+                stats.bytes_written += part.numel() * part.element_size()
+                if part.is_floating_point():
+                    stats.params += part.numel()
+                    stats.nonzero_params += int(part.count_nonzero())
 
         with torch.no_grad():
             # layer pruning chose above: its kept layers are copied below under their new names
@@ -500,11 +509,11 @@ def prune_streaming(
             elif batches is None:
                 _stream_data_free(model, config, slots, read, write, report, stats)
             elif not isinstance(config, Layers):
-                with tempfile.TemporaryDirectory(dir=tmp, prefix=".activations-") as spill:
+                with tempfile.TemporaryDirectory(dir=tmp, prefix=".activations-") as spill, eager_experts(model):
                     _stream_calibrated(model, config, batches, slots, read, write, report, stats, dev, budget,
                                        Path(spill))
             for key in weights.tensors:  # everything the method left alone, as it was (or narrower)
-                if renamed[key] is not None and renamed[key] not in records:
+                if renamed[key] is not None and key not in done:
                     write(key, _cut(read(key), cuts.get(key)), None)
         written = writer.close()
         if isinstance(config, (Layers, Channels)):  # the config now says how many layers there are, or how wide
@@ -524,6 +533,18 @@ def prune_streaming(
                                    tensors=records, kept_zeros=kept_zeros, written=sorted(written),
                                    extra_files=extra, size=stats.bytes_written)
     return report, stats
+
+
+def _checkpoint_pieces(reverter: Reverter | None, key: str, new: str, tensor: Tensor,
+                       mask: Tensor | None) -> list[tuple[str, str, Tensor, Tensor | None]]:
+    """``(stored name, written name, tensor, mask)`` of each checkpoint tensor model tensor ``key`` (written as
+    ``new``) is made of: itself, unless the folder's tensors are converted on load."""
+    if reverter is None:
+        return [(key, new, tensor, mask)]
+    olds = reverter.split(key, tensor.to("meta"))
+    parts = reverter.split(new, tensor)
+    masks = reverter.split(new, mask) if mask is not None else {}
+    return [(old, name, part, masks.get(name)) for old, (name, part) in zip(olds, parts.items(), strict=True)]
 
 
 class _StoredTensors(Mapping):
@@ -707,7 +728,7 @@ def _owning_block(t: Target, blocks: Iterable[str]) -> str | None:
 def _stream_data_free(model: nn.Module, config: Any, slots: _Slots, read: Any, write: Any,
                       report: PruneReport, stats: StreamStats) -> None:
     """Magnitude (per layer, or by threshold) and N:M: each weight on its own, in the in-memory order."""
-    targets, skipped = select_targets(model, config)
+    targets, skipped = select_targets(model, config, stacked=isinstance(config, Unstructured))
     report.skipped.update(skipped)
     gen = make_generator(config.seed)
     # progress and stats count the model's layers (a weight outside the stack, such as the head, is one)
@@ -723,7 +744,7 @@ def _stream_data_free(model: nn.Module, config: Any, slots: _Slots, read: Any, w
             key = slots.key_of[id(t.weight)]
             weight = read(key)
             keep = nm_keep(config, t.module, t.tensor, weight, gen) if isinstance(config, NM) else \
-                layer_keep(config, weight, None, gen)
+                layer_keep(config, weight, None, gen, stacked=t.stacked)
             if isinstance(keep, str):  # N:M cannot apply to this weight
                 report.skipped[t.name] = keep
                 write(key, weight, None)

@@ -119,23 +119,18 @@ class Unstructured(Selection):
             yield dataclasses.replace(self, sparsity=schedule.sparsity(k))
 
 
-def layer_keep(config: Unstructured, weight: Tensor, mask: Tensor | None, generator: torch.Generator) -> Tensor:
+def layer_keep(config: Unstructured, weight: Tensor, mask: Tensor | None, generator: torch.Generator, *,
+               stacked: bool = False) -> Tensor:
     """The keep-mask of one weight when every layer is pruned on its own (a threshold, or the same
-    sparsity per layer): what streaming pruning applies to one tensor at a time."""
+    sparsity per layer): what streaming pruning applies to one tensor at a time. A ``stacked`` weight
+    (fused experts: one matrix per expert along dim 0) is ranked expert by expert."""
+    if stacked:
+        return torch.stack([layer_keep(config, weight[e], None if mask is None else mask[e], generator)
+                            for e in range(weight.shape[0])])
     if config.threshold is not None:
         return weight.detach().abs() > config.threshold  # the seed's rule: keep |w| > t, so |w| <= t goes
     scores = element_scores(config.importance, weight, mask, generator)
     return ~lowest_k(scores, round(config.sparsity * scores.numel()))
-
-
-def _target_keep(config: Unstructured, t: Any, generator: torch.Generator) -> Tensor:
-    """:func:`layer_keep` of a target; a stack of experts' matrices is ranked expert by expert."""
-    mask = get_mask(t.module, t.tensor)
-    if not t.stacked:
-        return layer_keep(config, t.weight, mask, generator)
-    weight = t.weight
-    return torch.stack([layer_keep(config, weight[e], None if mask is None else mask[e], generator)
-                        for e in range(weight.shape[0])])
 
 
 @register_method(Unstructured)
@@ -150,7 +145,8 @@ def apply_unstructured(
 
     gen = make_generator(config.seed)
     if config.threshold is not None or (config.scope == "layer" and config.allocate == "uniform"):
-        keeps = {t.name: _target_keep(config, t, gen) for t in targets}
+        keeps = {t.name: layer_keep(config, t.weight, get_mask(t.module, t.tensor), gen, stacked=t.stacked)
+                 for t in targets}
     else:
         scores = {
             t.name: element_scores(config.importance, t.weight, get_mask(t.module, t.tensor), gen)

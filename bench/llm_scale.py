@@ -20,7 +20,9 @@ safetensors shards, with **peak RSS at most 0.5x the model's size on disk** and
 
 Shapes: ``1.1b`` is TinyLlama-1.1B (hidden 2048, intermediate 5632, 22 layers,
 32 heads, 4 KV heads); ``3b`` is Llama-3.2-3B (hidden 3072, intermediate 8192,
-28 layers, 24 heads, 8 KV heads). Both use the tokenizer's vocabulary (49152)
+28 layers, 24 heads, 8 KV heads); ``moe-1b`` is a Qwen3-MoE of 1B parameters
+(16 layers, hidden 1024, 32 experts of 512 per layer, 4 active per token), written
+with one matrix per expert as checkpoints store them. All use the tokenizer's vocabulary (49152)
 and an untied LM head; ``tiny`` (2 layers) checks the harness in seconds. Run from
 the repository root:
 
@@ -77,11 +79,18 @@ SHAPES: dict[str, tuple[dict[str, Any], str]] = {
     "3b": (dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                 num_key_value_heads=8, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5),
            "Llama-3.2-3B (untied head, no rope scaling)"),
+    # a mixture of experts (every layer's MLP: 32 experts, 4 per token) of Qwen3-30B-A3B's design, scaled to
+    # 1B parameters; its checkpoint stores one matrix per expert, which transformers fuses on load
+    "moe-1b": (dict(hidden_size=1024, moe_intermediate_size=512, intermediate_size=3072, num_experts=32,
+                    num_experts_per_tok=4, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
+                    head_dim=64, max_position_embeddings=2048, rope_theta=1000000.0, rms_norm_eps=1e-6),
+               "Qwen3-30B-A3B's design at 1B (32 experts, 4 active)"),
     # a few MB, to check the harness end to end in seconds (with --no-record)
     "tiny": (dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
                   num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5),
              "a smoke test"),
 }
+ARCHITECTURES = {"moe-1b": "Qwen3Moe"}  # shape -> transformers model family (default Llama)
 METHODS = ("wanda", "sparsegpt24", "width-ffn25", "width-ffn25-minitron")  # width: 25% of FFN neurons (secateurs only)
 TOOLS = ("secateurs-stream", "secateurs-memory", "llmcompressor", "llmcompressor-offload")
 # llmcompressor-offload: llm-compressor's own answer to models bigger than memory (accelerate's disk offload)
@@ -137,10 +146,11 @@ def _tokenizer():
 
 
 def _config(shape: str, tokenizer: Any):
-    from transformers import LlamaConfig
+    import transformers
 
     fields, _ = SHAPES[shape]
-    return LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, initializer_range=0.02,
+    family = ARCHITECTURES.get(shape, "Llama")
+    return getattr(transformers, f"{family}Config")(vocab_size=len(tokenizer), tie_word_embeddings=False, initializer_range=0.02,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, dtype="bfloat16", **fields)
 
@@ -179,15 +189,18 @@ def write_model(shape: str, folder: Path, *, shard_bytes: int, seed: int) -> dic
     """
     import torch
     from safetensors.torch import save_file
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.core_model_loading import revert_weight_conversion
 
     from secateurs.io.atomic import atomic_dir
 
     tokenizer = _tokenizer()
     config = _config(shape, tokenizer)
     with torch.device("meta"):
-        skeleton = LlamaForCausalLM(config)
-    shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+        skeleton = AutoModelForCausalLM.from_config(config)
+    # the checkpoint's names and shapes, as save_pretrained writes them (one matrix per expert, not fused)
+    shapes = {name: tuple(t.shape) for name, t in revert_weight_conversion(skeleton, skeleton.state_dict()).items()}
+    architecture = type(skeleton).__name__
     del skeleton
     shards = _plan_shards(shapes, shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -204,7 +217,7 @@ def write_model(shape: str, folder: Path, *, shard_bytes: int, seed: int) -> dic
         total = sum(2 * math.prod(s) for s in shapes.values())
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        config.architectures = ["LlamaForCausalLM"]
+        config.architectures = [architecture]
         config.save_pretrained(tmp)
         GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                          pad_token_id=config.pad_token_id).save_pretrained(tmp)
@@ -240,7 +253,7 @@ def verify_model(folder: Path) -> dict[str, Any]:
 
 def ensure_model(shape: str, workdir: Path, *, shard_bytes: int, seed: int) -> tuple[Path, dict[str, Any]]:
     """The model of ``shape`` in the workdir, written if absent; an existing one must match the settings."""
-    folder = workdir / "models" / f"llama-{shape}"
+    folder = workdir / "models" / f"{ARCHITECTURES.get(shape, 'Llama').lower()}-{shape}"
     info_file = folder / "llm_scale.json"
     if folder.exists():
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
@@ -340,7 +353,10 @@ def check_pruned(folder: Path, method: str) -> dict[str, Any]:
         size = json.loads((folder / "config.json").read_text())["intermediate_size"]
         return {"intermediate_size": size, "check": "ok" if size in (4224, 6144, 516) else "wrong width"}
     found: dict[str, Any] = {}
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+    config = json.loads((folder / "config.json").read_text())
+    experts = config.get("num_local_experts") or config.get("num_experts")
+    mlp = "mlp.experts.0.down_proj" if experts else "mlp.down_proj"  # a mixture of experts: expert 0's
+    for name in ("model.layers.0.self_attn.q_proj.weight", f"model.layers.0.{mlp}.weight"):
         for file in sorted(folder.glob("*.safetensors")):
             with safe_open(str(file), "pt") as f:
                 if name in f.keys():
@@ -429,18 +445,21 @@ def write_results(rows: list[dict[str, Any]], floor: dict[str, Any]) -> None:
                 f"`{r['command']}`, via `{r['harness']}`" for r in rows]
     versions = sorted({f"{r['tool']}: {r['version']}" for r in rows if r.get("version")})
     env = environment()
-    md = ["# Pruning LLaMA models of 1.1B and 3B shape: peak memory and time", "",
+    md = ["# Pruning LLaMA models of 1.1B and 3B shape, and a 1B mixture of experts: peak memory and time", "",
           "Goal (issue 16): streaming peak RSS <= 0.5x the model's size on disk, time <= 1.2x the in-memory path.",
           "", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "", markdown_table(headers, table), "",
           "Models: random weights (seeded normal(0, 0.02), norms one), bf16, safetensors shards of at most 1 GB, "
           "the SmolLM2 tokenizer (vocab 49152), untied LM head. 1.1b: TinyLlama-1.1B shape (hidden 2048, "
           "intermediate 5632, 22 layers, 32 heads / 4 KV heads); 3b: Llama-3.2-3B shape (hidden 3072, "
-          "intermediate 8192, 28 layers, 24 heads / 8 KV heads). 'model on disk' is the safetensors shards. "
+          "intermediate 8192, 28 layers, 24 heads / 8 KV heads); moe-1b: a Qwen3-MoE of 1B parameters (hidden "
+          "1024, 16 layers, 16 heads / 4 KV heads, every MLP 32 experts of 512 with 4 active per token), stored "
+          "with one matrix per expert as checkpoints are (transformers fuses them on load, and streaming "
+          "does the same one layer at a time). 'model on disk' is the safetensors shards. "
           "Calibration: the first 16 windows of 128 tokens of the pydoc calibration split (the prune command's "
           "`--calib pydoc --calib-samples 16 --seq-len 128`); llm-compressor gets the very same token ids. "
           "Peak RSS is `getrusage(RUSAGE_CHILDREN).ru_maxrss` of a fresh process that ran only that tool. "
           "'output sparsity' checks the zeros (and the 2:4 pattern) of two weights of the first layer of the "
-          "saved output. Jobs ran one at a time with `nice -n 10` on a machine other people share (2 cores), so "
+          "saved output (expert 0's down projection in a mixture of experts). Jobs ran one at a time with `nice -n 10` on a machine other people share (2 cores), so "
           "wall times carry some noise.", "",
           *([f"Floor: a process that only imports torch, transformers' LLaMA and secateurs and loads the tokenizer "
              f"peaks at {floor['peak_rss_bytes'] / GIB:.2f} GiB RSS (`{floor['command']}`; CUDA builds of torch "

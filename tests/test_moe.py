@@ -290,3 +290,60 @@ def test_analyze_counts_the_experts_macs_and_their_sparsity():
     after = secateurs.analyze(model, ids, latency=False, size=False)
     pruned = sum(layer.macs for layer in before.layers if layer.name.endswith(("experts", "_proj")))
     assert after.macs == before.macs and after.nonzero_macs == before.macs - pruned // 2
+
+
+@needs("transformers")
+def test_a_checkpoint_of_separate_experts_is_read_and_written_as_transformers_does(tmp_path):
+    """ConvertedFolder shows the checkpoint under the model's names, each tensor what from_pretrained loads;
+    Reverter splits it back into the checkpoint's own tensors; a folder without conversions is left alone."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from secateurs.io.convert import ConvertedFolder, Reverter, converted_folder
+    from secateurs.io.hf import hf_skeleton
+    from secateurs.io.shards import SafetensorsFolder
+
+    _mixtral(100).save_pretrained(tmp_path / "mixtral")
+    stored = SafetensorsFolder(tmp_path / "mixtral")
+    skeleton = hf_skeleton(tmp_path / "mixtral", stored=stored.tensors)
+    folder = converted_folder(stored, skeleton)
+    assert isinstance(folder, ConvertedFolder) and len(folder.sources["model.layers.1.mlp.experts.gate_up_proj"]) == 8
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral").state_dict()
+    assert set(folder.tensors) == set(loaded)
+    assert all(torch.equal(folder.read(name), loaded[name]) for name in loaded)
+    assert all(folder.tensors[name].shape == tuple(loaded[name].shape) for name in loaded)
+    reverter, written = Reverter(skeleton), {}
+    for name, info in folder.tensors.items():
+        parts = reverter.split(name, folder.read(name))
+        assert {k: tuple(v.shape) for k, v in parts.items()} == \
+            {k: i.shape for k, i in reverter.infos(name, info).items()}
+        written.update(parts)
+    assert set(written) == set(stored.tensors) and all(torch.equal(written[k], stored.read(k)) for k in written)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    plain = SafetensorsFolder(tmp_path / "llama")
+    assert converted_folder(plain, hf_skeleton(tmp_path / "llama", stored=plain.tensors)) is plain
+
+
+@needs("transformers")
+def test_streamed_layer_and_magnitude_pruning_of_a_mixture_of_experts_match_in_memory(tmp_path, capsys):
+    """Dropping a layer renames the later ones, and magnitude ranks each expert alone: streamed, the
+    checkpoint's per-expert tensors come out as in memory (same names, same bits)."""
+    from safetensors.torch import load_file
+
+    from secateurs.cli import main
+    from test_stream import VOCAB, _tokenizer
+
+    src = tmp_path / "src"
+    _mixtral(VOCAB).save_pretrained(src)
+    _tokenizer().save_pretrained(src)
+    for name, flags in {"layer": ["--method", "layer", "--layers", "1", "--data", "pydoc", "--calib-samples", "4",
+                                  "--seq-len", "16"],
+                        "magnitude": ["--method", "unstructured", "--sparsity", "0.5"]}.items():
+        for mode in ("--stream", "--no-stream"):
+            assert main(["prune", f"hf:{src}", *flags, mode, "--out", str(tmp_path / f"{name}{mode}"), "-q"]) == 0
+        streamed, in_memory = (load_file(tmp_path / f"{name}{mode}" / "model.safetensors")
+                               for mode in ("--stream", "--no-stream"))
+        assert set(streamed) == set(in_memory) and all(torch.equal(streamed[k], in_memory[k]) for k in streamed)
+        assert ("model.layers.1.block_sparse_moe.experts.0.w1.weight" in streamed) == (name == "magnitude")
+    capsys.readouterr()

@@ -347,3 +347,8 @@ def test_streamed_layer_and_magnitude_pruning_of_a_mixture_of_experts_match_in_m
         assert set(streamed) == set(in_memory) and all(torch.equal(streamed[k], in_memory[k]) for k in streamed)
         assert ("model.layers.1.block_sparse_moe.experts.0.w1.weight" in streamed) == (name == "magnitude")
     capsys.readouterr()
+    # width pruning streams by a trace on the meta skeleton, which cannot route tokens: one line
+    code = main(["prune", f"hf:{src}", "--method", "channel", "--width", "ffn=0.25", "--stream",
+                 "--out", str(tmp_path / "width")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--no-stream" in err and len(err.splitlines()) == 1 and not (tmp_path / "width").exists()

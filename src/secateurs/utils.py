@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["describe_names", "eager_experts", "eval_mode", "total_memory", "first_line", "is_transformers_model", "launch_env", "launch_rank",
+__all__ = ["describe_names", "eager_experts", "eval_mode", "run_experts_eagerly", "total_memory", "first_line", "is_transformers_model", "launch_env", "launch_rank",
            "first_tensor", "nonfinite_parameters", "output_shapes"]
 
 
@@ -37,20 +37,28 @@ def eval_mode(model: nn.Module, training: bool = False) -> Iterator[nn.Module]:
             m.training = training_before
 
 
-@contextlib.contextmanager
-def eager_experts(model: nn.Module) -> Iterator[None]:
-    """A transformers model runs its experts one at a time (``eager``) inside; other models are left as they are."""
+def run_experts_eagerly(model: nn.Module) -> dict[str, Any] | None:
+    """Make a transformers model run its experts one at a time (``eager``, the per-expert loop hooks and the
+    FLOP counter can follow; transformers' fused ``grouped_mm`` they cannot, nor does the CPU run it in float32).
+    Returns the implementations to restore (None: nothing changed; other models are left as they are)."""
     get = getattr(model, "get_experts_implementation", None)
     put = getattr(model, "set_experts_implementation", None)
     before = get() if callable(get) and callable(put) else None
     if not before or all(v in (None, "eager") for v in before.values()):
-        yield
-        return
+        return None
     put("eager")
+    return before
+
+
+@contextlib.contextmanager
+def eager_experts(model: nn.Module) -> Iterator[None]:
+    """:func:`run_experts_eagerly` for the duration of the block."""
+    before = run_experts_eagerly(model)
     try:
         yield
     finally:
-        put(before)
+        if before is not None:
+            model.set_experts_implementation(before)
 
 
 def launch_env(name: str, default: int) -> int:

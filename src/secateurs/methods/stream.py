@@ -51,10 +51,16 @@ from ..importance.stats import StopForward, calibration_list, forward_may_stop, 
 from ..io.convert import ConvertedFolder, Reverter, converted_folder
 from ..masks import finalize_, masked_tensors
 from ..progress import Progress
-from ..selection import Target, select_targets
+from ..selection import Target, select_targets, stacked_weight_names
 from ..surgery import Plan, apply_plan_, kept_indices
 from ..surgery.layers import name_after_drop
-from ..utils import eager_experts, first_tensor, map_tensors, release_freed_memory, total_memory
+from ..utils import (
+    first_tensor,
+    map_tensors,
+    release_freed_memory,
+    run_experts_eagerly,
+    total_memory,
+)
 from .channels import Channels, plan_as_applied, plan_uniform_widths
 from .common import config_to_dict, layer_report, make_generator
 from .layers import Layers
@@ -431,6 +437,7 @@ def prune_streaming(
     # a checkpoint whose tensors transformers converts on load (one matrix per expert, fused into one 3-D
     # weight) is read under the model's names, and written back under the checkpoint's, as save_pretrained does
     weights = converted_folder(weights, model)
+    run_experts_eagerly(model)  # this run's own skeleton: statistics and traces follow each expert
     reverter = Reverter(model) if isinstance(weights, ConvertedFolder) else None
     if batches is not None:
         check_token_ids(model, batches)
@@ -501,6 +508,7 @@ def prune_streaming(
             # layer pruning chose above: its kept layers are copied below under their new names
             if isinstance(config, Channels) and config.reconstruct:
                 dense = hf_skeleton(folder, trust_code=trust_code, dtype=dtype, stored=weights.tensors)
+                run_experts_eagerly(dense)
                 report.reconstruction = [f.to_dict() for f in _stream_reconstruct(
                     dense, model, width_plan, config, data, _Slots(dense, weights.tensors), slots, read,
                     lambda key: _cut(read(key), cuts.get(key)), write, dev)]
@@ -509,7 +517,7 @@ def prune_streaming(
             elif batches is None:
                 _stream_data_free(model, config, slots, read, write, report, stats)
             elif not isinstance(config, Layers):
-                with tempfile.TemporaryDirectory(dir=tmp, prefix=".activations-") as spill, eager_experts(model):
+                with tempfile.TemporaryDirectory(dir=tmp, prefix=".activations-") as spill:
                     _stream_calibrated(model, config, batches, slots, read, write, report, stats, dev, budget,
                                        Path(spill))
             for key in weights.tensors:  # everything the method left alone, as it was (or narrower)
@@ -574,6 +582,10 @@ def _plan_widths(model: nn.Module, config: Channels, slots: _Slots, read: Callab
     to the skeleton (its config takes the new widths); per stored tensor, the indices each dim keeps."""
     from ..io.inputs import example_inputs
 
+    stacks = stacked_weight_names(model)
+    if stacks:  # the trace runs on the meta skeleton, and routing tokens to experts depends on their values
+        raise SecateursError(f"width pruning streams by tracing the model without its weights, and a mixture of "
+                             f"experts ({stacks[0]}) routes each token by its values: prune in memory (--no-stream)")
     x = example_inputs(model, input_shape)
     if data is not None:
         data = [map_tensors(b, lambda t: t.to(device)) for b in calibration_list(data, config.calib_batches, "channels")]

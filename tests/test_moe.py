@@ -352,3 +352,48 @@ def test_streamed_layer_and_magnitude_pruning_of_a_mixture_of_experts_match_in_m
                  "--out", str(tmp_path / "width")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--no-stream" in err and len(err.splitlines()) == 1 and not (tmp_path / "width").exists()
+
+
+@pytest.mark.parametrize("nm", [False, True], ids=["50%", "2:4"])
+def test_sparsegpt_on_groups_of_experts_gives_the_one_pass_answer(monkeypatch, nm):
+    """When the experts' Hessians do not fit at once, SparseGPT runs one pass per group of experts: the
+    masks and weights are those of a single pass."""
+    from secateurs.methods import oneshot
+
+    config = SparseGPT(n=2, m=4, calib_batches=3) if nm else SparseGPT(sparsity=0.5, calib_batches=3)
+    whole, grouped = TinyMoE(True), TinyMoE(True)
+    data = _data()
+    secateurs.prune_(whole, config, data=data)
+    passes = []
+    collect = oneshot._collect
+    monkeypatch.setattr(oneshot, "_collect", lambda *a, **k: passes.append(k.get("only")) or collect(*a, **k))
+    monkeypatch.setattr(oneshot, "EXPERT_HESSIANS", 12_000)  # one expert's two Hessians: (48^2 + 24^2) x 4 bytes
+    report = secateurs.prune_(grouped, config, data=data)
+    assert passes == [range(e, e + 1) for e in range(E)] * 3  # four passes in each of the three layers
+    assert {f"layers.{i}.experts.{w}" for i in range(3) for w in ("w_in", "w_out")} <= \
+        {layer.name for layer in report.layers}
+    for a, b in zip(whole.state_dict().values(), grouped.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@needs("transformers")
+def test_streamed_sparsegpt_on_groups_of_experts_matches_in_memory(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from secateurs.methods import oneshot
+    from secateurs.methods.stream import prune_streaming
+
+    _mixtral(100).save_pretrained(tmp_path / "src")
+    data = [{"input_ids": torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(i))}
+            for i in range(3)]
+    config = SparseGPT(sparsity=0.5, calib_batches=3)
+    prune_streaming(tmp_path / "src", tmp_path / "whole", config, data=data)
+    monkeypatch.setattr(oneshot, "EXPERT_HESSIANS", 1)  # one expert per pass
+    passes = []
+    collect = oneshot._collect
+    monkeypatch.setattr(oneshot, "_collect", lambda *a, **k: passes.append(k.get("only")) or collect(*a, **k))
+    report, _ = prune_streaming(tmp_path / "src", tmp_path / "grouped", config, data=data)
+    assert passes == [range(e, e + 1) for e in range(4)] * 2  # two layers of four experts
+    assert "model.layers.1.mlp.experts.down_proj" in {layer.name for layer in report.layers}
+    whole, grouped = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "grouped"))
+    assert set(whole) == set(grouped) and all(torch.equal(whole[k], grouped[k]) for k in whole)

@@ -80,12 +80,16 @@ class StackedInputs(TorchFunctionMode):
 
 
 class ExpertStats:
-    """Input statistics of each matrix of one stacked weight, and whether its matrices are ``(in, out)``."""
+    """Input statistics of each matrix of one stacked weight, and whether its matrices are ``(in, out)``.
 
-    def __init__(self, hessian: bool) -> None:
+    With ``only``, the statistics of those experts alone are kept (the others' products still tell the layout).
+    """
+
+    def __init__(self, hessian: bool, only: range | None = None) -> None:
         self.experts: dict[int, InputStats] = {}
         self.transposed: bool | None = None  # known once a product was seen
         self._hessian = hessian
+        self._only = only
 
     @property
     def count(self) -> int:
@@ -93,6 +97,8 @@ class ExpertStats:
 
     def update(self, expert: int, rows: Tensor, transposed: bool) -> None:
         self.transposed = transposed
+        if self._only is not None and expert not in self._only:
+            return
         if expert not in self.experts:
             self.experts[expert] = InputStats(rows.shape[1], self._hessian)
         self.experts[expert].update(rows)

@@ -156,12 +156,11 @@ def _prune_targets(model: nn.Module, targets: list[Target], stats: dict[str, Inp
                    config: _OneShot, report: PruneReport) -> None:
     for t in targets:
         s = stats.pop(t.name, None)  # shared statistics stay alive while another target holds them
-        if s is None or not s.count:
-            report.skipped[t.name] = ("no expert's matrix was multiplied where secateurs can see it (F.linear or @ "
-                                      "on one expert's matrix)" if t.stacked else "never ran on the calibration data")
+        if not t.stacked and (s is None or not s.count):
+            report.skipped[t.name] = "never ran on the calibration data"
             continue
-        if isinstance(s, ExpertStats):
-            layer = _prune_stacked(model, t, s, config, report)
+        if t.stacked:
+            layer = _prune_stacked(model, t, s if isinstance(s, ExpertStats) else ExpertStats(False), config, report)
             if layer is None:
                 continue
         else:
@@ -190,35 +189,68 @@ def _prune_target(model: nn.Module, t: Target, s: InputStats, config: _OneShot) 
     return layer_report(t.name, mask_tied_(model, t.module, keep, t.tensor))
 
 
+class _StackPruner:
+    """Prunes the experts' matrices of one stacked weight, on the tokens routed to each expert, one group of
+    experts at a time if need be; the mask is set once all are done (:meth:`finish`). An expert no
+    calibration token reached is pruned by magnitude (said in ``report.outcome["experts_by_magnitude"]``)."""
+
+    def __init__(self, t: Target) -> None:
+        self.t = t
+        self.keep: Tensor | None = None
+        self.transposed: bool | None = None
+        self.unrouted: list[int] = []
+
+    def prune(self, s: ExpertStats, config: _OneShot, experts: Iterable[int]) -> None:
+        stored = masked_original(self.t.module, self.t.tensor)  # (experts, out, in), or (experts, in, out)
+        self.transposed = s.transposed if s.transposed is not None else self.transposed
+        if self.transposed is None:
+            return  # no product seen yet: the layout is unknown (finish() says so if it stays unknown)
+        if self.keep is None:
+            self.keep = torch.ones(stored.shape, dtype=torch.bool, device=stored.device)
+        if self.skip_reason(config) is not None:
+            return
+        for expert in experts:
+            w = stored[expert].T if self.transposed else stored[expert]  # (out, in), a view of the stored weight
+            stats = s.experts.pop(expert, None)
+            if stats is None or not stats.count:
+                self.unrouted.append(expert)
+                kept = magnitude_keep(w, config.sparsity, config.n, config.m)
+            elif isinstance(config, SparseGPT):
+                _, kept = sparsegpt(w, stats, config.sparsity, config.n, config.m, config.damp, config.blocksize,
+                                    consume=True, out=w)
+            else:
+                kept = wanda(w, stats, config.sparsity, config.n, config.m)
+            self.keep[expert] = kept.T if self.transposed else kept
+            del stats
+
+    def skip_reason(self, config: _OneShot) -> str | None:
+        if self.transposed is None:
+            return ("no expert's matrix was multiplied where secateurs can see it (F.linear or @ on one expert's "
+                    "matrix)")
+        shape = masked_original(self.t.module, self.t.tensor).shape
+        inputs = shape[1] if self.transposed else shape[2]
+        if config.m is not None and inputs % config.m:
+            return f"input size {inputs} is not a multiple of {config.m}"
+        return None
+
+    def finish(self, model: nn.Module, config: _OneShot, report: PruneReport) -> LayerReport | None:
+        reason = self.skip_reason(config)
+        if reason is not None or self.keep is None:
+            report.skipped[self.t.name] = reason or "never ran on the calibration data"
+            return None
+        if self.unrouted:
+            report.outcome.setdefault("experts_by_magnitude", {})[self.t.name] = sorted(self.unrouted)
+            log.warning("%s: %d of %d experts got no calibration token and are pruned by weight magnitude (more "
+                        "calibration data reaches more experts)", self.t.name, len(self.unrouted), self.keep.shape[0])
+        return layer_report(self.t.name, mask_tied_(model, self.t.module, self.keep, self.t.tensor))
+
+
 def _prune_stacked(model: nn.Module, t: Target, s: ExpertStats, config: _OneShot,
                    report: PruneReport) -> LayerReport | None:
-    """Prune each expert's matrix of a stacked weight on the tokens routed to that expert; an expert no
-    calibration token reached is pruned by magnitude (said in ``report.outcome["experts_by_magnitude"]``)."""
-    stored = masked_original(t.module, t.tensor)  # (experts, out, in), or (experts, in, out) when transposed
-    inputs = stored.shape[1] if s.transposed else stored.shape[2]
-    if config.m is not None and inputs % config.m:
-        report.skipped[t.name] = f"input size {inputs} is not a multiple of {config.m}"
-        return None
-    keep = torch.empty(stored.shape, dtype=torch.bool, device=stored.device)
-    unrouted = []
-    for expert in range(stored.shape[0]):
-        w = stored[expert].T if s.transposed else stored[expert]  # (out, in), a view of the stored weight
-        stats = s.experts.pop(expert, None)
-        if stats is None or not stats.count:
-            unrouted.append(expert)
-            kept = magnitude_keep(w, config.sparsity, config.n, config.m)
-        elif isinstance(config, SparseGPT):
-            _, kept = sparsegpt(w, stats, config.sparsity, config.n, config.m, config.damp, config.blocksize,
-                                consume=True, out=w)
-        else:
-            kept = wanda(w, stats, config.sparsity, config.n, config.m)
-        keep[expert] = kept.T if s.transposed else kept
-        del stats
-    if unrouted:
-        report.outcome.setdefault("experts_by_magnitude", {})[t.name] = unrouted
-        log.warning("%s: %d of %d experts got no calibration token and are pruned by weight magnitude (more "
-                    "calibration data reaches more experts)", t.name, len(unrouted), stored.shape[0])
-    return layer_report(t.name, mask_tied_(model, t.module, keep, t.tensor))
+    """Every expert of a stacked weight at once (see :class:`_StackPruner`)."""
+    pruner = _StackPruner(t)
+    pruner.prune(s, config, range(masked_original(t.module, t.tensor).shape[0]))
+    return pruner.finish(model, config, report)
 
 
 class _Collector:
@@ -229,7 +261,7 @@ class _Collector:
     identical numbers, a third of the memory for SparseGPT's Hessians.
     """
 
-    def __init__(self, targets: list[Target], hessian: bool) -> None:
+    def __init__(self, targets: list[Target], hessian: bool, only: range | None = None) -> None:
         self.stats: dict[str, InputStats | ExpertStats] = {}
         self._seen: list[tuple[weakref.ref, str]] = []
         self._hessian = hessian
@@ -239,7 +271,7 @@ class _Collector:
         for t in targets:
             if t.stacked:
                 stacks.setdefault(t.module, {})[t.tensor] = t.name
-                self.stats[t.name] = ExpertStats(hessian)
+                self.stats[t.name] = ExpertStats(hessian, only)
         for module, names in stacks.items():
             self._watch(module, names)
 
@@ -302,6 +334,10 @@ def prune_block(model: nn.Module, block: nn.Module, targets: list[Target], confi
     run last, its statistics are kept, the others' are collected on a second pass, and all are pruned
     as after one pass.
     """
+    groups = _expert_groups(targets) if isinstance(config, SparseGPT) and not isinstance(calls, Iterator) else []
+    if len(groups) > 1:
+        _prune_expert_groups(model, block, targets, groups, config, report, calls)
+        return
     first = _widest_last_candidate(targets) if widest_first and isinstance(config, SparseGPT) and \
         not isinstance(calls, Iterator) else None
     if first is None:
@@ -321,10 +357,53 @@ def prune_block(model: nn.Module, block: nn.Module, targets: list[Target], confi
         _prune_targets(model, targets, stats, config, report)
 
 
+EXPERT_HESSIANS = 1 << 31  # bytes of SparseGPT Hessians of stacked experts held at once (a group per pass)
+
+
+def _expert_groups(targets: list[Target]) -> list[range]:
+    """The experts of a block's stacked weights in groups whose SparseGPT Hessians fit ``EXPERT_HESSIANS``
+    (counted as if each matrix's input were its wider side: the layout is known only once it runs)."""
+    stacks = [masked_original(t.module, t.tensor).shape for t in targets if t.stacked]
+    if not stacks:
+        return []
+    experts = min(shape[0] for shape in stacks)
+    per_expert = sum(max(shape[1], shape[2]) ** 2 * 4 for shape in stacks)
+    size = max(1, min(experts, EXPERT_HESSIANS // max(per_expert, 1)))
+    return [range(first, min(first + size, experts)) for first in range(0, experts, size)]
+
+
+def _prune_expert_groups(model: nn.Module, block: nn.Module, targets: list[Target], groups: list[range],
+                         config: _OneShot, report: PruneReport, calls: Iterable[tuple[tuple, dict]]) -> None:
+    """SparseGPT on a block whose experts' Hessians do not fit at once: one pass per group of experts, each
+    group pruned after its pass; the other layers' statistics come from the first pass and are pruned last.
+    The answer is that of one pass: until the end no layer but the experts changes, and an expert's pruning
+    changes no other expert's inputs (the router and the layers before it are still the dense ones)."""
+    stacked = [t for t in targets if t.stacked]
+    rest = [t for t in targets if not t.stacked]
+    pruners = {t.name: _StackPruner(t) for t in stacked}
+    held: dict[str, InputStats | ExpertStats] = {}
+    for i, group in enumerate(groups):
+        stats = _collect(block, (rest if i == 0 else []) + stacked, config, calls, only=group)
+        for t in stacked:
+            pruners[t.name].prune(stats.pop(t.name), config, group)
+        held.update(stats)
+        log.debug("%s: SparseGPT on experts %d-%d of %d", stacked[0].module_name, group.start, group.stop - 1,
+                  groups[-1].stop)
+    done = len(report.layers)
+    _prune_targets(model, rest, held, config, report)
+    for t in stacked:
+        layer = pruners[t.name].finish(model, config, report)
+        if layer is not None:
+            report.layers.append(layer)
+    by_name = {layer.name: layer for layer in report.layers[done:]}  # in the targets' order
+    report.layers[done:] = [by_name[t.name] for t in targets if t.name in by_name]
+
+
 def _collect(block: nn.Module, targets: list[Target], config: _OneShot, calls: Iterable[tuple[tuple, dict]],
-             order: _RunOrder | None = None) -> dict[str, InputStats]:
-    """The input statistics of ``targets`` over one pass of the calls of ``block`` (``order`` told of each)."""
-    collector = _Collector(targets, isinstance(config, SparseGPT))
+             order: _RunOrder | None = None, only: range | None = None) -> dict[str, InputStats | ExpertStats]:
+    """The input statistics of ``targets`` over one pass of the calls of ``block`` (``order`` told of each;
+    stacked weights' statistics for the experts in ``only``)."""
+    collector = _Collector(targets, isinstance(config, SparseGPT), only=only)
     try:
         for args, kwargs in calls:
             if order is not None:

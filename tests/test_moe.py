@@ -15,7 +15,7 @@ import secateurs
 from conftest import needs
 from secateurs import SparseGPT, Wanda
 from secateurs.importance.oneshot import magnitude_keep
-from secateurs.masks import finalize_
+from secateurs.masks import finalize_, masked_tensors
 
 D, H, E = 16, 24, 4
 
@@ -172,7 +172,7 @@ def _mixtral(vocab: int):
 
 @needs("transformers")
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_mixtral_experts_are_pruned_and_stock_transformers_loads_them(tmp_path, capsys, method):
+def test_mixtral_experts_are_pruned_and_stock_transformers_loads_them(tmp_path, capsys, caplog, method):
     """A transformers MoE (fused experts, grouped_mm by default), pruned from its folder by the CLI: every
     expert's matrices come out 50% sparse per row in the folder stock from_pretrained loads."""
     from safetensors.torch import load_file
@@ -214,7 +214,22 @@ def test_mixtral_experts_are_pruned_and_stock_transformers_loads_them(tmp_path, 
     streamed, in_memory = (load_file(tmp_path / name / "model.safetensors") for name in ("streamed", "out"))
     assert "model.layers.0.block_sparse_moe.experts.3.w1.weight" in streamed and set(streamed) == set(in_memory)
     assert all(torch.equal(streamed[k], in_memory[k]) for k in streamed)
+    # and the same manifest (the model's names): secateurs.load restores the experts' masks from either
+    manifests = [json.loads((tmp_path / name / "secateurs.json").read_text())["tensors"] for name in ("streamed", "out")]
+    assert manifests[0] == manifests[1] and manifests[0]["model.layers.0.mlp.experts.gate_up_proj"]["masked"]
+    restored = secateurs.load(tmp_path / "streamed")
+    assert "model.layers.1.mlp.experts.down_proj" in {name for name, *_ in masked_tensors(restored)}
     capsys.readouterr()
+    # fine-tuned from the folder secateurs wrote, the experts' zeros stay; from hf:FOLDER (plain transformers,
+    # no masks) they fill in again, which a warning says
+    if method == "wanda":
+        for spec, name in ((str(out), "tuned"), (f"hf:{out}", "tuned-hf")):
+            assert main(["finetune", spec, "--data", "pydoc", "--seq-len", "16", "--max-steps", "3",
+                         "--out", str(tmp_path / name)]) == 0
+            tuned = AutoModelForCausalLM.from_pretrained(tmp_path / name).model.layers[0].mlp.experts.gate_up_proj
+            assert float((tuned == 0).float().mean()) == (0.5 if name == "tuned" else 0.0)
+        assert "give the folder without 'hf:' to keep them" in caplog.text
+        capsys.readouterr()
     # compressed-tensors quantizes only Linear layers, and transformers cannot load its folder of float experts
     code = main(["prune", f"hf:{src}", "--method", method, "--sparsity", "0.5", "--data", "pydoc",
                  "--save-format", "compressed-tensors", "--quantize", "int8", "--out", str(tmp_path / "ct")])

@@ -955,6 +955,23 @@ def _text_data(args: argparse.Namespace, model: Any) -> tuple[Any, Any, dict[str
     return train, val, _tokenizer_files(source)
 
 
+def _warn_masks_not_restored(spec: str, model: Any) -> None:
+    """``hf:FOLDER`` of a folder secateurs pruned is loaded as plain transformers: no masks, so training would
+    refill the pruned weights. Said, with the spelling that keeps them."""
+    from .io.checkpoint import is_saved_model, read_manifest
+    from .masks import masked_tensors
+
+    folder = Path(spec[3:]) if spec.startswith("hf:") else None
+    if folder is None or not folder.is_dir() or not is_saved_model(folder) or any(masked_tensors(model)):
+        return
+    masked = sum(1 for entry in read_manifest(folder).get("tensors", {}).values()
+                 if isinstance(entry, dict) and entry.get("masked"))
+    if masked:
+        logging.getLogger(__name__).warning(
+            "'%s' is loaded as a plain transformers folder: its %d pruned weights' masks are not restored, so "
+            "training fills the pruned weights in again; give the folder without 'hf:' to keep them", spec, masked)
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .data import dataset
     from .data.specs import check_data_spec
@@ -980,6 +997,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _check_report_deps(args)
     config = _finetune_config(args, checkpoint_dir=str(ckpt), resume=args.resume)
     model, x = _load(args)
+    _warn_masks_not_restored(args.model, model)
     check_layout(model, args.save_format, args.quantize, args.group_size)  # before training, not after it
     teacher = _teacher(args)
     tokenizer_files: dict[str, bytes] = {}

@@ -494,15 +494,17 @@ def prune_streaming(
 
         def write(key: str, tensor: Tensor, mask: Tensor | None) -> None:
             done.add(key)
-            for old, new, part, part_mask in _checkpoint_pieces(reverter, key, renamed[key], tensor, mask):
-                if part_mask is None and old in prior_masked:
-                    part_mask = part != 0  # pruned before: its zeros stay pruned
-                writer.write(new, part)
-                records[new] = transformers_tensor_record(new, part, part_mask, kept_zeros)
-                stats.bytes_written += part.numel() * part.element_size()
-                if part.is_floating_point():
-                    stats.params += part.numel()
-                    stats.nonzero_params += int(part.count_nonzero())
+            if mask is None and key in prior_masked:
+                mask = tensor != 0  # pruned before: its zeros stay pruned
+            new = renamed[key]
+            # the manifest has the model's names, as in memory (what secateurs.load restores masks by)
+            records[new] = transformers_tensor_record(new, tensor, mask, kept_zeros)
+            for name, part in (reverter.split(new, tensor) if reverter is not None else {new: tensor}).items():
+                writer.write(name, part)  # the checkpoint's names, as save_pretrained writes them
+            stats.bytes_written += tensor.numel() * tensor.element_size()
+            if tensor.is_floating_point():
+                stats.params += tensor.numel()
+                stats.nonzero_params += int(tensor.count_nonzero())
 
         with torch.no_grad():
             # layer pruning chose above: its kept layers are copied below under their new names
@@ -541,18 +543,6 @@ def prune_streaming(
                                    tensors=records, kept_zeros=kept_zeros, written=sorted(written),
                                    extra_files=extra, size=stats.bytes_written)
     return report, stats
-
-
-def _checkpoint_pieces(reverter: Reverter | None, key: str, new: str, tensor: Tensor,
-                       mask: Tensor | None) -> list[tuple[str, str, Tensor, Tensor | None]]:
-    """``(stored name, written name, tensor, mask)`` of each checkpoint tensor model tensor ``key`` (written as
-    ``new``) is made of: itself, unless the folder's tensors are converted on load."""
-    if reverter is None:
-        return [(key, new, tensor, mask)]
-    olds = reverter.split(key, tensor.to("meta"))
-    parts = reverter.split(new, tensor)
-    masks = reverter.split(new, mask) if mask is not None else {}
-    return [(old, name, part, masks.get(name)) for old, (name, part) in zip(olds, parts.items(), strict=True)]
 
 
 class _StoredTensors(Mapping):

@@ -412,3 +412,15 @@ def test_streamed_sparsegpt_on_groups_of_experts_matches_in_memory(tmp_path, mon
     assert "model.layers.1.mlp.experts.down_proj" in {layer.name for layer in report.layers}
     whole, grouped = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "grouped"))
     assert set(whole) == set(grouped) and all(torch.equal(whole[k], grouped[k]) for k in whole)
+
+
+@needs("transformers")
+@needs("compressed_tensors")
+def test_a_pruned_mixture_of_experts_is_refused_by_compressed_tensors_saving(tmp_path):
+    """Once pruned, the stacks are masked (parametrized): still seen as fused experts, so saving to
+    compressed-tensors from the library is refused as the CLI refuses it before pruning."""
+    model = _mixtral(100)
+    secateurs.prune_(model, Wanda(sparsity=0.5, calib_batches=1), data=[{"input_ids": torch.randint(0, 100, (2, 8))}])
+    with pytest.raises(secateurs.SecateursError, match="fused 3-D weight"):
+        secateurs.save(model, tmp_path / "ct", layout="compressed-tensors", quantize="int8")
+    assert not (tmp_path / "ct").exists()

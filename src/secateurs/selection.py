@@ -238,11 +238,8 @@ class ResolvedSelection:
         for mod_name, module in self.modules.items():
             if isinstance(module, types) or not self.included(mod_name) or self.refused(mod_name, module):
                 continue
-            masked = list(module.parametrizations) if parametrize.is_parametrized(module) else []
-            for pname, p in [*module.named_parameters(recurse=False), *((n, masked_original(module, n)) for n in masked)]:
-                reason = _stacked_weight_reason(module, p)
-                if reason is not None:
-                    found[f"{mod_name}.{pname}" if mod_name else pname] = (mod_name, module, pname, reason)
+            for pname, reason in _stacks(module):
+                found[f"{mod_name}.{pname}" if mod_name else pname] = (mod_name, module, pname, reason)
         return found
 
     def targets(
@@ -396,11 +393,18 @@ def select_targets(
 
 
 def stacked_weight_names(model: nn.Module) -> list[str]:
-    """Names of the 3-D stacks of weight matrices (fused mixture-of-experts weights) in ``model``."""
+    """Names of the 3-D stacks of weight matrices (fused mixture-of-experts weights) in ``model``, masked or not."""
     types = prunable_types()
     return [f"{mod_name}.{pname}" if mod_name else pname for mod_name, module in model.named_modules()
-            if not isinstance(module, types)
-            for pname, p in module.named_parameters(recurse=False) if _stacked_weight_reason(module, p) is not None]
+            if not isinstance(module, types) for pname, _ in _stacks(module)]
+
+
+def _stacks(module: nn.Module) -> list[tuple[str, str]]:
+    """``(tensor name, why a method that cannot prune it leaves it dense)`` of ``module``'s own stacks of
+    weight matrices; a masked one is seen through its stored original (no masked copy is computed)."""
+    masked = list(module.parametrizations) if parametrize.is_parametrized(module) else []
+    tensors = [*module.named_parameters(recurse=False), *((n, masked_original(module, n)) for n in masked)]
+    return [(name, reason) for name, p in tensors if (reason := _stacked_weight_reason(module, p)) is not None]
 
 
 def _stacked_weight_reason(module: nn.Module, p: torch.Tensor) -> str | None:

@@ -16,6 +16,7 @@ A folder whose names are the model's own (most models) is left as it is: no conv
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -52,12 +53,11 @@ class ConvertedFolder:
         sources: model name -> the checkpoint tensors it is made of.
     """
 
-    def __init__(self, folder: SafetensorsFolder, model: nn.Module,
-                 renamings: list[Any], converters: list[Any]) -> None:
+    def __init__(self, folder: SafetensorsFolder, model: nn.Module, renamings: list[Any], converters: list[Any],
+                 meta: dict[str, Tensor]) -> None:
         from transformers.core_model_loading import dot_natural_key, rename_source_key
 
         self.folder, self.model = folder, model
-        meta = model.state_dict()
         prefix = getattr(model, "base_model_prefix", None)
         self._converter_of = {p: c for c in converters for p in c.source_patterns}
         self.sources: dict[str, list[tuple[str, str | None]]] = {}
@@ -73,9 +73,7 @@ class ConvertedFolder:
                 self.tensors[name] = first
             else:
                 shape = tuple(meta[name].shape)
-                size = first.dtype.itemsize
-                for dim in shape:
-                    size *= dim
+                size = math.prod(shape) * first.dtype.itemsize
                 self.tensors[name] = TensorInfo(first.file, first.dtype, shape, 0, size)
 
     @property
@@ -109,10 +107,10 @@ def converted_folder(folder: SafetensorsFolder, model: nn.Module) -> Safetensors
     renamings, converters = _conversions(model)
     if not renamings and not converters:
         return folder
-    known = set(model.state_dict())
-    if all(key in known for key in folder.tensors):
+    meta = model.state_dict()  # the skeleton's: names and shapes, no data
+    if all(key in meta for key in folder.tensors):
         return folder
-    converted = ConvertedFolder(folder, model, renamings, converters)
+    converted = ConvertedFolder(folder, model, renamings, converters, meta)
     return converted if any(name not in folder.tensors for name in converted.tensors) else folder
 
 
@@ -136,10 +134,5 @@ class Reverter:
     def infos(self, name: str, info: TensorInfo) -> dict[str, TensorInfo]:
         """Where the checkpoint tensors of ``name`` go: the model tensor's file, their own shapes."""
         parts = self.split(name, torch.empty(info.shape, dtype=info.dtype, device="meta"))
-        out = {}
-        for key, part in parts.items():
-            size = info.dtype.itemsize
-            for dim in part.shape:
-                size *= dim
-            out[key] = TensorInfo(info.file, info.dtype, tuple(part.shape), 0, size)
-        return out
+        return {key: TensorInfo(info.file, info.dtype, tuple(part.shape), 0, part.numel() * info.dtype.itemsize)
+                for key, part in parts.items()}

@@ -160,7 +160,7 @@ def _prune_targets(model: nn.Module, targets: list[Target], stats: dict[str, Inp
             report.skipped[t.name] = "never ran on the calibration data"
             continue
         if t.stacked:
-            layer = _prune_stacked(model, t, s if isinstance(s, ExpertStats) else ExpertStats(False), config, report)
+            layer = _prune_stacked(model, t, s, config, report)  # (the collector gives every stack its statistics)
             if layer is None:
                 continue
         else:
